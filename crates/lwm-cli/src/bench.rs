@@ -1,0 +1,229 @@
+//! `lwm bench`: prefill and decode throughput and peak RSS, optionally next to llama.cpp
+//! (through `scripts/llamacpp_peer.py`) measured in the same run.
+//!
+//! Method (same as the peer script): a prompt of exactly `--prompt-tokens` seeded random
+//! ids is prefilled into an empty cache; then `--gen-tokens` greedy steps decode one token
+//! each. One untimed warm-up, then `--reps` timed repetitions; median, min and max.
+
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(short = 'p', long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens decoded after the prompt.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Also run llama.cpp (llama-cpp-python) on the same GGUF and print ratios.
+    #[arg(long)]
+    compare: bool,
+    /// The peer script.
+    #[arg(long, default_value = "scripts/llamacpp_peer.py")]
+    peer_script: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+fn stats(v: &[f64]) -> serde_json::Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    serde_json::json!({"median": r2(median), "min": r2(s[0]), "max": r2(s[s.len() - 1]), "runs": s.iter().map(|&x| r2(x)).collect::<Vec<_>>()})
+}
+
+fn cpu_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| s.lines().next().map(String::from))
+        .unwrap_or_default()
+}
+
+fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Skip the first 256 ids (special and byte tokens in most vocabularies).
+            (256 + (s % (vocab as u64 - 256)) as usize) as u32
+        })
+        .collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
+    }
+    let pressure_before = cpu_pressure();
+    let t_load = Instant::now();
+    let engine = a.model.load()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let cfg = engine.config();
+    if a.prompt_tokens + a.gen_tokens > engine.context_length() {
+        bail!(
+            "--prompt-tokens + --gen-tokens = {} exceeds the context {}",
+            a.prompt_tokens + a.gen_tokens,
+            engine.context_length()
+        );
+    }
+    let ids = prompt_ids(a.prompt_tokens, cfg.vocab_size, 0);
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for rep in 0..=a.reps {
+        let mut cache = engine.model.new_cache();
+        let t0 = Instant::now();
+        let mut logits = engine
+            .model
+            .prefill(&ids, &mut cache, a.model.prefill_chunk, |_| {})?;
+        let tp = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..a.gen_tokens {
+            let next = argmax(&logits);
+            logits = engine.model.forward(&[next], &mut cache, false)?;
+        }
+        let td = t1.elapsed().as_secs_f64();
+        if rep > 0 {
+            prefill.push(a.prompt_tokens as f64 / tp);
+            decode.push(a.gen_tokens as f64 / td);
+        }
+        if !a.json {
+            eprintln!(
+                "{} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
+                if rep == 0 { "warm-up" } else { "rep" },
+                rep,
+                a.prompt_tokens as f64 / tp,
+                a.gen_tokens as f64 / td
+            );
+        }
+    }
+    let rss_mb = lwm::peak_rss_bytes()
+        .map(|b| b as f64 / 1e6)
+        .unwrap_or(f64::NAN);
+    let ours = serde_json::json!({
+        "engine": "lwm",
+        "model": engine.location.path(),
+        "threads": if a.model.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { a.model.threads },
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "prefill_tok_s": stats(&prefill),
+        "decode_tok_s": stats(&decode),
+        "peak_rss_mb": (rss_mb * 10.0).round() / 10.0,
+        "load_s": (load_s * 100.0).round() / 100.0,
+        "cpu_pressure_before": pressure_before,
+        "cpu_pressure_after": cpu_pressure(),
+    });
+    let peer = if a.compare {
+        Some(run_peer(&a, &engine.location.path().to_path_buf())?)
+    } else {
+        None
+    };
+    if a.json {
+        let mut v = serde_json::json!({"lwm": ours});
+        if let Some(p) = &peer {
+            v["llama_cpp"] = p.clone();
+            v["ratio"] = ratios(&ours, p);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let med = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| engine | prefill {} tok/s (min-max) | decode {} tok/s (min-max) | peak RSS MB |",
+        a.prompt_tokens, a.gen_tokens
+    );
+    println!("|---|---|---|---|");
+    let row = |name: &str, v: &serde_json::Value| {
+        println!(
+            "| {name} | {:.1} ({:.1}-{:.1}) | {:.1} ({:.1}-{:.1}) | {:.0} |",
+            med(v, "prefill_tok_s"),
+            v["prefill_tok_s"]["min"].as_f64().unwrap_or(f64::NAN),
+            v["prefill_tok_s"]["max"].as_f64().unwrap_or(f64::NAN),
+            med(v, "decode_tok_s"),
+            v["decode_tok_s"]["min"].as_f64().unwrap_or(f64::NAN),
+            v["decode_tok_s"]["max"].as_f64().unwrap_or(f64::NAN),
+            v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    row("lwm", &ours);
+    if let Some(p) = &peer {
+        row("llama.cpp", p);
+        let r = ratios(&ours, p);
+        println!(
+            "| lwm / llama.cpp | {:.2}x | {:.2}x | {:.2}x |",
+            r["prefill"], r["decode"], r["peak_rss"]
+        );
+    }
+    println!(
+        "cpu pressure before: {}; after: {}",
+        ours["cpu_pressure_before"], ours["cpu_pressure_after"]
+    );
+    Ok(())
+}
+
+fn ratios(ours: &serde_json::Value, peer: &serde_json::Value) -> serde_json::Value {
+    let med = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
+    let r = |x: f64| (x * 100.0).round() / 100.0;
+    serde_json::json!({
+        "prefill": r(med(ours, "prefill_tok_s") / med(peer, "prefill_tok_s")),
+        "decode": r(med(ours, "decode_tok_s") / med(peer, "decode_tok_s")),
+        "peak_rss": r(ours["peak_rss_mb"].as_f64().unwrap_or(f64::NAN) / peer["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)),
+    })
+}
+
+fn run_peer(a: &BenchArgs, model: &PathBuf) -> Result<serde_json::Value> {
+    if !a.peer_script.exists() {
+        bail!(
+            "peer script {} not found (run from the repository root or pass --peer-script)",
+            a.peer_script.display()
+        );
+    }
+    let threads = if a.model.threads == 0 {
+        2
+    } else {
+        a.model.threads
+    };
+    eprintln!("running llama.cpp peer ...");
+    let out = std::process::Command::new("python3")
+        .arg(&a.peer_script)
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", &threads.to_string()])
+        .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
+        .args(["--gen-tokens", &a.gen_tokens.to_string()])
+        .args(["--reps", &a.reps.to_string(), "--json"])
+        .output()
+        .context("cannot run python3 for the llama.cpp peer")?;
+    if !out.status.success() {
+        bail!(
+            "llama.cpp peer failed ({}): {} (install it with `pip install llama-cpp-python`)",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("llama.cpp peer printed no JSON")
+}

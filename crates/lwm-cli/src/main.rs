@@ -1,0 +1,562 @@
+//! `lwm`: the command-line front end. Parses flags, calls the `lwm` library, prints.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lwm::attention::Chunking;
+use lwm::chat_template::ChatMessage;
+use lwm::generate::{Engine, GenerateRequest, LoadOptions};
+use lwm::model::ForwardOptions;
+use lwm::sampling::SamplingParams;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(
+    name = "lwm",
+    version,
+    about = "Large World Model: long-context LLaMA models in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Chat with the model's template: interactive, or one-shot with --message.
+    Chat(ChatArgs),
+    /// Next-token logits after a prompt (top-k ids, pieces and logits).
+    Logits(LogitsArgs),
+    /// Show the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Architecture, parameters, quantization and the memory a context needs.
+    Info(InfoArgs),
+    /// Prefill and decode speed and peak memory.
+    Bench(bench::BenchArgs),
+    /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
+    Fetch {
+        #[arg(default_value = "default")]
+        name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face directory, `default`, or hf:ORG/NAME (local hub cache).
+    #[arg(short, long, default_value = "default")]
+    pub model: String,
+    /// LWM preset (theta and context of a released LWM model), e.g. lwm-text-1m.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// RoPE base frequency override.
+    #[arg(long)]
+    pub theta: Option<f64>,
+    /// Context length override (also the RoPE table length, as in LWM).
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// Tokenizer file override (tokenizer.json, tokenizer.model or .gguf).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Chat format: `model` (the model's Jinja template) or `lwm`.
+    #[arg(long)]
+    pub chat_format: Option<String>,
+    /// Query rows per attention tile.
+    #[arg(long, default_value_t = 64)]
+    pub scan_query_chunk_size: usize,
+    /// Key rows per attention tile.
+    #[arg(long, default_value_t = 256)]
+    pub scan_key_chunk_size: usize,
+    /// Tokens per feed-forward chunk.
+    #[arg(long, default_value_t = 512)]
+    pub scan_mlp_chunk_size: usize,
+    /// Tokens per prefill forward pass.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Worker threads (0 = all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Engine> {
+        for (name, v) in [
+            ("--scan-query-chunk-size", self.scan_query_chunk_size),
+            ("--scan-key-chunk-size", self.scan_key_chunk_size),
+            ("--scan-mlp-chunk-size", self.scan_mlp_chunk_size),
+            ("--prefill-chunk", self.prefill_chunk),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        lwm::set_threads(self.threads);
+        let opts = LoadOptions {
+            preset: self.preset.clone(),
+            theta: self.theta,
+            max_sequence_length: self.max_sequence_length,
+            tokenizer: self.tokenizer.clone(),
+            chat_format: self.chat_format.clone(),
+            forward: ForwardOptions {
+                chunking: Chunking {
+                    query_chunk: self.scan_query_chunk_size,
+                    key_chunk: self.scan_key_chunk_size,
+                },
+                mlp_chunk: self.scan_mlp_chunk_size,
+                ..Default::default()
+            },
+        };
+        Engine::load(&self.model, &opts)
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text is produced (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt text.
+    #[arg(short, long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Print timing to stderr at the end.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// One message: answer it and exit (otherwise read turns from stdin).
+    #[arg(long)]
+    message: Option<String>,
+    /// A system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Attach a document: its text goes before the first message.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Print the rendered prompt to stderr.
+    #[arg(long)]
+    show_prompt: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(short, long)]
+    prompt: String,
+    /// How many top entries.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(short, long, conflicts_with = "file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Don't add BOS even if the tokenizer would.
+    #[arg(long)]
+    no_bos: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Report the memory this many tokens of context need.
+    #[arg(long)]
+    context: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_text(inline: &Option<String>, file: &Option<PathBuf>, what: &str) -> Result<String> {
+    match (inline, file) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        }
+        (None, None) => bail!("give {what} with --prompt TEXT or --prompt-file FILE"),
+    }
+}
+
+/// Ctrl-C stops generation cleanly (what was produced stays printed).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    flag
+}
+
+fn stream_to_stdout(stop: Arc<AtomicBool>) -> impl FnMut(&str) -> bool {
+    move |t: &str| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+        !stop.load(Ordering::SeqCst)
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let prompt = read_text(&a.prompt, &a.prompt_file, "a prompt")?;
+    let engine = a.model.load()?;
+    let ids = engine.tokenize(&prompt)?;
+    let mut req = GenerateRequest::new(ids, a.sampling.max_tokens, a.sampling.params());
+    req.stop = a.sampling.stop.clone();
+    req.ignore_eos = a.sampling.ignore_eos;
+    req.prefill_chunk = a.model.prefill_chunk;
+    let stop = interrupt_flag();
+    let out = engine.generate(&req, &mut stream_to_stdout(stop))?;
+    println!();
+    if a.verbose {
+        eprintln!(
+            "prompt {} tokens in {:.2}s ({:.1} tok/s); generated {} tokens in {:.2}s ({:.1} tok/s); finish: {}",
+            out.prompt_tokens,
+            out.prefill_secs,
+            out.prompt_tokens as f64 / out.prefill_secs,
+            out.ids.len(),
+            out.decode_secs,
+            out.ids.len() as f64 / out.decode_secs.max(1e-9),
+            out.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::system(s.clone()));
+    }
+    let mut document = match &a.file {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut stops = a.sampling.stop.clone();
+    if let Some(t) = &engine.chat_template {
+        stops.extend(t.stop_strings());
+    }
+    let stop_flag = interrupt_flag();
+    let mut cache = engine.model.new_cache();
+    let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
+        let content = match document.take() {
+            Some(doc) => format!("{doc}\n\n{user}"),
+            None => user,
+        };
+        messages.push(ChatMessage::user(content));
+        let (text, ids) = engine.chat_prompt(messages)?;
+        if a.show_prompt {
+            eprintln!("--- prompt ({} tokens) ---\n{text}\n---", ids.len());
+        }
+        let mut req = GenerateRequest::new(ids, a.sampling.max_tokens, a.sampling.params());
+        req.stop = stops.clone();
+        req.ignore_eos = a.sampling.ignore_eos;
+        req.prefill_chunk = a.model.prefill_chunk;
+        stop_flag.store(false, Ordering::SeqCst);
+        // The cache keeps earlier turns: only the new part of the prompt is prefilled.
+        let out = engine.generate_with_cache(
+            &req,
+            &mut cache,
+            &mut stream_to_stdout(stop_flag.clone()),
+        )?;
+        println!();
+        // The cache holds prompt + answer; the next prompt re-renders the answer, so keep
+        // only what is certainly shared.
+        cache.truncate(req.prompt_ids.len());
+        messages.push(ChatMessage::assistant(out.text.trim().to_string()));
+        Ok(())
+    };
+    if let Some(m) = &a.message {
+        return turn(&mut messages, m.clone());
+    }
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        engine.location.path().display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        turn(&mut messages, line.trim_end().to_string())?;
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let ids = engine.tokenize(&a.prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty (no tokens)");
+    }
+    if ids.len() > engine.context_length() {
+        bail!(
+            "the prompt has {} tokens but the context is {}",
+            ids.len(),
+            engine.context_length()
+        );
+    }
+    let mut cache = engine.model.new_cache();
+    let logits = engine
+        .model
+        .prefill(&ids, &mut cache, a.model.prefill_chunk, |_| {})?;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = a.top.min(order.len());
+    order.select_nth_unstable_by(k.saturating_sub(1), |&x, &y| {
+        logits[y].total_cmp(&logits[x])
+    });
+    order.truncate(k);
+    order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
+    let piece =
+        |id: usize| String::from_utf8_lossy(&engine.tokenizer.token_bytes(id as u32)).into_owned();
+    if a.json {
+        let top: Vec<_> = order
+            .iter()
+            .map(|&id| serde_json::json!({"id": id, "piece": piece(id), "logit": logits[id]}))
+            .collect();
+        let v = serde_json::json!({"prompt": a.prompt, "prompt_token_ids": ids, "top": top});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("prompt ids: {ids:?}");
+        for (rank, &id) in order.iter().enumerate() {
+            println!(
+                "{:>3} {:>7} {:>10.4} {:?}",
+                rank + 1,
+                id,
+                logits[id],
+                piece(id)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = match (&a.prompt, &a.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        (None, None) => bail!("give the text with --prompt TEXT or --file FILE"),
+    };
+    let engine = a.model.load()?;
+    let bos = engine.tokenizer.add_bos_by_default() && !a.no_bos;
+    let ids = engine.tokenizer.encode(&text, bos, true)?;
+    if a.json {
+        let pieces: Vec<String> = ids
+            .iter()
+            .map(|&i| String::from_utf8_lossy(&engine.tokenizer.token_bytes(i)).into_owned())
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"ids": ids, "pieces": pieces, "count": ids.len()})
+        );
+    } else {
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        eprintln!("{} tokens", ids.len());
+    }
+    Ok(())
+}
+
+fn human(bytes: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let c = engine.config();
+    let context = a.context.unwrap_or(c.max_sequence_length);
+    let weights = engine.model.weight_bytes() as f64;
+    let kv = c.kv_bytes_per_token(4.0) * context as f64;
+    // Live activations of one prefill chunk: residual, norms, q/k/v/o, FFN, one logits row,
+    // plus one attention score row per worker thread.
+    let chunk = a.model.prefill_chunk.min(context) as f64;
+    let q_dim = (c.num_attention_heads * c.head_dim) as f64;
+    let kv_dim = (c.num_key_value_heads * c.head_dim) as f64;
+    let act = 4.0
+        * (chunk
+            * (3.0 * c.hidden_size as f64
+                + 2.0 * q_dim
+                + 2.0 * kv_dim
+                + 3.0 * c.intermediate_size as f64)
+            + c.vocab_size as f64
+            + (a.model.scan_key_chunk_size as f64) * 64.0);
+    let total = weights + kv + act;
+    if a.json {
+        let v = serde_json::json!({
+            "model": engine.location.path(),
+            "config": c,
+            "parameters": c.parameter_count(),
+            "quantization": engine.quantization,
+            "file_bytes": engine.file_bytes,
+            "tokenizer": engine.tokenizer.kind(),
+            "chat_template": engine.chat_template.is_some(),
+            "memory": {"context": context, "weights_bytes": weights, "kv_cache_bytes": kv, "activation_bytes": act, "total_bytes": total, "kv_type": "f32"},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model          {}", engine.location.path().display());
+    println!(
+        "architecture   {} ({} layers, hidden {}, {} heads / {} KV heads, head dim {}, FFN {})",
+        c.architecture,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size
+    );
+    println!("parameters     {:.1}M", c.parameter_count() as f64 / 1e6);
+    println!(
+        "vocabulary     {} ({} tokenizer)",
+        c.vocab_size,
+        engine.tokenizer.kind()
+    );
+    println!(
+        "weights        {} ({})",
+        engine.quantization,
+        human(engine.file_bytes as f64)
+    );
+    println!(
+        "rope           theta {} ({:?}), max sequence length {}",
+        c.theta, c.rope_layout, c.max_sequence_length
+    );
+    println!(
+        "chat template  {}",
+        if engine.chat_template.is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
+    println!(
+        "memory @ {context} tokens: weights {} + KV cache (f32) {} + activations {} = {}",
+        human(weights),
+        human(kv),
+        human(act),
+        human(total)
+    );
+    if context > c.max_sequence_length {
+        println!(
+            "note: {context} tokens is beyond the model's max sequence length {}",
+            c.max_sequence_length
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Logits(a) => cmd_logits(a),
+        Command::Tokenize(a) => cmd_tokenize(a),
+        Command::Info(a) => cmd_info(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Fetch { name } => match name.as_str() {
+            "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
+            other => Err(anyhow::anyhow!(
+                "unknown model '{other}' (only `default` can be fetched here)"
+            )),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[allow(dead_code)]
+fn elapsed(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}

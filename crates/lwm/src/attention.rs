@@ -1,0 +1,593 @@
+//! The one attention primitive and the blockwise driver built on it.
+//!
+//! For one head, a block of queries Q (nq × D) attends a block of keys/values K, V (nk × D):
+//!
+//! ```text
+//!   s[i,j] = scale · q_i · k_j            (masked pairs: -inf)
+//!   m'_i   = max(m_i, max_j s[i,j])
+//!   p[i,j] = exp(s[i,j] - m'_i)
+//!   acc_i  = acc_i · exp(m_i - m'_i) + Σ_j p[i,j] v_j
+//!   l_i    = l_i   · exp(m_i - m'_i) + Σ_j p[i,j]
+//! ```
+//!
+//! `(acc, m, l)` is a *partial*: the unnormalised output with its running max and sum.
+//! Partials over disjoint key sets merge exactly (`merge`), and the final output is
+//! `acc / l` with log-sum-exp `lse = m + ln l`. Blockwise attention on one worker,
+//! single-row decode against a long cache, and the ring across workers are all loops of
+//! `attend_block` + `merge`; memory stays linear in sequence length because no score
+//! matrix larger than one tile ever exists.
+
+use rayon::prelude::*;
+
+/// Which (query, key) pairs may attend. Positions are absolute sequence positions.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockMask<'a> {
+    /// Position of the first query row and of the first key row of the blocks.
+    pub q_pos0: usize,
+    pub k_pos0: usize,
+    /// Causal: key position must be <= query position.
+    pub causal: bool,
+    /// Optional segment ids (packing): a query only sees keys of its own segment.
+    pub q_segments: Option<&'a [u32]>,
+    pub k_segments: Option<&'a [u32]>,
+}
+
+impl<'a> BlockMask<'a> {
+    pub fn causal(q_pos0: usize, k_pos0: usize) -> Self {
+        Self {
+            q_pos0,
+            k_pos0,
+            causal: true,
+            q_segments: None,
+            k_segments: None,
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            q_pos0: 0,
+            k_pos0: 0,
+            causal: false,
+            q_segments: None,
+            k_segments: None,
+        }
+    }
+
+    /// True when no pair in the (nq × nk) tile can attend (the tile is skipped).
+    pub fn tile_is_masked(&self, nq: usize, nk: usize) -> bool {
+        self.causal && nq > 0 && self.k_pos0 > self.q_pos0 + nq - 1 || nk == 0
+    }
+
+    /// Number of leading keys query row `i` may see under the causal rule (all of them when
+    /// not causal). Keys past that are masked.
+    #[inline]
+    fn visible_keys(&self, i: usize, nk: usize) -> usize {
+        if !self.causal {
+            return nk;
+        }
+        let q = self.q_pos0 + i;
+        if q < self.k_pos0 {
+            0
+        } else {
+            (q - self.k_pos0 + 1).min(nk)
+        }
+    }
+}
+
+/// Running online-softmax state of `nq` query rows of one head.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub d: usize,
+    /// Unnormalised output, nq × d.
+    pub acc: Vec<f32>,
+    /// Running max of the scaled scores, per row (-inf while nothing attended).
+    pub m: Vec<f32>,
+    /// Running sum of exp(s - m), per row.
+    pub l: Vec<f32>,
+}
+
+impl Partial {
+    pub fn new(nq: usize, d: usize) -> Self {
+        Self {
+            d,
+            acc: vec![0.0; nq * d],
+            m: vec![f32::NEG_INFINITY; nq],
+            l: vec![0.0; nq],
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m.len()
+    }
+
+    /// Merge another partial over a disjoint key set into this one (exact).
+    pub fn merge(&mut self, other: &Partial) {
+        assert_eq!(
+            self.rows(),
+            other.rows(),
+            "merging partials of different row counts"
+        );
+        let d = self.d;
+        for i in 0..self.rows() {
+            let (m1, m2) = (self.m[i], other.m[i]);
+            if m2 == f32::NEG_INFINITY {
+                continue;
+            }
+            let m = m1.max(m2);
+            let a = (m1 - m).exp();
+            let b = (m2 - m).exp();
+            self.l[i] = self.l[i] * a + other.l[i] * b;
+            self.m[i] = m;
+            let acc = &mut self.acc[i * d..(i + 1) * d];
+            let o = &other.acc[i * d..(i + 1) * d];
+            for (x, y) in acc.iter_mut().zip(o) {
+                *x = *x * a + *y * b;
+            }
+        }
+    }
+
+    /// Normalise into `out` (nq × d). Rows that attended nothing are written as zeros.
+    pub fn finish_into(&self, out: &mut [f32]) {
+        let d = self.d;
+        for i in 0..self.rows() {
+            let o = &mut out[i * d..(i + 1) * d];
+            let l = self.l[i];
+            if l > 0.0 {
+                let inv = 1.0 / l;
+                for (x, a) in o.iter_mut().zip(&self.acc[i * d..(i + 1) * d]) {
+                    *x = a * inv;
+                }
+            } else {
+                o.fill(0.0);
+            }
+        }
+    }
+
+    /// Log-sum-exp of the scaled scores per row (what the backward pass and the ring keep).
+    pub fn lse(&self) -> Vec<f32> {
+        self.m
+            .iter()
+            .zip(&self.l)
+            .map(|(m, l)| m + l.ln())
+            .collect()
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators so the compiler emits wide FMAs without a serial chain.
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for t in 0..8 {
+            acc[t] += x[t] * y[t];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for t in chunks * 8..a.len() {
+        s += a[t] * b[t];
+    }
+    s
+}
+
+/// The primitive: attend query rows `q` (nq × d, row stride `q_stride`) to one key/value
+/// block `k`, `v` (nk × d, contiguous), updating `state`.
+pub fn attend_block(
+    q: &[f32],
+    q_stride: usize,
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    mask: &BlockMask,
+    state: &mut Partial,
+) {
+    let d = state.d;
+    let nq = state.rows();
+    let nk = k.len() / d;
+    debug_assert_eq!(v.len(), nk * d);
+    if mask.tile_is_masked(nq, nk) {
+        return;
+    }
+    let mut scores = vec![0.0f32; nk];
+    for i in 0..nq {
+        let n_vis = mask.visible_keys(i, nk);
+        if n_vis == 0 {
+            continue;
+        }
+        let qi = &q[i * q_stride..i * q_stride + d];
+        let mut row_max = f32::NEG_INFINITY;
+        for j in 0..n_vis {
+            let s = if let (Some(qs), Some(ks)) = (mask.q_segments, mask.k_segments) {
+                if qs[i] != ks[j] {
+                    f32::NEG_INFINITY
+                } else {
+                    scale * dot(qi, &k[j * d..(j + 1) * d])
+                }
+            } else {
+                scale * dot(qi, &k[j * d..(j + 1) * d])
+            };
+            scores[j] = s;
+            row_max = row_max.max(s);
+        }
+        if row_max == f32::NEG_INFINITY {
+            continue; // every visible key is in another segment
+        }
+        let m_old = state.m[i];
+        let m_new = m_old.max(row_max);
+        let correction = (m_old - m_new).exp();
+        let acc = &mut state.acc[i * d..(i + 1) * d];
+        if correction != 1.0 {
+            for x in acc.iter_mut() {
+                *x *= correction;
+            }
+        }
+        let mut sum = 0.0f32;
+        for j in 0..n_vis {
+            let p = (scores[j] - m_new).exp();
+            if p == 0.0 {
+                continue;
+            }
+            sum += p;
+            let vj = &v[j * d..(j + 1) * d];
+            for (x, y) in acc.iter_mut().zip(vj) {
+                *x += p * y;
+            }
+        }
+        state.l[i] = state.l[i] * correction + sum;
+        state.m[i] = m_new;
+    }
+}
+
+/// Chunk sizes of the blockwise driver (`scan_query_chunk_size`, `scan_key_chunk_size`).
+#[derive(Debug, Clone, Copy)]
+pub struct Chunking {
+    pub query_chunk: usize,
+    pub key_chunk: usize,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Self {
+            query_chunk: 64,
+            key_chunk: 256,
+        }
+    }
+}
+
+/// Keys and values of one attention layer as the driver reads them: per KV head a
+/// contiguous (len × d) buffer.
+pub struct KvView<'a> {
+    pub k: Vec<&'a [f32]>,
+    pub v: Vec<&'a [f32]>,
+    pub len: usize,
+}
+
+/// Causal blockwise attention for `nq` new query rows at positions `q_pos0..q_pos0+nq`
+/// against all `kv.len` cached keys (positions 0..kv.len).
+///
+/// `q` is (nq × n_heads·d) as the projection produced it; the output has the same layout.
+/// Query heads map onto KV heads in groups (GQA). Work is split over (head, query chunk)
+/// tiles; for a single query row it is split over key chunks instead, whose partials are
+/// merged, so decode against a long cache uses every core.
+pub fn causal_attention(
+    q: &[f32],
+    nq: usize,
+    q_pos0: usize,
+    n_heads: usize,
+    d: usize,
+    kv: &KvView,
+    chunking: Chunking,
+) -> Vec<f32> {
+    let n_kv = kv.k.len();
+    let group = n_heads / n_kv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let width = n_heads * d;
+    let qc = chunking.query_chunk.max(1);
+    let kc = chunking.key_chunk.max(1);
+    let mut out = vec![0.0f32; nq * width];
+
+    // Keys visible to the last query row: everything up to its position.
+    let k_end = kv.len.min(q_pos0 + nq);
+    let tiles: Vec<(usize, usize)> = (0..n_heads)
+        .flat_map(|h| (0..nq).step_by(qc).map(move |r| (h, r)))
+        .collect();
+
+    let run_tile = |h: usize, r0: usize, k_lo: usize, k_hi: usize| -> Partial {
+        let rows = qc.min(nq - r0);
+        let kvh = h / group;
+        let mut st = Partial::new(rows, d);
+        let q_tile = &q[r0 * width + h * d..];
+        let mut k0 = k_lo;
+        while k0 < k_hi {
+            let k1 = (k0 + kc).min(k_hi);
+            let mask = BlockMask::causal(q_pos0 + r0, k0);
+            attend_block(
+                q_tile,
+                width,
+                &kv.k[kvh][k0 * d..k1 * d],
+                &kv.v[kvh][k0 * d..k1 * d],
+                scale,
+                &mask,
+                &mut st,
+            );
+            k0 = k1;
+        }
+        st
+    };
+
+    if nq == 1 {
+        // Decode: split the cache into key ranges per head and merge their partials.
+        let splits = k_end.div_ceil(kc).max(1);
+        let parts: Vec<(usize, Partial)> = (0..n_heads)
+            .flat_map(|h| (0..splits).map(move |s| (h, s)))
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(h, s)| {
+                let lo = s * kc;
+                let hi = ((s + 1) * kc).min(k_end);
+                (h, run_tile(h, 0, lo, hi.max(lo)))
+            })
+            .collect();
+        let mut merged: Vec<Option<Partial>> = vec![None; n_heads];
+        for (h, p) in parts {
+            match &mut merged[h] {
+                Some(m) => m.merge(&p),
+                slot @ None => *slot = Some(p),
+            }
+        }
+        for (h, p) in merged.into_iter().enumerate() {
+            if let Some(p) = p {
+                p.finish_into(&mut out[h * d..(h + 1) * d]);
+            }
+        }
+        return out;
+    }
+
+    let results: Vec<(usize, usize, Vec<f32>)> = tiles
+        .into_par_iter()
+        .map(|(h, r0)| {
+            let rows = qc.min(nq - r0);
+            let hi = k_end.min(q_pos0 + r0 + rows);
+            let st = run_tile(h, r0, 0, hi);
+            let mut o = vec![0.0f32; rows * d];
+            st.finish_into(&mut o);
+            (h, r0, o)
+        })
+        .collect();
+    for (h, r0, o) in results {
+        for (i, row) in o.chunks_exact(d).enumerate() {
+            let dst = (r0 + i) * width + h * d;
+            out[dst..dst + d].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// Plain softmax attention for one head (reference for tests): full score matrix.
+pub fn reference_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    q_pos0: usize,
+    causal: bool,
+    segments: Option<(&[u32], &[u32])>,
+) -> Vec<f32> {
+    let nq = q.len() / d;
+    let nk = k.len() / d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0.0f32; nq * d];
+    for i in 0..nq {
+        let mut s: Vec<f64> = (0..nk)
+            .map(|j| {
+                let allowed =
+                    (!causal || j <= q_pos0 + i) && segments.is_none_or(|(qs, ks)| qs[i] == ks[j]);
+                if allowed {
+                    let mut acc = 0.0f64;
+                    for t in 0..d {
+                        acc += q[i * d + t] as f64 * k[j * d + t] as f64;
+                    }
+                    acc * scale as f64
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            continue;
+        }
+        let mut sum = 0.0;
+        for x in s.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        for j in 0..nk {
+            for t in 0..d {
+                out[i * d + t] += (s[j] / sum * v[j * d + t] as f64) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        // xorshift: deterministic, no dependency on the rand crate's stream stability.
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn blockwise_matches_plain_softmax_for_any_tiling() {
+        let (d, n) = (16, 37);
+        let q = rand_vec(n * d, 1);
+        let k = rand_vec(n * d, 2);
+        let v = rand_vec(n * d, 3);
+        let reference = reference_attention(&q, &k, &v, d, 0, true, None);
+        for (qc, kc) in [(1, 1), (4, 8), (8, 4), (5, 7), (64, 64), (37, 1)] {
+            let mut out = Vec::new();
+            for r0 in (0..n).step_by(qc) {
+                let rows = qc.min(n - r0);
+                let mut st = Partial::new(rows, d);
+                for k0 in (0..n).step_by(kc) {
+                    let k1 = (k0 + kc).min(n);
+                    let mask = BlockMask::causal(r0, k0);
+                    attend_block(
+                        &q[r0 * d..],
+                        d,
+                        &k[k0 * d..k1 * d],
+                        &v[k0 * d..k1 * d],
+                        1.0 / 4.0,
+                        &mask,
+                        &mut st,
+                    );
+                }
+                let mut o = vec![0.0; rows * d];
+                st.finish_into(&mut o);
+                out.extend(o);
+            }
+            assert!(
+                max_diff(&out, &reference) < 1e-5,
+                "tiling ({qc},{kc}): {}",
+                max_diff(&out, &reference)
+            );
+        }
+    }
+
+    #[test]
+    fn partials_over_disjoint_keys_merge_exactly() {
+        let (d, nq, nk) = (8, 5, 40);
+        let q = rand_vec(nq * d, 4);
+        let k = rand_vec(nk * d, 5);
+        let v = rand_vec(nk * d, 6);
+        let reference = reference_attention(&q, &k, &v, d, 0, false, None);
+        // Two "workers" each hold half the keys, in the order a ring would deliver them.
+        let mut a = Partial::new(nq, d);
+        let mut b = Partial::new(nq, d);
+        let half = nk / 2 * d;
+        attend_block(
+            &q,
+            d,
+            &k[..half],
+            &v[..half],
+            1.0 / (d as f32).sqrt(),
+            &BlockMask::full(),
+            &mut a,
+        );
+        attend_block(
+            &q,
+            d,
+            &k[half..],
+            &v[half..],
+            1.0 / (d as f32).sqrt(),
+            &BlockMask::full(),
+            &mut b,
+        );
+        b.merge(&a);
+        let mut out = vec![0.0; nq * d];
+        b.finish_into(&mut out);
+        assert!(max_diff(&out, &reference) < 1e-5);
+        // lse equals log Σ exp(scores) computed directly.
+        let scale = 1.0 / (d as f32).sqrt();
+        let direct: f64 = (0..nk)
+            .map(|j| ((0..d).map(|t| q[t] * k[j * d + t]).sum::<f32>() * scale) as f64)
+            .map(f64::exp)
+            .sum::<f64>()
+            .ln();
+        assert!((b.lse()[0] as f64 - direct).abs() < 1e-4);
+    }
+
+    #[test]
+    fn segment_ids_block_attention_across_documents() {
+        let (d, n) = (8, 12);
+        let q = rand_vec(n * d, 7);
+        let k = rand_vec(n * d, 8);
+        let v = rand_vec(n * d, 9);
+        let seg: Vec<u32> = (0..n as u32).map(|i| i / 5).collect();
+        let reference = reference_attention(&q, &k, &v, d, 0, true, Some((&seg, &seg)));
+        let mut st = Partial::new(n, d);
+        for k0 in (0..n).step_by(3) {
+            let mask = BlockMask {
+                q_pos0: 0,
+                k_pos0: k0,
+                causal: true,
+                q_segments: Some(&seg),
+                k_segments: Some(&seg[k0..]),
+            };
+            attend_block(
+                &q,
+                d,
+                &k[k0 * d..(k0 + 3) * d],
+                &v[k0 * d..(k0 + 3) * d],
+                1.0 / (d as f32).sqrt(),
+                &mask,
+                &mut st,
+            );
+        }
+        let mut out = vec![0.0; n * d];
+        st.finish_into(&mut out);
+        assert!(max_diff(&out, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn causal_driver_with_gqa_matches_reference_prefill_and_decode() {
+        let (heads, kv_heads, d, n) = (4, 2, 16, 29);
+        let q = rand_vec(n * heads * d, 10);
+        let kb: Vec<Vec<f32>> = (0..kv_heads)
+            .map(|h| rand_vec(n * d, 20 + h as u64))
+            .collect();
+        let vb: Vec<Vec<f32>> = (0..kv_heads)
+            .map(|h| rand_vec(n * d, 30 + h as u64))
+            .collect();
+        let kv = KvView {
+            k: kb.iter().map(|x| &x[..]).collect(),
+            v: vb.iter().map(|x| &x[..]).collect(),
+            len: n,
+        };
+        for chunking in [
+            Chunking {
+                query_chunk: 4,
+                key_chunk: 8,
+            },
+            Chunking {
+                query_chunk: 64,
+                key_chunk: 3,
+            },
+        ] {
+            let out = causal_attention(&q, n, 0, heads, d, &kv, chunking);
+            // Decode of the last row alone, at position n-1.
+            let last =
+                causal_attention(&q[(n - 1) * heads * d..], 1, n - 1, heads, d, &kv, chunking);
+            for h in 0..heads {
+                let qh: Vec<f32> = (0..n)
+                    .flat_map(|i| q[i * heads * d + h * d..][..d].to_vec())
+                    .collect();
+                let r = reference_attention(&qh, &kb[h / 2], &vb[h / 2], d, 0, true, None);
+                let got: Vec<f32> = (0..n)
+                    .flat_map(|i| out[i * heads * d + h * d..][..d].to_vec())
+                    .collect();
+                assert!(max_diff(&got, &r) < 1e-5, "head {h} {chunking:?}");
+                assert!(max_diff(&last[h * d..(h + 1) * d], &r[(n - 1) * d..]) < 1e-5);
+            }
+        }
+    }
+}

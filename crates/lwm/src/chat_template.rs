@@ -1,0 +1,412 @@
+//! Chat templates: turn a list of chat messages into the prompt string a model
+//! was trained on.
+//!
+//! Two kinds exist:
+//!
+//! * [`ChatTemplate::Jinja`]: a Hugging Face style Jinja template (from
+//!   `tokenizer_config.json` or the GGUF key `tokenizer.chat_template`),
+//!   rendered with minijinja in the same environment HF uses.
+//! * [`ChatTemplate::Lwm`]: the Vicuna-like format the LWM chat models were
+//!   trained with (see [`ChatTemplate::Lwm`] for the exact strings).
+
+use anyhow::{anyhow, bail, Result};
+use minijinja::{Environment, Error, ErrorKind};
+
+/// One chat turn. `role` is usually `"system"`, `"user"` or `"assistant"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// The default system prompt of the LWM format.
+pub const LWM_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+/// How a conversation becomes a prompt string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// A Hugging Face Jinja chat template. Rendered with the variables
+    /// `messages` (list of `{role, content}`), `add_generation_prompt`,
+    /// `bos_token` and `eos_token`, the functions `raise_exception(msg)` and
+    /// `strftime_now(fmt)`, Python string / dict methods (`.strip()`,
+    /// `.startswith()`, `.split()`, `.items()`, ...), `trim_blocks` and
+    /// `lstrip_blocks` on and the trailing newline of the template dropped.
+    ///
+    /// Build it with [`ChatTemplate::jinja`], which checks that it compiles.
+    Jinja {
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    },
+    /// LWM's Vicuna-like text chat format (scripts/sample_pyt.py, issue #1).
+    ///
+    /// One turn with generation prompt:
+    ///
+    /// `"You are a helpful assistant. USER: {q} ASSISTANT:"`
+    ///
+    /// Multi-turn:
+    ///
+    /// `"You are a helpful assistant. USER: {u1} ASSISTANT: {a1} USER: {u2} ASSISTANT:"`
+    ///
+    /// Precisely: the parts are joined with a single space. The first part is
+    /// the system prompt: the content of a leading `system` message if there is
+    /// one (left out entirely if that content is empty), else
+    /// [`LWM_SYSTEM_PROMPT`]. Each `user` message adds `"USER: {content}"`, each
+    /// `assistant` message `"ASSISTANT: {content}"` (assistant content is
+    /// trimmed, since decoded replies usually start with a space), and
+    /// `add_generation_prompt` adds a final `"ASSISTANT:"` with no trailing
+    /// space (the model continues with `" answer"`). User content is used
+    /// verbatim.
+    ///
+    /// No BOS is written: the caller adds BOS (id 1) through the tokenizer, so
+    /// `"<s>"` must not appear in the string. A `system` message anywhere but
+    /// first, or any other role, is an error. Chats should stop on `"USER:"`
+    /// (see [`ChatTemplate::stop_strings`]) besides EOS.
+    Lwm,
+}
+
+/// minijinja error → readable text, with its cause chain.
+fn describe(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// The environment HF's `apply_chat_template` effectively uses.
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(false);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| -> String {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        strftime_utc(&fmt, secs)
+    });
+    env
+}
+
+impl ChatTemplate {
+    /// A Jinja template; it is compiled now so that syntax errors surface here
+    /// (the error names the problem and line).
+    pub fn jinja(source: String, bos_token: String, eos_token: String) -> Result<Self> {
+        let mut env = environment();
+        env.add_template_owned(TEMPLATE_NAME, source.clone())
+            .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
+        Ok(Self::Jinja {
+            source,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Render `messages` into a prompt string. With `add_generation_prompt`
+    /// the string ends where the assistant's reply should begin.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        match self {
+            Self::Jinja {
+                source,
+                bos_token,
+                eos_token,
+            } => {
+                let mut env = environment();
+                env.add_template_owned(TEMPLATE_NAME, source.clone())
+                    .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
+                let tmpl = env
+                    .get_template(TEMPLATE_NAME)
+                    .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
+                let ctx = minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                };
+                tmpl.render(ctx)
+                    .map_err(|e| anyhow!("chat template: {}", describe(&e)))
+            }
+            Self::Lwm => render_lwm(messages, add_generation_prompt),
+        }
+    }
+
+    /// Extra stop strings a chat using this template should stop on, besides
+    /// EOS: `["USER:"]` for [`ChatTemplate::Lwm`], none for Jinja templates
+    /// (they end turns with an EOS / end-of-turn token).
+    pub fn stop_strings(&self) -> Vec<String> {
+        match self {
+            Self::Jinja { .. } => Vec::new(),
+            Self::Lwm => vec!["USER:".to_string()],
+        }
+    }
+}
+
+fn render_lwm(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    let mut parts: Vec<String> = Vec::with_capacity(messages.len() + 2);
+    let rest = match messages.first() {
+        Some(m) if m.role == "system" => {
+            if !m.content.is_empty() {
+                parts.push(m.content.clone());
+            }
+            &messages[1..]
+        }
+        _ => {
+            parts.push(LWM_SYSTEM_PROMPT.to_string());
+            messages
+        }
+    };
+    for (i, m) in rest.iter().enumerate() {
+        match m.role.as_str() {
+            "user" => parts.push(format!("USER: {}", m.content)),
+            "assistant" => parts.push(format!("ASSISTANT: {}", m.content.trim())),
+            "system" => bail!(
+                "chat template: the LWM format allows a system message only as the first message (found one at position {})",
+                i + messages.len() - rest.len()
+            ),
+            other => bail!(
+                "chat template: the LWM format knows the roles system, user and assistant, not {other:?}"
+            ),
+        }
+    }
+    if add_generation_prompt {
+        parts.push("ASSISTANT:".to_string());
+    }
+    Ok(parts.join(" "))
+}
+
+// ---------------------------------------------------------------------------
+// strftime for `strftime_now` (UTC; no time-zone database is used).
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+
+/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    // Shift the epoch to 0000-03-01 so leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of the 400-year era, 0..146096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // 0..365, from March 1
+    let mp = (5 * doy + 2) / 153; // 0 = March
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn is_leap(y: i64) -> bool {
+    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+}
+
+/// Format a Unix time (seconds, UTC) with the common strftime directives:
+/// `%Y %y %m %d %e %H %I %M %S %p %B %b %h %A %a %j %w %u %F %T %D %R %Z %z %s %n %t %%`.
+/// Unknown directives are copied through unchanged.
+fn strftime_utc(fmt: &str, unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let sod = unix_secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, min, sec) = (sod / 3600, (sod / 60) % 60, sod % 60);
+    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    const CUM: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = CUM[month as usize - 1] + day + u32::from(month > 2 && is_leap(year));
+    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+    let month_name = MONTHS[month as usize - 1];
+    let day_name = WEEKDAYS[weekday];
+
+    let mut out = String::with_capacity(fmt.len() + 16);
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(d) = chars.next() else {
+            out.push('%');
+            break;
+        };
+        let s = match d {
+            'Y' => year.to_string(),
+            'y' => format!("{:02}", year.rem_euclid(100)),
+            'C' => format!("{:02}", year.div_euclid(100)),
+            'm' => format!("{month:02}"),
+            'd' => format!("{day:02}"),
+            'e' => format!("{day:2}"),
+            'H' => format!("{hour:02}"),
+            'I' => format!("{hour12:02}"),
+            'M' => format!("{min:02}"),
+            'S' => format!("{sec:02}"),
+            'p' => (if hour < 12 { "AM" } else { "PM" }).to_string(),
+            'B' => month_name.to_string(),
+            'b' | 'h' => month_name[..3].to_string(),
+            'A' => day_name.to_string(),
+            'a' => day_name[..3].to_string(),
+            'j' => format!("{yday:03}"),
+            'w' => weekday.to_string(),
+            'u' => (if weekday == 0 { 7 } else { weekday }).to_string(),
+            'F' => format!("{year}-{month:02}-{day:02}"),
+            'T' => format!("{hour:02}:{min:02}:{sec:02}"),
+            'R' => format!("{hour:02}:{min:02}"),
+            'D' => format!("{month:02}/{day:02}/{:02}", year.rem_euclid(100)),
+            'Z' => "UTC".to_string(),
+            'z' => "+0000".to_string(),
+            's' => unix_secs.to_string(),
+            'n' => "\n".to_string(),
+            't' => "\t".to_string(),
+            '%' => "%".to_string(),
+            other => format!("%{other}"),
+        };
+        out.push_str(&s);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(v: &[(&str, &str)]) -> Vec<ChatMessage> {
+        v.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
+    }
+
+    #[test]
+    fn lwm_single_turn() {
+        let t = ChatTemplate::Lwm;
+        let s = t
+            .render(&msgs(&[("user", "What is the capital of France?")]), true)
+            .unwrap();
+        assert_eq!(
+            s,
+            "You are a helpful assistant. USER: What is the capital of France? ASSISTANT:"
+        );
+        assert_eq!(t.stop_strings(), vec!["USER:".to_string()]);
+    }
+
+    #[test]
+    fn lwm_multi_turn_and_system() {
+        let t = ChatTemplate::Lwm;
+        let m = msgs(&[("user", "u1"), ("assistant", " a1"), ("user", "u2")]);
+        assert_eq!(
+            t.render(&m, true).unwrap(),
+            "You are a helpful assistant. USER: u1 ASSISTANT: a1 USER: u2 ASSISTANT:"
+        );
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            "You are a helpful assistant. USER: u1 ASSISTANT: a1 USER: u2"
+        );
+        let m = msgs(&[("system", "Be brief."), ("user", "hi")]);
+        assert_eq!(t.render(&m, true).unwrap(), "Be brief. USER: hi ASSISTANT:");
+        let m = msgs(&[("system", ""), ("user", "hi")]);
+        assert_eq!(t.render(&m, true).unwrap(), "USER: hi ASSISTANT:");
+        assert!(t
+            .render(&msgs(&[("user", "a"), ("system", "b")]), true)
+            .is_err());
+        assert!(t.render(&msgs(&[("tool", "x")]), true).is_err());
+    }
+
+    #[test]
+    fn jinja_basics() {
+        let t = ChatTemplate::jinja(
+            "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}{{ eos_token }}\n"
+                .to_string(),
+            "<s>".into(),
+            "</s>".into(),
+        )
+        .unwrap();
+        let s = t.render(&msgs(&[("user", "  hi  ")]), true).unwrap();
+        assert_eq!(s, "<s>user: hi\nassistant:</s>");
+        assert!(t.stop_strings().is_empty());
+    }
+
+    #[test]
+    fn jinja_errors() {
+        let e = ChatTemplate::jinja("{% if %}".into(), String::new(), String::new()).unwrap_err();
+        assert!(e.to_string().starts_with("chat template:"), "{e}");
+        let t = ChatTemplate::jinja(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+                .into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(t.render(&msgs(&[("user", "x")]), false).unwrap(), "ok");
+        let e = t.render(&msgs(&[("assistant", "x")]), false).unwrap_err();
+        assert!(e.to_string().contains("first must be user"), "{e}");
+    }
+
+    #[test]
+    fn strftime() {
+        // 2024-02-29T13:05:09Z, a Thursday.
+        let t = 1_709_211_909;
+        assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
+        assert_eq!(strftime_utc("%d %B %Y", t), "29 February 2024");
+        assert_eq!(
+            strftime_utc("%a %b %e %I%p %j %%", t),
+            "Thu Feb 29 01PM 060 %"
+        );
+        assert_eq!(strftime_utc("%F %T", 0), "1970-01-01 00:00:00");
+        assert_eq!(strftime_utc("%A", 0), "Thursday");
+        assert_eq!(strftime_utc("%F", 951_782_400), "2000-02-29");
+        assert_eq!(strftime_utc("%F %j", -86_400), "1969-12-31 365");
+        let t = ChatTemplate::jinja(
+            "{{ strftime_now('%Y') }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let y: i64 = t.render(&[], false).unwrap().parse().unwrap();
+        assert!(y >= 2024);
+    }
+}

@@ -1,0 +1,455 @@
+//! The engine: a loaded model with its tokenizer and chat template, and the generation
+//! loop (prefill, sample, stream text, stop on end-of-generation or stop strings).
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::config::{lwm_preset, ModelConfig};
+use crate::kv_cache::KvCache;
+use crate::model::{ForwardOptions, Model};
+use crate::model_source::{resolve, ModelLocation};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{GgufVocab, StreamDecoder, Tokenizer};
+use crate::weights::gguf::GgufFile;
+use crate::weights::hf::{load_hf_config, HfWeights};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to load a model (the `--model`, `--preset`, `--theta` ... flags).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// An LWM preset name (`lwm-text-1m`, ...): sets theta and max_sequence_length and
+    /// selects LWM's chat format.
+    pub preset: Option<String>,
+    pub theta: Option<f64>,
+    pub max_sequence_length: Option<usize>,
+    /// Override the tokenizer (a tokenizer.json / tokenizer.model / .gguf file).
+    pub tokenizer: Option<PathBuf>,
+    /// Force a chat format: "lwm" or "model" (the model's own Jinja template).
+    pub chat_format: Option<String>,
+    pub forward: ForwardOptions,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub location: ModelLocation,
+    /// Storage types of the weights, for `lwm info`.
+    pub quantization: String,
+    pub file_bytes: u64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The chat template of a Hugging Face directory (`tokenizer_config.json`), if any.
+fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    let p = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    let source = match &v["chat_template"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(list) => match list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+        {
+            Some(s) => s.to_string(),
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let piece = |id: Option<u32>| id.and_then(|i| tok.id_to_piece(i)).unwrap_or_default();
+    Ok(Some(ChatTemplate::jinja(
+        source,
+        piece(tok.bos_id()),
+        piece(tok.eos_id()),
+    )?))
+}
+
+impl Engine {
+    /// Load `spec` (a `--model` value) with `opts`.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let location = resolve(spec)?;
+        let (mut config, weights, mut tokenizer, mut template, quantization, file_bytes): (
+            ModelConfig,
+            Box<dyn crate::weights::WeightSource>,
+            Option<Tokenizer>,
+            Option<ChatTemplate>,
+            String,
+            u64,
+        ) = match &location {
+            ModelLocation::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                let config = file.config()?;
+                let tok = Tokenizer::from_gguf_vocab(
+                    GgufVocab::from_gguf(file.content())
+                        .with_context(|| format!("{}: tokenizer metadata", path.display()))?,
+                )
+                .with_context(|| format!("{}: tokenizer", path.display()))?;
+                let template = match file.meta_str("tokenizer.chat_template") {
+                    Some(src) => {
+                        let piece = |id: Option<u32>| {
+                            id.and_then(|i| tok.id_to_piece(i)).unwrap_or_default()
+                        };
+                        Some(
+                            ChatTemplate::jinja(src, piece(tok.bos_id()), piece(tok.eos_id()))
+                                .with_context(|| {
+                                    format!("{}: tokenizer.chat_template", path.display())
+                                })?,
+                        )
+                    }
+                    None => None,
+                };
+                let q = file.quantization_summary();
+                let bytes = file.file_bytes();
+                (config, Box::new(file), Some(tok), template, q, bytes)
+            }
+            ModelLocation::HfDir(dir) => {
+                let config = load_hf_config(dir)?;
+                let weights = HfWeights::open(dir)?;
+                let tok = ["tokenizer.json", "tokenizer.model"]
+                    .iter()
+                    .map(|f| dir.join(f))
+                    .find(|p| p.exists())
+                    .map(|p| Tokenizer::from_file(&p))
+                    .transpose()?;
+                let template = match &tok {
+                    Some(t) => hf_chat_template(dir, t)?,
+                    None => None,
+                };
+                let dtypes = weights
+                    .stored_dtype("model.embed_tokens.weight")
+                    .unwrap_or_else(|| "f32".into());
+                (
+                    config,
+                    Box::new(weights),
+                    tok,
+                    template,
+                    dtypes,
+                    dir_bytes(dir),
+                )
+            }
+        };
+        if let Some(p) = &opts.tokenizer {
+            tokenizer = Some(Tokenizer::from_file(p)?);
+        }
+        let tokenizer = tokenizer.with_context(|| {
+            format!(
+                "{}: no tokenizer found (tokenizer.json or tokenizer.model); pass --tokenizer FILE",
+                location.path().display()
+            )
+        })?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            bail!(
+                "tokenizer has {} tokens but the model's vocabulary is {} ({}): they do not belong together",
+                tokenizer.vocab_size(),
+                config.vocab_size,
+                location.path().display()
+            );
+        }
+        let mut lwm_format = false;
+        if let Some(name) = &opts.preset {
+            config.apply_preset(lwm_preset(name)?);
+            lwm_format = true;
+        }
+        if let Some(t) = opts.theta {
+            config.theta = t;
+        }
+        if let Some(m) = opts.max_sequence_length {
+            config.max_sequence_length = m;
+        }
+        match opts.chat_format.as_deref() {
+            None => {}
+            Some("lwm") => lwm_format = true,
+            Some("model") => lwm_format = false,
+            Some(other) => bail!("unknown chat format '{other}' (use lwm or model)"),
+        }
+        if lwm_format {
+            template = Some(ChatTemplate::Lwm);
+        }
+        let model = Model::load(weights.as_ref(), config, opts.forward)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template: template,
+            location,
+            quantization,
+            file_bytes,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// Tokenize a plain prompt (BOS as the tokenizer's default, special tokens parsed).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, self.tokenizer.add_bos_by_default(), true)
+    }
+
+    /// Render a conversation with the chat template and tokenize it.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
+        let template = self.chat_template.as_ref().context(
+            "this model has no chat template; use `lwm generate`, or --chat-format lwm for LWM models",
+        )?;
+        let text = template.render(messages, true)?;
+        // Jinja templates write BOS themselves when they want it; LWM's format relies on the
+        // tokenizer's BOS (the trained layout has exactly one).
+        let add_bos = matches!(template, ChatTemplate::Lwm) && self.tokenizer.bos_id().is_some();
+        let ids = self.tokenizer.encode(&text, add_bos, true)?;
+        Ok((text, ids))
+    }
+
+    /// Context length in effect.
+    pub fn context_length(&self) -> usize {
+        self.model.config.max_sequence_length
+    }
+
+    /// Generate a continuation of `req.prompt_ids` in a fresh KV cache.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let mut cache = self.model.new_cache();
+        self.generate_with_cache(req, &mut cache, on_text)
+    }
+
+    /// Generate, reusing whatever prefix of the prompt `cache` already holds (the cache is
+    /// truncated to the longest common prefix first).
+    pub fn generate_with_cache(
+        &self,
+        req: &GenerateRequest,
+        cache: &mut KvCache,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let ctx = self.context_length();
+        let n_prompt = req.prompt_ids.len();
+        if n_prompt == 0 {
+            bail!("the prompt is empty (no tokens)");
+        }
+        if n_prompt >= ctx {
+            bail!(
+                "the prompt has {n_prompt} tokens but the context is {ctx}; shorten it or raise --max-sequence-length"
+            );
+        }
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let t0 = Instant::now();
+        // Keep cached tokens the prompt starts with; at least one token must be run to get logits.
+        let reuse = cache.len().min(n_prompt - 1);
+        cache.truncate(reuse);
+        let mut logits = self.model.prefill(
+            &req.prompt_ids[reuse..],
+            cache,
+            req.prefill_chunk.max(1),
+            |_| {},
+        )?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut history = req.prompt_ids.clone();
+        let mut ids = Vec::new();
+        let mut stream = StreamDecoder::new(&self.tokenizer);
+        let mut stops = StopMatcher::new(&req.stop);
+        let mut finish = FinishReason::Length;
+        let budget = req.max_tokens.min(ctx - n_prompt);
+        let mut text = String::new();
+        while ids.len() < budget {
+            let id = sampler.sample(&logits, &history);
+            if !req.ignore_eos && self.tokenizer.is_end_of_generation(id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            ids.push(id);
+            history.push(id);
+            let piece = stream.push(id);
+            let (emit, hit) = stops.push(&piece);
+            text.push_str(&emit);
+            if !emit.is_empty() && !on_text(&emit) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if hit {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if ids.len() == budget {
+                break;
+            }
+            logits = self.model.forward(&[id], cache, false)?;
+        }
+        if finish != FinishReason::Stop || !stops.hit {
+            let rest = stops.flush(&stream.flush());
+            if !rest.is_empty() {
+                text.push_str(&rest);
+                on_text(&rest);
+            }
+        }
+        Ok(GenerateOutput {
+            ids,
+            text,
+            finish_reason: finish,
+            prompt_tokens: n_prompt,
+            reused_tokens: reuse,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Tokens per prefill forward (bounds activation memory).
+    pub prefill_chunk: usize,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            ignore_eos: false,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context ran out.
+    Length,
+    /// The caller's callback asked to stop (client gone, Ctrl-C).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the cache instead of a prefill.
+    pub reused_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+/// Streams text while watching for stop strings: text that could still turn into a stop
+/// string is held back until it can't; on a match, everything from the stop string on is
+/// dropped.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    pub hit: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            hit: false,
+        }
+    }
+
+    /// Add new text; returns (text safe to emit, whether a stop string matched).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.hit = true;
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Longest suffix of `held` that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.held.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// End of generation: release what was held (plus a final piece).
+    pub fn flush(&mut self, piece: &str) -> String {
+        let (mut out, hit) = self.push(piece);
+        if !hit {
+            out.push_str(&self.held);
+        }
+        self.held.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_split_across_pieces_are_caught_and_cut() {
+        let mut m = StopMatcher::new(&["USER:".to_string()]);
+        let mut out = String::new();
+        for piece in ["Paris", " is it. U", "SE", "R: more"] {
+            let (e, hit) = m.push(piece);
+            out.push_str(&e);
+            if hit {
+                break;
+            }
+        }
+        assert!(m.hit);
+        assert_eq!(out, "Paris is it. ");
+    }
+
+    #[test]
+    fn held_back_prefix_is_released_when_it_stops_matching() {
+        let mut m = StopMatcher::new(&["</s>".to_string()]);
+        let (a, _) = m.push("a <");
+        assert_eq!(a, "a ");
+        let (b, _) = m.push("b");
+        assert_eq!(b, "<b");
+        assert_eq!(m.flush("!"), "!");
+    }
+}

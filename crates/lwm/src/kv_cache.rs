@@ -1,0 +1,96 @@
+//! Key/value cache: per layer, per KV head, one contiguous (len × head_dim) f32 buffer, so a
+//! key block is a plain slice the attention primitive reads directly.
+
+use crate::attention::KvView;
+
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    pub head_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        let layer = LayerKv {
+            k: vec![Vec::new(); n_kv_heads],
+            v: vec![Vec::new(); n_kv_heads],
+        };
+        Self {
+            layers: vec![layer; n_layers],
+            head_dim,
+            len: 0,
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append n rows of K and V (n × n_kv·d, as the projections produced them) to `layer`.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) {
+        let d = self.head_dim;
+        let lk = &mut self.layers[layer];
+        let n_kv = lk.k.len();
+        for h in 0..n_kv {
+            let (kh, vh) = (&mut lk.k[h], &mut lk.v[h]);
+            kh.reserve(n * d);
+            vh.reserve(n * d);
+            for r in 0..n {
+                let src = r * n_kv * d + h * d;
+                kh.extend_from_slice(&k[src..src + d]);
+                vh.extend_from_slice(&v[src..src + d]);
+            }
+        }
+    }
+
+    /// Mark n more tokens as held (after every layer appended them).
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    pub fn view(&self, layer: usize) -> KvView<'_> {
+        let l = &self.layers[layer];
+        let len = l.k.first().map_or(0, |k| k.len() / self.head_dim);
+        KvView {
+            k: l.k.iter().map(|x| &x[..]).collect(),
+            v: l.v.iter().map(|x| &x[..]).collect(),
+            len,
+        }
+    }
+
+    /// Drop everything after the first `len` tokens (to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        let d = self.head_dim;
+        for l in &mut self.layers {
+            for b in l.k.iter_mut().chain(l.v.iter_mut()) {
+                b.truncate(len * d);
+            }
+        }
+        self.len = self.len.min(len);
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.k.iter().chain(&l.v))
+            .map(|b| b.len() * 4)
+            .sum()
+    }
+}

@@ -1,0 +1,345 @@
+//! The LLaMA transformer forward pass (LWM's text model), with a KV cache.
+//!
+//! Pre-norm blocks: `h += Attn(RMSNorm(h))`, `h += FFN(RMSNorm(h))`, FFN = `down(silu(gate x) ⊙ up x)`.
+//! Attention goes through the blockwise primitive (`attention`), the FFN runs over chunks of
+//! `mlp_chunk` tokens, so activation memory is bounded by the chunk sizes, not the prompt.
+//! Activations are plain f32 row-major buffers; candle does the matrix products, keeping
+//! GGUF weights quantized (activations are quantized to Q8 inside those products, as in
+//! llama.cpp).
+
+use crate::attention::{causal_attention, Chunking};
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::rope::Rope;
+use crate::weights::{layer_name, Weight, WeightSource};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+/// Tunables of the forward pass that never change its result (beyond float rounding).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// `scan_query_chunk_size` / `scan_key_chunk_size`.
+    pub chunking: Chunking,
+    /// `scan_mlp_chunk_size`: tokens per FFN chunk.
+    pub mlp_chunk: usize,
+    /// With at least this many rows, quantized weights are dequantized for one f32 GEMM
+    /// (fast for prefill); below it the quantized dot products are used (fast for decode).
+    pub dense_min_rows: usize,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            chunking: Chunking::default(),
+            mlp_chunk: 512,
+            dense_min_rows: 32,
+        }
+    }
+}
+
+/// A weight matrix `[out, in]` applied as `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Quant(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Linear {
+    fn from_weight(
+        w: Weight,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        origin: &str,
+    ) -> Result<Self> {
+        let dims = w.dims();
+        if dims != [out_dim, in_dim] {
+            bail!("{origin}: tensor '{name}' has shape {dims:?}, expected [{out_dim}, {in_dim}] for this model config");
+        }
+        Ok(match w {
+            Weight::Quant(q) => Linear::Quant(q),
+            Weight::Dense(t) => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        match self {
+            Linear::Quant(q) => q.shape().dims()[0],
+            Linear::Dense(t) => t.dims()[0],
+        }
+    }
+
+    /// x: n rows of `in` features -> n rows of `out` features.
+    pub fn forward(&self, x: &[f32], n: usize, opts: &ForwardOptions) -> Result<Vec<f32>> {
+        let in_dim = x.len() / n.max(1);
+        let xt = Tensor::from_slice(x, (n, in_dim), &Device::Cpu)?;
+        let y = match self {
+            Linear::Quant(q) if n < opts.dense_min_rows => xt.apply_op1_no_bwd(q.as_ref())?,
+            Linear::Quant(q) => {
+                let w = q.dequantize(&Device::Cpu)?;
+                xt.matmul(&w.t()?)?
+            }
+            Linear::Dense(w) => xt.matmul(&w.t()?)?,
+        };
+        Ok(y.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Linear::Quant(q) => q.storage_size_in_bytes(),
+            Linear::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Weight,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    rope: Rope,
+    pub options: ForwardOptions,
+}
+
+fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    let w = src.load(name)?;
+    let dims = w.dims();
+    if dims != [len] {
+        bail!(
+            "{}: tensor '{name}' has shape {dims:?}, expected [{len}]",
+            src.origin()
+        );
+    }
+    Ok(w.to_dense()?.to_vec1::<f32>()?)
+}
+
+/// y = x / sqrt(mean(x²) + eps) · w, per row (computed in f32, as LWM does).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0f32; x.len()];
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+    out
+}
+
+impl Model {
+    /// Build the model from canonical-named weights, checking every shape against `config`.
+    pub fn load(
+        src: &dyn WeightSource,
+        config: ModelConfig,
+        options: ForwardOptions,
+    ) -> Result<Self> {
+        config.validate()?;
+        let origin = src.origin();
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q_dim, kv_dim) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let lin = |name: String, o: usize, i: usize| -> Result<Linear> {
+            let w = src.load(&name)?;
+            Linear::from_weight(w, &name, o, i, &origin)
+        };
+        let embed = src.load("model.embed_tokens.weight")?;
+        if embed.dims() != [c.vocab_size, h] {
+            bail!(
+                "{origin}: tensor 'model.embed_tokens.weight' has shape {:?}, expected [{}, {h}]",
+                embed.dims(),
+                c.vocab_size
+            );
+        }
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let n = |s: &str| layer_name(i, s);
+            layers.push(Layer {
+                attn_norm: load_vector(src, &n("input_layernorm.weight"), h)?,
+                wq: lin(n("self_attn.q_proj.weight"), q_dim, h)?,
+                wk: lin(n("self_attn.k_proj.weight"), kv_dim, h)?,
+                wv: lin(n("self_attn.v_proj.weight"), kv_dim, h)?,
+                wo: lin(n("self_attn.o_proj.weight"), h, q_dim)?,
+                ffn_norm: load_vector(src, &n("post_attention_layernorm.weight"), h)?,
+                w_gate: lin(n("mlp.gate_proj.weight"), c.intermediate_size, h)?,
+                w_up: lin(n("mlp.up_proj.weight"), c.intermediate_size, h)?,
+                w_down: lin(n("mlp.down_proj.weight"), h, c.intermediate_size)?,
+            });
+        }
+        let norm = load_vector(src, "model.norm.weight", h)?;
+        let lm_head = if src.contains("lm_head.weight") && !c.tie_word_embeddings {
+            lin("lm_head.weight".into(), c.vocab_size, h)?
+        } else {
+            Linear::from_weight(
+                embed.clone(),
+                "model.embed_tokens.weight",
+                c.vocab_size,
+                h,
+                &origin,
+            )?
+        };
+        let rope = Rope::new(hd, c.theta, c.rope_layout, &c.rope_scaling);
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            options,
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.config.num_hidden_layers,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+        )
+    }
+
+    /// Bytes of weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let embed = match &self.embed {
+            Weight::Quant(q) => q.storage_size_in_bytes(),
+            Weight::Dense(t) => t.elem_count() * 4,
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|w| w.storage_bytes())
+                    .sum::<usize>()
+                    + 8 * l.attn_norm.len()
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.storage_bytes()
+        };
+        embed + layers + head
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let idt = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        let e = match &self.embed {
+            Weight::Quant(q) => q.embedding(&idt)?,
+            Weight::Dense(t) => t.embedding(&idt)?,
+        };
+        Ok(e.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// Run `ids` (the tokens after those already in `cache`) through the model, append their
+    /// keys/values to `cache`, and return logits: of the last token (vocab), or of every
+    /// token (n × vocab) when `all_logits`.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = ids.len();
+        if n == 0 {
+            bail!("forward called with no tokens");
+        }
+        let pos0 = cache.len();
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps as f32;
+        let opts = &self.options;
+        let mut x = self.embed_tokens(ids)?;
+        let table = self.rope.table(pos0, n);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &layer.attn_norm, eps);
+            let mut q = layer.wq.forward(&hn, n, opts)?;
+            let mut k = layer.wk.forward(&hn, n, opts)?;
+            let v = layer.wv.forward(&hn, n, opts)?;
+            self.rope.apply(&mut q, n, nh * hd, nh, &table);
+            self.rope.apply(&mut k, n, nkv * hd, nkv, &table);
+            cache.append(li, &k, &v, n);
+            let attn = causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking);
+            let o = layer.wo.forward(&attn, n, opts)?;
+            for (xi, oi) in x.iter_mut().zip(&o) {
+                *xi += oi;
+            }
+            // Blockwise feed-forward: the FFN is per token, so chunks are independent.
+            let chunk = opts.mlp_chunk.max(1);
+            for r0 in (0..n).step_by(chunk) {
+                let rows = chunk.min(n - r0);
+                let xs = &mut x[r0 * h..(r0 + rows) * h];
+                let hn = rms_norm(xs, &layer.ffn_norm, eps);
+                let gate = layer.w_gate.forward(&hn, rows, opts)?;
+                let up = layer.w_up.forward(&hn, rows, opts)?;
+                let act: Vec<f32> = gate
+                    .iter()
+                    .zip(&up)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
+                let down = layer.w_down.forward(&act, rows, opts)?;
+                for (xi, di) in xs.iter_mut().zip(&down) {
+                    *xi += di;
+                }
+            }
+        }
+        cache.advance(n);
+        let rows = if all_logits {
+            &x[..]
+        } else {
+            &x[(n - 1) * h..]
+        };
+        let m = rows.len() / h;
+        let normed = rms_norm(rows, &self.norm, eps);
+        // The head runs per chunk too, so n × vocab scores exist only once, in the output.
+        let mut logits = Vec::with_capacity(m * c.vocab_size);
+        for r0 in (0..m).step_by(opts.mlp_chunk.max(1)) {
+            let r = opts.mlp_chunk.max(1).min(m - r0);
+            logits.extend(
+                self.lm_head
+                    .forward(&normed[r0 * h..(r0 + r) * h], r, opts)?,
+            );
+        }
+        Ok(logits)
+    }
+
+    /// Forward a long prompt in chunks of `chunk` tokens (bounded activation memory),
+    /// calling `progress(done)` after each; returns the last token's logits.
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        chunk: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let chunk = chunk.max(1);
+        let mut logits = Vec::new();
+        let mut done = 0;
+        for piece in ids.chunks(chunk) {
+            logits = self
+                .forward(piece, cache, false)
+                .context("prefill failed")?;
+            done += piece.len();
+            progress(done);
+        }
+        Ok(logits)
+    }
+}

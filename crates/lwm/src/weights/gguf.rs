@@ -1,0 +1,305 @@
+//! GGUF model files: metadata -> `ModelConfig`, tensor names -> canonical HF names.
+//!
+//! The whole tensor table is checked against the file length when the file is opened, so a
+//! truncated download fails at once with the tensor and byte counts, not halfway through a
+//! forward pass.
+
+use super::{Weight, WeightSource};
+use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    mmap: memmap2::Mmap,
+    /// canonical HF name -> GGUF tensor name
+    names: HashMap<String, String>,
+}
+
+/// GGUF tensor name -> canonical Hugging Face LLaMA name.
+pub fn canonical_name(gguf_name: &str) -> Option<String> {
+    let fixed = match gguf_name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match suffix {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Quantization types the engine runs (checked when a file is opened).
+pub const SUPPORTED_TYPES: &[GgmlDType] = &[
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q8K,
+];
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open model file {}", path.display()))?;
+        // SAFETY: the file is opened read-only; a concurrent writer truncating it is outside
+        // what any loader can defend against (llama.cpp mmaps the same way).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map model file {}", path.display()))?;
+        let mut cursor = std::io::Cursor::new(&mmap[..]);
+        let content = Content::read(&mut cursor)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+        let file_len = mmap.len() as u64;
+        let mut names = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let dtype = info.ggml_dtype;
+            if !SUPPORTED_TYPES.contains(&dtype) {
+                bail!(
+                    "{}: tensor '{name}' has quantization {dtype:?}, which lwm does not support",
+                    path.display()
+                );
+            }
+            let elems = info.shape.elem_count();
+            if !elems.is_multiple_of(dtype.block_size()) {
+                bail!("{}: tensor '{name}' has {elems} elements, not a multiple of the {dtype:?} block size", path.display());
+            }
+            let bytes = (elems / dtype.block_size() * dtype.type_size()) as u64;
+            let start = content.tensor_data_offset + info.offset;
+            if start + bytes > file_len {
+                bail!(
+                    "{}: file is truncated or corrupt: tensor '{name}' needs bytes {start}..{} but the file has {file_len} bytes",
+                    path.display(),
+                    start + bytes
+                );
+            }
+            if let Some(c) = canonical_name(name) {
+                names.insert(c, name.clone());
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            mmap,
+            names,
+        })
+    }
+
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<String> {
+        self.meta(key).and_then(|v| v.to_string().ok()).cloned()
+    }
+
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        self.meta(key).and_then(|v| match v {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            other => other
+                .to_u64()
+                .ok()
+                .map(|x| x as f64)
+                .or_else(|| other.to_u32().ok().map(|x| x as f64)),
+        })
+    }
+
+    fn meta_usize(&self, key: &str) -> Option<usize> {
+        self.meta(key).and_then(|v| match v {
+            Value::U8(x) => Some(*x as usize),
+            Value::U16(x) => Some(*x as usize),
+            Value::U32(x) => Some(*x as usize),
+            Value::U64(x) => Some(*x as usize),
+            Value::I32(x) if *x >= 0 => Some(*x as usize),
+            Value::I64(x) if *x >= 0 => Some(*x as usize),
+            _ => None,
+        })
+    }
+
+    /// Build the model config from `general.architecture` and `{arch}.*` metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let p = self.path.display();
+        let arch = self.meta_str("general.architecture").unwrap_or_default();
+        if arch != "llama" {
+            bail!(
+                "{p}: architecture '{arch}' is not supported (lwm runs LLaMA-architecture models)"
+            );
+        }
+        let need = |k: &str| -> Result<usize> {
+            self.meta_usize(&format!("{arch}.{k}"))
+                .with_context(|| format!("{p}: metadata key '{arch}.{k}' is missing"))
+        };
+        let hidden = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        let kv_heads = self
+            .meta_usize(&format!("{arch}.attention.head_count_kv"))
+            .unwrap_or(heads);
+        let head_dim = self
+            .meta_usize(&format!("{arch}.attention.key_length"))
+            .or_else(|| self.meta_usize(&format!("{arch}.rope.dimension_count")))
+            .unwrap_or(hidden / heads.max(1));
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .with_context(|| format!("{p}: tensor 'token_embd.weight' is missing"))?;
+        let vocab = self
+            .meta_usize(&format!("{arch}.vocab_size"))
+            .unwrap_or(embd.shape.dims()[0]);
+        let rope_scaling = match self
+            .meta_str(&format!("{arch}.rope.scaling.type"))
+            .as_deref()
+        {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: self
+                    .meta_f64(&format!("{arch}.rope.scaling.factor"))
+                    .unwrap_or(1.0),
+            },
+            Some(other) => {
+                bail!("{p}: RoPE scaling '{other}' is not supported (supported: linear)")
+            }
+        };
+        let cfg = ModelConfig {
+            architecture: arch.clone(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: need("feed_forward_length")?,
+            num_hidden_layers: need("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self
+                .meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            theta: self
+                .meta_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0),
+            rope_layout: RopeLayout::Interleaved,
+            rope_scaling,
+            max_sequence_length: self
+                .meta_usize(&format!("{arch}.context_length"))
+                .unwrap_or(2048),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            bos_token_id: self
+                .meta_usize("tokenizer.ggml.bos_token_id")
+                .map(|x| x as u32),
+            eos_token_id: self
+                .meta_usize("tokenizer.ggml.eos_token_id")
+                .map(|x| x as u32),
+            vision_vocab_size: 0,
+        };
+        cfg.validate()
+            .with_context(|| format!("{p}: invalid model metadata"))?;
+        Ok(cfg)
+    }
+
+    /// The dominant quantization of the 2-D weights (for `lwm info`).
+    pub fn quantization_summary(&self) -> String {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for info in self.content.tensor_infos.values() {
+            *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += info.shape.elem_count();
+        }
+        let mut v: Vec<_> = counts.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v.iter()
+            .map(|(t, n)| format!("{t} ({:.1}M)", *n as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+}
+
+impl WeightSource for GgufFile {
+    fn origin(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.names.keys().cloned().collect()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn load(&self, name: &str) -> Result<Weight> {
+        let gguf_name = self
+            .names
+            .get(name)
+            .with_context(|| format!("{}: tensor '{name}' is missing", self.path.display()))?;
+        let mut cursor = std::io::Cursor::new(&self.mmap[..]);
+        let q = self
+            .content
+            .tensor(&mut cursor, gguf_name, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor '{gguf_name}': {e}", self.path.display()))?;
+        Ok(match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::Dense(q.dequantize(&Device::Cpu)?)
+            }
+            _ => Weight::Quant(Arc::new(q)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            canonical_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            canonical_name("blk.0.ffn_down.weight").unwrap(),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert_eq!(canonical_name("output.weight").unwrap(), "lm_head.weight");
+        assert_eq!(canonical_name("blk.x.attn_q.weight"), None);
+        assert_eq!(canonical_name("rope_freqs.weight"), None);
+    }
+}
