@@ -1,0 +1,143 @@
+//! Quantized matrix products that reproduce llama.cpp's CPU results bit for bit.
+//!
+//! `matmul(w, x, n)` computes `y = x · Wᵀ` for a GGUF-quantized weight matrix `W` (Q4_1
+//! or Q8_0), quantizing each activation row the way llama.cpp's x86 AVX2 build does
+//! (`q8`: Q8_1 for Q4_1 weights, Q8_0 for Q8_0 weights) and accumulating every dot product
+//! in the same float order as `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` (see
+//! `q4_1` and `q8_0`). In ggml's mul_mat every output element is one such `vec_dot` over
+//! the whole row, whatever the thread split, so the result depends on neither our thread
+//! count nor how rows are grouped.
+//!
+//! Each kernel has a portable scalar version and an AVX2+FMA+F16C version chosen at run
+//! time; both give identical bits.
+//!
+//! `ggml_cpu` holds the other llama.cpp CPU numerics needed to match its greedy output
+//! (RMSNorm, RoPE, SwiGLU, f16 KV flash attention).
+
+pub mod ggml_cpu;
+pub mod matmul;
+pub mod q4_1;
+pub mod q8;
+pub mod q8_0;
+
+pub use matmul::{matmul, matmul_with, Kernel, MatmulOptions};
+
+use anyhow::{bail, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
+use std::sync::Arc;
+
+/// Weight block formats with a native kernel here (others fall back to candle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QType {
+    Q4_1,
+    Q8_0,
+}
+
+impl QType {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_1 => q4_1::BLOCK_BYTES,
+            QType::Q8_0 => q8_0::BLOCK_BYTES,
+        }
+    }
+}
+
+/// Quantized weight matrix `[rows = out, cols = in]` as GGUF stores it: raw blocks,
+/// row-major, each row `cols / 32` blocks.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub dtype: QType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Arc<[u8]>,
+}
+
+impl QMatrix {
+    pub fn new(dtype: QType, rows: usize, cols: usize, data: Arc<[u8]>) -> Result<Self> {
+        if cols % q8::QK != 0 {
+            bail!(
+                "quantized matrix: {cols} columns is not a multiple of {}",
+                q8::QK
+            );
+        }
+        let want = rows * (cols / q8::QK) * dtype.block_bytes();
+        if data.len() != want {
+            bail!(
+                "quantized {dtype:?} matrix [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            );
+        }
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// `Some` for Q4_1 / Q8_0 2-D tensors (copying their blocks), `None` for other types.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let dtype = match q.dtype() {
+            GgmlDType::Q4_1 => QType::Q4_1,
+            GgmlDType::Q8_0 => QType::Q8_0,
+            _ => return Ok(None),
+        };
+        let dims = q.shape().dims();
+        if dims.len() != 2 {
+            return Ok(None);
+        }
+        let data = q.data()?;
+        Ok(Some(Self::new(
+            dtype,
+            dims[0],
+            dims[1],
+            Arc::from(&data[..]),
+        )?))
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / q8::QK * self.dtype.block_bytes()
+    }
+
+    /// Row `r` dequantized to f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        let row = &self.data[r * rb..(r + 1) * rb];
+        match self.dtype {
+            QType::Q4_1 => q4_1::dequantize_row(row, out),
+            QType::Q8_0 => q8_0::dequantize_row(row, out),
+        }
+    }
+}
+
+/// AVX2 + FMA + F16C present (checked once).
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// IEEE half bits -> f32 (exact).
+#[inline]
+pub(crate) fn f16_bits_to_f32(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
+/// ggml's `hsum_float_8`: ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).
+#[inline]
+pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}

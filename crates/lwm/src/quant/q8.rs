@@ -1,0 +1,214 @@
+//! Activation quantization to 8-bit blocks of 32, exactly as llama.cpp's x86 build does it
+//! (`quantize_row_q8_0` / `quantize_row_q8_1` in ggml-cpu/arch/x86/quants.c, AVX2 path).
+//!
+//! Per block of 32 values `x`:
+//!
+//! ```text
+//!   amax = max |x_i|
+//!   d    = amax / 127              (f32 division)
+//!   id   = 127 / amax, or 0 when amax == 0
+//!   q_i  = round_half_to_even(x_i * id)      (_mm256_round_ps(.., _MM_ROUND_NEAREST))
+//!   D    = fp16(d)                            (stored scale, round to nearest even)
+//!   S    = fp16(d * float(Σ q_i))             (Q8_1 only; d is the f32 value, not D)
+//! ```
+//!
+//! This differs from candle's Q8_1 (which uses `1/d`, rounds half away from zero and forms
+//! `s` from the f16 scale), so our products reproduce llama.cpp's, not candle's.
+//!
+//! The scales are kept as f32 values that are exactly representable in f16 (the rounding
+//! to f16 has been applied), because every consumer in ggml converts them back to f32
+//! before use; keeping them as f32 saves a conversion per block in the dot products.
+
+use half::f16;
+
+pub const QK: usize = 32;
+
+/// One Q8_1 activation block: `x_i ≈ d · qs_i`, `s = fp16(d_f32 · Σ qs_i)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C, align(8))]
+pub struct BlockQ8_1 {
+    /// fp16-rounded scale, as f32.
+    pub d: f32,
+    /// fp16-rounded `d · Σ qs`, as f32.
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+/// One Q8_0 activation block: `x_i ≈ d · qs_i`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C, align(4))]
+pub struct BlockQ8_0 {
+    /// fp16-rounded scale, as f32.
+    pub d: f32,
+    pub qs: [i8; QK],
+}
+
+impl BlockQ8_1 {
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK],
+    };
+    /// The stored scale as the f16 llama.cpp writes.
+    pub fn d_f16(&self) -> f16 {
+        f16::from_f32(self.d)
+    }
+    pub fn s_f16(&self) -> f16 {
+        f16::from_f32(self.s)
+    }
+}
+
+impl BlockQ8_0 {
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        qs: [0; QK],
+    };
+    pub fn d_f16(&self) -> f16 {
+        f16::from_f32(self.d)
+    }
+}
+
+#[inline]
+fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// Scalar quantization of one block; returns (d_f32, qs, Σqs).
+#[inline]
+fn quantize_block_scalar(x: &[f32]) -> (f32, [i8; QK], i32) {
+    debug_assert_eq!(x.len(), QK);
+    // max(|x|): order does not matter for max (NaN inputs are outside the contract).
+    let mut amax = 0.0f32;
+    for &v in x {
+        amax = amax.max(v.abs());
+    }
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; QK];
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        // x·id ∈ [-127, 127] up to rounding; round half to even like _mm256_round_ps(.., 0),
+        // then the packs saturate to i8 (never reached for finite input).
+        let r = (v * id).round_ties_even();
+        let i = r.clamp(-128.0, 127.0) as i32;
+        *q = i as i8;
+        sum += i;
+    }
+    (d, qs, sum)
+}
+
+/// Quantize a row (length multiple of 32) to Q8_1, scalar reference path.
+pub fn quantize_row_q8_1_scalar(x: &[f32], out: &mut [BlockQ8_1]) {
+    assert_eq!(x.len() % QK, 0);
+    assert_eq!(out.len(), x.len() / QK);
+    for (xb, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (d, qs, sum) = quantize_block_scalar(xb);
+        *o = BlockQ8_1 {
+            d: round_f16(d),
+            s: round_f16(d * sum as f32),
+            qs,
+        };
+    }
+}
+
+/// Quantize a row (length multiple of 32) to Q8_0, scalar reference path.
+pub fn quantize_row_q8_0_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len() % QK, 0);
+    assert_eq!(out.len(), x.len() / QK);
+    for (xb, o) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let (d, qs, _) = quantize_block_scalar(xb);
+        *o = BlockQ8_0 {
+            d: round_f16(d),
+            qs,
+        };
+    }
+}
+
+/// Quantize a row to Q8_1 with the fastest available path (bit-identical to the scalar one).
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        assert_eq!(x.len() % QK, 0);
+        assert_eq!(out.len(), x.len() / QK);
+        // SAFETY: AVX2/FMA/F16C were detected at runtime; lengths checked above.
+        unsafe { avx2::quantize_row_q8_1(x, out) };
+        return;
+    }
+    quantize_row_q8_1_scalar(x, out)
+}
+
+/// Quantize a row to Q8_0 with the fastest available path (bit-identical to the scalar one).
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        assert_eq!(x.len() % QK, 0);
+        assert_eq!(out.len(), x.len() / QK);
+        // SAFETY: as above.
+        unsafe { avx2::quantize_row_q8_0(x, out) };
+        return;
+    }
+    quantize_row_q8_0_scalar(x, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{round_f16, BlockQ8_0, BlockQ8_1, QK};
+    use std::arch::x86_64::*;
+
+    /// Quantize 32 floats at `x`: returns (d_f32, Σq) and stores the 32 i8 at `qs`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block(x: *const f32, qs: *mut i8) -> (f32, i32) {
+        let v0 = _mm256_loadu_ps(x);
+        let v1 = _mm256_loadu_ps(x.add(8));
+        let v2 = _mm256_loadu_ps(x.add(16));
+        let v3 = _mm256_loadu_ps(x.add(24));
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_andnot_ps(sign, v0);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v1));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v2));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v3));
+        let mut m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mul = _mm256_set1_ps(id);
+        const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let i0 = _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v0, mul)));
+        let i1 = _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v1, mul)));
+        let i2 = _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v2, mul)));
+        let i3 = _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v3, mul)));
+        // Σq (exact integer sum; any order).
+        let s8 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+        let sum = _mm_cvtsi128_si32(s1);
+        // Saturating packs to i8; the 128-bit lanes interleave, so fix the order after.
+        let p01 = _mm256_packs_epi32(i0, i1);
+        let p23 = _mm256_packs_epi32(i2, i3);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs as *mut __m256i, p);
+        (d, sum)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+        for (b, o) in out.iter_mut().enumerate() {
+            let (d, sum) = block(x.as_ptr().add(b * QK), o.qs.as_mut_ptr());
+            o.d = round_f16(d);
+            o.s = round_f16(d * sum as f32);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+        for (b, o) in out.iter_mut().enumerate() {
+            let (d, _) = block(x.as_ptr().add(b * QK), o.qs.as_mut_ptr());
+            o.d = round_f16(d);
+        }
+    }
+}
