@@ -267,6 +267,27 @@ fn stream_to_stdout(stop: Arc<AtomicBool>) -> impl FnMut(&str) -> bool {
     }
 }
 
+/// A progress bar (tokens/s, ETA) for prompts long enough to make the wait noticeable.
+fn prefill_bar(n_prompt: usize) -> Option<lwm::generate::PrefillProgress> {
+    if n_prompt < 2048 {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(n_prompt as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "prefill {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(Arc::new(move |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }))
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let prompt = read_text(&a.prompt, &a.prompt_file, "a prompt")?;
     let engine = a.model.load()?;
@@ -275,6 +296,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.stop = a.sampling.stop.clone();
     req.ignore_eos = a.sampling.ignore_eos;
     req.prefill_chunk = a.model.prefill_chunk;
+    req.on_prefill = prefill_bar(req.prompt_ids.len());
     let stop = interrupt_flag();
     let out = engine.generate(&req, &mut stream_to_stdout(stop))?;
     println!();
@@ -325,6 +347,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         req.stop = stops.clone();
         req.ignore_eos = a.sampling.ignore_eos;
         req.prefill_chunk = a.model.prefill_chunk;
+        req.on_prefill = prefill_bar(req.prompt_ids.len());
         stop_flag.store(false, Ordering::SeqCst);
         // The cache keeps earlier turns: only the new part of the prompt is prefilled.
         let out = engine.generate_with_cache(

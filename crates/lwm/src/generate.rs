@@ -310,7 +310,7 @@ impl Engine {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
     pub max_tokens: usize,
@@ -319,7 +319,12 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Tokens per prefill forward (bounds activation memory).
     pub prefill_chunk: usize,
+    /// Called with (prompt tokens done, prompt tokens to prefill) after each prefill chunk.
+    pub on_prefill: Option<PrefillProgress>,
 }
+
+/// Progress callback of a long prefill.
+pub type PrefillProgress = std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 impl GenerateRequest {
     pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
@@ -330,6 +335,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             prefill_chunk: 512,
+            on_prefill: None,
         }
     }
 }

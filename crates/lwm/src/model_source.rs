@@ -176,3 +176,31 @@ pub fn fetch_default() -> Result<PathBuf> {
     eprintln!("default model saved to {}", dest.display());
     Ok(dest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_cache_layout_is_resolved_offline_and_misses_fail_fast() {
+        let root = std::env::temp_dir().join(format!("lwm-hub-{}", std::process::id()));
+        let snap = root.join("models--Org--Tiny/snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(root.join("models--Org--Tiny/refs")).unwrap();
+        std::fs::write(root.join("models--Org--Tiny/refs/main"), "abc123\n").unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        std::env::set_var("HF_HUB_CACHE", &root);
+        assert_eq!(
+            resolve("hf:Org/Tiny").unwrap(),
+            ModelLocation::HfDir(snap.clone())
+        );
+        let err = resolve("hf:Org/Missing").unwrap_err().to_string();
+        assert!(err.contains("not in the local hub cache"), "{err}");
+        assert!(resolve("hf:nonsense")
+            .unwrap_err()
+            .to_string()
+            .contains("ORG/NAME"));
+        std::env::remove_var("HF_HUB_CACHE");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
