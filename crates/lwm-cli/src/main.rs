@@ -79,6 +79,10 @@ pub struct ModelArgs {
     /// Tokens per prefill forward pass.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Forward-pass arithmetic: `ggml` (llama.cpp's, f16 KV cache; default for GGUF) or
+    /// `exact` (f32 throughout, blockwise attention; default for other formats).
+    #[arg(long)]
+    pub numerics: Option<String>,
     /// Worker threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
@@ -97,12 +101,19 @@ impl ModelArgs {
             }
         }
         lwm::set_threads(self.threads);
+        let numerics = match self.numerics.as_deref() {
+            None => None,
+            Some("exact") => Some(lwm::model::Numerics::Exact),
+            Some("ggml") => Some(lwm::model::Numerics::Ggml),
+            Some(other) => bail!("unknown --numerics '{other}' (use exact or ggml)"),
+        };
         let opts = LoadOptions {
             preset: self.preset.clone(),
             theta: self.theta,
             max_sequence_length: self.max_sequence_length,
             tokenizer: self.tokenizer.clone(),
             chat_format: self.chat_format.clone(),
+            numerics,
             forward: ForwardOptions {
                 chunking: Chunking {
                     query_chunk: self.scan_query_chunk_size,

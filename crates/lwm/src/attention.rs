@@ -17,8 +17,6 @@
 //! `attend_block` + `merge`; memory stays linear in sequence length because no score
 //! matrix larger than one tile ever exists.
 
-use rayon::prelude::*;
-
 /// Which (query, key) pairs may attend. Positions are absolute sequence positions.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockMask<'a> {
@@ -319,16 +317,15 @@ pub fn causal_attention(
     if nq == 1 {
         // Decode: split the cache into key ranges per head and merge their partials.
         let splits = k_end.div_ceil(kc).max(1);
-        let parts: Vec<(usize, Partial)> = (0..n_heads)
-            .flat_map(|h| (0..splits).map(move |s| (h, s)))
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|(h, s)| {
-                let lo = s * kc;
-                let hi = ((s + 1) * kc).min(k_end);
-                (h, run_tile(h, 0, lo, hi.max(lo)))
-            })
-            .collect();
+        let parts: Vec<(usize, Option<Partial>)> = crate::parallel::map(n_heads * splits, |i| {
+            let (h, s) = (i / splits, i % splits);
+            let lo = s * kc;
+            let hi = ((s + 1) * kc).min(k_end);
+            (h, Some(run_tile(h, 0, lo, hi.max(lo))))
+        });
+        let parts = parts
+            .into_iter()
+            .map(|(h, p)| (h, p.expect("every task ran")));
         let mut merged: Vec<Option<Partial>> = vec![None; n_heads];
         for (h, p) in parts {
             match &mut merged[h] {
@@ -344,17 +341,15 @@ pub fn causal_attention(
         return out;
     }
 
-    let results: Vec<(usize, usize, Vec<f32>)> = tiles
-        .into_par_iter()
-        .map(|(h, r0)| {
-            let rows = qc.min(nq - r0);
-            let hi = k_end.min(q_pos0 + r0 + rows);
-            let st = run_tile(h, r0, 0, hi);
-            let mut o = vec![0.0f32; rows * d];
-            st.finish_into(&mut o);
-            (h, r0, o)
-        })
-        .collect();
+    let results: Vec<(usize, usize, Vec<f32>)> = crate::parallel::map(tiles.len(), |t| {
+        let (h, r0) = tiles[t];
+        let rows = qc.min(nq - r0);
+        let hi = k_end.min(q_pos0 + r0 + rows);
+        let st = run_tile(h, r0, 0, hi);
+        let mut o = vec![0.0f32; rows * d];
+        st.finish_into(&mut o);
+        (h, r0, o)
+    });
     for (h, r0, o) in results {
         for (i, row) in o.chunks_exact(d).enumerate() {
             let dst = (r0 + i) * width + h * d;

@@ -4,7 +4,7 @@
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{lwm_preset, ModelConfig};
 use crate::kv_cache::KvCache;
-use crate::model::{ForwardOptions, Model};
+use crate::model::{ForwardOptions, Model, Numerics};
 use crate::model_source::{resolve, ModelLocation};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{GgufVocab, StreamDecoder, Tokenizer};
@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub tokenizer: Option<PathBuf>,
     /// Force a chat format: "lwm" or "model" (the model's own Jinja template).
     pub chat_format: Option<String>,
+    /// Arithmetic of the forward pass; `None` picks `Ggml` for GGUF files (llama.cpp parity)
+    /// and `Exact` otherwise.
+    pub numerics: Option<Numerics>,
     pub forward: ForwardOptions,
 }
 
@@ -179,7 +182,12 @@ impl Engine {
         if lwm_format {
             template = Some(ChatTemplate::Lwm);
         }
-        let model = Model::load(weights.as_ref(), config, opts.forward)?;
+        let mut forward = opts.forward;
+        forward.numerics = opts.numerics.unwrap_or(match location {
+            ModelLocation::Gguf(_) => Numerics::Ggml,
+            ModelLocation::HfDir(_) => Numerics::Exact,
+        });
+        let model = Model::load(weights.as_ref(), config, forward)?;
         Ok(Self {
             model,
             tokenizer,

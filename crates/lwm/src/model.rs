@@ -3,13 +3,21 @@
 //! Pre-norm blocks: `h += Attn(RMSNorm(h))`, `h += FFN(RMSNorm(h))`, FFN = `down(silu(gate x) ⊙ up x)`.
 //! Attention goes through the blockwise primitive (`attention`), the FFN runs over chunks of
 //! `mlp_chunk` tokens, so activation memory is bounded by the chunk sizes, not the prompt.
-//! Activations are plain f32 row-major buffers; candle does the matrix products, keeping
-//! GGUF weights quantized (activations are quantized to Q8 inside those products, as in
-//! llama.cpp).
+//! Activations are plain f32 row-major buffers. Q4_1 and Q8_0 weights run through our own
+//! kernels (`quant`, llama.cpp's activation quantization and summation order); other
+//! quantizations and dense weights go through candle.
+//!
+//! Two numerics (`Numerics`): `Exact` keeps everything in f32 with LWM's RoPE table and the
+//! blockwise attention primitive; `Ggml` reproduces llama.cpp's CPU results on the same GGUF
+//! (f16 KV cache and its flash attention, ggml's RoPE, RMSNorm and SiLU), the default for
+//! GGUF files so that `lwm` and llama.cpp agree token for token.
 
 use crate::attention::{causal_attention, Chunking};
 use crate::config::ModelConfig;
+use crate::config::RopeLayout;
 use crate::kv_cache::KvCache;
+use crate::quant::ggml_cpu::{self, FaOptions, Isa, RopeRounding};
+use crate::quant::QMatrix;
 use crate::rope::Rope;
 use crate::weights::{layer_name, Weight, WeightSource};
 use anyhow::{bail, Context, Result};
@@ -17,7 +25,20 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
-/// Tunables of the forward pass that never change its result (beyond float rounding).
+/// Which arithmetic the non-matmul parts follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numerics {
+    /// f32 activations and KV cache, LWM's RoPE table (f64 angle rounded to f32), the
+    /// blockwise attention primitive with `chunking`.
+    Exact,
+    /// llama.cpp's CPU arithmetic: f16 KV cache with its flash attention (f16 V
+    /// accumulator), ggml's RoPE cache, RMSNorm and vector SiLU. Exact llama.cpp parity for
+    /// prompts under 64 tokens per batch and caches under 512 tokens (beyond that llama.cpp
+    /// switches algorithms, and results agree to float noise instead).
+    Ggml,
+}
+
+/// Tunables of the forward pass. Only `numerics` changes results beyond float rounding.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardOptions {
     /// `scan_query_chunk_size` / `scan_key_chunk_size`.
@@ -27,6 +48,7 @@ pub struct ForwardOptions {
     /// With at least this many rows, quantized weights are dequantized for one f32 GEMM
     /// (fast for prefill); below it the quantized dot products are used (fast for decode).
     pub dense_min_rows: usize,
+    pub numerics: Numerics,
 }
 
 impl Default for ForwardOptions {
@@ -35,6 +57,7 @@ impl Default for ForwardOptions {
             chunking: Chunking::default(),
             mlp_chunk: 512,
             dense_min_rows: 32,
+            numerics: Numerics::Exact,
         }
     }
 }
@@ -42,6 +65,9 @@ impl Default for ForwardOptions {
 /// A weight matrix `[out, in]` applied as `y = x Wᵀ`.
 #[derive(Debug, Clone)]
 pub enum Linear {
+    /// Q4_1 / Q8_0: our kernels.
+    Native(Arc<QMatrix>),
+    /// Other GGUF quantizations: candle's kernels.
     Quant(Arc<QTensor>),
     Dense(Tensor),
 }
@@ -59,23 +85,55 @@ impl Linear {
             bail!("{origin}: tensor '{name}' has shape {dims:?}, expected [{out_dim}, {in_dim}] for this model config");
         }
         Ok(match w {
-            Weight::Quant(q) => Linear::Quant(q),
+            Weight::Quant(q) => match QMatrix::from_qtensor(&q)? {
+                Some(m) => Linear::Native(Arc::new(m)),
+                None => Linear::Quant(q),
+            },
             Weight::Dense(t) => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
         })
     }
 
     pub fn out_dim(&self) -> usize {
         match self {
+            Linear::Native(m) => m.rows,
             Linear::Quant(q) => q.shape().dims()[0],
             Linear::Dense(t) => t.dims()[0],
         }
     }
 
+    /// Rows `ids` of the matrix as f32 (an embedding lookup).
+    pub fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Linear::Native(m) => {
+                let mut out = vec![0.0f32; ids.len() * m.cols];
+                for (o, &id) in out.chunks_exact_mut(m.cols).zip(ids) {
+                    m.dequantize_row(id as usize, o);
+                }
+                Ok(out)
+            }
+            Linear::Quant(q) => {
+                let idt = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                Ok(q.embedding(&idt)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            }
+            Linear::Dense(t) => {
+                let idt = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                Ok(t.embedding(&idt)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
+
     /// x: n rows of `in` features -> n rows of `out` features.
     pub fn forward(&self, x: &[f32], n: usize, opts: &ForwardOptions) -> Result<Vec<f32>> {
+        if let Linear::Native(m) = self {
+            return crate::quant::matmul(m, x, n);
+        }
         let in_dim = x.len() / n.max(1);
         let xt = Tensor::from_slice(x, (n, in_dim), &Device::Cpu)?;
         let y = match self {
+            Linear::Native(_) => unreachable!("handled above"),
             Linear::Quant(q) if n < opts.dense_min_rows => xt.apply_op1_no_bwd(q.as_ref())?,
             Linear::Quant(q) => {
                 let w = q.dequantize(&Device::Cpu)?;
@@ -88,6 +146,7 @@ impl Linear {
 
     pub fn storage_bytes(&self) -> usize {
         match self {
+            Linear::Native(m) => m.data.len(),
             Linear::Quant(q) => q.storage_size_in_bytes(),
             Linear::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
         }
@@ -108,7 +167,8 @@ struct Layer {
 
 pub struct Model {
     pub config: ModelConfig,
-    embed: Weight,
+    /// Token embedding table [vocab, hidden] (also the head when tied).
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
@@ -158,14 +218,7 @@ impl Model {
             let w = src.load(&name)?;
             Linear::from_weight(w, &name, o, i, &origin)
         };
-        let embed = src.load("model.embed_tokens.weight")?;
-        if embed.dims() != [c.vocab_size, h] {
-            bail!(
-                "{origin}: tensor 'model.embed_tokens.weight' has shape {:?}, expected [{}, {h}]",
-                embed.dims(),
-                c.vocab_size
-            );
-        }
+        let embed = lin("model.embed_tokens.weight".into(), c.vocab_size, h)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let n = |s: &str| layer_name(i, s);
@@ -185,13 +238,7 @@ impl Model {
         let lm_head = if src.contains("lm_head.weight") && !c.tie_word_embeddings {
             lin("lm_head.weight".into(), c.vocab_size, h)?
         } else {
-            Linear::from_weight(
-                embed.clone(),
-                "model.embed_tokens.weight",
-                c.vocab_size,
-                h,
-                &origin,
-            )?
+            embed.clone()
         };
         let rope = Rope::new(hd, c.theta, c.rope_layout, &c.rope_scaling);
         Ok(Self {
@@ -215,10 +262,7 @@ impl Model {
 
     /// Bytes of weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let embed = match &self.embed {
-            Weight::Quant(q) => q.storage_size_in_bytes(),
-            Weight::Dense(t) => t.elem_count() * 4,
-        };
+        let embed = self.embed.storage_bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -243,14 +287,7 @@ impl Model {
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        let idt = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
-        let e = match &self.embed {
-            Weight::Quant(q) => q.embedding(&idt)?,
-            Weight::Dense(t) => t.embedding(&idt)?,
-        };
-        Ok(e.to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        self.embed.rows(ids)
     }
 
     /// Run `ids` (the tokens after those already in `cache`) through the model, append their
@@ -267,17 +304,66 @@ impl Model {
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps as f32;
         let opts = &self.options;
+        let ggml = opts.numerics == Numerics::Ggml;
+        let norm = |x: &[f32], w: &[f32]| {
+            if ggml {
+                ggml_cpu::rms_norm(x, w, eps)
+            } else {
+                rms_norm(x, w, eps)
+            }
+        };
         let mut x = self.embed_tokens(ids)?;
         let table = self.rope.table(pos0, n);
+        let ggml_rope = ggml && c.rope_layout == RopeLayout::Interleaved;
+        let fa = FaOptions::default();
         for (li, layer) in self.layers.iter().enumerate() {
-            let hn = rms_norm(&x, &layer.attn_norm, eps);
+            let hn = norm(&x, &layer.attn_norm);
             let mut q = layer.wq.forward(&hn, n, opts)?;
             let mut k = layer.wk.forward(&hn, n, opts)?;
-            let v = layer.wv.forward(&hn, n, opts)?;
-            self.rope.apply(&mut q, n, nh * hd, nh, &table);
-            self.rope.apply(&mut k, n, nkv * hd, nkv, &table);
-            cache.append(li, &k, &v, n);
-            let attn = causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking);
+            let mut v = layer.wv.forward(&hn, n, opts)?;
+            if ggml_rope {
+                let base = c.theta as f32;
+                ggml_cpu::rope_norm(
+                    &mut q,
+                    n,
+                    pos0,
+                    nh,
+                    hd,
+                    base,
+                    RopeRounding::FirstProductFused,
+                );
+                ggml_cpu::rope_norm(
+                    &mut k,
+                    n,
+                    pos0,
+                    nkv,
+                    hd,
+                    base,
+                    RopeRounding::FirstProductFused,
+                );
+            } else {
+                self.rope.apply(&mut q, n, nh * hd, nh, &table);
+                self.rope.apply(&mut k, n, nkv * hd, nkv, &table);
+            }
+            let attn = if ggml {
+                // An f16 cache holds exactly the f16-rounded values.
+                ggml_cpu::round_to_f16(&mut k);
+                ggml_cpu::round_to_f16(&mut v);
+                cache.append(li, &k, &v, n);
+                ggml_cpu::flash_attn_ext_f16(
+                    &q,
+                    n,
+                    pos0,
+                    nh,
+                    hd,
+                    &cache.view(li),
+                    1.0 / (hd as f32).sqrt(),
+                    &fa,
+                )
+            } else {
+                cache.append(li, &k, &v, n);
+                causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking)
+            };
             let o = layer.wo.forward(&attn, n, opts)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
@@ -287,14 +373,17 @@ impl Model {
             for r0 in (0..n).step_by(chunk) {
                 let rows = chunk.min(n - r0);
                 let xs = &mut x[r0 * h..(r0 + rows) * h];
-                let hn = rms_norm(xs, &layer.ffn_norm, eps);
+                let hn = norm(xs, &layer.ffn_norm);
                 let gate = layer.w_gate.forward(&hn, rows, opts)?;
                 let up = layer.w_up.forward(&hn, rows, opts)?;
-                let act: Vec<f32> = gate
-                    .iter()
-                    .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect();
+                let act: Vec<f32> = if ggml {
+                    ggml_cpu::swiglu(&gate, &up, Isa::REFERENCE)
+                } else {
+                    gate.iter()
+                        .zip(&up)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect()
+                };
                 let down = layer.w_down.forward(&act, rows, opts)?;
                 for (xi, di) in xs.iter_mut().zip(&down) {
                     *xi += di;
@@ -308,7 +397,7 @@ impl Model {
             &x[(n - 1) * h..]
         };
         let m = rows.len() / h;
-        let normed = rms_norm(rows, &self.norm, eps);
+        let normed = norm(rows, &self.norm);
         // The head runs per chunk too, so n × vocab scores exist only once, in the output.
         let mut logits = Vec::with_capacity(m * c.vocab_size);
         for r0 in (0..m).step_by(opts.mlp_chunk.max(1)) {

@@ -1,30 +1,86 @@
-//! llama.cpp's CPU numerics for the non-matmul parts of a LLaMA forward pass, as its x86
-//! AVX2+FMA+F16C build computes them (ggml/src/ggml-cpu: ops.cpp, vec.h, vec.cpp,
-//! simd-mappings.h). Used to reproduce llama.cpp's greedy output exactly; each function
-//! names the ggml routine it follows.
+//! llama.cpp's CPU numerics for the non-matmul parts of a LLaMA forward pass
+//! (ggml/src/ggml-cpu: ops.cpp, vec.h, vec.cpp, simd-mappings.h), for reproducing its
+//! greedy output exactly. Each function names the ggml routine it follows.
 //!
-//! * `rms_norm` — `ggml_compute_forward_rms_norm_f32`: Σx² in double (each x² rounded to
-//!   f32 first), `mean = (float)(sum/n)`, `scale = 1/sqrtf(mean + eps)`, `y = x·scale·w`.
-//! * `RopeCache` / `rope_norm` — `ggml_rope_cache_init` + `rotate_pairs` (GGML_ROPE_TYPE_NORMAL,
-//!   adjacent pairs): `theta_scale = powf(base, -2/n_dims)`, `theta = (float)pos`, per pair
-//!   `cosf/sinf(theta)` then `theta *= theta_scale`, all in f32.
-//! * `swiglu` — `ggml_vec_swiglu_f32`: `silu(g)·u` with ggml's AVX2 `ggml_v_silu`, which uses
-//!   the vector exp approximation `ggml_v_expf` (not libm's `expf`), re-derived here per lane.
-//! * `flash_attn_f16` — `ggml_compute_forward_flash_attn_ext_f16_one_chunk` with an f16 KV
-//!   cache: Q rounded to f16, `s = dot_f16(k, q)·scale` (f16×f16 products, f32 FMAs in
-//!   4×8 lanes, ggml's reduction), online softmax with `expf`, and the V accumulator kept
-//!   *in f16* (`ggml_vec_scale_f16` / `ggml_vec_mad_f16`), finally `VKQ · (1/S)`. llama.cpp
-//!   takes this path for fewer than 64 query rows (its tiled f32 path starts at 64) and,
-//!   for one query row, for fewer than 512 KV cells (its split-KV path starts at 512).
+//! The reference run (`tests/fixtures/smollm2-reference.json`) came from an **AVX-512**
+//! build of llama.cpp (AVX-512F, no AVX512-FP16): only with AVX-512's lane grouping in the
+//! f16 dot product do our top-10 logits agree with it to print precision. `Isa` selects
+//! the build to follow; `Isa::REFERENCE` is that one. Everything here runs on any CPU
+//! (AVX2 intrinsics where available, scalar otherwise, bit-identical).
+//!
+//! * `rms_norm` — `ggml_compute_forward_rms_norm_f32` (+ the weight multiply): Σx² in
+//!   double with each x² rounded to f32 first, `mean = (float)(sum/n)`,
+//!   `scale = 1/sqrtf(mean + eps)`, `y = (x·scale)·w`.
+//! * `rope_norm` — `ggml_rope_cache_init` + `rotate_pairs`, GGML_ROPE_TYPE_NORMAL (adjacent
+//!   pairs): `theta_scale = powf(base, -2/n_dims)`, `theta = (float)pos`, per pair
+//!   `cosf/sinf(theta)` then `theta *= theta_scale`, in f32; the rotation
+//!   `x0·cos − x1·sin`, `x0·sin + x1·cos` as GCC contracts it (first product fused).
+//! * `swiglu` — `ggml_vec_swiglu_f32`: `silu(g)·u` with the SIMD `ggml_v_silu`, i.e.
+//!   `x / (1 + v_expf(0 − x))` using ggml's vector exp approximation, not libm's `expf`.
+//! * `flash_attn_ext_f16` — `ggml_compute_forward_flash_attn_ext_f16_one_chunk` with an f16
+//!   K/V cache: Q rounded to f16, `s = dot_f16(k, q)·scale`, online softmax with libm
+//!   `expf`, the V accumulator kept *in f16* (`ggml_vec_scale_f16` / `ggml_vec_mad_f16`),
+//!   finally `VKQ · (1/S)`. llama.cpp takes this path for fewer than 64 query rows (from
+//!   64 rows it uses a tiled f32 path) and, for a single query row, for fewer than 512 KV
+//!   cells (from 512 it splits the cells over threads and merges); those two paths are
+//!   not emulated here.
 //!
 //! Where the C source leaves `a*b + c` to the compiler, GCC with `-march=native` on an FMA
-//! machine contracts it to one FMA (GNU C/C++ default `-ffp-contract=fast`); the options
-//! below choose either form so experiments can tell which the reference used.
+//! machine contracts it to one FMA (GNU C/C++ default `-ffp-contract=fast`). The RoPE
+//! rotation must be contracted (first product fused) to match; `S = S·ms + vs` and
+//! Q4_1's `summs += m·s` made no observable difference either way (FMA kept).
 
+use crate::attention::KvView;
 use half::f16;
-use rayon::prelude::*;
 
-/// `ggml_compute_forward_rms_norm_f32` followed by the weight multiply (per row of `w.len()`).
+/// Which x86 SIMD build of ggml to follow where the vector width changes the numbers:
+/// `ggml_vec_dot_f16`'s lane grouping and `ggml_v_expf`'s final scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2 + FMA + F16C (8-lane f32 vectors).
+    Avx2,
+    /// AVX-512F without AVX512-FP16 (16-lane f32 vectors, `_mm512_scalef_ps` in exp).
+    Avx512,
+}
+
+impl Isa {
+    /// The build that produced the llama.cpp reference fixture.
+    pub const REFERENCE: Isa = Isa::Avx512;
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    super::has_avx2()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn simd() -> bool {
+    false
+}
+
+/// Round to the nearest f16 value (ties to even), kept as f32: what storing into an f16
+/// tensor (ggml's f32→f16 copy / `GGML_CPU_FP32_TO_FP16`) and reading back gives.
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// `round_f16` on every element (e.g. K and V before they enter the cache).
+pub fn round_to_f16(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2/F16C detected.
+        unsafe { avx2::round_to_f16(x) };
+        return;
+    }
+    for v in x {
+        *v = round_f16(*v);
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `ggml_compute_forward_rms_norm_f32` followed by the weight multiply (rows of `w.len()`).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
     let mut out = vec![0.0f32; x.len()];
@@ -42,14 +98,18 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+// ---------------------------------------------------------------- RoPE
+
 /// How `x0·cos − x1·sin` / `x0·sin + x1·cos` are rounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeRounding {
     /// Every product rounded, then the add/sub.
     Separate,
-    /// GCC's contraction: the first product of each expression fused with the add/sub:
-    /// `fma(x0, cos, −(x1·sin))`, `fma(x0, sin, x1·cos)`.
+    /// GCC's contraction, what the reference did: the first product of each expression
+    /// fused with the add/sub: `fma(x0, cos, −(x1·sin))`, `fma(x0, sin, x1·cos)`.
     FirstProductFused,
+    /// The other product fused: `fma(−x1, sin, x0·cos)`, `fma(x1, cos, x0·sin)`.
+    SecondProductFused,
 }
 
 /// cos/sin for one position: `n_dims / 2` pairs, as `ggml_rope_cache_init` builds them
@@ -88,6 +148,9 @@ pub fn rope_norm(
                     RopeRounding::FirstProductFused => {
                         (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
                     }
+                    RopeRounding::SecondProductFused => {
+                        ((-x1).mul_add(s, x0 * c), x1.mul_add(c, x0 * s))
+                    }
                 };
                 head[2 * i] = a;
                 head[2 * i + 1] = b;
@@ -96,24 +159,26 @@ pub fn rope_norm(
     }
 }
 
-/// ggml's AVX2 `ggml_v_expf` for one lane (ARM optimized-routines style exp: range
-/// reduction by `n = round(x·log2 e)`, a degree-5 polynomial, special scaling when
-/// |n| > 126). Each `_mm256_fmadd_ps` / `_mm256_fnmadd_ps` is one `mul_add` here.
-pub fn v_expf(x: f32) -> f32 {
-    let c = |bits: u32| f32::from_bits(bits);
+// ---------------------------------------------------------------- SiLU
+
+/// ggml's AVX2 `ggml_v_expf` for one lane: `n = round(x·log2 e)` (via the 0x1.8p23
+/// shifter), `b = x − n·ln2` in two parts, a degree-5 polynomial `j`, result `k + k·j` with
+/// `k = 2ⁿ` built in the exponent bits, and a two-factor scaling when |n| > 126. Each
+/// `_mm256_fmadd_ps` / `_mm256_fnmadd_ps` of the original is one `mul_add` here.
+pub fn v_expf_avx2(x: f32) -> f32 {
+    let c = f32::from_bits;
     let r = c(0x4b40_0000); // 0x1.8p23
     let z = x.mul_add(c(0x3fb8_aa3b), r); // x·log2(e) + 0x1.8p23
     let n = z - r;
-    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x)); // x − n·ln2 (hi, lo)
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
     let e = z.to_bits() << 23;
     let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
-    let big = n.abs() > 126.0;
     let u = b * b;
     let j = c(0x3c07_2010)
         .mul_add(b, c(0x3d2b_9f17))
         .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
         .mul_add(u, c(0x3f7f_fff6) * b);
-    if !big {
+    if n.abs() <= 126.0 {
         return j.mul_add(k, k);
     }
     let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
@@ -126,21 +191,51 @@ pub fn v_expf(x: f32) -> f32 {
     }
 }
 
-/// ggml's AVX2 `ggml_v_silu`: `x / (1 + v_expf(0 − x))`.
-pub fn v_silu(x: f32) -> f32 {
-    x / (1.0 + v_expf(0.0 - x))
+/// ggml's AVX-512 `ggml_v_expf` for one lane: same reduction and polynomial, but the last
+/// term is `fma(c1, b, 1)` and the result `_mm512_scalef_ps(j, n) = j·2ⁿ`.
+pub fn v_expf_avx512(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000);
+    let z = x.mul_add(c(0x3fb8_aa3b), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        // ggml's blend: +inf where n <= 0, else 0 (never reached for |x| < 133)
+        return if n <= 0.0 { f32::INFINITY } else { 0.0 };
+    }
+    // j·2ⁿ with a single rounding (exact unless the result is subnormal)
+    (j as f64 * 2f64.powi(n as i32)) as f32
 }
 
-/// `ggml_vec_swiglu_f32`: `silu(g_i)·u_i`. (The AVX2 loop covers multiples of 8; a tail
-/// would use libm `expf`, as ggml's scalar leftover loop does.)
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let n8 = gate.len() / 8 * 8;
+/// `ggml_v_expf` of the given build.
+pub fn v_expf(x: f32, isa: Isa) -> f32 {
+    match isa {
+        Isa::Avx2 => v_expf_avx2(x),
+        Isa::Avx512 => v_expf_avx512(x),
+    }
+}
+
+/// ggml's SIMD `ggml_v_silu`: `x / (1 + v_expf(0 − x))`.
+pub fn v_silu(x: f32, isa: Isa) -> f32 {
+    x / (1.0 + v_expf(0.0 - x, isa))
+}
+
+/// `ggml_vec_swiglu_f32`: `silu(g_i)·u_i` (SIMD body over whole vectors of 8 / 16 lanes;
+/// a tail would use libm `expf`, as ggml's scalar leftover loop does).
+pub fn swiglu(gate: &[f32], up: &[f32], isa: Isa) -> Vec<f32> {
+    let w = if isa == Isa::Avx2 { 8 } else { 16 };
+    let nv = gate.len() / w * w;
     gate.iter()
         .zip(up)
         .enumerate()
         .map(|(i, (&g, &u))| {
-            if i < n8 {
-                v_silu(g) * u
+            if i < nv {
+                v_silu(g, isa) * u
             } else {
                 g / (1.0 + (-g).exp()) * u
             }
@@ -148,44 +243,61 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// `ggml_vec_dot_f16` on AVX2: f16 inputs widened to f32, 4 accumulators of 8 lanes fed by
-/// FMAs over 32-element steps, reduced as GGML_F32x8_REDUCE, leftovers in double.
-pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+// ---------------------------------------------------------------- f16 dot
+
+/// `ggml_vec_dot_f16` on f16-valued inputs (given as f32; the widening is exact):
+///
+/// * AVX2: 4 accumulators × 8 lanes, FMAs over 32-element steps; reduce
+///   `(s0+s2)+(s1+s3)`, then `t_k = l_k + l_{k+4}`, `(t0+t1)+(t2+t3)`.
+/// * AVX-512: 4 × 16 lanes over 64-element steps; reduce `(s0+s2)+(s1+s3)`, then GCC's
+///   `_mm512_reduce_add_ps`: 8 = hi+lo, 4 = hi+lo, `(u0+u2)+(u1+u3)`.
+///
+/// Elements past the last whole step are added in double, as ggml's leftover loop does.
+pub fn dot_f16(x: &[f32], y: &[f32], isa: Isa) -> f32 {
+    let w = if isa == Isa::Avx2 { 8 } else { 16 };
+    let step = 4 * w;
     let n = x.len();
-    let np = n & !31;
-    let mut sum = [[0.0f32; 8]; 4];
-    for i in (0..np).step_by(32) {
+    let np = n / step * step;
+    let mut sum = [[0.0f32; 16]; 4];
+    for i in (0..np).step_by(step) {
         for (j, s) in sum.iter_mut().enumerate() {
-            for (l, a) in s.iter_mut().enumerate() {
-                let t = i + 8 * j + l;
-                *a = x[t].to_f32().mul_add(y[t].to_f32(), *a);
+            for (l, a) in s[..w].iter_mut().enumerate() {
+                let t = i + w * j + l;
+                *a = x[t].mul_add(y[t], *a);
             }
         }
     }
-    let mut s0 = [0.0f32; 8];
-    for l in 0..8 {
-        let a = sum[0][l] + sum[2][l];
-        let b = sum[1][l] + sum[3][l];
-        s0[l] = a + b;
-    }
-    let t: [f32; 4] = std::array::from_fn(|k| s0[k] + s0[k + 4]);
-    let mut sumf = ((t[0] + t[1]) + (t[2] + t[3])) as f64;
+    let s0: [f32; 16] = std::array::from_fn(|l| (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]));
+    let r = if isa == Isa::Avx2 {
+        let t: [f32; 4] = std::array::from_fn(|k| s0[k] + s0[k + 4]);
+        (t[0] + t[1]) + (t[2] + t[3])
+    } else {
+        let t8: [f32; 8] = std::array::from_fn(|k| s0[k + 8] + s0[k]);
+        let t4: [f32; 4] = std::array::from_fn(|k| t8[k + 4] + t8[k]);
+        (t4[0] + t4[2]) + (t4[1] + t4[3])
+    };
+    let mut sumf = r as f64;
     for i in np..n {
-        sumf += (x[i].to_f32() * y[i].to_f32()) as f64;
+        sumf += (x[i] * y[i]) as f64;
     }
     sumf as f32
 }
 
-/// Options of `flash_attn_f16`.
+// ---------------------------------------------------------------- flash attention
+
+/// Options of `flash_attn_ext_f16`.
 #[derive(Debug, Clone, Copy)]
 pub struct FaOptions {
     /// `S = S*ms + vs` contracted to one FMA.
     pub s_fma: bool,
     /// Keep the V accumulator in f16 (llama.cpp with an f16 V cache). `false` accumulates
-    /// in f32 (what llama.cpp does for an f32 V cache), for experiments.
+    /// in f32 (llama.cpp with an f32 V cache); for experiments.
     pub f16_accumulator: bool,
-    /// Round Q to f16 before the K dot (llama.cpp, f16 K). `false` keeps Q in f32.
+    /// Round Q to f16 before the K dot (llama.cpp with an f16 K cache). `false` keeps Q
+    /// in f32; for experiments.
     pub f16_query: bool,
+    /// Lane grouping of the K·Q dot.
+    pub isa: Isa,
 }
 
 impl Default for FaOptions {
@@ -194,153 +306,245 @@ impl Default for FaOptions {
             s_fma: true,
             f16_accumulator: true,
             f16_query: true,
+            isa: Isa::REFERENCE,
         }
     }
 }
 
-/// Keys/values of one layer in llama.cpp's f16 cache: per KV head, `len × d` halves.
-#[derive(Debug, Clone, Default)]
-pub struct F16KvLayer {
-    pub k: Vec<Vec<f16>>,
-    pub v: Vec<Vec<f16>>,
-}
-
-impl F16KvLayer {
-    pub fn new(n_kv_heads: usize) -> Self {
-        Self {
-            k: vec![Vec::new(); n_kv_heads],
-            v: vec![Vec::new(); n_kv_heads],
-        }
-    }
-
-    /// Append n rows of K and V (n × n_kv·d, f32), rounding to f16 (ggml's f32→f16 copy).
-    pub fn append(&mut self, k: &[f32], v: &[f32], n: usize, d: usize) {
-        let n_kv = self.k.len();
-        for h in 0..n_kv {
-            for r in 0..n {
-                let src = r * n_kv * d + h * d;
-                self.k[h].extend(k[src..src + d].iter().map(|&x| f16::from_f32(x)));
-                self.v[h].extend(v[src..src + d].iter().map(|&x| f16::from_f32(x)));
-            }
-        }
-    }
-
-    pub fn len(&self, d: usize) -> usize {
-        self.k.first().map_or(0, |k| k.len() / d)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.k.first().is_none_or(|k| k.is_empty())
-    }
-}
-
-/// Causal attention of `nq` query rows at positions `q_pos0..` (q: nq × n_heads·d) against
-/// the cache (positions 0..len), llama.cpp's one-chunk flash attention with f16 K/V.
-/// Query head h reads KV head `h / (n_heads / n_kv)`.
-pub fn flash_attn_f16(
+/// Causal attention of `nq` query rows at positions `q_pos0..` (q: nq × n_heads·d, as the
+/// projection produced it) against the cached keys/values (positions 0..kv.len), computed
+/// as llama.cpp's one-chunk flash attention over an f16 K/V cache. The cache holds f32
+/// values that must already be f16-representable (`round_to_f16` before appending), which
+/// keeps lwm's f32 `KvCache` usable while giving exactly the f16 cache's numbers.
+/// Query head h reads KV head `h / (n_heads / n_kv)`. Output: nq × n_heads·d.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_ext_f16(
     q: &[f32],
     nq: usize,
     q_pos0: usize,
     n_heads: usize,
     d: usize,
-    kv: &F16KvLayer,
+    kv: &KvView,
     scale: f32,
-    opts: FaOptions,
+    opts: &FaOptions,
 ) -> Vec<f32> {
     let n_kv = kv.k.len();
     let group = n_heads / n_kv;
-    let len = kv.len(d);
     let width = n_heads * d;
     let mut out = vec![0.0f32; nq * width];
-    out.par_chunks_mut(d).enumerate().for_each(|(idx, o)| {
+    let work = |idx: usize, o: &mut [f32]| {
         let (i, h) = (idx / n_heads, idx % n_heads);
-        let (kh, vh) = (&kv.k[h / group], &kv.v[h / group]);
+        let visible = (q_pos0 + i + 1).min(kv.len);
         let qrow = &q[i * width + h * d..i * width + (h + 1) * d];
-        let q16: Vec<f16> = qrow.iter().map(|&x| f16::from_f32(x)).collect();
-        let q32: Vec<f32> = qrow.to_vec();
-        let visible = (q_pos0 + i + 1).min(len);
-        let mut m = f32::NEG_INFINITY;
-        let mut s_sum = 0.0f32;
-        let mut acc16 = vec![f16::ZERO; d];
-        let mut acc32 = vec![0.0f32; d];
-        for ic in 0..visible {
-            let krow = &kh[ic * d..(ic + 1) * d];
-            let s = if opts.f16_query {
-                dot_f16(krow, &q16)
-            } else {
-                let kf: Vec<f16> = krow.to_vec();
-                dot_f16_f32(&kf, &q32)
-            } * scale;
-            let (ms, vs);
-            if s > m {
-                let m_old = m;
-                m = s;
-                ms = (m_old - m).exp();
-                vs = 1.0f32;
-                if opts.f16_accumulator {
-                    for a in acc16.iter_mut() {
-                        *a = f16::from_f32(a.to_f32() * ms);
-                    }
-                } else {
-                    for a in acc32.iter_mut() {
-                        *a *= ms;
-                    }
-                }
-            } else {
-                ms = 1.0f32;
-                vs = (s - m).exp();
-            }
-            let vrow = &vh[ic * d..(ic + 1) * d];
-            if opts.f16_accumulator {
-                for (a, &v) in acc16.iter_mut().zip(vrow) {
-                    *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
-                }
-            } else {
-                for (a, &v) in acc32.iter_mut().zip(vrow) {
-                    *a = v.to_f32().mul_add(vs, *a);
-                }
-            }
-            s_sum = if opts.s_fma {
-                s_sum.mul_add(ms, vs)
-            } else {
-                s_sum * ms + vs
-            };
-        }
-        let s_inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
-        for (k, x) in o.iter_mut().enumerate() {
-            let a = if opts.f16_accumulator {
-                acc16[k].to_f32()
-            } else {
-                acc32[k]
-            };
-            *x = a * s_inv;
-        }
-    });
+        let (k, v) = (
+            &kv.k[h / group][..visible * d],
+            &kv.v[h / group][..visible * d],
+        );
+        attend_row(qrow, k, v, d, scale, opts, o);
+    };
+    // One (row, head) per task; below ~256k multiply-adds the pool costs more than it saves.
+    if nq * n_heads * kv.len * d >= 1 << 18 {
+        crate::parallel::for_each_chunk_mut(&mut out, d, work);
+    } else {
+        out.chunks_mut(d)
+            .enumerate()
+            .for_each(|(idx, o)| work(idx, o));
+    }
     out
 }
 
-/// K (f16) · Q (f32) in the same lane order as `dot_f16` (experiments only).
-fn dot_f16_f32(x: &[f16], y: &[f32]) -> f32 {
-    let y16_exact: Vec<f32> = y.to_vec();
-    let n = x.len();
-    let np = n & !31;
-    let mut sum = [[0.0f32; 8]; 4];
-    for i in (0..np).step_by(32) {
-        for (j, s) in sum.iter_mut().enumerate() {
-            for (l, a) in s.iter_mut().enumerate() {
-                let t = i + 8 * j + l;
-                *a = x[t].to_f32().mul_add(y16_exact[t], *a);
-            }
+/// One query row against `k`, `v` (visible rows only, len × d).
+fn attend_row(
+    qrow: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    opts: &FaOptions,
+    out: &mut [f32],
+) {
+    let mut qv = qrow.to_vec();
+    if opts.f16_query {
+        round_to_f16(&mut qv);
+    }
+    let mut acc = vec![0.0f32; d];
+    let mut m = f32::NEG_INFINITY;
+    let mut s_sum = 0.0f32;
+    let use_simd = simd() && d.is_multiple_of(16);
+    for (kr, vr) in k.chunks_exact(d).zip(v.chunks_exact(d)) {
+        let s = dot(kr, &qv, opts.isa, use_simd) * scale;
+        let (ms, vs);
+        if s > m {
+            // new maximum: rescale the accumulator by expf(M_old − M), weight 1
+            ms = (m - s).exp();
+            m = s;
+            vs = 1.0f32;
+            scale_acc(&mut acc, ms, opts.f16_accumulator, use_simd);
+        } else {
+            ms = 1.0f32;
+            vs = (s - m).exp();
+        }
+        mad_acc(&mut acc, vr, vs, opts.f16_accumulator, use_simd);
+        s_sum = if opts.s_fma {
+            s_sum.mul_add(ms, vs)
+        } else {
+            s_sum * ms + vs
+        };
+    }
+    let s_inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a * s_inv;
+    }
+}
+
+#[inline]
+fn dot(k: &[f32], q: &[f32], isa: Isa, use_simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if use_simd {
+        // SAFETY: AVX2/FMA detected, lengths are a multiple of 16.
+        return unsafe { avx2::dot_f16(k, q, isa) };
+    }
+    let _ = use_simd;
+    dot_f16(k, q, isa)
+}
+
+/// acc ← acc·ms (`ggml_vec_scale_f16`: product rounded to f16 when `f16`).
+#[inline]
+fn scale_acc(acc: &mut [f32], ms: f32, f16: bool, use_simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if use_simd {
+        // SAFETY: as above.
+        unsafe { avx2::scale(acc, ms, f16) };
+        return;
+    }
+    let _ = use_simd;
+    for a in acc {
+        *a *= ms;
+        if f16 {
+            *a = round_f16(*a);
         }
     }
-    let mut s0 = [0.0f32; 8];
-    for l in 0..8 {
-        s0[l] = (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]);
+}
+
+/// acc ← fma(v, vs, acc) (`ggml_vec_mad_f16`: rounded to f16 when `f16`).
+#[inline]
+fn mad_acc(acc: &mut [f32], v: &[f32], vs: f32, f16: bool, use_simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if use_simd {
+        // SAFETY: as above.
+        unsafe { avx2::mad(acc, v, vs, f16) };
+        return;
     }
-    let t: [f32; 4] = std::array::from_fn(|k| s0[k] + s0[k + 4]);
-    let mut sumf = ((t[0] + t[1]) + (t[2] + t[3])) as f64;
-    for i in np..n {
-        sumf += (x[i].to_f32() * y[i]) as f64;
+    let _ = use_simd;
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = x.mul_add(vs, *a);
+        if f16 {
+            *a = round_f16(*a);
+        }
     }
-    sumf as f32
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Isa;
+    use std::arch::x86_64::*;
+
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+    #[inline(always)]
+    unsafe fn r16(x: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<RNE>(x))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn round_to_f16(x: &mut [f32]) {
+        let mut c = x.chunks_exact_mut(8);
+        for v in &mut c {
+            let p = v.as_mut_ptr();
+            _mm256_storeu_ps(p, r16(_mm256_loadu_ps(p)));
+        }
+        for v in c.into_remainder() {
+            *v = super::round_f16(*v);
+        }
+    }
+
+    /// `super::dot_f16` for lengths that are a multiple of 16 (bit-identical).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(x: &[f32], y: &[f32], isa: Isa) -> f32 {
+        let n = x.len();
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let z = _mm256_setzero_ps();
+        let r;
+        let np;
+        if isa == Isa::Avx2 {
+            np = n / 32 * 32;
+            let mut s = [z; 4];
+            let mut i = 0;
+            while i < np {
+                for (j, a) in s.iter_mut().enumerate() {
+                    let o = i + 8 * j;
+                    *a =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), _mm256_loadu_ps(yp.add(o)), *a);
+                }
+                i += 32;
+            }
+            let s0 = _mm256_add_ps(_mm256_add_ps(s[0], s[2]), _mm256_add_ps(s[1], s[3]));
+            let t = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps::<1>(s0));
+            let t1 = _mm_hadd_ps(t, t);
+            r = _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+        } else {
+            // 16-lane accumulators as (lo, hi) pairs of 8 lanes
+            np = n / 64 * 64;
+            let mut lo = [z; 4];
+            let mut hi = [z; 4];
+            let mut i = 0;
+            while i < np {
+                for j in 0..4 {
+                    let o = i + 16 * j;
+                    lo[j] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(o)),
+                        _mm256_loadu_ps(yp.add(o)),
+                        lo[j],
+                    );
+                    hi[j] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(o + 8)),
+                        _mm256_loadu_ps(yp.add(o + 8)),
+                        hi[j],
+                    );
+                }
+                i += 64;
+            }
+            let l0 = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+            let h0 = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+            let t8 = _mm256_add_ps(h0, l0);
+            let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
+            let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4)); // (u0+u2, u1+u3)
+            r = _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)));
+        }
+        let mut sumf = r as f64;
+        for i in np..n {
+            sumf += (x[i] * y[i]) as f64;
+        }
+        sumf as f32
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale(acc: &mut [f32], ms: f32, f16: bool) {
+        let m = _mm256_set1_ps(ms);
+        for c in acc.chunks_exact_mut(8) {
+            let p = c.as_mut_ptr();
+            let a = _mm256_mul_ps(_mm256_loadu_ps(p), m);
+            _mm256_storeu_ps(p, if f16 { r16(a) } else { a });
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn mad(acc: &mut [f32], v: &[f32], vs: f32, f16: bool) {
+        let s = _mm256_set1_ps(vs);
+        for (c, x) in acc.chunks_exact_mut(8).zip(v.chunks_exact(8)) {
+            let p = c.as_mut_ptr();
+            let a = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr()), s, _mm256_loadu_ps(p));
+            _mm256_storeu_ps(p, if f16 { r16(a) } else { a });
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Threaded driver: `y (n × rows) = x (n × cols) · Wᵀ`.
 //!
 //! 1. Each activation row is quantized once (Q8_1 for Q4_1 weights, Q8_0 for Q8_0).
-//! 2. Weight rows are split into contiguous chunks run in parallel with rayon; inside a
+//! 2. Weight rows are split into contiguous chunks run in parallel on the shared pool (`parallel`); inside a
 //!    chunk the kernels read each weight block once per group of activation rows (n > 1)
 //!    or share each activation block between 4 weight rows (n = 1).
 //!
@@ -12,7 +12,6 @@
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
 use super::{has_avx2, q4_1, q8_0, QMatrix, QType};
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
 /// Which kernels to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +27,6 @@ pub enum Kernel {
 #[derive(Debug, Clone, Copy)]
 pub struct MatmulOptions {
     pub kernel: Kernel,
-    /// Q4_1: accumulate `summs += m·s` with one FMA per block (what GCC emits for
-    /// llama.cpp's x86 build: `-march=native` enables FMA and GNU C contracts by default).
-    /// `false` rounds the product separately; only for experiments.
-    pub summs_fma: bool,
     /// Run on the calling thread only.
     pub single_thread: bool,
 }
@@ -40,7 +35,6 @@ impl Default for MatmulOptions {
     fn default() -> Self {
         Self {
             kernel: Kernel::Auto,
-            summs_fma: true,
             single_thread: false,
         }
     }
@@ -83,28 +77,17 @@ pub fn matmul_with(w: &QMatrix, x: &[f32], n: usize, opts: &MatmulOptions) -> Re
                     q8::quantize_row_q8_1_scalar(xr, o)
                 }
             });
-            let fma = opts.summs_fma;
             drive(w, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2/FMA/F16C checked above; `rows` holds n_rows rows.
-                    unsafe {
-                        if fma {
-                            q4_1::avx2::rows_x_acts::<true>(rows, stride, n_rows, ys, out)
-                        } else {
-                            q4_1::avx2::rows_x_acts::<false>(rows, stride, n_rows, ys, out)
-                        }
-                    }
+                    unsafe { q4_1::avx2::rows_x_acts(rows, stride, n_rows, ys, out) };
                     return;
                 }
                 for r in 0..n_rows {
                     let wr = &rows[r * stride..(r + 1) * stride];
                     for (a, y) in ys.iter().enumerate() {
-                        out[r * ys.len() + a] = if fma {
-                            q4_1::dot_scalar::<true>(wr, y)
-                        } else {
-                            q4_1::dot_scalar::<false>(wr, y)
-                        };
+                        out[r * ys.len() + a] = q4_1::dot_scalar(wr, y);
                     }
                 }
             })
@@ -146,9 +129,9 @@ fn quantize_rows<B: Copy + Send + Sync>(
     let cols = nb * QK;
     let mut acts = vec![zero; n * nb];
     if par && n >= 8 {
-        acts.par_chunks_mut(nb)
-            .zip(x.par_chunks(cols))
-            .for_each(|(o, xr)| f(xr, o));
+        crate::parallel::for_each_chunk_mut(&mut acts, nb, |i, o| {
+            f(&x[i * cols..(i + 1) * cols], o)
+        });
     } else {
         for (o, xr) in acts.chunks_mut(nb).zip(x.chunks(cols)) {
             f(xr, o);
@@ -173,27 +156,26 @@ fn drive<B: Sync>(
     let ys: Vec<&[B]> = acts.chunks(nb).collect();
     // out_t is rows × n (row-major by weight row); transposed to n × rows at the end.
     let mut out_t = vec![0.0f32; rows * n];
-    let threads = rayon::current_num_threads().max(1);
+    let threads = candle_core::utils::get_num_threads().max(1);
     let macs = rows * nb * QK * n;
     if !par || threads == 1 || macs < PAR_MIN_MACS {
         kernel(&w.data[..], stride, rows, &ys, &mut out_t);
     } else {
-        // ~4 chunks per thread for balance, multiples of 4 rows for the mat-vec tile.
+        // ~4 chunks per thread for balance, multiples of 4 rows for the mat-vec tile. The
+        // pool is candle's persistent spinning pool: a decode step runs ~200 of these
+        // products, and waking sleeping rayon workers for each cost more than the math.
         let chunk = rows.div_ceil(threads * 4).next_multiple_of(4).max(4);
-        out_t
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let r0 = c * chunk;
-                let n_rows = o.len() / n;
-                kernel(
-                    &w.data[r0 * stride..(r0 + n_rows) * stride],
-                    stride,
-                    n_rows,
-                    &ys,
-                    o,
-                );
-            });
+        crate::parallel::for_each_chunk_mut(&mut out_t, chunk * n, |c, o| {
+            let r0 = c * chunk;
+            let n_rows = o.len() / n;
+            kernel(
+                &w.data[r0 * stride..(r0 + n_rows) * stride],
+                stride,
+                n_rows,
+                &ys,
+                o,
+            );
+        });
     }
     if n == 1 {
         return out_t;

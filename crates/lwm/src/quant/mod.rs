@@ -1,8 +1,9 @@
 //! Quantized matrix products that reproduce llama.cpp's CPU results bit for bit.
 //!
 //! `matmul(w, x, n)` computes `y = x · Wᵀ` for a GGUF-quantized weight matrix `W` (Q4_1
-//! or Q8_0), quantizing each activation row the way llama.cpp's x86 AVX2 build does
-//! (`q8`: Q8_1 for Q4_1 weights, Q8_0 for Q8_0 weights) and accumulating every dot product
+//! or Q8_0), quantizing each activation row the way llama.cpp's x86 builds do (AVX2 and
+//! AVX-512 builds run the same code for these; `q8`: Q8_1 for Q4_1 weights, Q8_0 for Q8_0
+//! weights) and accumulating every dot product
 //! in the same float order as `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` (see
 //! `q4_1` and `q8_0`). In ggml's mul_mat every output element is one such `vec_dot` over
 //! the whole row, whatever the thread split, so the result depends on neither our thread
@@ -12,7 +13,7 @@
 //! time; both give identical bits.
 //!
 //! `ggml_cpu` holds the other llama.cpp CPU numerics needed to match its greedy output
-//! (RMSNorm, RoPE, SwiGLU, f16 KV flash attention).
+//! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.
 
 pub mod ggml_cpu;
 pub mod matmul;
@@ -54,7 +55,7 @@ pub struct QMatrix {
 
 impl QMatrix {
     pub fn new(dtype: QType, rows: usize, cols: usize, data: Arc<[u8]>) -> Result<Self> {
-        if cols % q8::QK != 0 {
+        if !cols.is_multiple_of(q8::QK) {
             bail!(
                 "quantized matrix: {cols} columns is not a multiple of {}",
                 q8::QK

@@ -9,7 +9,8 @@
 //! ```text
 //!   acc[0..8] = 0 (f32 lanes);  summs = 0 (f32)
 //!   for each block b, in order:
-//!       summs  = fma(m_x, s_y, summs)          // `summs += m*s`: GCC contracts it (-ffp-contract=fast, -mfma)
+//!       summs  = summs + m_x·s_y               // m_x, s_y are f16 values: m_x·s_y is exact in f32,
+//!                                               // so contracting this to an FMA changes nothing
 //!       dd     = d_x · d_y                      // f32 product
 //!       for lane l in 0..8:                     // lane l holds elements 4l..4l+3 (maddubs + madd)
 //!           acc[l] = fma(dd, float(Σ_{e=4l}^{4l+3} q_x[e]·q_y[e]), acc[l])
@@ -18,8 +19,6 @@
 //!
 //! The integer lane sums are exact, so only the f32 operations above need to be in this
 //! order; both the scalar and the AVX2 kernels below follow it, so they agree bit for bit.
-//! (`SUMMS_FMA = false` selects a separately rounded `summs += m*s`, for experiments on
-//! how the reference was compiled.)
 
 use super::q8::{BlockQ8_1, QK};
 use super::{f16_bits_to_f32, hsum8};
@@ -47,17 +46,13 @@ pub fn dequantize_row(row: &[u8], out: &mut [f32]) {
 }
 
 /// Scalar dot of one Q4_1 row with one Q8_1 row.
-pub fn dot_scalar<const SUMMS_FMA: bool>(w: &[u8], y: &[BlockQ8_1]) -> f32 {
+pub fn dot_scalar(w: &[u8], y: &[BlockQ8_1]) -> f32 {
     debug_assert_eq!(w.len(), y.len() * BLOCK_BYTES);
     let mut acc = [0.0f32; 8];
     let mut summs = 0.0f32;
     for (b, yb) in w.chunks_exact(BLOCK_BYTES).zip(y) {
         let (d, m) = block_dm(b);
-        summs = if SUMMS_FMA {
-            m.mul_add(yb.s, summs)
-        } else {
-            summs + m * yb.s
-        };
+        summs += m * yb.s;
         let dd = d * yb.d;
         for (l, a) in acc.iter_mut().enumerate() {
             let mut isum = 0i32;
@@ -117,7 +112,8 @@ pub(crate) mod avx2 {
     /// `WR` consecutive weight rows (row stride `stride` bytes, starting at `w`) against
     /// `AR` activation rows; `out[r][a]` receives dot(w_r, y_a).
     #[inline(always)]
-    unsafe fn tile<const WR: usize, const AR: usize, const SUMMS_FMA: bool>(
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const WR: usize, const AR: usize>(
         w: *const u8,
         stride: usize,
         ys: [&[BlockQ8_1]; AR],
@@ -133,11 +129,7 @@ pub(crate) mod avx2 {
                 let qx = nibbles(p);
                 for a in 0..AR {
                     let yb = ys[a].get_unchecked(b);
-                    summs[r][a] = if SUMMS_FMA {
-                        m.mul_add(yb.s, summs[r][a])
-                    } else {
-                        summs[r][a] + m * yb.s
-                    };
+                    summs[r][a] += m * yb.s;
                     let dd = _mm256_set1_ps(d * yb.d);
                     acc[r][a] = _mm256_fmadd_ps(dd, lane_sums(qx, yb), acc[r][a]);
                 }
@@ -153,7 +145,7 @@ pub(crate) mod avx2 {
     /// Rows `rows` of the weight matrix (`w` = first byte of row `rows.start`) against
     /// every activation row in `ys`; `out[(r - rows.start) * n + a]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows_x_acts<const SUMMS_FMA: bool>(
+    pub unsafe fn rows_x_acts(
         w: &[u8],
         stride: usize,
         n_rows: usize,
@@ -170,7 +162,7 @@ pub(crate) mod avx2 {
             let mut r = 0;
             while r + 4 <= n_rows {
                 let mut o = [[0.0f32; 1]; 4];
-                tile::<4, 1, SUMMS_FMA>(wp.add(r * stride), stride, [y], &mut o);
+                tile::<4, 1>(wp.add(r * stride), stride, [y], &mut o);
                 for k in 0..4 {
                     out[r + k] = o[k][0];
                 }
@@ -178,7 +170,7 @@ pub(crate) mod avx2 {
             }
             while r < n_rows {
                 let mut o = [[0.0f32; 1]; 1];
-                tile::<1, 1, SUMMS_FMA>(wp.add(r * stride), stride, [y], &mut o);
+                tile::<1, 1>(wp.add(r * stride), stride, [y], &mut o);
                 out[r] = o[0][0];
                 r += 1;
             }
@@ -191,18 +183,13 @@ pub(crate) mod avx2 {
             let mut a = 0;
             while a + 4 <= n {
                 let mut o = [[0.0f32; 4]; 1];
-                tile::<1, 4, SUMMS_FMA>(
-                    wr,
-                    stride,
-                    [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]],
-                    &mut o,
-                );
+                tile::<1, 4>(wr, stride, [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]], &mut o);
                 orow[a..a + 4].copy_from_slice(&o[0]);
                 a += 4;
             }
             while a < n {
                 let mut o = [[0.0f32; 1]; 1];
-                tile::<1, 1, SUMMS_FMA>(wr, stride, [ys[a]], &mut o);
+                tile::<1, 1>(wr, stride, [ys[a]], &mut o);
                 orow[a] = o[0][0];
                 a += 1;
             }

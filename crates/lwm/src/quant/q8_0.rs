@@ -83,6 +83,7 @@ pub(crate) mod avx2 {
     }
 
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const WR: usize, const AR: usize>(
         w: *const u8,
         stride: usize,
@@ -124,21 +125,13 @@ pub(crate) mod avx2 {
         debug_assert_eq!(out.len(), n_rows * n);
         let wp = w.as_ptr();
         if n == 1 {
+            // Mat-vec: one weight row at a time streams fastest here (measured: sharing the
+            // activation loads between 4 rows was ~1.5x slower on this 34-byte format).
             let y = ys[0];
-            let mut r = 0;
-            while r + 4 <= n_rows {
-                let mut o = [[0.0f32; 1]; 4];
-                tile::<4, 1>(wp.add(r * stride), stride, [y], &mut o);
-                for k in 0..4 {
-                    out[r + k] = o[k][0];
-                }
-                r += 4;
-            }
-            while r < n_rows {
-                let mut o = [[0.0f32; 1]; 1];
-                tile::<1, 1>(wp.add(r * stride), stride, [y], &mut o);
-                out[r] = o[0][0];
-                r += 1;
+            for (r, o) in out.iter_mut().enumerate() {
+                let mut t = [[0.0f32; 1]; 1];
+                tile::<1, 1>(wp.add(r * stride), stride, [y], &mut t);
+                *o = t[0][0];
             }
             return;
         }
