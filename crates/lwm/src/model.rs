@@ -38,6 +38,9 @@ pub enum Numerics {
     Ggml,
 }
 
+/// Query rows from which llama.cpp's CPU flash attention takes its tiled f32 path.
+const GGML_TILED_ATTENTION_ROWS: usize = 64;
+
 /// Tunables of the forward pass. Only `numerics` changes results beyond float rounding.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardOptions {
@@ -350,16 +353,23 @@ impl Model {
                 ggml_cpu::round_to_f16(&mut k);
                 ggml_cpu::round_to_f16(&mut v);
                 cache.append(li, &k, &v, n);
-                ggml_cpu::flash_attn_ext_f16(
-                    &q,
-                    n,
-                    pos0,
-                    nh,
-                    hd,
-                    &cache.view(li),
-                    1.0 / (hd as f32).sqrt(),
-                    &fa,
-                )
+                if n >= GGML_TILED_ATTENTION_ROWS {
+                    // llama.cpp itself switches to a tiled f32 path for batches this large,
+                    // so the f16-accumulator emulation buys no parity here: use the
+                    // blockwise primitive on the f16-rounded cache.
+                    causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking)
+                } else {
+                    ggml_cpu::flash_attn_ext_f16(
+                        &q,
+                        n,
+                        pos0,
+                        nh,
+                        hd,
+                        &cache.view(li),
+                        1.0 / (hd as f32).sqrt(),
+                        &fa,
+                    )
+                }
             } else {
                 cache.append(li, &k, &v, n);
                 causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking)

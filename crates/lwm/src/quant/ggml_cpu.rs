@@ -209,7 +209,8 @@ pub fn v_expf_avx512(x: f32) -> f32 {
         return if n <= 0.0 { f32::INFINITY } else { 0.0 };
     }
     // j·2ⁿ with a single rounding (exact unless the result is subnormal)
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    // (|n| <= 192 here, so 2ⁿ is a normal f64 built directly from its exponent bits).
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 /// `ggml_v_expf` of the given build.
