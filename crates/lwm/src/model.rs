@@ -387,7 +387,7 @@ impl Model {
                 let gate = layer.w_gate.forward(&hn, rows, opts)?;
                 let up = layer.w_up.forward(&hn, rows, opts)?;
                 let act: Vec<f32> = if ggml {
-                    ggml_cpu::swiglu(&gate, &up, Isa::REFERENCE)
+                    ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
                 } else {
                     gate.iter()
                         .zip(&up)

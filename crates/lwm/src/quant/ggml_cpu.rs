@@ -165,6 +165,7 @@ pub fn rope_norm(
 /// shifter), `b = x − n·ln2` in two parts, a degree-5 polynomial `j`, result `k + k·j` with
 /// `k = 2ⁿ` built in the exponent bits, and a two-factor scaling when |n| > 126. Each
 /// `_mm256_fmadd_ps` / `_mm256_fnmadd_ps` of the original is one `mul_add` here.
+#[inline(always)]
 pub fn v_expf_avx2(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000); // 0x1.8p23
@@ -193,6 +194,7 @@ pub fn v_expf_avx2(x: f32) -> f32 {
 
 /// ggml's AVX-512 `ggml_v_expf` for one lane: same reduction and polynomial, but the last
 /// term is `fma(c1, b, 1)` and the result `_mm512_scalef_ps(j, n) = j·2ⁿ`.
+#[inline(always)]
 pub fn v_expf_avx512(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000);
@@ -214,6 +216,7 @@ pub fn v_expf_avx512(x: f32) -> f32 {
 }
 
 /// `ggml_v_expf` of the given build.
+#[inline(always)]
 pub fn v_expf(x: f32, isa: Isa) -> f32 {
     match isa {
         Isa::Avx2 => v_expf_avx2(x),
@@ -222,26 +225,49 @@ pub fn v_expf(x: f32, isa: Isa) -> f32 {
 }
 
 /// ggml's SIMD `ggml_v_silu`: `x / (1 + v_expf(0 − x))`.
+#[inline(always)]
 pub fn v_silu(x: f32, isa: Isa) -> f32 {
     x / (1.0 + v_expf(0.0 - x, isa))
 }
 
-/// `ggml_vec_swiglu_f32`: `silu(g_i)·u_i` (SIMD body over whole vectors of 8 / 16 lanes;
-/// a tail would use libm `expf`, as ggml's scalar leftover loop does).
-pub fn swiglu(gate: &[f32], up: &[f32], isa: Isa) -> Vec<f32> {
+/// `ggml_vec_swiglu_f32`: `silu(g_i)·u_i` per row of `row` values (SIMD body over whole
+/// vectors of 8 / 16 lanes; a row's tail would use libm `expf`, as ggml's scalar leftover
+/// loop does). Rows run in parallel.
+pub fn swiglu(gate: &[f32], up: &[f32], row: usize, isa: Isa) -> Vec<f32> {
+    let mut out = vec![0.0f32; gate.len()];
+    crate::parallel::for_each_chunk_mut(&mut out, row, |r, o| {
+        let (g, u) = (
+            &gate[r * row..r * row + o.len()],
+            &up[r * row..r * row + o.len()],
+        );
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2() {
+            // SAFETY: FMA detected; same arithmetic, `mul_add` becomes one instruction.
+            unsafe { swiglu_row_fma(g, u, o, isa) };
+            return;
+        }
+        swiglu_row(g, u, o, isa);
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn swiglu_row_fma(g: &[f32], u: &[f32], o: &mut [f32], isa: Isa) {
+    swiglu_row(g, u, o, isa)
+}
+
+#[inline(always)]
+fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32], isa: Isa) {
     let w = if isa == Isa::Avx2 { 8 } else { 16 };
-    let nv = gate.len() / w * w;
-    gate.iter()
-        .zip(up)
-        .enumerate()
-        .map(|(i, (&g, &u))| {
-            if i < nv {
-                v_silu(g, isa) * u
-            } else {
-                g / (1.0 + (-g).exp()) * u
-            }
-        })
-        .collect()
+    let nv = g.len() / w * w;
+    for (i, ((o, &g), &u)) in o.iter_mut().zip(g).zip(u).enumerate() {
+        *o = if i < nv {
+            v_silu(g, isa) * u
+        } else {
+            g / (1.0 + (-g).exp()) * u
+        };
+    }
 }
 
 // ---------------------------------------------------------------- f16 dot
