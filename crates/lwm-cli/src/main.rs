@@ -11,7 +11,6 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 mod bench;
 
@@ -588,9 +587,4 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-}
-
-#[allow(dead_code)]
-fn elapsed(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64()
 }

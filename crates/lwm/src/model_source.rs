@@ -82,16 +82,7 @@ pub fn resolve_hub_cache(repo: &str) -> Result<ModelLocation> {
     let Some((org, name)) = repo.split_once('/') else {
         bail!("hf:{repo}: expected hf:ORG/NAME");
     };
-    let cache = if let Some(c) = std::env::var_os("HF_HUB_CACHE") {
-        PathBuf::from(c)
-    } else if let Some(h) = std::env::var_os("HF_HOME") {
-        PathBuf::from(h).join("hub")
-    } else {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        home.join(".cache/huggingface/hub")
-    };
+    let cache = hub_cache_dir();
     let repo_dir = cache.join(format!("models--{org}--{name}"));
     if !repo_dir.is_dir() {
         bail!(
