@@ -442,3 +442,88 @@ impl Model {
         Ok(logits)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every GGUF weight type the engine accepts gives `x Wᵀ` within its quantization error,
+    /// for a decode-sized and a prefill-sized batch (the two code paths of `Linear`).
+    #[test]
+    fn every_supported_quantization_multiplies_correctly() {
+        let (out_dim, in_dim) = (48, 512);
+        let w = rand_vec(out_dim * in_dim, 1);
+        let wt = Tensor::from_slice(&w, (out_dim, in_dim), &Device::Cpu).unwrap();
+        let cases = [
+            (GgmlDType::F16, 2e-3),
+            (GgmlDType::BF16, 2e-2),
+            (GgmlDType::Q8_0, 3e-2),
+            (GgmlDType::Q4_0, 0.25),
+            (GgmlDType::Q4_1, 0.2),
+            (GgmlDType::Q5_0, 0.25),
+            (GgmlDType::Q5_1, 0.2),
+            (GgmlDType::Q4K, 0.25),
+            (GgmlDType::Q5K, 0.15),
+            (GgmlDType::Q6K, 0.08),
+        ];
+        let opts = ForwardOptions::default();
+        for (dtype, tol) in cases {
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let weight = match dtype {
+                GgmlDType::F16 | GgmlDType::BF16 => {
+                    Weight::Dense(q.dequantize(&Device::Cpu).unwrap())
+                }
+                _ => Weight::Quant(Arc::new(q)),
+            };
+            let lin = Linear::from_weight(weight, "w", out_dim, in_dim, "test").unwrap();
+            for n in [1, 40] {
+                let x = rand_vec(n * in_dim, 7 + n as u64);
+                let y = lin.forward(&x, n, &opts).unwrap();
+                for r in 0..n {
+                    for o in 0..out_dim {
+                        let terms = (0..in_dim).map(|i| x[r * in_dim + i] * w[o * in_dim + i]);
+                        let exact: f32 = terms.clone().sum();
+                        // Rounding errors of the terms add up like a random walk.
+                        let scale = terms.map(|t| t * t).sum::<f32>().sqrt();
+                        let got = y[r * out_dim + o];
+                        assert!(
+                            (got - exact).abs() < tol * scale,
+                            "{dtype:?} n={n}: {got} vs {exact} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_weight_shape_is_named() {
+        let wt = Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = Linear::from_weight(
+            Weight::Dense(wt),
+            "model.layers.0.mlp.up_proj.weight",
+            8,
+            4,
+            "m.gguf",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("m.gguf") && e.contains("up_proj") && e.contains("[4, 8]"),
+            "{e}"
+        );
+    }
+}
