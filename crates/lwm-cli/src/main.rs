@@ -359,16 +359,14 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         req.prefill_chunk = a.model.prefill_chunk;
         req.on_prefill = prefill_bar(req.prompt_ids.len());
         stop_flag.store(false, Ordering::SeqCst);
-        // The cache keeps earlier turns: only the new part of the prompt is prefilled.
+        // The cache keeps earlier turns: only the part of the prompt it does not already
+        // hold (checked token by token) is prefilled.
         let out = engine.generate_with_cache(
             &req,
             &mut cache,
             &mut stream_to_stdout(stop_flag.clone()),
         )?;
         println!();
-        // The cache holds prompt + answer; the next prompt re-renders the answer, so keep
-        // only what is certainly shared.
-        cache.truncate(req.prompt_ids.len());
         messages.push(ChatMessage::assistant(out.text.trim().to_string()));
         Ok(())
     };

@@ -236,8 +236,8 @@ impl Engine {
         self.generate_with_cache(req, &mut cache, on_text)
     }
 
-    /// Generate, reusing whatever prefix of the prompt `cache` already holds (the cache is
-    /// truncated to the longest common prefix first).
+    /// Generate, reusing the longest prefix of the prompt that `cache` already holds (the
+    /// cache is cut back to that prefix first, so a cache from any earlier request is safe).
     pub fn generate_with_cache(
         &self,
         req: &GenerateRequest,
@@ -256,8 +256,9 @@ impl Engine {
         }
         let mut sampler = Sampler::new(req.sampling.clone())?;
         let t0 = Instant::now();
-        // Keep cached tokens the prompt starts with; at least one token must be run to get logits.
-        let reuse = cache.len().min(n_prompt - 1);
+        // Keep the cached tokens the prompt starts with (checked id by id); at least one
+        // prompt token must run to produce logits.
+        let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
         cache.truncate(reuse);
         let mut logits = self.model.prefill(
             &req.prompt_ids[reuse..],

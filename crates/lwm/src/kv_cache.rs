@@ -13,7 +13,8 @@ pub struct LayerKv {
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     pub head_dim: usize,
-    len: usize,
+    /// The token ids whose keys/values are held, in order: what makes reuse safe.
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
@@ -25,17 +26,17 @@ impl KvCache {
         Self {
             layers: vec![layer; n_layers],
             head_dim,
-            len: 0,
+            tokens: Vec::new(),
         }
     }
 
     /// Tokens held.
     pub fn len(&self) -> usize {
-        self.len
+        self.tokens.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.tokens.is_empty()
     }
 
     /// Append n rows of K and V (n × n_kv·d, as the projections produced them) to `layer`.
@@ -55,9 +56,23 @@ impl KvCache {
         }
     }
 
-    /// Mark n more tokens as held (after every layer appended them).
-    pub fn advance(&mut self, n: usize) {
-        self.len += n;
+    /// Record `ids` as held (after every layer appended their keys/values).
+    pub fn commit(&mut self, ids: &[u32]) {
+        self.tokens.extend_from_slice(ids);
+    }
+
+    /// The token ids held.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// How many leading tokens of `ids` the cache already holds.
+    pub fn common_prefix(&self, ids: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     pub fn view(&self, layer: usize) -> KvView<'_> {
@@ -78,7 +93,7 @@ impl KvCache {
                 b.truncate(len * d);
             }
         }
-        self.len = self.len.min(len);
+        self.tokens.truncate(len);
     }
 
     pub fn clear(&mut self) {

@@ -297,6 +297,21 @@ impl Model {
     /// keys/values to `cache`, and return logits: of the last token (vocab), or of every
     /// token (n × vocab) when `all_logits`.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
+        let pos0 = cache.len();
+        let out = self.forward_inner(ids, cache, all_logits);
+        if out.is_err() {
+            // Never leave layers holding keys of tokens the cache does not list.
+            cache.truncate(pos0);
+        }
+        out
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = ids.len();
         if n == 0 {
@@ -400,7 +415,7 @@ impl Model {
                 }
             }
         }
-        cache.advance(n);
+        cache.commit(ids);
         let rows = if all_logits {
             &x[..]
         } else {

@@ -127,4 +127,19 @@ fn stop_strings_and_cache_reuse() {
         .unwrap();
     assert_eq!(second.reused_tokens, ids.len() - 1);
     assert_eq!(second.text, first.text);
+    // A different question after the same system prompt: only the shared tokens are
+    // reused, and the answer equals a fresh run's.
+    let (_, other) = engine
+        .chat_prompt(&[ChatMessage::user("What is the capital of Italy?")])
+        .unwrap();
+    let shared = ids.iter().zip(&other).take_while(|(a, b)| a == b).count();
+    assert!(shared > 10 && shared < ids.len() - 1);
+    let mut req2 = GenerateRequest::new(other, 16, SamplingParams::greedy());
+    req2.stop = req.stop.clone();
+    let reused = engine
+        .generate_with_cache(&req2, &mut cache, &mut |_| true)
+        .unwrap();
+    assert_eq!(reused.reused_tokens, shared);
+    let fresh = engine.generate(&req2, &mut |_| true).unwrap();
+    assert_eq!(reused.ids, fresh.ids);
 }
