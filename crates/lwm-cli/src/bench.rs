@@ -53,15 +53,10 @@ fn cpu_pressure() -> String {
 }
 
 fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = lwm::rng::XorShift::new(seed);
+    // Skip the first 256 ids (special and byte tokens in most vocabularies).
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // Skip the first 256 ids (special and byte tokens in most vocabularies).
-            (256 + (s % (vocab as u64 - 256)) as usize) as u32
-        })
+        .map(|_| (256 + rng.next_u64() % (vocab as u64 - 256)) as u32)
         .collect()
 }
 

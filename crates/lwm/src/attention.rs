@@ -412,16 +412,7 @@ mod tests {
     use super::*;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        // xorshift: deterministic, no dependency on the rand crate's stream stability.
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect()
+        crate::rng::XorShift::new(seed).vec(n, -2.0, 2.0)
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {

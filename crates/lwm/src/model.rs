@@ -464,15 +464,7 @@ mod tests {
     use candle_core::quantized::GgmlDType;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::rng::XorShift::new(seed).vec(n, -1.0, 1.0)
     }
 
     /// Every GGUF weight type the engine accepts gives `x Wᵀ` within its quantization error,
