@@ -82,6 +82,16 @@ pub struct ModelArgs {
     /// `exact` (f32 throughout, blockwise attention; default for other formats).
     #[arg(long)]
     pub numerics: Option<String>,
+    /// KV cache element type: f32, f16, bf16, q8_0, q4_0, or `K,V` (e.g. q8_0,f16).
+    /// Default: f16 with ggml numerics (llama.cpp's default), f32 with exact numerics.
+    #[arg(long)]
+    pub kv_type: Option<String>,
+    /// KV cache type of the keys only (overrides --kv-type for keys).
+    #[arg(long)]
+    pub kv_type_k: Option<String>,
+    /// KV cache type of the values only (overrides --kv-type for values).
+    #[arg(long)]
+    pub kv_type_v: Option<String>,
     /// Worker threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
@@ -122,7 +132,19 @@ impl ModelArgs {
                 ..Default::default()
             },
         };
-        Engine::load(&self.model, &opts)
+        let mut engine = Engine::load(&self.model, &opts)?;
+        let mut kv = match &self.kv_type {
+            Some(t) => lwm::kv_cache::KvTypes::parse(t)?,
+            None => engine.model.options.kv_types(),
+        };
+        if let Some(k) = &self.kv_type_k {
+            kv.k = lwm::quant::kv::KvType::parse(k)?;
+        }
+        if let Some(v) = &self.kv_type_v {
+            kv.v = lwm::quant::kv::KvType::parse(v)?;
+        }
+        engine.model.set_kv_types(kv)?;
+        Ok(engine)
     }
 }
 
@@ -485,22 +507,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     let engine = a.model.load()?;
     let c = engine.config();
     let context = a.context.unwrap_or(c.max_sequence_length);
-    let weights = engine.model.weight_bytes() as f64;
-    let kv = c.kv_bytes_per_token(4.0) * context as f64;
-    // Live activations of one prefill chunk: residual, norms, q/k/v/o, FFN, one logits row,
-    // plus one attention score row per worker thread.
-    let chunk = a.model.prefill_chunk.min(context) as f64;
-    let q_dim = (c.num_attention_heads * c.head_dim) as f64;
-    let kv_dim = (c.num_key_value_heads * c.head_dim) as f64;
-    let act = 4.0
-        * (chunk
-            * (3.0 * c.hidden_size as f64
-                + 2.0 * q_dim
-                + 2.0 * kv_dim
-                + 3.0 * c.intermediate_size as f64)
-            + c.vocab_size as f64
-            + (a.model.scan_key_chunk_size as f64) * 64.0);
-    let total = weights + kv + act;
+    let plan = engine.memory_plan(context, a.model.prefill_chunk);
     if a.json {
         let v = serde_json::json!({
             "model": engine.location.path(),
@@ -510,7 +517,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
             "file_bytes": engine.file_bytes,
             "tokenizer": engine.tokenizer.kind(),
             "chat_template": engine.chat_template.is_some(),
-            "memory": {"context": context, "weights_bytes": weights, "kv_cache_bytes": kv, "activation_bytes": act, "total_bytes": total, "kv_type": "f32"},
+            "memory": {"context": context, "weights_bytes": plan.weights_bytes, "kv_cache_bytes": plan.kv_bytes, "activation_bytes": plan.activation_bytes, "scratch_bytes": plan.scratch_bytes, "total_bytes": plan.total_bytes(), "kv_type": plan.kv_types.name(), "available_bytes": lwm::memory_plan::available_memory().map(|a| a.bytes)},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -549,13 +556,16 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
             "none"
         }
     );
-    println!(
-        "memory @ {context} tokens: weights {} + KV cache (f32) {} + activations {} = {}",
-        human(weights),
-        human(kv),
-        human(act),
-        human(total)
-    );
+    println!("memory @ {context} tokens: {}", plan.describe());
+    if let Some(avail) = lwm::memory_plan::available_memory() {
+        let fits = plan.check_fits(0, &avail).is_ok();
+        println!(
+            "available      {} ({}): {}",
+            human(avail.bytes as f64),
+            avail.source,
+            if fits { "fits" } else { "does NOT fit" }
+        );
+    }
     if context > c.max_sequence_length {
         println!(
             "note: {context} tokens is beyond the model's max sequence length {}",

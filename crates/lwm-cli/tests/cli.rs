@@ -261,7 +261,16 @@ fn tokenize_json_matches_llama_cpp() {
 #[test]
 fn info_reports_the_default_model() {
     let Some(model) = default_model() else { return };
-    let out = lwm(&["info", "--model", &model, "--context", "8192", "--json"]);
+    let out = lwm(&[
+        "info",
+        "--model",
+        &model,
+        "--context",
+        "8192",
+        "--kv-type",
+        "f32",
+        "--json",
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -17,6 +17,8 @@
 //! `attend_block` + `merge`; memory stays linear in sequence length because no score
 //! matrix larger than one tile ever exists.
 
+use crate::quant::kv::KvType;
+
 /// Which (query, key) pairs may attend. Positions are absolute sequence positions.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockMask<'a> {
@@ -354,6 +356,134 @@ pub fn causal_attention(
         for (i, row) in o.chunks_exact(d).enumerate() {
             let dst = (r0 + i) * width + h * d;
             out[dst..dst + d].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// Keys and values of one attention layer stored in a KV element type: per KV head,
+/// `len` consecutive rows of `k_type.row_bytes(d)` / `v_type.row_bytes(d)` bytes.
+pub struct QuantKvView<'a> {
+    pub k: Vec<&'a [u8]>,
+    pub v: Vec<&'a [u8]>,
+    pub k_type: KvType,
+    pub v_type: KvType,
+    pub d: usize,
+    pub len: usize,
+}
+
+impl QuantKvView<'_> {
+    /// Decode rows `lo..hi` of KV head `h` into `k_out`, `v_out` ((hi-lo) × d each).
+    pub fn decode_block(
+        &self,
+        h: usize,
+        lo: usize,
+        hi: usize,
+        k_out: &mut Vec<f32>,
+        v_out: &mut Vec<f32>,
+    ) {
+        let d = self.d;
+        let (kb, vb) = (self.k_type.row_bytes(d), self.v_type.row_bytes(d));
+        k_out.resize((hi - lo) * d, 0.0);
+        v_out.resize((hi - lo) * d, 0.0);
+        self.k_type
+            .decode_rows(&self.k[h][lo * kb..hi * kb], d, k_out);
+        self.v_type
+            .decode_rows(&self.v[h][lo * vb..hi * vb], d, v_out);
+    }
+}
+
+/// `causal_attention` over a typed cache. Work is tiled per (KV head, query chunk): each
+/// key block is decoded once per tile into f32 (`decode_block`, SIMD where present) and
+/// attended by every query head of the GQA group, so the cache is read at its stored
+/// width and no f32 copy larger than one block exists. Decode (one query row) splits the
+/// keys per (KV head, key chunk) and merges the partials.
+pub fn causal_attention_quant(
+    q: &[f32],
+    nq: usize,
+    q_pos0: usize,
+    n_heads: usize,
+    d: usize,
+    kv: &QuantKvView,
+    chunking: Chunking,
+) -> Vec<f32> {
+    let n_kv = kv.k.len();
+    let group = n_heads / n_kv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let width = n_heads * d;
+    let qc = chunking.query_chunk.max(1);
+    let kc = chunking.key_chunk.max(1);
+    let mut out = vec![0.0f32; nq * width];
+    let k_end = kv.len.min(q_pos0 + nq);
+
+    // Partials of the `group` query heads of KV head `g` for query rows r0.. against keys
+    // k_lo..k_hi.
+    let run_tile = |g: usize, r0: usize, rows: usize, k_lo: usize, k_hi: usize| -> Vec<Partial> {
+        let mut states: Vec<Partial> = (0..group).map(|_| Partial::new(rows, d)).collect();
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+        let mut k0 = k_lo;
+        while k0 < k_hi {
+            let k1 = (k0 + kc).min(k_hi);
+            let mask = BlockMask::causal(q_pos0 + r0, k0);
+            if !mask.tile_is_masked(rows, k1 - k0) {
+                kv.decode_block(g, k0, k1, &mut kbuf, &mut vbuf);
+                for (j, st) in states.iter_mut().enumerate() {
+                    let h = g * group + j;
+                    attend_block(
+                        &q[r0 * width + h * d..],
+                        width,
+                        &kbuf,
+                        &vbuf,
+                        scale,
+                        &mask,
+                        st,
+                    );
+                }
+            }
+            k0 = k1;
+        }
+        states
+    };
+
+    if nq == 1 {
+        let splits = k_end.div_ceil(kc).max(1);
+        let parts: Vec<Vec<Partial>> = crate::parallel::map(n_kv * splits, |i| {
+            let (g, s) = (i / splits, i % splits);
+            let lo = s * kc;
+            let hi = ((s + 1) * kc).min(k_end);
+            run_tile(g, 0, 1, lo, hi.max(lo))
+        });
+        for (g, head_parts) in parts.chunks(splits).enumerate() {
+            for j in 0..group {
+                let mut merged = Partial::new(1, d);
+                for p in head_parts {
+                    merged.merge(&p[j]);
+                }
+                let h = g * group + j;
+                merged.finish_into(&mut out[h * d..(h + 1) * d]);
+            }
+        }
+        return out;
+    }
+
+    let tiles: Vec<(usize, usize)> = (0..n_kv)
+        .flat_map(|g| (0..nq).step_by(qc).map(move |r| (g, r)))
+        .collect();
+    let results: Vec<Vec<Partial>> = crate::parallel::map(tiles.len(), |t| {
+        let (g, r0) = tiles[t];
+        let rows = qc.min(nq - r0);
+        run_tile(g, r0, rows, 0, k_end.min(q_pos0 + r0 + rows))
+    });
+    let mut o = Vec::new();
+    for (&(g, r0), states) in tiles.iter().zip(&results) {
+        for (j, st) in states.iter().enumerate() {
+            let h = g * group + j;
+            o.resize(st.rows() * d, 0.0);
+            st.finish_into(&mut o);
+            for (i, row) in o.chunks_exact(d).enumerate() {
+                let dst = (r0 + i) * width + h * d;
+                out[dst..dst + d].copy_from_slice(row);
+            }
         }
     }
     out

@@ -3,7 +3,8 @@
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{lwm_preset, ModelConfig};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvTypes};
+use crate::memory_plan::MemoryPlan;
 use crate::model::{ForwardOptions, Model, Numerics};
 use crate::model_source::{resolve, ModelLocation};
 use crate::sampling::{Sampler, SamplingParams};
@@ -221,6 +222,24 @@ impl Engine {
         Ok((text, ids))
     }
 
+    /// Memory a run of `context` tokens needs with this model (`lwm info`, and the check
+    /// every generation makes before it allocates).
+    pub fn memory_plan(&self, context: usize, prefill_chunk: usize) -> MemoryPlan {
+        self.memory_plan_for(context, prefill_chunk, self.model.options.kv_types())
+    }
+
+    fn memory_plan_for(&self, context: usize, prefill_chunk: usize, kv: KvTypes) -> MemoryPlan {
+        MemoryPlan::new(
+            &self.model.config,
+            self.model.weight_bytes() as u64,
+            context,
+            kv,
+            &self.model.options,
+            prefill_chunk,
+            crate::memory_plan::worker_threads(),
+        )
+    }
+
     /// Context length in effect.
     pub fn context_length(&self) -> usize {
         self.model.config.max_sequence_length
@@ -260,6 +279,13 @@ impl Engine {
         // prompt token must run to produce logits.
         let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
         cache.truncate(reuse);
+        // Refuse before the cache grows or activations exist when the run cannot fit.
+        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
+        if let Some(avail) = crate::memory_plan::available_memory() {
+            self.memory_plan_for(total, req.prefill_chunk, cache.types)
+                .check_fits(cache.bytes() as u64, &avail)?;
+        }
+        cache.reserve_total(total);
         let mut logits = self.model.prefill(
             &req.prompt_ids[reuse..],
             cache,

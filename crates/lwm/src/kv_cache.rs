@@ -1,24 +1,98 @@
-//! Key/value cache: per layer, per KV head, one contiguous (len × head_dim) f32 buffer, so a
-//! key block is a plain slice the attention primitive reads directly.
+//! Key/value cache: per layer, per KV head, one contiguous buffer of rows stored in the
+//! cache's element type (`KvType`: f32, f16, bf16, q8_0, q4_0; keys and values may differ),
+//! so the attention driver reads a key block as one slice of stored rows and decodes it
+//! tile by tile.
 
-use crate::attention::KvView;
+use crate::attention::{KvView, QuantKvView};
+use crate::quant::kv::KvType;
+use anyhow::{bail, Result};
+
+/// Element types of keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+}
+
+impl KvTypes {
+    pub const F32: KvTypes = KvTypes::same(KvType::F32);
+    pub const F16: KvTypes = KvTypes::same(KvType::F16);
+
+    pub const fn same(t: KvType) -> Self {
+        Self { k: t, v: t }
+    }
+
+    /// `T` (both) or `K,V` (e.g. `q8_0,f16`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once(',') {
+            None => Ok(Self::same(KvType::parse(s)?)),
+            Some((k, v)) => Ok(Self {
+                k: KvType::parse(k)?,
+                v: KvType::parse(v)?,
+            }),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        if self.k == self.v {
+            self.k.name().to_string()
+        } else {
+            format!("{},{}", self.k.name(), self.v.name())
+        }
+    }
+
+    /// Bytes one token occupies in one layer's one KV head (its key row plus value row).
+    pub fn row_pair_bytes(&self, head_dim: usize) -> usize {
+        self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim)
+    }
+
+    /// Check the head dimension suits both types.
+    pub fn check_dim(&self, head_dim: usize) -> Result<()> {
+        for t in [self.k, self.v] {
+            if !t.supports_dim(head_dim) {
+                bail!(
+                    "KV cache type {} needs a head dimension that is a multiple of 32, this model has {head_dim}",
+                    t.name()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stored f32 rows as f32 (little-endian machines, aligned buffers).
+fn as_f32(b: &[u8]) -> Option<&[f32]> {
+    // SAFETY: every bit pattern is a valid f32; alignment and length are checked.
+    let (pre, mid, post) = unsafe { b.align_to::<f32>() };
+    (pre.is_empty() && post.is_empty() && cfg!(target_endian = "little")).then_some(mid)
+}
 
 #[derive(Debug, Clone)]
 pub struct LayerKv {
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    /// Per KV head: len stored key rows.
+    pub k: Vec<Vec<u8>>,
+    /// Per KV head: len stored value rows.
+    pub v: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     pub head_dim: usize,
+    pub types: KvTypes,
     /// The token ids whose keys/values are held, in order: what makes reuse safe.
     tokens: Vec<u32>,
 }
 
 impl KvCache {
+    /// An f32 cache.
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self::with_types(n_layers, n_kv_heads, head_dim, KvTypes::F32)
+    }
+
+    /// A cache storing keys and values as `types` (the head dim must suit them:
+    /// `KvTypes::check_dim`).
+    pub fn with_types(n_layers: usize, n_kv_heads: usize, head_dim: usize, types: KvTypes) -> Self {
         let layer = LayerKv {
             k: vec![Vec::new(); n_kv_heads],
             v: vec![Vec::new(); n_kv_heads],
@@ -26,6 +100,7 @@ impl KvCache {
         Self {
             layers: vec![layer; n_layers],
             head_dim,
+            types,
             tokens: Vec::new(),
         }
     }
@@ -39,19 +114,43 @@ impl KvCache {
         self.tokens.is_empty()
     }
 
-    /// Append n rows of K and V (n × n_kv·d, as the projections produced them) to `layer`.
+    /// Reserve room for `tokens` tokens in total, so growth never doubles a buffer.
+    pub fn reserve_total(&mut self, tokens: usize) {
+        let (kb, vb) = (
+            self.types.k.row_bytes(self.head_dim),
+            self.types.v.row_bytes(self.head_dim),
+        );
+        for l in &mut self.layers {
+            for b in &mut l.k {
+                b.reserve_exact((tokens * kb).saturating_sub(b.len()));
+            }
+            for b in &mut l.v {
+                b.reserve_exact((tokens * vb).saturating_sub(b.len()));
+            }
+        }
+    }
+
+    /// Append n rows of K and V (n × n_kv·d, as the projections produced them) to `layer`,
+    /// encoded in the cache's types.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) {
         let d = self.head_dim;
+        let types = self.types;
+        let (kb, vb) = (types.k.row_bytes(d), types.v.row_bytes(d));
         let lk = &mut self.layers[layer];
         let n_kv = lk.k.len();
         for h in 0..n_kv {
             let (kh, vh) = (&mut lk.k[h], &mut lk.v[h]);
-            kh.reserve(n * d);
-            vh.reserve(n * d);
+            let (k0, v0) = (kh.len(), vh.len());
+            kh.resize(k0 + n * kb, 0);
+            vh.resize(v0 + n * vb, 0);
             for r in 0..n {
                 let src = r * n_kv * d + h * d;
-                kh.extend_from_slice(&k[src..src + d]);
-                vh.extend_from_slice(&v[src..src + d]);
+                types
+                    .k
+                    .encode_row(&k[src..src + d], &mut kh[k0 + r * kb..k0 + (r + 1) * kb]);
+                types
+                    .v
+                    .encode_row(&v[src..src + d], &mut vh[v0 + r * vb..v0 + (r + 1) * vb]);
             }
         }
     }
@@ -75,22 +174,55 @@ impl KvCache {
             .count()
     }
 
-    pub fn view(&self, layer: usize) -> KvView<'_> {
+    /// Rows stored in `layer` (may run ahead of `len()` during a forward pass).
+    fn layer_rows(&self, layer: usize) -> usize {
+        let kb = self.types.k.row_bytes(self.head_dim).max(1);
+        self.layers[layer].k.first().map_or(0, |k| k.len() / kb)
+    }
+
+    /// The stored rows of `layer`, as the attention driver reads them.
+    pub fn quant_view(&self, layer: usize) -> QuantKvView<'_> {
         let l = &self.layers[layer];
-        let len = l.k.first().map_or(0, |k| k.len() / self.head_dim);
-        KvView {
+        QuantKvView {
             k: l.k.iter().map(|x| &x[..]).collect(),
             v: l.v.iter().map(|x| &x[..]).collect(),
-            len,
+            k_type: self.types.k,
+            v_type: self.types.v,
+            d: self.head_dim,
+            len: self.layer_rows(layer),
         }
+    }
+
+    /// An f32 view of `layer`. Only for f32 caches (`KvCache::new`); any cache can be read
+    /// through `quant_view`.
+    pub fn view(&self, layer: usize) -> KvView<'_> {
+        self.try_view(layer)
+            .expect("KvCache::view needs an f32 cache; read other types with quant_view")
+    }
+
+    /// `view` for f32 caches, `None` for other types.
+    pub fn try_view(&self, layer: usize) -> Option<KvView<'_>> {
+        if self.types != KvTypes::F32 {
+            return None;
+        }
+        let l = &self.layers[layer];
+        Some(KvView {
+            k: l.k.iter().map(|b| as_f32(b)).collect::<Option<_>>()?,
+            v: l.v.iter().map(|b| as_f32(b)).collect::<Option<_>>()?,
+            len: self.layer_rows(layer),
+        })
     }
 
     /// Drop everything after the first `len` tokens (to reuse a shared prompt prefix).
     pub fn truncate(&mut self, len: usize) {
         let d = self.head_dim;
+        let (kb, vb) = (self.types.k.row_bytes(d), self.types.v.row_bytes(d));
         for l in &mut self.layers {
-            for b in l.k.iter_mut().chain(l.v.iter_mut()) {
-                b.truncate(len * d);
+            for b in &mut l.k {
+                b.truncate(len * kb);
+            }
+            for b in &mut l.v {
+                b.truncate(len * vb);
             }
         }
         self.tokens.truncate(len);
@@ -105,7 +237,7 @@ impl KvCache {
         self.layers
             .iter()
             .flat_map(|l| l.k.iter().chain(&l.v))
-            .map(|b| b.len() * 4)
+            .map(|b| b.len())
             .sum()
     }
 }

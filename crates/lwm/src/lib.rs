@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod config;
 pub mod generate;
 pub mod kv_cache;
+pub mod memory_plan;
 pub mod model;
 pub mod model_source;
 pub mod parallel;

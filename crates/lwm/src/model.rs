@@ -12,10 +12,10 @@
 //! (f16 KV cache and its flash attention, ggml's RoPE, RMSNorm and SiLU), the default for
 //! GGUF files so that `lwm` and llama.cpp agree token for token.
 
-use crate::attention::{causal_attention, Chunking};
+use crate::attention::{causal_attention_quant, Chunking};
 use crate::config::ModelConfig;
 use crate::config::RopeLayout;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvTypes};
 use crate::quant::ggml_cpu::{self, FaOptions, Isa, RopeRounding};
 use crate::quant::QMatrix;
 use crate::rope::Rope;
@@ -52,6 +52,19 @@ pub struct ForwardOptions {
     /// (fast for prefill); below it the quantized dot products are used (fast for decode).
     pub dense_min_rows: usize,
     pub numerics: Numerics,
+    /// Element types of the KV cache; `None`: f16 under `Ggml` numerics (llama.cpp's
+    /// default), f32 under `Exact`.
+    pub kv_types: Option<KvTypes>,
+}
+
+impl ForwardOptions {
+    /// The KV cache types in effect.
+    pub fn kv_types(&self) -> KvTypes {
+        self.kv_types.unwrap_or(match self.numerics {
+            Numerics::Ggml => KvTypes::F16,
+            Numerics::Exact => KvTypes::F32,
+        })
+    }
 }
 
 impl Default for ForwardOptions {
@@ -61,6 +74,7 @@ impl Default for ForwardOptions {
             mlp_chunk: 512,
             dense_min_rows: 32,
             numerics: Numerics::Exact,
+            kv_types: None,
         }
     }
 }
@@ -213,6 +227,7 @@ impl Model {
         options: ForwardOptions,
     ) -> Result<Self> {
         config.validate()?;
+        options.kv_types().check_dim(config.head_dim)?;
         let origin = src.origin();
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -255,11 +270,21 @@ impl Model {
         })
     }
 
+    /// Store keys/values of caches made from now on as `types` (checked against the head
+    /// dimension).
+    pub fn set_kv_types(&mut self, types: KvTypes) -> Result<()> {
+        types.check_dim(self.config.head_dim)?;
+        self.options.kv_types = Some(types);
+        Ok(())
+    }
+
+    /// An empty KV cache of the configured types (`ForwardOptions::kv_types`).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(
+        KvCache::with_types(
             self.config.num_hidden_layers,
             self.config.num_key_value_heads,
             self.config.head_dim,
+            self.options.kv_types(),
         )
     }
 
@@ -338,7 +363,7 @@ impl Model {
             let hn = norm(&x, &layer.attn_norm);
             let mut q = layer.wq.forward(&hn, n, opts)?;
             let mut k = layer.wk.forward(&hn, n, opts)?;
-            let mut v = layer.wv.forward(&hn, n, opts)?;
+            let v = layer.wv.forward(&hn, n, opts)?;
             if ggml_rope {
                 let base = c.theta as f32;
                 ggml_cpu::rope_norm(
@@ -363,31 +388,24 @@ impl Model {
                 self.rope.apply(&mut q, n, nh * hd, nh, &table);
                 self.rope.apply(&mut k, n, nkv * hd, nkv, &table);
             }
-            let attn = if ggml {
-                // An f16 cache holds exactly the f16-rounded values.
-                ggml_cpu::round_to_f16(&mut k);
-                ggml_cpu::round_to_f16(&mut v);
-                cache.append(li, &k, &v, n);
-                if n >= GGML_TILED_ATTENTION_ROWS {
-                    // llama.cpp itself switches to a tiled f32 path for batches this large,
-                    // so the f16-accumulator emulation buys no parity here: use the
-                    // blockwise primitive on the f16-rounded cache.
-                    causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking)
-                } else {
-                    ggml_cpu::flash_attn_ext_f16(
-                        &q,
-                        n,
-                        pos0,
-                        nh,
-                        hd,
-                        &cache.view(li),
-                        1.0 / (hd as f32).sqrt(),
-                        &fa,
-                    )
-                }
+            cache.append(li, &k, &v, n);
+            let view = cache.quant_view(li);
+            let attn = if ggml && cache.types == KvTypes::F16 && n < GGML_TILED_ATTENTION_ROWS {
+                // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
+                // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
+                // emulation buys no parity there: the blockwise primitive runs instead.
+                ggml_cpu::flash_attn_ext_f16_stored(
+                    &q,
+                    n,
+                    pos0,
+                    nh,
+                    hd,
+                    &view,
+                    1.0 / (hd as f32).sqrt(),
+                    &fa,
+                )
             } else {
-                cache.append(li, &k, &v, n);
-                causal_attention(&q, n, pos0, nh, hd, &cache.view(li), opts.chunking)
+                causal_attention_quant(&q, n, pos0, nh, hd, &view, opts.chunking)
             };
             let o = layer.wo.forward(&attn, n, opts)?;
             for (xi, oi) in x.iter_mut().zip(&o) {

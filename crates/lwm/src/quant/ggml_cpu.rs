@@ -30,7 +30,8 @@
 //! rotation must be contracted (first product fused) to match; `S = S·ms + vs` and
 //! Q4_1's `summs += m·s` made no observable difference either way (FMA kept).
 
-use crate::attention::KvView;
+use crate::attention::{KvView, QuantKvView};
+use crate::quant::kv::KvType;
 use half::f16;
 
 /// Which x86 SIMD build of ggml to follow where the vector width changes the numbers:
@@ -364,10 +365,10 @@ pub fn flash_attn_ext_f16(
         let visible = (q_pos0 + i + 1).min(kv.len);
         let qrow = &q[i * width + h * d..i * width + (h + 1) * d];
         let (k, v) = (
-            &kv.k[h / group][..visible * d],
-            &kv.v[h / group][..visible * d],
+            Rows::F32(&kv.k[h / group][..visible * d]),
+            Rows::F32(&kv.v[h / group][..visible * d]),
         );
-        attend_row(qrow, k, v, d, scale, opts, o);
+        attend_row(qrow, k, v, visible, d, scale, opts, o);
     };
     // One (row, head) per task; below ~256k multiply-adds the pool costs more than it saves.
     if nq * n_heads * kv.len * d >= 1 << 18 {
@@ -380,11 +381,73 @@ pub fn flash_attn_ext_f16(
     out
 }
 
-/// One query row against `k`, `v` (visible rows only, len × d).
+/// `flash_attn_ext_f16` reading a natively stored f16 cache (`KvTypes::F16`): each row is
+/// widened to f32 as ggml's f16 kernels do (exact), so results are identical.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_ext_f16_stored(
+    q: &[f32],
+    nq: usize,
+    q_pos0: usize,
+    n_heads: usize,
+    d: usize,
+    kv: &QuantKvView,
+    scale: f32,
+    opts: &FaOptions,
+) -> Vec<f32> {
+    let n_kv = kv.k.len();
+    let group = n_heads / n_kv;
+    let width = n_heads * d;
+    let (kb, vb) = (kv.k_type.row_bytes(d), kv.v_type.row_bytes(d));
+    let mut out = vec![0.0f32; nq * width];
+    let work = |idx: usize, o: &mut [f32]| {
+        let (i, h) = (idx / n_heads, idx % n_heads);
+        let visible = (q_pos0 + i + 1).min(kv.len);
+        let qrow = &q[i * width + h * d..i * width + (h + 1) * d];
+        let (k, v) = (
+            Rows::Stored(&kv.k[h / group][..visible * kb], kv.k_type),
+            Rows::Stored(&kv.v[h / group][..visible * vb], kv.v_type),
+        );
+        attend_row(qrow, k, v, visible, d, scale, opts, o);
+    };
+    if nq * n_heads * kv.len * d >= 1 << 18 {
+        crate::parallel::for_each_chunk_mut(&mut out, d, work);
+    } else {
+        out.chunks_mut(d)
+            .enumerate()
+            .for_each(|(idx, o)| work(idx, o));
+    }
+    out
+}
+
+/// Cached rows as `attend_row` reads them.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Stored(&'a [u8], KvType),
+}
+
+impl Rows<'_> {
+    /// Row `j` (d values), decoded into `buf` unless already f32.
+    #[inline]
+    fn row<'b>(&'b self, j: usize, d: usize, buf: &'b mut [f32]) -> &'b [f32] {
+        match *self {
+            Rows::F32(x) => &x[j * d..(j + 1) * d],
+            Rows::Stored(x, t) => {
+                let rb = t.row_bytes(d);
+                t.decode_row(&x[j * rb..(j + 1) * rb], buf);
+                buf
+            }
+        }
+    }
+}
+
+/// One query row against `n` visible rows of `k`, `v`.
+#[allow(clippy::too_many_arguments)]
 fn attend_row(
     qrow: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Rows,
+    v: Rows,
+    n: usize,
     d: usize,
     scale: f32,
     opts: &FaOptions,
@@ -398,7 +461,9 @@ fn attend_row(
     let mut m = f32::NEG_INFINITY;
     let mut s_sum = 0.0f32;
     let use_simd = simd() && d.is_multiple_of(16);
-    for (kr, vr) in k.chunks_exact(d).zip(v.chunks_exact(d)) {
+    let (mut kbuf, mut vbuf) = (vec![0.0f32; d], vec![0.0f32; d]);
+    for j in 0..n {
+        let kr = k.row(j, d, &mut kbuf);
         let s = dot(kr, &qv, opts.isa, use_simd) * scale;
         let (ms, vs);
         if s > m {
@@ -411,6 +476,7 @@ fn attend_row(
             ms = 1.0f32;
             vs = (s - m).exp();
         }
+        let vr = v.row(j, d, &mut vbuf);
         mad_acc(&mut acc, vr, vs, opts.f16_accumulator, use_simd);
         s_sum = if opts.s_fma {
             s_sum.mul_add(ms, vs)

@@ -16,6 +16,7 @@
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.
 
 pub mod ggml_cpu;
+pub mod kv;
 pub mod matmul;
 pub mod q4_1;
 pub mod q8;
