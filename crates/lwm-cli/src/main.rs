@@ -207,6 +207,10 @@ struct GenerateArgs {
     /// Print timing to stderr at the end.
     #[arg(long)]
     verbose: bool,
+    /// Keep the prompt's KV state in this file and reuse it when a later prompt starts with
+    /// the same tokens (checked against the model and the tokens; a bad file is ignored).
+    #[arg(long)]
+    prompt_cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -227,6 +231,10 @@ struct ChatArgs {
     /// Print the rendered prompt to stderr.
     #[arg(long)]
     show_prompt: bool,
+    /// Keep the conversation's KV state in this file and reuse it when a later prompt starts
+    /// with the same tokens (checked against the model and the tokens; a bad file is ignored).
+    #[arg(long)]
+    prompt_cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -320,6 +328,36 @@ fn prefill_bar(n_prompt: usize) -> Option<lwm::generate::PrefillProgress> {
     }))
 }
 
+/// The `--prompt-cache` file's KV state when valid for this model, else an empty cache
+/// (with a warning naming why the file was not used).
+fn open_prompt_cache(engine: &Engine, path: &Option<PathBuf>) -> lwm::kv_cache::KvCache {
+    let Some(p) = path else {
+        return engine.model.new_cache();
+    };
+    let (cache, why) = engine.open_prompt_cache(p);
+    if let Some(why) = why {
+        eprintln!("warning: ignoring the prompt cache: {why}");
+    }
+    cache
+}
+
+/// Report what the prompt cache saved and store the prompt's KV state.
+fn save_prompt_cache(
+    engine: &Engine,
+    path: &Option<PathBuf>,
+    cache: &lwm::kv_cache::KvCache,
+    out: &lwm::generate::GenerateOutput,
+) -> Result<()> {
+    let Some(p) = path else { return Ok(()) };
+    eprintln!(
+        "prompt cache: reused {} of {} prompt tokens, prefilled {}",
+        out.reused_tokens,
+        out.prompt_tokens,
+        out.prompt_tokens - out.reused_tokens
+    );
+    engine.save_prompt_cache(p, cache, out.prompt_tokens)
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let prompt = read_text(&a.prompt, &a.prompt_file, "a prompt")?;
     let engine = a.model.load()?;
@@ -330,8 +368,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
     let stop = interrupt_flag();
-    let out = engine.generate(&req, &mut stream_to_stdout(stop))?;
+    let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
+    let out = engine.generate_with_cache(&req, &mut cache, &mut stream_to_stdout(stop))?;
     println!();
+    save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
     if a.verbose {
         eprintln!(
             "prompt {} tokens in {:.2}s ({:.1} tok/s); generated {} tokens in {:.2}s ({:.1} tok/s); finish: {}",
@@ -364,7 +404,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         stops.extend(t.stop_strings());
     }
     let stop_flag = interrupt_flag();
-    let mut cache = engine.model.new_cache();
+    let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
     let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
         let content = match document.take() {
             Some(doc) => format!("{doc}\n\n{user}"),
@@ -389,6 +429,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             &mut stream_to_stdout(stop_flag.clone()),
         )?;
         println!();
+        save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
         messages.push(ChatMessage::assistant(out.text.trim().to_string()));
         Ok(())
     };

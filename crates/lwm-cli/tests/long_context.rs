@@ -118,3 +118,48 @@ fn unknown_kv_type_is_one_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_bad_prompt_cache_file_is_ignored_with_a_warning_and_replaced() {
+    let Some(model) = default_model() else { return };
+    let dir = std::env::temp_dir().join(format!("lwm-cli-pc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("p.kvc");
+    std::fs::write(
+        &file,
+        b"garbage that is not a cache file at all, long enough",
+    )
+    .unwrap();
+    let run = || {
+        lwm(&[
+            "generate",
+            "--model",
+            &model,
+            "-p",
+            "The capital of France is",
+            "-n",
+            "2",
+            "--temperature",
+            "0",
+            "--prompt-cache",
+            file.to_str().unwrap(),
+        ])
+    };
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: ignoring the prompt cache") && stderr.contains("magic"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("reused 0 of"), "{stderr}");
+    // Replaced by a valid file: the same prompt now reuses all but its last token.
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("warning"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("prefilled 1\n"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

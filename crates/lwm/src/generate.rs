@@ -41,6 +41,8 @@ pub struct Engine {
     /// Storage types of the weights, for `lwm info`.
     pub quantization: String,
     pub file_bytes: u64,
+    /// Digest of the weight files' metadata (part of the prompt-cache model identity).
+    pub weights_digest: u64,
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -86,6 +88,7 @@ impl Engine {
     /// Load `spec` (a `--model` value) with `opts`.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let location = resolve(spec)?;
+        let digest;
         let (mut config, weights, mut tokenizer, mut template, quantization, file_bytes): (
             ModelConfig,
             Box<dyn crate::weights::WeightSource>,
@@ -118,6 +121,7 @@ impl Engine {
                 };
                 let q = file.quantization_summary();
                 let bytes = file.file_bytes();
+                digest = crate::prompt_cache::file_digest(path, file.content().tensor_data_offset)?;
                 (config, Box::new(file), Some(tok), template, q, bytes)
             }
             ModelLocation::HfDir(dir) => {
@@ -133,6 +137,13 @@ impl Engine {
                     Some(t) => hf_chat_template(dir, t)?,
                     None => None,
                 };
+                let mut sum = crate::prompt_cache::Checksum::default();
+                for f in weights.files().iter().chain([&dir.join("config.json")]) {
+                    if f.exists() {
+                        sum.write(&crate::prompt_cache::file_digest(f, 1 << 20)?.to_le_bytes());
+                    }
+                }
+                digest = sum.finish();
                 let dtypes = weights
                     .stored_dtype("model.embed_tokens.weight")
                     .unwrap_or_else(|| "f32".into());
@@ -196,6 +207,7 @@ impl Engine {
             location,
             quantization,
             file_bytes,
+            weights_digest: digest,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod memory_plan;
 pub mod model;
 pub mod model_source;
 pub mod parallel;
+pub mod prompt_cache;
 pub mod quant;
 pub mod rng;
 pub mod rope;
