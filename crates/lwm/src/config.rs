@@ -26,6 +26,24 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// YaRN: low frequencies interpolated by `factor`, high ones kept, a linear ramp between
+    /// the dims that turn `beta_fast` and `beta_slow` times over `original_max_position`
+    /// tokens; cos/sin scaled by `attention_factor` (default `0.1·ln(factor) + 1`).
+    Yarn {
+        factor: f64,
+        original_max_position: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: Option<f64>,
+    },
+    /// Llama 3.1: wavelengths above `original_max_position / low_freq_factor` divided by
+    /// `factor`, below `original_max_position / high_freq_factor` kept, smooth in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,7 +247,8 @@ impl ModelConfig {
                 _ => None,
             }
         };
-        let rope_scaling = parse_hf_rope_scaling(hf.rope_scaling.as_ref())?;
+        let rope_scaling =
+            parse_hf_rope_scaling(hf.rope_scaling.as_ref(), hf.max_position_embeddings)?;
         let cfg = Self {
             architecture: "llama".into(),
             vocab_size: hf.vocab_size,
@@ -308,7 +327,10 @@ impl ModelConfig {
     }
 }
 
-fn parse_hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<RopeScaling> {
+fn parse_hf_rope_scaling(
+    v: Option<&serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+) -> Result<RopeScaling> {
     let Some(v) = v else {
         return Ok(RopeScaling::None);
     };
@@ -321,10 +343,31 @@ fn parse_hf_rope_scaling(v: Option<&serde_json::Value>) -> Result<RopeScaling> {
         .and_then(|t| t.as_str())
         .unwrap_or("");
     let factor = v.get("factor").and_then(|f| f.as_f64());
+    let num = |k: &str| v.get(k).and_then(|f| f.as_f64());
+    let original = v
+        .get("original_max_position_embeddings")
+        .and_then(|f| f.as_u64())
+        .map(|x| x as usize)
+        .or(max_position_embeddings);
     match (kind, factor) {
         ("default", _) => Ok(RopeScaling::None),
         ("linear", Some(factor)) if factor > 0.0 => Ok(RopeScaling::Linear { factor }),
-        _ => bail!("config.json: rope_scaling {v} is not supported (supported: linear)"),
+        ("yarn", Some(factor)) if factor > 0.0 && original.is_some() => Ok(RopeScaling::Yarn {
+            factor,
+            original_max_position: original.unwrap_or_default(),
+            beta_fast: num("beta_fast").unwrap_or(32.0),
+            beta_slow: num("beta_slow").unwrap_or(1.0),
+            attention_factor: num("attention_factor"),
+        }),
+        ("llama3", Some(factor)) if factor > 0.0 && original.is_some() => Ok(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: num("low_freq_factor").unwrap_or(1.0),
+            high_freq_factor: num("high_freq_factor").unwrap_or(4.0),
+            original_max_position: original.unwrap_or_default(),
+        }),
+        _ => bail!(
+            "config.json: rope_scaling {v} is not supported (supported: linear, yarn, llama3)"
+        ),
     }
 }
 
@@ -377,5 +420,37 @@ mod tests {
             "num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":3}"#;
         let e = ModelConfig::from_hf_json(json).unwrap_err().to_string();
         assert!(e.contains("not a multiple"), "{e}");
+    }
+
+    #[test]
+    fn hf_rope_scaling_yarn_and_llama3_are_read() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"rope_type":"yarn","factor":4.0,"original_max_position_embeddings":32768}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_hf_rope_scaling(Some(&v), Some(131072)).unwrap(),
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position: 32768,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: None
+            }
+        );
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            parse_hf_rope_scaling(Some(&v), None).unwrap(),
+            RopeScaling::Llama3 { factor, .. } if factor == 8.0
+        ));
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"type":"dynamic","factor":2.0}"#).unwrap();
+        assert!(parse_hf_rope_scaling(Some(&v), None)
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
     }
 }

@@ -357,7 +357,10 @@ impl Model {
         };
         let mut x = self.embed_tokens(ids)?;
         let table = self.rope.table(pos0, n);
-        let ggml_rope = ggml && c.rope_layout == RopeLayout::Interleaved;
+        // ggml's RoPE emulation covers unscaled frequencies; scaled ones use our table.
+        let ggml_rope = ggml
+            && c.rope_layout == RopeLayout::Interleaved
+            && c.rope_scaling == crate::config::RopeScaling::None;
         let fa = FaOptions::default();
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = norm(&x, &layer.attn_norm);

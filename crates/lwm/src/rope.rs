@@ -16,6 +16,8 @@ pub struct Rope {
     pub layout: RopeLayout,
     inv_freq: Vec<f64>,
     position_scale: f64,
+    /// YaRN's attention factor: cos and sin are scaled by it (1 otherwise).
+    attention_factor: f32,
 }
 
 /// cos/sin for a run of consecutive positions: (n × D/2) each.
@@ -28,19 +30,72 @@ pub struct RopeTable {
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, layout: RopeLayout, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
-        let inv_freq = (0..half)
+        let mut inv_freq: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
             .collect();
-        let position_scale = match scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => 1.0 / factor,
-        };
+        let mut position_scale = 1.0;
+        let mut attention_factor = 1.0;
+        match *scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => position_scale = 1.0 / factor,
+            RopeScaling::Yarn {
+                factor,
+                original_max_position,
+                beta_fast,
+                beta_slow,
+                attention_factor: af,
+            } => {
+                attention_factor = af.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * factor.ln() + 1.0
+                }) as f32;
+                yarn_inv_freq(
+                    &mut inv_freq,
+                    head_dim,
+                    theta,
+                    factor,
+                    original_max_position as f64,
+                    beta_fast,
+                    beta_slow,
+                );
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => {
+                let old = original_max_position as f64;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                for f in &mut inv_freq {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
         Self {
             head_dim,
             layout,
             inv_freq,
             position_scale,
+            attention_factor,
         }
+    }
+
+    /// The inverse frequencies in use (per rotated pair).
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
+    pub fn attention_factor(&self) -> f32 {
+        self.attention_factor
     }
 
     /// Angles for positions `pos0..pos0+n`.
@@ -52,8 +107,8 @@ impl Rope {
             let t = t as f64 * self.position_scale;
             for f in &self.inv_freq {
                 let angle = (t * f) as f32;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.attention_factor);
+                sin.push(angle.sin() * self.attention_factor);
             }
         }
         RopeTable { cos, sin, half }
@@ -87,6 +142,34 @@ impl Rope {
                 }
             }
         }
+    }
+}
+
+/// YaRN's frequencies: pair i keeps `θ^{-2i/D}` (extrapolation) below the ramp, takes
+/// `θ^{-2i/D}/factor` (interpolation) above it, and blends linearly in between; the ramp
+/// runs from `floor(dim(β_fast))` to `ceil(dim(β_slow))`, where
+/// `dim(r) = D·ln(L/(2πr)) / (2 ln θ)` is the pair that turns r times over the original
+/// context L.
+fn yarn_inv_freq(
+    inv_freq: &mut [f64],
+    d: usize,
+    theta: f64,
+    factor: f64,
+    original: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+) {
+    let dim_of =
+        |r: f64| d as f64 * (original / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let low = dim_of(beta_fast).floor().max(0.0);
+    let mut high = dim_of(beta_slow).ceil().min(d as f64 - 1.0);
+    if low == high {
+        high += 0.001;
+    }
+    for (i, f) in inv_freq.iter_mut().enumerate() {
+        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+        let extrapolation = 1.0 - ramp;
+        *f = *f / factor * ramp + *f * extrapolation;
     }
 }
 
@@ -127,5 +210,76 @@ mod tests {
         assert_eq!(t.cos[0], angle.cos());
         let norm: f32 = t.cos[5] * t.cos[5] + t.sin[5] * t.sin[5];
         assert!((norm - 1.0).abs() < 1e-6);
+    }
+
+    fn fixture() -> serde_json::Value {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rope_scaling.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    fn assert_close(ours: &[f64], want: &serde_json::Value, what: &str) {
+        let want: Vec<f64> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+            // The reference runs in f32 (as transformers does): relative 1e-6.
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "{what} pair {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn yarn_and_llama3_frequencies_match_the_transformers_formulas() {
+        let f = fixture();
+        for key in ["yarn", "yarn_b"] {
+            let y = &f[key];
+            let scaling = RopeScaling::Yarn {
+                factor: y["factor"].as_f64().unwrap(),
+                original_max_position: y["original_max"].as_u64().unwrap() as usize,
+                beta_fast: y["beta_fast"].as_f64().unwrap(),
+                beta_slow: y["beta_slow"].as_f64().unwrap(),
+                attention_factor: None,
+            };
+            let d = y["dim"].as_u64().unwrap() as usize;
+            let r = Rope::new(
+                d,
+                y["base"].as_f64().unwrap(),
+                RopeLayout::RotateHalf,
+                &scaling,
+            );
+            assert_close(r.inv_freq(), &y["inv_freq"], key);
+            let af = y["attention_factor"].as_f64().unwrap();
+            assert!(
+                (r.attention_factor() as f64 - af).abs() < 1e-6,
+                "{key} mscale"
+            );
+            // The table carries the factor: |(cos, sin)| = attention_factor.
+            let t = r.table(100, 1);
+            let norm = (t.cos[3] * t.cos[3] + t.sin[3] * t.sin[3]).sqrt() as f64;
+            assert!((norm - af).abs() < 1e-5);
+        }
+        let l = &f["llama3"];
+        let scaling = RopeScaling::Llama3 {
+            factor: l["factor"].as_f64().unwrap(),
+            low_freq_factor: l["low_freq_factor"].as_f64().unwrap(),
+            high_freq_factor: l["high_freq_factor"].as_f64().unwrap(),
+            original_max_position: l["original_max"].as_u64().unwrap() as usize,
+        };
+        let r = Rope::new(
+            128,
+            l["base"].as_f64().unwrap(),
+            RopeLayout::RotateHalf,
+            &scaling,
+        );
+        assert_close(r.inv_freq(), &l["inv_freq"], "llama3");
     }
 }

@@ -195,8 +195,21 @@ impl GgufFile {
                     .meta_f64(&format!("{arch}.rope.scaling.factor"))
                     .unwrap_or(1.0),
             },
+            Some("yarn") => {
+                let key = |k: &str| self.meta_f64(&format!("{arch}.rope.scaling.{k}"));
+                RopeScaling::Yarn {
+                    factor: key("factor").unwrap_or(1.0),
+                    original_max_position: self
+                        .meta_usize(&format!("{arch}.rope.scaling.original_context_length"))
+                        .or_else(|| self.meta_usize(&format!("{arch}.context_length")))
+                        .unwrap_or(2048),
+                    beta_fast: key("yarn_beta_fast").unwrap_or(32.0),
+                    beta_slow: key("yarn_beta_slow").unwrap_or(1.0),
+                    attention_factor: key("attn_factor").filter(|&a| a > 0.0),
+                }
+            }
             Some(other) => {
-                bail!("{p}: RoPE scaling '{other}' is not supported (supported: linear)")
+                bail!("{p}: RoPE scaling '{other}' is not supported (supported: linear, yarn)")
             }
         };
         let cfg = ModelConfig {
