@@ -14,6 +14,7 @@ pub mod model;
 pub mod model_source;
 pub mod parallel;
 pub mod quant;
+pub mod ring;
 pub mod rng;
 pub mod rope;
 pub mod sampling;
