@@ -83,6 +83,7 @@ fn unpack(block: &[f32], heads: Heads) -> Result<Vec<Partial>> {
 }
 
 /// Attention output (heads·d) of the new token's query `q` against all shards.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     ring: &mut dyn Ring,
     q: &[f32],

@@ -27,6 +27,8 @@ pub struct RingSession<'m> {
     worker: RingWorker<'m>,
     ring: Box<dyn Ring + 'm>,
     failed: bool,
+    /// Token ids the ring holds, in order.
+    tokens: Vec<u32>,
 }
 
 impl<'m> RingSession<'m> {
@@ -39,6 +41,7 @@ impl<'m> RingSession<'m> {
             worker,
             ring,
             failed: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -85,7 +88,10 @@ impl<'m> RingSession<'m> {
         body.extend(ids.iter().map(|&t| u32_to_f32(t)));
         self.command(body)?;
         match self.worker.step(self.ring.as_mut(), ids) {
-            Ok(Some(logits)) => Ok(logits),
+            Ok(Some(logits)) => {
+                self.tokens.extend_from_slice(ids);
+                Ok(logits)
+            }
             Ok(None) => unreachable!("rank 0 always gets the logits"),
             Err(e) => self.fail(e.context(format!("ring step failed on rank 0 of {}", self.sp()))),
         }
@@ -109,11 +115,31 @@ impl<'m> RingSession<'m> {
         Ok(logits)
     }
 
+    /// The token ids the ring holds.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Forget the sequence on every worker.
     pub fn clear(&mut self) -> Result<()> {
         self.command(vec![u32_to_f32(CLEAR)])?;
         self.worker.clear();
+        self.tokens.clear();
         Ok(())
+    }
+
+    /// Keep the held tokens when `prompt` starts with all of them (a chat's next turn),
+    /// otherwise clear. Returns how many prompt tokens are held (at most `len - 1`, so one
+    /// runs and produces logits).
+    pub fn reuse_prefix(&mut self, prompt: &[u32]) -> Result<usize> {
+        let held = self.tokens.len();
+        if held > 0 && held < prompt.len() && prompt[..held] == self.tokens[..] {
+            return Ok(held);
+        }
+        if held > 0 {
+            self.clear()?;
+        }
+        Ok(0)
     }
 
     /// Every worker's KV bytes and timings, rank order.

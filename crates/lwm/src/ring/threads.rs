@@ -106,43 +106,6 @@ impl Ring for ThreadRing {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_silent_neighbour_is_named_within_the_timeout() {
-        let mut rings = ThreadRing::mesh(3);
-        let t0 = Instant::now();
-        let e = rings[0]
-            .recv(2, Tag::KvBlock, Some(Duration::from_millis(200)))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("rank 2"), "{e}");
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        // A worker that exited is reported at once, not after the timeout.
-        let r1 = rings.remove(1);
-        drop(r1);
-        let e = rings[0]
-            .recv(1, Tag::KvBlock, Some(Duration::from_secs(30)))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("rank 1 exited"), "{e}");
-    }
-
-    #[test]
-    fn messages_arrive_in_order_and_tags_are_checked() {
-        let mut rings = ThreadRing::mesh(2);
-        let (a, b) = rings.split_at_mut(1);
-        a[0].send(1, Tag::KvBlock, Arc::new(vec![1.0])).unwrap();
-        a[0].send(1, Tag::Partial, Arc::new(vec![2.0])).unwrap();
-        let got = b[0].recv(0, Tag::KvBlock, None).unwrap();
-        assert_eq!(*got, vec![1.0]);
-        let e = b[0].recv(0, Tag::Logits, None).unwrap_err().to_string();
-        assert!(e.contains("protocol"), "{e}");
-    }
-}
-
 /// Run `f` with a ring of `sp` threads over `model`: the calling thread is rank 0 (the
 /// session `f` drives), ranks 1..sp run `serve`. Errors of any worker are reported with
 /// their rank.
@@ -195,4 +158,41 @@ pub fn with_thread_ring<R>(
             Err(e) => Err(e.context(format!("worker errors: {}", worker_errors.join("; ")))),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_neighbour_is_named_within_the_timeout() {
+        let mut rings = ThreadRing::mesh(3);
+        let t0 = Instant::now();
+        let e = rings[0]
+            .recv(2, Tag::KvBlock, Some(Duration::from_millis(200)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 2"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // A worker that exited is reported at once, not after the timeout.
+        let r1 = rings.remove(1);
+        drop(r1);
+        let e = rings[0]
+            .recv(1, Tag::KvBlock, Some(Duration::from_secs(30)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 1 exited"), "{e}");
+    }
+
+    #[test]
+    fn messages_arrive_in_order_and_tags_are_checked() {
+        let mut rings = ThreadRing::mesh(2);
+        let (a, b) = rings.split_at_mut(1);
+        a[0].send(1, Tag::KvBlock, Arc::new(vec![1.0])).unwrap();
+        a[0].send(1, Tag::Partial, Arc::new(vec![2.0])).unwrap();
+        let got = b[0].recv(0, Tag::KvBlock, None).unwrap();
+        assert_eq!(*got, vec![1.0]);
+        let e = b[0].recv(0, Tag::Logits, None).unwrap_err().to_string();
+        assert!(e.contains("protocol"), "{e}");
+    }
 }
