@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lwm::attention::Chunking;
 use lwm::chat_template::ChatMessage;
-use lwm::generate::{Engine, GenerateRequest, LoadOptions};
+use lwm::generate::{Engine, GenerateOutput, GenerateRequest, LoadOptions};
 use lwm::model::ForwardOptions;
 use lwm::sampling::SamplingParams;
 use std::io::{BufRead, Write};
@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod ring;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,8 @@ enum Command {
     Info(InfoArgs),
     /// Prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// RingAttention figures: prefill time, per-worker KV bytes, compute vs wait per block.
+    RingBench(ring::RingBenchArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -197,6 +200,8 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
+    ring: ring::RingArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
     /// The prompt text.
     #[arg(short, long, conflicts_with = "prompt_file")]
@@ -217,6 +222,8 @@ struct GenerateArgs {
 struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    ring: ring::RingArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// One message: answer it and exit (otherwise read turns from stdin).
@@ -241,6 +248,8 @@ struct ChatArgs {
 struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    ring: ring::RingArgs,
     #[arg(short, long)]
     prompt: String,
     /// How many top entries.
@@ -368,10 +377,29 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
     let stop = interrupt_flag();
+    let on_ring = |s: &mut lwm::ring::RingSession| {
+        let mut step = |ids: &[u32]| s.forward(ids);
+        engine.generate_on(&req, 0, &mut step, &mut stream_to_stdout(stop.clone()))
+    };
     let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
-    let out = engine.generate_with_cache(&req, &mut cache, &mut stream_to_stdout(stop))?;
+    let mut cache_used = true;
+    let out = match a.ring.run(&engine, on_ring)? {
+        ring::Role::Single => {
+            engine.generate_with_cache(&req, &mut cache, &mut stream_to_stdout(stop))?
+        }
+        ring::Role::Root(out) => {
+            if a.prompt_cache.is_some() {
+                eprintln!("warning: --prompt-cache is not used by the ring (sp > 1)");
+            }
+            cache_used = false;
+            out
+        }
+        ring::Role::Worker => return Ok(()),
+    };
     println!();
-    save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
+    if cache_used {
+        save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
+    }
     if a.verbose {
         eprintln!(
             "prompt {} tokens in {:.2}s ({:.1} tok/s); generated {} tokens in {:.2}s ({:.1} tok/s); finish: {}",
@@ -404,53 +432,73 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         stops.extend(t.stop_strings());
     }
     let stop_flag = interrupt_flag();
-    let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
-    let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
-        let content = match document.take() {
-            Some(doc) => format!("{doc}\n\n{user}"),
-            None => user,
+    // The whole conversation, over whichever generator runs it (one worker or the ring).
+    let mut conversation = Some(|generate: &mut Generator| -> Result<()> {
+        let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
+            let content = match document.take() {
+                Some(doc) => format!("{doc}\n\n{user}"),
+                None => user,
+            };
+            messages.push(ChatMessage::user(content));
+            let (text, ids) = engine.chat_prompt(messages)?;
+            if a.show_prompt {
+                eprintln!("--- prompt ({} tokens) ---\n{text}\n---", ids.len());
+            }
+            let mut req = GenerateRequest::new(ids, a.sampling.max_tokens, a.sampling.params());
+            req.stop = stops.clone();
+            req.ignore_eos = a.sampling.ignore_eos;
+            req.prefill_chunk = a.model.prefill_chunk;
+            req.on_prefill = prefill_bar(req.prompt_ids.len());
+            stop_flag.store(false, Ordering::SeqCst);
+            let out = generate(&req, &mut stream_to_stdout(stop_flag.clone()))?;
+            println!();
+            messages.push(ChatMessage::assistant(out.text.trim().to_string()));
+            Ok(())
         };
-        messages.push(ChatMessage::user(content));
-        let (text, ids) = engine.chat_prompt(messages)?;
-        if a.show_prompt {
-            eprintln!("--- prompt ({} tokens) ---\n{text}\n---", ids.len());
+        if let Some(m) = &a.message {
+            return turn(&mut messages, m.clone());
         }
-        let mut req = GenerateRequest::new(ids, a.sampling.max_tokens, a.sampling.params());
-        req.stop = stops.clone();
-        req.ignore_eos = a.sampling.ignore_eos;
-        req.prefill_chunk = a.model.prefill_chunk;
-        req.on_prefill = prefill_bar(req.prompt_ids.len());
-        stop_flag.store(false, Ordering::SeqCst);
-        // The cache keeps earlier turns: only the part of the prompt it does not already
-        // hold (checked token by token) is prefilled.
-        let out = engine.generate_with_cache(
-            &req,
-            &mut cache,
-            &mut stream_to_stdout(stop_flag.clone()),
-        )?;
-        println!();
-        save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
-        messages.push(ChatMessage::assistant(out.text.trim().to_string()));
+        eprintln!(
+            "chatting with {} (empty line or Ctrl-D to quit)",
+            engine.location.path().display()
+        );
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            turn(&mut messages, line.trim_end().to_string())?;
+        }
         Ok(())
+    });
+    let mut run = |g: &mut Generator| conversation.take().expect("runs once")(g);
+    let on_ring = |s: &mut lwm::ring::RingSession| {
+        // The ring keeps earlier turns when the new prompt extends them.
+        run(&mut |req, on_text| {
+            let reuse = s.reuse_prefix(&req.prompt_ids)?;
+            engine.generate_on(req, reuse, &mut |ids| s.forward(ids), on_text)
+        })
     };
-    if let Some(m) = &a.message {
-        return turn(&mut messages, m.clone());
-    }
-    eprintln!(
-        "chatting with {} (empty line or Ctrl-D to quit)",
-        engine.location.path().display()
-    );
-    let stdin = std::io::stdin();
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
+    match a.ring.run(&engine, on_ring)? {
+        ring::Role::Single => {
+            // The cache keeps earlier turns: only the part of the prompt it does not already
+            // hold (checked token by token) is prefilled.
+            let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
+            run(&mut |req, on_text| {
+                let out = engine.generate_with_cache(req, &mut cache, on_text)?;
+                save_prompt_cache(&engine, &a.prompt_cache, &cache, &out)?;
+                Ok(out)
+            })
         }
-        turn(&mut messages, line.trim_end().to_string())?;
+        ring::Role::Root(()) | ring::Role::Worker => Ok(()),
     }
-    Ok(())
 }
+
+/// Runs one generation request, streaming text (see `cmd_chat`).
+type Generator<'a> =
+    dyn FnMut(&GenerateRequest, &mut dyn FnMut(&str) -> bool) -> Result<GenerateOutput> + 'a;
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let engine = a.model.load()?;
@@ -465,10 +513,15 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
             engine.context_length()
         );
     }
-    let mut cache = engine.model.new_cache();
-    let logits = engine
-        .model
-        .prefill(&ids, &mut cache, a.model.prefill_chunk, |_| {})?;
+    let chunk = a.model.prefill_chunk;
+    let logits = match a.ring.run(&engine, |s| s.prefill(&ids, chunk, |_| {}))? {
+        ring::Role::Single => {
+            let mut cache = engine.model.new_cache();
+            engine.model.prefill(&ids, &mut cache, chunk, |_| {})?
+        }
+        ring::Role::Root(logits) => logits,
+        ring::Role::Worker => return Ok(()),
+    };
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let k = a.top.min(order.len());
     order.select_nth_unstable_by(k.saturating_sub(1), |&x, &y| {
@@ -625,6 +678,7 @@ fn main() {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
+        Command::RingBench(a) => ring::bench(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

@@ -285,8 +285,6 @@ impl Engine {
                 "the prompt has {n_prompt} tokens but the context is {ctx}; shorten it or raise --max-sequence-length"
             );
         }
-        let mut sampler = Sampler::new(req.sampling.clone())?;
-        let t0 = Instant::now();
         // Keep the cached tokens the prompt starts with (checked id by id); at least one
         // prompt token must run to produce logits.
         let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
@@ -298,12 +296,38 @@ impl Engine {
                 .check_fits(cache.bytes() as u64, &avail)?;
         }
         cache.reserve_total(total);
-        let mut logits = self.model.prefill(
-            &req.prompt_ids[reuse..],
-            cache,
-            req.prefill_chunk.max(1),
-            |_| {},
-        )?;
+        let mut step = |ids: &[u32]| self.model.forward(ids, cache, false);
+        self.generate_on(req, reuse, &mut step, on_text)
+    }
+
+    /// The generation loop over any forward pass: `step(ids)` runs tokens after those
+    /// already held and returns the last one's logits. The first `reuse` prompt tokens are
+    /// held already; the rest are run in pieces of `req.prefill_chunk`. The engine's own
+    /// model + KV cache (`generate_with_cache`) and a sequence-parallel ring session
+    /// (`crate::ring`) both drive it.
+    pub fn generate_on(
+        &self,
+        req: &GenerateRequest,
+        reuse: usize,
+        step: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let ctx = self.context_length();
+        let n_prompt = req.prompt_ids.len();
+        if n_prompt == 0 || reuse >= n_prompt {
+            bail!("the prompt is empty (no tokens)");
+        }
+        if n_prompt >= ctx {
+            bail!(
+                "the prompt has {n_prompt} tokens but the context is {ctx}; shorten it or raise --max-sequence-length"
+            );
+        }
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let t0 = Instant::now();
+        let mut logits = Vec::new();
+        for piece in req.prompt_ids[reuse..].chunks(req.prefill_chunk.max(1)) {
+            logits = step(piece).context("prefill failed")?;
+        }
         let prefill_secs = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -336,7 +360,7 @@ impl Engine {
             if ids.len() == budget {
                 break;
             }
-            logits = self.model.forward(&[id], cache, false)?;
+            logits = step(&[id])?;
         }
         if finish != FinishReason::Stop || !stops.hit {
             let rest = stops.flush(&stream.flush());

@@ -16,6 +16,7 @@ pub mod model_source;
 pub mod parallel;
 pub mod prompt_cache;
 pub mod quant;
+pub mod ring;
 pub mod rng;
 pub mod rope;
 pub mod sampling;

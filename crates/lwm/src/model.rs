@@ -479,6 +479,144 @@ impl Model {
     }
 }
 
+/// Rows `row0..row0 + len` of a step hold the consecutive positions `pos0..pos0 + len`.
+/// A sequence-parallel worker owns non-contiguous positions (a zig-zag layout), described
+/// as a few such runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositionRun {
+    pub row0: usize,
+    pub pos0: usize,
+    pub len: usize,
+}
+
+/// Per-layer steps for drivers that own the attention themselves (the sequence-parallel
+/// ring, `crate::ring`): the same arithmetic as `forward`, cut at the attention call, so
+/// a worker can run norm, projections and RoPE on its rows, exchange keys/values, and
+/// finish the layer. `forward` keeps its own fused loop; `ring` tests check that a
+/// single worker driving these steps reproduces it.
+impl Model {
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Embedding rows of `ids` (errors on ids outside the vocabulary).
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.embed_tokens(ids)
+    }
+
+    fn step_norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let eps = self.config.rms_norm_eps as f32;
+        if self.options.numerics == Numerics::Ggml {
+            ggml_cpu::rms_norm(x, w, eps)
+        } else {
+            rms_norm(x, w, eps)
+        }
+    }
+
+    /// Queries, keys and values of layer `li` for the rows of `x`, RoPE applied at the
+    /// positions `runs` give (the runs must cover every row). Under `Ggml` numerics the
+    /// keys/values come back rounded to f16, as that cache stores them.
+    pub fn layer_qkv(
+        &self,
+        li: usize,
+        x: &[f32],
+        runs: &[PositionRun],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let n = x.len() / h;
+        let layer = self
+            .layers
+            .get(li)
+            .with_context(|| format!("layer {li} out of range"))?;
+        let opts = &self.options;
+        let ggml = opts.numerics == Numerics::Ggml;
+        let hn = self.step_norm(x, &layer.attn_norm);
+        let mut q = layer.wq.forward(&hn, n, opts)?;
+        let mut k = layer.wk.forward(&hn, n, opts)?;
+        let mut v = layer.wv.forward(&hn, n, opts)?;
+        for run in runs.iter().filter(|r| r.len > 0) {
+            if run.row0 + run.len > n {
+                bail!("position run {run:?} exceeds the {n} rows");
+            }
+            let qs = &mut q[run.row0 * nh * hd..(run.row0 + run.len) * nh * hd];
+            let ks = &mut k[run.row0 * nkv * hd..(run.row0 + run.len) * nkv * hd];
+            if ggml && c.rope_layout == RopeLayout::Interleaved {
+                let base = c.theta as f32;
+                let r = RopeRounding::FirstProductFused;
+                ggml_cpu::rope_norm(qs, run.len, run.pos0, nh, hd, base, r);
+                ggml_cpu::rope_norm(ks, run.len, run.pos0, nkv, hd, base, r);
+            } else {
+                let table = self.rope.table(run.pos0, run.len);
+                self.rope.apply(qs, run.len, nh * hd, nh, &table);
+                self.rope.apply(ks, run.len, nkv * hd, nkv, &table);
+            }
+        }
+        if ggml {
+            ggml_cpu::round_to_f16(&mut k);
+            ggml_cpu::round_to_f16(&mut v);
+        }
+        Ok((q, k, v))
+    }
+
+    /// Finish layer `li` given its attention output `attn` (rows × heads·head_dim):
+    /// `x += attn Woᵀ`, then the blockwise feed-forward `x += FFN(RMSNorm(x))`.
+    pub fn layer_output(&self, li: usize, x: &mut [f32], attn: &[f32]) -> Result<()> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let n = x.len() / h;
+        let layer = self
+            .layers
+            .get(li)
+            .with_context(|| format!("layer {li} out of range"))?;
+        let opts = &self.options;
+        let ggml = opts.numerics == Numerics::Ggml;
+        let o = layer.wo.forward(attn, n, opts)?;
+        for (xi, oi) in x.iter_mut().zip(&o) {
+            *xi += oi;
+        }
+        let chunk = opts.mlp_chunk.max(1);
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let xs = &mut x[r0 * h..(r0 + rows) * h];
+            let hn = self.step_norm(xs, &layer.ffn_norm);
+            let gate = layer.w_gate.forward(&hn, rows, opts)?;
+            let up = layer.w_up.forward(&hn, rows, opts)?;
+            let act: Vec<f32> = if ggml {
+                ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
+            } else {
+                gate.iter()
+                    .zip(&up)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect()
+            };
+            let down = layer.w_down.forward(&act, rows, opts)?;
+            for (xi, di) in xs.iter_mut().zip(&down) {
+                *xi += di;
+            }
+        }
+        Ok(())
+    }
+
+    /// Final norm and output head for the hidden rows `x` (rows × vocab logits).
+    pub fn head_logits(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let m = x.len() / h;
+        let normed = self.step_norm(x, &self.norm);
+        let chunk = self.options.mlp_chunk.max(1);
+        let mut logits = Vec::with_capacity(m * self.config.vocab_size);
+        for r0 in (0..m).step_by(chunk) {
+            let r = chunk.min(m - r0);
+            logits.extend(
+                self.lm_head
+                    .forward(&normed[r0 * h..(r0 + r) * h], r, &self.options)?,
+            );
+        }
+        Ok(logits)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

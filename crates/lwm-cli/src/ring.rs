@@ -1,0 +1,236 @@
+//! `--mesh-dim` for generate/chat/logits (sequence parallelism over a ring of workers) and
+//! `lwm ring-bench`. Threads in one process by default; under `mpirun` (built with
+//! `--features mpi`) one worker per MPI process, rank 0 printing.
+
+use crate::ModelArgs;
+use anyhow::{bail, Result};
+use clap::Args;
+use lwm::generate::Engine;
+use lwm::ring::{MeshDim, RingOptions, RingSession};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Clone, Default)]
+pub struct RingArgs {
+    /// Device mesh `dp,fsdp,tp,sp` (the original's --mesh_dim; one axis may be -1 under
+    /// mpirun). sp > 1 splits the sequence over a ring of sp workers: threads here, or the
+    /// MPI processes when started by `mpirun -n SP` (binary built with --features mpi).
+    #[arg(long)]
+    pub mesh_dim: Option<String>,
+    /// Seconds a ring worker waits for another before naming it dead or hung.
+    #[arg(long, default_value_t = 10.0)]
+    pub ring_timeout: f64,
+    /// Print every worker's KV bytes and compute/wait time per key/value block to stderr.
+    #[arg(long)]
+    pub ring_stats: bool,
+}
+
+fn print_stats(s: &mut RingSession) -> Result<()> {
+    for w in s.stats()? {
+        let blocks = w.times.blocks.max(1) as f64;
+        eprintln!(
+            "ring rank {}: {} KV rows, {} KV bytes; {} blocks, compute {:.3} ms/block, wait {:.3} ms/block, {:.0} bytes sent/block; totals compute {:.3}s wait {:.3}s",
+            w.rank,
+            w.kv_rows,
+            w.kv_bytes,
+            w.times.blocks,
+            1e3 * w.times.compute_secs / blocks,
+            1e3 * w.times.wait_secs / blocks,
+            w.times.bytes_sent as f64 / blocks,
+            w.times.compute_secs,
+            w.times.wait_secs
+        );
+    }
+    Ok(())
+}
+
+/// How the command runs: alone, as the ring's rank 0 (it prints), or as another MPI rank.
+pub enum Role<R> {
+    Single,
+    Root(R),
+    /// Another MPI rank: it served rank 0 and prints nothing.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Worker,
+}
+
+/// Processes in the MPI job that started us (Open MPI or a PMI launcher), if any.
+fn mpi_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+impl RingArgs {
+    fn options(&self) -> Result<RingOptions> {
+        if !(self.ring_timeout.is_finite() && self.ring_timeout > 0.0) {
+            bail!("--ring-timeout must be a positive number of seconds");
+        }
+        let mut o = RingOptions::from_env()?;
+        o.timeout = Duration::from_secs_f64(self.ring_timeout);
+        Ok(o)
+    }
+
+    /// Run `f` with a ring session when `--mesh-dim` asks for sp > 1 (or we run under
+    /// mpirun); `Role::Single` when the command should run on one worker as usual.
+    pub fn run<R>(
+        &self,
+        engine: &Engine,
+        f: impl FnOnce(&mut RingSession) -> Result<R>,
+    ) -> Result<Role<R>> {
+        let world = mpi_world_size().filter(|&n| n > 1);
+        let Some(text) = &self.mesh_dim else {
+            if let Some(n) = world {
+                bail!("started by mpirun with {n} processes: give --mesh-dim 1,1,1,{n}");
+            }
+            return Ok(Role::Single);
+        };
+        let mesh = MeshDim::parse(text, world)?;
+        let opts = self.options()?;
+        let stats = self.ring_stats;
+        let f = move |s: &mut RingSession| -> Result<R> {
+            let out = f(s)?;
+            if stats {
+                print_stats(s)?;
+            }
+            Ok(out)
+        };
+        match world {
+            None if mesh.sp == 1 => Ok(Role::Single),
+            None => Ok(Role::Root(lwm::ring::with_thread_ring(
+                &engine.model,
+                mesh.sp,
+                opts,
+                f,
+            )?)),
+            Some(n) => run_mpi(engine, n, opts, f),
+        }
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn run_mpi<R>(
+    engine: &Engine,
+    _world: usize,
+    opts: RingOptions,
+    f: impl FnOnce(&mut RingSession) -> Result<R>,
+) -> Result<Role<R>> {
+    let mut ring = lwm::ring::mpi::MpiRing::init()?;
+    use lwm::ring::transport::Ring;
+    if ring.rank() != 0 {
+        lwm::ring::serve(&engine.model, &mut ring, opts)?;
+        return Ok(Role::Worker);
+    }
+    let mut session = RingSession::new(&engine.model, Box::new(ring), opts);
+    let out = f(&mut session);
+    if out.is_err() {
+        session.shut_down_ring();
+    }
+    Ok(Role::Root(out?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi<R>(
+    _engine: &Engine,
+    world: usize,
+    _opts: RingOptions,
+    _f: impl FnOnce(&mut RingSession) -> Result<R>,
+) -> Result<Role<R>> {
+    bail!("started by mpirun with {world} processes, but this lwm was built without MPI support (cargo build --features mpi)")
+}
+
+#[derive(Args)]
+pub struct RingBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens to prefill (a deterministic synthetic prompt).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Ring sizes to measure, comma-separated.
+    #[arg(long, default_value = "1,2,4")]
+    pub sp: String,
+    /// Runs per ring size (the spread is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn spread(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// Prefill time, per-worker KV bytes and compute vs wait per key/value block, per ring size.
+pub fn bench(a: RingBenchArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let sps: Vec<usize> =
+        a.sp.split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("--sp '{}' must be comma-separated sizes", a.sp))?;
+    if sps.contains(&0) || a.tokens < 2 || a.repeats == 0 {
+        bail!("--sp sizes, --repeats must be >= 1 and --tokens >= 2");
+    }
+    let vocab = engine.model.config.vocab_size as u64;
+    let mut rng = lwm::rng::XorShift::new(1);
+    let ids: Vec<u32> = (0..a.tokens)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let opts = RingOptions {
+        timeout: Duration::from_secs(600),
+        fault: None,
+    };
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+    let mut rows = Vec::new();
+    for &sp in &sps {
+        let mut secs = Vec::new();
+        let mut last = Vec::new();
+        for _ in 0..a.repeats {
+            let (t, stats) = lwm::ring::with_thread_ring(&engine.model, sp, opts, |s| {
+                let t0 = Instant::now();
+                s.prefill(&ids, a.model.prefill_chunk, |_| {})?;
+                let t = t0.elapsed().as_secs_f64();
+                Ok((t, s.stats()?))
+            })?;
+            secs.push(t);
+            last = stats;
+        }
+        let (lo, med, hi) = spread(&secs);
+        let kv: Vec<usize> = last.iter().map(|s| s.kv_bytes).collect();
+        let blocks: usize = last.iter().map(|s| s.times.blocks).sum::<usize>().max(1);
+        let compute: f64 = last.iter().map(|s| s.times.compute_secs).sum();
+        let wait: f64 = last.iter().map(|s| s.times.wait_secs).sum();
+        let sent: usize = last.iter().map(|s| s.times.bytes_sent).sum();
+        let row = serde_json::json!({
+            "sp": sp,
+            "tokens": a.tokens,
+            "prefill_secs": {"min": lo, "median": med, "max": hi},
+            "tokens_per_sec_median": a.tokens as f64 / med,
+            "kv_bytes_per_worker": kv,
+            "kv_bytes_total": kv.iter().sum::<usize>(),
+            "attention_blocks": blocks,
+            "compute_ms_per_block": 1e3 * compute / blocks as f64,
+            "wait_ms_per_block": 1e3 * wait / blocks as f64,
+            "bytes_per_block": sent as f64 / blocks as f64,
+        });
+        if !a.json {
+            println!(
+                "sp={sp}: prefill {} tokens {med:.2}s (min {lo:.2}, max {hi:.2}, {} runs), {:.0} tok/s; KV bytes per worker {kv:?}; per block: compute {:.2} ms, wait {:.2} ms, {:.0} KiB sent",
+                a.tokens,
+                a.repeats,
+                a.tokens as f64 / med,
+                1e3 * compute / blocks as f64,
+                1e3 * wait / blocks as f64,
+                sent as f64 / blocks as f64 / 1024.0
+            );
+        }
+        rows.push(row);
+    }
+    if a.json {
+        let v = serde_json::json!({"runs": rows, "cpu_pressure": pressure.trim()});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("cpu pressure: {}", pressure.replace('\n', " | "));
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Ring over MPI processes (cargo feature `mpi`; Open MPI, started by `mpirun -n SP`): one
+//! worker per process, ranks as MPI ranks. Sends are `MPI_Isend` kept in flight while the
+//! worker computes; receives poll `MPI_Improbe` so a silent rank is named after the
+//! timeout instead of blocking forever.
+
+use super::transport::{timeout_error, Block, Ring, Tag};
+use anyhow::{bail, Result};
+use mpi::request::{Request, StaticScope};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use std::time::{Duration, Instant};
+
+pub struct MpiRing {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    /// Sends in flight, each with the block it reads (kept alive until it completes).
+    pending: Vec<(Request<'static, [f32]>, Block)>,
+    shut_down: bool,
+    // Last: MPI_Finalize runs when the universe drops, after everything above.
+    _universe: mpi::environment::Universe,
+}
+
+impl MpiRing {
+    /// Initialise MPI (once per process).
+    pub fn init() -> Result<Self> {
+        let Some(universe) = mpi::initialize() else {
+            bail!("MPI is already initialised in this process");
+        };
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        Ok(Self {
+            world,
+            rank,
+            size,
+            pending: Vec::new(),
+            shut_down: false,
+            _universe: universe,
+        })
+    }
+
+    /// Complete the sends the receivers have taken (lets MPI make progress, too).
+    fn reap(&mut self) {
+        let mut still = Vec::with_capacity(self.pending.len());
+        for (req, block) in self.pending.drain(..) {
+            match req.test() {
+                Ok(_) => drop(block),
+                Err(req) => still.push((req, block)),
+            }
+        }
+        self.pending = still;
+    }
+}
+
+/// How long a polling receive sleeps between probes: short next to a block's compute,
+/// long enough not to steal a core from the co-located workers.
+const POLL: Duration = Duration::from_micros(200);
+
+impl Ring for MpiRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&mut self, dst: usize, tag: Tag, data: Block) -> Result<()> {
+        if dst >= self.size || dst == self.rank {
+            bail!("rank {} cannot send to rank {dst}", self.rank);
+        }
+        // SAFETY: the slice lives in `data`'s heap buffer, which `pending` keeps alive (and
+        // unmodified: it is shared and immutable) until the request has completed.
+        let buf: &'static [f32] = unsafe { &*(data.as_slice() as *const [f32]) };
+        let req = self
+            .world
+            .process_at_rank(dst as i32)
+            .immediate_send_with_tag(StaticScope, buf, tag as i32);
+        self.pending.push((req, data));
+        self.reap();
+        Ok(())
+    }
+
+    fn recv(&mut self, src: usize, tag: Tag, timeout: Option<Duration>) -> Result<Block> {
+        if src >= self.size || src == self.rank {
+            bail!("rank {} cannot receive from rank {src}", self.rank);
+        }
+        let start = Instant::now();
+        loop {
+            let probe = self
+                .world
+                .process_at_rank(src as i32)
+                .immediate_matched_probe_with_tag(tag as i32);
+            if let Some((msg, _status)) = probe {
+                let (data, _) = msg.matched_receive_vec::<f32>();
+                self.reap();
+                return Ok(std::sync::Arc::new(data));
+            }
+            self.reap();
+            if let Some(t) = timeout {
+                if start.elapsed() >= t {
+                    return Err(timeout_error(src, tag, t));
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn shut_down(&mut self) {
+        self.shut_down = true;
+    }
+
+    fn is_shut_down(&self) -> bool {
+        self.shut_down
+    }
+}
+
+impl Drop for MpiRing {
+    fn drop(&mut self) {
+        // Wait for sends still in flight (bounded); after a failure the process exits and
+        // mpirun ends the job, so unfinished requests are abandoned instead of waited on.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.pending.is_empty() && !self.shut_down && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(POLL);
+        }
+        for (req, block) in self.pending.drain(..) {
+            std::mem::forget(req);
+            std::mem::forget(block);
+        }
+    }
+}
