@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod convert;
 mod ring;
 
 #[derive(Parser)]
@@ -42,6 +43,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// RingAttention figures: prefill time, per-worker KV bytes, compute vs wait per block.
     RingBench(ring::RingBenchArgs),
+    /// Convert LWM JAX params <-> Hugging Face safetensors (byte-exact round trip).
+    Convert(convert::ConvertArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -679,6 +682,7 @@ fn main() {
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
         Command::RingBench(a) => ring::bench(a),
+        Command::Convert(a) => convert::run(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

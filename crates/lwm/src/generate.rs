@@ -124,6 +124,13 @@ impl Engine {
                 digest = crate::prompt_cache::file_digest(path, file.content().tensor_data_offset)?;
                 (config, Box::new(file), Some(tok), template, q, bytes)
             }
+            ModelLocation::JaxParams(params) => {
+                let (config, weights, tok) = crate::weights::jax::open_model(params)?;
+                let template = tok.as_ref().map(|_| ChatTemplate::Lwm);
+                let dtype = crate::weights::jax::dtype_name(weights.dtype).to_string();
+                let bytes = std::fs::metadata(params).map(|m| m.len()).unwrap_or(0);
+                (config, Box::new(weights), tok, template, dtype, bytes)
+            }
             ModelLocation::HfDir(dir) => {
                 let config = load_hf_config(dir)?;
                 let weights = HfWeights::open(dir)?;
@@ -197,7 +204,7 @@ impl Engine {
         let mut forward = opts.forward;
         forward.numerics = opts.numerics.unwrap_or(match location {
             ModelLocation::Gguf(_) => Numerics::Ggml,
-            ModelLocation::HfDir(_) => Numerics::Exact,
+            ModelLocation::HfDir(_) | ModelLocation::JaxParams(_) => Numerics::Exact,
         });
         let model = Model::load(weights.as_ref(), config, forward)?;
         Ok(Self {

@@ -35,12 +35,14 @@ use std::path::Path;
 pub enum ModelLocation {
     Gguf(PathBuf),
     HfDir(PathBuf),
+    /// An LWM JAX streaming checkpoint (`params::PATH`, or a directory holding `params`).
+    JaxParams(PathBuf),
 }
 
 impl ModelLocation {
     pub fn path(&self) -> &Path {
         match self {
-            ModelLocation::Gguf(p) | ModelLocation::HfDir(p) => p,
+            ModelLocation::Gguf(p) | ModelLocation::HfDir(p) | ModelLocation::JaxParams(p) => p,
         }
     }
 }
@@ -65,6 +67,12 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
             Err(e) => Err(e),
         };
     }
+    if let Some(params) = crate::weights::jax::params_path(spec) {
+        if !params.is_file() {
+            bail!("JAX checkpoint {} not found", params.display());
+        }
+        return Ok(ModelLocation::JaxParams(params));
+    }
     let p = PathBuf::from(spec);
     if p.is_dir() {
         return Ok(ModelLocation::HfDir(p));
@@ -72,7 +80,7 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
     if p.is_file() {
         return Ok(ModelLocation::Gguf(p));
     }
-    bail!("model '{spec}' not found: give a .gguf file, a Hugging Face model directory, `default`, or hf:ORG/NAME")
+    bail!("model '{spec}' not found: give a .gguf file, a Hugging Face model directory, params::JAX_FILE, `default`, or hf:ORG/NAME")
 }
 
 /// Find `ORG/NAME` in the local Hugging Face hub cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`,

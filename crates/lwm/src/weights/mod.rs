@@ -4,6 +4,8 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod jax;
+pub mod msgpack;
 
 use anyhow::Result;
 use candle_core::quantized::QTensor;
