@@ -129,6 +129,8 @@ impl Engine {
                 let template = tok.as_ref().map(|_| ChatTemplate::Lwm);
                 let dtype = crate::weights::jax::dtype_name(weights.dtype).to_string();
                 let bytes = std::fs::metadata(params).map(|m| m.len()).unwrap_or(0);
+                // msgpack has no header: the first MiB holds the first layers' arrays.
+                digest = crate::prompt_cache::file_digest(params, 1 << 20)?;
                 (config, Box::new(weights), tok, template, dtype, bytes)
             }
             ModelLocation::HfDir(dir) => {
