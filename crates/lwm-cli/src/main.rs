@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod needle;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,8 @@ enum Command {
     Info(InfoArgs),
     /// Prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Needle-in-a-haystack evaluation: create a set, run it, report (heatmap + table).
+    Needle(needle::NeedleArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -574,6 +577,7 @@ fn main() {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
+        Command::Needle(a) => needle::run(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod model_source;
+pub mod needle;
 pub mod parallel;
 pub mod quant;
 pub mod rng;
