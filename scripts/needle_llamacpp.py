@@ -72,7 +72,9 @@ def main():
         llm.eval(ids)
         out = []
         while len(out) < answer_tokens and len(ids) + len(out) < n_ctx:
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # Without logits_all, the context holds the last evaluated token's logits only.
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            tok = int(np.argmax(logits))
             if is_eog(tok):
                 break
             out.append(tok)

@@ -50,46 +50,42 @@ fn draw(summary: &Summary, title: &str, buf: &mut [u8]) -> Result<(), Box<dyn st
     root.fill(&WHITE)?;
     let (main, side) = root.split_horizontally(WIDTH - 130);
     let beyond = |l: usize| summary.trained_length.is_some_and(|t| l > t);
-    // Unit cells in f64 coordinates; ticks at the cell centres.
-    let centers = |n: i32| (0..n).map(|i| i as f64 + 0.5).collect::<Vec<f64>>();
+    // Unit cells in f64 coordinates; tick labels are drawn at the cell centres below.
     let mut chart = ChartBuilder::on(&main)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(55)
         .y_label_area_size(70)
-        .build_cartesian_2d(
-            (0f64..ncols as f64).with_key_points(centers(ncols)),
-            (0f64..nrows as f64).with_key_points(centers(nrows)),
-        )?;
-    // Row 0 is drawn at the top: depth 0 (start of the document) reads first.
+        .build_cartesian_2d(0f64..ncols as f64, 0f64..nrows as f64)?;
+    // Rows count up from the bottom and the last row is depth 0: the document start is on top.
     let depth_of_row = |r: i32| depths[(nrows - 1 - r) as usize];
-    let x_fmt = |v: &f64| {
-        let i = v.floor() as i32;
-        if (0..ncols).contains(&i) {
-            let l = lengths[i as usize];
-            format!("{l}{}", if beyond(l) { "*" } else { "" })
-        } else {
-            String::new()
-        }
-    };
-    let y_fmt = |v: &f64| {
-        let r = v.floor() as i32;
-        if (0..nrows).contains(&r) {
-            depth_of_row(r).to_string()
-        } else {
-            String::new()
-        }
-    };
     chart
         .configure_mesh()
         .disable_mesh()
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
+        .x_labels(0)
+        .y_labels(0)
         .x_desc("Context length (tokens)")
         .y_desc("Needle depth (% of document)")
-        .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
         .draw()?;
+    let tick = ("sans-serif", 14).into_font().color(&BLACK);
+    for c in 0..ncols {
+        let l = lengths[c as usize];
+        let (px, py) = chart.backend_coord(&(c as f64 + 0.5, 0.0));
+        root.draw(&Text::new(
+            format!("{l}{}", if beyond(l) { "*" } else { "" }),
+            (px, py + 8),
+            tick.clone().pos(Pos::new(HPos::Center, VPos::Top)),
+        ))?;
+    }
+    for r in 0..nrows {
+        let (px, py) = chart.backend_coord(&(0.0, r as f64 + 0.5));
+        root.draw(&Text::new(
+            depth_of_row(r).to_string(),
+            (px - 8, py),
+            tick.clone().pos(Pos::new(HPos::Right, VPos::Center)),
+        ))?;
+    }
     let mut cells = Vec::new();
     for c in 0..ncols {
         for r in 0..nrows {
@@ -101,6 +97,11 @@ fn draw(summary: &Summary, title: &str, buf: &mut [u8]) -> Result<(), Box<dyn st
         let color = acc.map_or(RGBColor(230, 230, 230), accuracy_color);
         let (x, y) = (c as f64, r as f64);
         Rectangle::new([(x, y), (x + 1.0, y + 1.0)], color.filled())
+    }))?;
+    // Thin white grid lines between cells.
+    chart.draw_series(cells.iter().map(|&(c, r, _)| {
+        let (x, y) = (c as f64, r as f64);
+        Rectangle::new([(x, y), (x + 1.0, y + 1.0)], WHITE.stroke_width(1))
     }))?;
     let centered = Pos::new(HPos::Center, VPos::Center);
     let font_px = if nrows > 14 { 11 } else { 14 };
