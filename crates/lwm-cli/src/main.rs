@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 mod bench;
 mod convert;
+mod needle;
 mod ring;
 
 #[derive(Parser)]
@@ -45,6 +46,8 @@ enum Command {
     RingBench(ring::RingBenchArgs),
     /// Convert LWM JAX params <-> Hugging Face safetensors (byte-exact round trip).
     Convert(convert::ConvertArgs),
+    /// Needle-in-a-haystack evaluation: create a set, run it, report (heatmap + table).
+    Needle(needle::NeedleArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -683,6 +686,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::RingBench(a) => ring::bench(a),
         Command::Convert(a) => convert::run(a),
+        Command::Needle(a) => needle::run(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod memory_plan;
 pub mod model;
 pub mod model_source;
+pub mod needle;
 pub mod parallel;
 pub mod prompt_cache;
 pub mod quant;

@@ -1,0 +1,402 @@
+//! `lwm needle create|run|report`: the needle-in-a-haystack evaluation (lwm::needle).
+
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lwm::needle::haystack::Haystack;
+use lwm::needle::results::{check_against_set, ResultsFile};
+use lwm::needle::run::{order_for_prefix_reuse, planned_prefill, run_cells, RunOptions};
+use lwm::needle::set::{create_set, NeedleSet, PromptFormat, SetParams};
+use lwm::needle::{write_report, HEATMAP_FILE, RESULTS_FILE, SET_FILE, SUMMARY_FILE};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct NeedleArgs {
+    #[command(subcommand)]
+    command: NeedleCommand,
+}
+
+#[derive(Subcommand)]
+enum NeedleCommand {
+    /// Build an evaluation set (JSONL) from a seed, cut with the model's tokenizer.
+    Create(CreateArgs),
+    /// Run the grid greedily, score, and write results, summary, heatmap (resumable).
+    Run(RunArgs),
+    /// Re-render the summary, heatmap and table of a run directory.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Clone)]
+struct GridArgs {
+    /// Context lengths in tokens (prompt + answer budget), comma-separated.
+    #[arg(long, default_value = "1024,2048,4096,8192")]
+    context_lengths: String,
+    /// Needle depths in percent: a comma list (0,10,20) or START:END:STEP.
+    #[arg(long, default_value = "0:100:10")]
+    depths: String,
+    /// Needles per prompt (N); more than one makes a multi-needle set.
+    #[arg(long, default_value_t = 1)]
+    needles: usize,
+    /// Needles asked for (R <= N); default: all of them.
+    #[arg(long)]
+    retrieve: Option<usize>,
+    /// Prompts per cell, each over a different stretch of the haystack.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Tokens the answer may take (each prompt is context length minus this).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Haystack text files or directories (default: the bundled public-domain prose).
+    #[arg(long)]
+    haystack: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    grid: GridArgs,
+    /// Output JSONL file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    grid: GridArgs,
+    /// Run directory: set.jsonl, results.jsonl, summary.json, heatmap.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Run this set (from `lwm needle create`) instead of building one from the flags.
+    #[arg(long)]
+    set: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A run directory of `lwm needle run`.
+    dir: PathBuf,
+}
+
+fn parse_lengths(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|t| {
+            let t = t.trim();
+            t.parse::<usize>()
+                .ok()
+                .filter(|&v| v > 0)
+                .with_context(|| format!("--context-lengths: '{t}' is not a positive integer"))
+        })
+        .collect()
+}
+
+fn parse_depths(s: &str) -> Result<Vec<u32>> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let depths: Vec<u32> = match parts.as_slice() {
+        [start, end, step] => {
+            let num = |t: &str| {
+                t.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--depths: '{t}' is not a whole percentage"))
+            };
+            let (a, b, st) = (num(start)?, num(end)?, num(step)?);
+            if st == 0 || a > b {
+                bail!("--depths {s}: need START <= END and STEP >= 1");
+            }
+            (a..=b).step_by(st as usize).collect()
+        }
+        [_] => s
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--depths: '{}' is not a whole percentage", t.trim()))
+            })
+            .collect::<Result<_>>()?,
+        _ => bail!("--depths {s}: use a comma list (0,50,100) or START:END:STEP"),
+    };
+    Ok(depths)
+}
+
+impl GridArgs {
+    fn params(&self, haystack: &Haystack) -> Result<SetParams> {
+        let mut context_lengths = parse_lengths(&self.context_lengths)?;
+        context_lengths.sort_unstable();
+        context_lengths.dedup();
+        let mut depths = parse_depths(&self.depths)?;
+        depths.sort_unstable();
+        depths.dedup();
+        let p = SetParams {
+            context_lengths,
+            depths,
+            needles: self.needles,
+            retrieve: self.retrieve.unwrap_or(self.needles),
+            samples: self.samples,
+            seed: self.seed,
+            answer_tokens: self.max_new_tokens,
+            haystack: haystack.name.clone(),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+pub fn run(a: NeedleArgs) -> Result<()> {
+    match a.command {
+        NeedleCommand::Create(a) => cmd_create(a),
+        NeedleCommand::Run(a) => cmd_run(a),
+        NeedleCommand::Report(a) => cmd_report(a),
+    }
+}
+
+fn cmd_create(a: CreateArgs) -> Result<()> {
+    let haystack = Haystack::load(&a.grid.haystack)?;
+    let params = a.grid.params(&haystack)?;
+    let engine = a.model.load()?;
+    let model = engine.location.path().display().to_string();
+    let set = create_set(
+        &params,
+        &haystack,
+        &engine.tokenizer,
+        engine.chat_template.as_ref(),
+        &model,
+    )?;
+    set.write(&a.out)?;
+    eprintln!(
+        "{} prompts ({} lengths x {} depths x {} samples, {} needle(s), {} asked) -> {}",
+        set.cases.len(),
+        params.context_lengths.len(),
+        if params.is_multi() {
+            1
+        } else {
+            params.depths.len()
+        },
+        params.samples,
+        params.needles,
+        params.retrieve,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// The run directory's set: the one already there (it must match the flags), the one
+/// given with --set, or a new one built from the flags.
+fn load_or_create_set(a: &RunArgs, engine: &lwm::generate::Engine) -> Result<NeedleSet> {
+    let set_path = a.out.join(SET_FILE);
+    let given = a.set.as_ref().map(|p| NeedleSet::read(p)).transpose()?;
+    if set_path.exists() {
+        let existing = NeedleSet::read(&set_path)?;
+        match &given {
+            Some(g) if g != &existing => bail!(
+                "{} already holds a different set than {}; use a new --out",
+                a.out.display(),
+                a.set
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string())
+            ),
+            Some(_) => {}
+            None => {
+                let haystack = Haystack::load(&a.grid.haystack)?;
+                let params = a.grid.params(&haystack)?;
+                if params != existing.header.needle_set {
+                    bail!(
+                        "{} was started with other parameters ({}); repeat that run's flags to resume it, or use a new --out",
+                        a.out.display(),
+                        serde_json::to_string(&existing.header.needle_set)?
+                    );
+                }
+            }
+        }
+        return Ok(existing);
+    }
+    let set = match given {
+        Some(s) => s,
+        None => {
+            let haystack = Haystack::load(&a.grid.haystack)?;
+            let params = a.grid.params(&haystack)?;
+            create_set(
+                &params,
+                &haystack,
+                &engine.tokenizer,
+                engine.chat_template.as_ref(),
+                &engine.location.path().display().to_string(),
+            )?
+        }
+    };
+    set.write(&set_path)?;
+    Ok(set)
+}
+
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            // Second Ctrl-C: finished cells are already on disk.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping after the current cell (Ctrl-C again to quit now; finished cells are saved)");
+    });
+    flag
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut engine = a.model.load()?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create run directory {}", a.out.display()))?;
+    let set = load_or_create_set(&a, &engine)?;
+    let format = PromptFormat::new(engine.chat_template.as_ref(), &engine.tokenizer)?;
+    set.check_compatible(&engine.tokenizer, &format)?;
+    let stop_strings = engine
+        .chat_template
+        .as_ref()
+        .map(|t| t.stop_strings())
+        .unwrap_or_default();
+
+    // Lengths beyond the trained context run (marked); only what cannot fit is refused.
+    let trained = engine.context_length();
+    let max_len = set
+        .cases
+        .iter()
+        .map(|c| c.context_length)
+        .max()
+        .unwrap_or(0);
+    if max_len > trained {
+        let beyond: Vec<String> = set
+            .header
+            .needle_set
+            .context_lengths
+            .iter()
+            .filter(|&&l| l > trained)
+            .map(|l| l.to_string())
+            .collect();
+        eprintln!(
+            "note: context length(s) {} are beyond the model's trained context ({trained} tokens); running them anyway, marked with * in the table and heatmap",
+            beyond.join(", ")
+        );
+        engine.model.config.max_sequence_length = max_len;
+    }
+    let need = engine.model.weight_bytes() as f64
+        + engine.config().kv_bytes_per_token(4.0) * max_len as f64;
+    if let Some(avail) = mem_available_bytes() {
+        if need > avail as f64 {
+            bail!(
+                "context length {max_len} needs about {:.1} GiB (weights + KV cache) but only {:.1} GiB of memory is available; drop the longest --context-lengths",
+                need / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+
+    let results_path = a.out.join(RESULTS_FILE);
+    let results_file = ResultsFile::new(&results_path);
+    let loaded = results_file.load_for_resume()?;
+    if let Some(note) = &loaded.repaired {
+        eprintln!("note: {note}");
+    }
+    check_against_set(&loaded.results, &set.cases, &results_path)?;
+    let done: HashSet<&str> = loaded.results.iter().map(|r| r.id.as_str()).collect();
+    let todo: Vec<_> = set
+        .cases
+        .iter()
+        .filter(|c| !done.contains(c.id.as_str()))
+        .collect();
+    if !done.is_empty() {
+        eprintln!(
+            "resuming {}: {} of {} cells already done",
+            a.out.display(),
+            done.len(),
+            set.cases.len()
+        );
+    }
+    let ordered = order_for_prefix_reuse(&todo);
+    let plan = planned_prefill(&ordered);
+    let answer_tokens = set.header.needle_set.answer_tokens;
+    let work: u64 = plan.iter().map(|&p| (p + answer_tokens) as u64).sum();
+    let bar = indicatif::ProgressBar::new(work);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {msg} | {pos}/{len} tokens to prefill+decode, {elapsed} elapsed, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let total_cells = ordered.len();
+    bar.set_message(format!("cell 0/{total_cells}"));
+    let interrupt = interrupt_flag();
+    let opts = RunOptions {
+        answer_tokens,
+        prefill_chunk: a.model.prefill_chunk,
+        trained_length: trained,
+        stop: stop_strings,
+    };
+    let mut n = 0usize;
+    let mut correct = 0usize;
+    let totals = run_cells(&engine, &ordered, &opts, &interrupt, &mut |r| {
+        results_file.append(r)?;
+        n += 1;
+        correct += r.correct as usize;
+        bar.inc((r.prefilled_tokens + answer_tokens) as u64);
+        bar.set_message(format!("cell {n}/{total_cells}, {correct} correct"));
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+
+    let summary = write_report(&a.out)?;
+    print!("{}", summary.table());
+    eprintln!(
+        "this run: {} cells, {} prompt tokens evaluated, {} prefilled ({} reused from the shared-prefix cache), {:.1}s wall",
+        totals.cells,
+        totals.prompt_tokens,
+        totals.prefilled_tokens,
+        totals.reused_tokens,
+        t0.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "wrote {} / {} / {} in {}",
+        RESULTS_FILE,
+        SUMMARY_FILE,
+        HEATMAP_FILE,
+        a.out.display()
+    );
+    if totals.interrupted {
+        eprintln!(
+            "interrupted: {} of {} cells done; run the same command again to resume",
+            summary.cells_done, summary.cells_total
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn cmd_report(a: ReportArgs) -> Result<()> {
+    if !a.dir.is_dir() {
+        bail!("{} is not a directory", a.dir.display());
+    }
+    let summary = write_report(&a.dir)?;
+    print!("{}", summary.table());
+    eprintln!(
+        "wrote {} and {} in {}",
+        SUMMARY_FILE,
+        HEATMAP_FILE,
+        Path::new(&a.dir).display()
+    );
+    Ok(())
+}
