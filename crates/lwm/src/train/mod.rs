@@ -1,0 +1,5 @@
+//! Training: blockwise attention with a blockwise backward (`attention_grad`), a trainable
+//! LLaMA matching the inference forward (`model`), packed data with segment ids (`data`,
+//! `packing`), loss weighting, and the optimizer loop.
+
+pub mod attention_grad;
