@@ -3,3 +3,5 @@
 //! `packing`), loss weighting, and the optimizer loop.
 
 pub mod attention_grad;
+pub mod loss;
+pub mod model;
