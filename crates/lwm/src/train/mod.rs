@@ -3,5 +3,7 @@
 //! `packing`), loss weighting, and the optimizer loop.
 
 pub mod attention_grad;
+pub mod data;
 pub mod loss;
 pub mod model;
+pub mod packing;
