@@ -3,7 +3,12 @@
 //! `packing`), loss weighting, and the optimizer loop.
 
 pub mod attention_grad;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod packing;
+pub mod run;
+pub mod schedule;

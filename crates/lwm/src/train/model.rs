@@ -222,6 +222,37 @@ impl TrainModel {
         );
     }
 
+    /// The same model in the rotate-half (Hugging Face) channel layout: q/k output rows of
+    /// each head reordered evens-then-odds (the permutation of LWM's `jax2hf.py`).
+    pub fn into_rotate_half(mut self) -> Result<Self> {
+        if self.config.rope_layout == RopeLayout::RotateHalf {
+            return Ok(self);
+        }
+        let hd = self.config.head_dim;
+        let order: Vec<u32> = (0..hd / 2)
+            .map(|i| 2 * i as u32)
+            .chain((0..hd / 2).map(|i| 2 * i as u32 + 1))
+            .collect();
+        for i in 0..self.config.num_hidden_layers {
+            for (proj, heads) in [
+                ("self_attn.q_proj.weight", self.config.num_attention_heads),
+                ("self_attn.k_proj.weight", self.config.num_key_value_heads),
+            ] {
+                let var = &self.params[&layer_name(i, proj)];
+                let rows: Vec<u32> = (0..heads)
+                    .flat_map(|h| order.iter().map(move |&r| (h * hd) as u32 + r))
+                    .collect();
+                let idx = Tensor::from_vec(rows, heads * hd, &Device::Cpu)?;
+                let permuted = var.as_tensor().index_select(&idx, 0)?;
+                var.set(&permuted)?;
+            }
+        }
+        self.config.rope_layout = RopeLayout::RotateHalf;
+        let theta = self.config.theta;
+        self.set_theta(theta);
+        Ok(self)
+    }
+
     pub fn params(&self) -> &BTreeMap<String, Var> {
         &self.params
     }
