@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,10 @@ enum Command {
     Info(InfoArgs),
     /// Prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Train or extend a model from a TOML config (stages, checkpoints, --resume).
+    Train(train::TrainArgs),
+    /// Training tokens/s and peak memory per sequence length (blockwise attention).
+    TrainBench(train::TrainBenchArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -574,6 +579,8 @@ fn main() {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::cmd_train(a),
+        Command::TrainBench(a) => train::cmd_train_bench(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(
