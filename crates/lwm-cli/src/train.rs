@@ -88,6 +88,14 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         stop: Some(stop),
         max_global_steps: None,
     };
+    // A hidden bar swallows println: quiet runs print to stderr directly.
+    let say = |line: String| {
+        if a.quiet {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::StageStart {
             stage,
@@ -96,7 +104,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             steps,
             from_step,
         } => {
-            bar.println(format!(
+            say(format!(
                 "stage {stage}: seq_len {seq_len}, theta {theta}, {steps} steps (from step {from_step})"
             ));
         }
@@ -111,13 +119,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 s.stage, s.loss, s.tokens_per_s, s.lr
             ));
             if a.quiet || s.eval_loss.is_some() {
-                bar.println(serde_json::to_string(s).unwrap_or_default());
+                say(serde_json::to_string(s).unwrap_or_default());
             }
         }
-        TrainEvent::Saved(p) => bar.println(format!("saved {}", p.display())),
+        TrainEvent::Saved(p) => say(format!("saved {}", p.display())),
         TrainEvent::SkippedLines(lines) => {
             for l in lines {
-                bar.println(format!("skipped malformed line {l}"));
+                say(format!("skipped malformed line {l}"));
             }
         }
     };

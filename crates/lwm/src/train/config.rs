@@ -262,6 +262,9 @@ pub struct Stage {
     pub theta: f64,
     pub steps: u64,
     pub lr: Option<f64>,
+    /// Data of this stage (longer documents for longer contexts); default `data.files`.
+    #[serde(default)]
+    pub files: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,10 +288,36 @@ impl TrainConfig {
         Ok(c)
     }
 
+    /// Read a config file; relative paths in it are relative to the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut c = Self::from_toml(&text, &path.display().to_string())?;
+        if let Some(base) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            c.resolve_paths(base);
+        }
+        Ok(c)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        self.data.files.iter_mut().for_each(fix);
+        self.data.eval_files.iter_mut().for_each(fix);
+        for s in &mut self.stages {
+            if let Some(f) = &mut s.files {
+                f.iter_mut().for_each(fix);
+            }
+        }
+        fix(&mut self.train.out_dir);
+        for spec in [&mut self.data.tokenizer, &mut self.model.init] {
+            if spec != "bytes" && spec != "scratch" && Path::new(spec.as_str()).is_relative() {
+                *spec = base.join(spec.as_str()).display().to_string();
+            }
+        }
     }
 
     pub fn to_toml(&self) -> String {
@@ -303,6 +332,7 @@ impl TrainConfig {
                 theta: self.model.theta,
                 steps: self.train.steps,
                 lr: None,
+                files: None,
             }]
         } else {
             self.stages.clone()

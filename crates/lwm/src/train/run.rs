@@ -189,7 +189,6 @@ pub fn run(
     let log_path = out.join("train.jsonl");
     let enc = load_encoder(&cfg.data.tokenizer)?;
     let stages = cfg.stages();
-    let mut reader = DocumentReader::new(cfg.data_spec(&cfg.data.files), enc.clone())?;
 
     let resumed = if opts.resume {
         checkpoint::latest(out)?
@@ -236,12 +235,29 @@ pub fn run(
     let mut final_loss = None;
     let vision = model.config.vision_vocab_size > 0;
     let stopped = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    let resumed_stage = opts.resume.then_some(state.stage);
+    let mut reader_files: Option<Vec<PathBuf>> = None;
+    let mut reader: Option<DocumentReader> = None;
 
     for (si, stage) in stages.iter().enumerate().skip(state.stage) {
         if si != state.stage {
             state.stage = si;
             state.stage_step = 0;
         }
+        // A stage with its own files reads them from the start (or the saved position when
+        // resuming inside it); a stage on the same files continues the stream.
+        let files = stage
+            .files
+            .clone()
+            .unwrap_or_else(|| cfg.data.files.clone());
+        if reader_files.as_ref() != Some(&files) {
+            if resumed_stage != Some(si) && reader_files.is_some() {
+                state.data = Default::default();
+            }
+            reader = Some(DocumentReader::new(cfg.data_spec(&files), enc.clone())?);
+            reader_files = Some(files);
+        }
+        let reader = reader.as_mut().expect("created above");
         model.set_theta(stage.theta);
         model.config.max_sequence_length = model.config.max_sequence_length.max(stage.seq_len);
         let mut packer = Packer::new(
@@ -250,7 +266,7 @@ pub fn run(
             cfg.data.split_documents,
         );
         packer.vision = vision;
-        packer.restore(&mut reader, state.data.clone())?;
+        packer.restore(reader, state.data.clone())?;
         let mut opt = AdamW::new(cfg.optim.adamw(stage.lr), model.params());
         if let Some(t) = opt_state.take() {
             opt.load_state(
@@ -286,7 +302,7 @@ pub fn run(
             let mut loss_sum = 0.0f64;
             let mut tokens = 0u64;
             for _ in 0..cfg.train.grad_accum {
-                let batch = packer.next_batch(&mut reader)?;
+                let batch = packer.next_batch(reader)?;
                 tokens += (batch.input.batch * batch.input.len) as u64;
                 let loss = batch_loss(&model, &batch)?;
                 let value = loss.to_scalar::<f32>()? as f64;
@@ -321,7 +337,7 @@ pub fn run(
             state.stage_step += 1;
             state.global_step += 1;
             state.tokens_seen += tokens;
-            state.data = packer.state(&reader);
+            state.data = packer.state(reader);
             state.model = model.config.clone();
             let loss = loss_sum / cfg.train.grad_accum as f64;
             final_loss = Some(loss);
@@ -358,7 +374,7 @@ pub fn run(
             }
         }
         // The next stage starts from this stage's final weights (just saved) and data position.
-        state.data = packer.state(&reader);
+        state.data = packer.state(reader);
     }
     Ok(RunSummary {
         global_step: state.global_step,
