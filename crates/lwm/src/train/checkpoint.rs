@@ -79,16 +79,71 @@ fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
     Ok(())
 }
 
+/// A `tokenizer.json` equal to `data::ByteEncoder`: BPE without merges whose byte fallback
+/// maps byte b to `<0xBB>` = id b + 3; `<unk>` 0, `<s>` 1, `</s>` 2.
+pub fn byte_tokenizer_json() -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for b in 0..256u32 {
+        vocab.insert(format!("<0x{b:02X}>"), (b + 3).into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": []}
+    })
+}
+
+fn write_tokenizer(dir: &Path, spec: &str) -> Result<()> {
+    if spec == "bytes" {
+        return write_synced(
+            &dir.join("tokenizer.json"),
+            serde_json::to_string(&byte_tokenizer_json())?.as_bytes(),
+        );
+    }
+    let src = Path::new(spec);
+    let name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".json") || name.ends_with(".model") {
+        let dst = if name.ends_with(".json") {
+            "tokenizer.json"
+        } else {
+            "tokenizer.model"
+        };
+        let bytes =
+            std::fs::read(src).with_context(|| format!("reading tokenizer {}", src.display()))?;
+        write_synced(&dir.join(dst), &bytes)?;
+    }
+    Ok(())
+}
+
 pub fn checkpoint_name(stage: usize, stage_step: u64) -> String {
     format!("stage{stage}-step{stage_step:08}")
 }
 
 /// Write a checkpoint atomically and point `OUT/latest` at it. Returns its directory.
+///
+/// `tokenizer` is the data's tokenizer (`bytes` or a file): a byte tokenizer is written as an
+/// equivalent `tokenizer.json`, a tokenizer file is copied, so `lwm` runs the checkpoint as is.
 pub fn save(
     out_dir: &Path,
     model: &TrainModel,
     opt: &AdamW,
     state: &TrainState,
+    tokenizer: &str,
 ) -> Result<PathBuf> {
     if model.config.rope_layout != RopeLayout::RotateHalf {
         bail!("checkpoints store rotate-half weights; convert the model first");
@@ -120,6 +175,7 @@ pub fn save(
             &tmp.join("state.json"),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
+        write_tokenizer(&tmp, tokenizer)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         Ok(())
     })();

@@ -289,7 +289,7 @@ pub fn run(
                     .max_global_steps
                     .is_some_and(|m| state.global_step >= m)
             {
-                let dir = checkpoint::save(out, &model, &opt, &state)?;
+                let dir = checkpoint::save(out, &model, &opt, &state, &cfg.data.tokenizer)?;
                 on_event(TrainEvent::Saved(&dir));
                 return Ok(RunSummary {
                     global_step: state.global_step,
@@ -368,7 +368,7 @@ pub fn run(
             if end_of_stage
                 || (cfg.train.save_every > 0 && state.stage_step % cfg.train.save_every == 0)
             {
-                let dir = checkpoint::save(out, &model, &opt, &state)?;
+                let dir = checkpoint::save(out, &model, &opt, &state, &cfg.data.tokenizer)?;
                 on_event(TrainEvent::Saved(&dir));
                 last_good = Some(dir);
             }
