@@ -72,10 +72,7 @@ fn packed_batch_equals_documents_one_by_one() {
     let mut packer = Packer::new(64, 2, false);
     let batch = packer.next_batch(&mut reader).unwrap();
     let segs = batch.input.segment_ids.clone().unwrap();
-    assert!(
-        segs[..64].iter().any(|&s| s == 1),
-        "row 0 holds several documents"
-    );
+    assert!(segs[..64].contains(&1), "row 0 holds several documents");
 
     let logits = model.forward(&batch.input).unwrap();
     let packed_nll = flat(&token_nll(&logits.text, &batch.targets.tokens).unwrap());

@@ -374,7 +374,7 @@ impl TrainConfig {
     /// Shape of a from-scratch model (rotate-half RoPE, untied head).
     pub fn scratch_model(&self) -> Result<ModelConfig> {
         let m = &self.model;
-        if m.num_attention_heads == 0 || m.hidden_size % m.num_attention_heads != 0 {
+        if m.num_attention_heads == 0 || !m.hidden_size.is_multiple_of(m.num_attention_heads) {
             bail!(
                 "model.hidden_size {} is not a multiple of num_attention_heads {}",
                 m.hidden_size,

@@ -170,7 +170,7 @@ pub fn process_record(
                             })
                     })
                     .collect::<Result<_>>()?;
-                if codes.is_empty() || codes.len() % CODES_PER_FRAME != 0 {
+                if codes.is_empty() || !codes.len().is_multiple_of(CODES_PER_FRAME) {
                     bail!(
                         "vision field '{name}' has {} codes, not a positive multiple of {CODES_PER_FRAME}",
                         codes.len()
