@@ -16,6 +16,7 @@ mod bench;
 mod convert;
 mod needle;
 mod ring;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,10 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Needle-in-a-haystack evaluation: create a set, run it, report (heatmap + table).
     Needle(needle::NeedleArgs),
+    /// Train or extend a model from a TOML config (stages, checkpoints, --resume).
+    Train(train::TrainArgs),
+    /// Training tokens/s and peak memory per sequence length (blockwise attention).
+    TrainBench(train::TrainBenchArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -687,6 +692,8 @@ fn main() {
         Command::RingBench(a) => ring::bench(a),
         Command::Convert(a) => convert::run(a),
         Command::Needle(a) => needle::run(a),
+        Command::Train(a) => train::cmd_train(a),
+        Command::TrainBench(a) => train::cmd_train_bench(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

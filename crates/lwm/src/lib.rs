@@ -23,6 +23,7 @@ pub mod rng;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 /// Use `n` worker threads for every parallel kernel (rayon and candle's GEMM); 0 keeps the

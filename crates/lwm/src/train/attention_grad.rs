@@ -1,0 +1,508 @@
+//! Blockwise attention with a blockwise backward pass from the saved log-sum-exp, and the
+//! candle custom op that lets autograd train through it.
+//!
+//! Forward (per head) is the inference primitive `attend_block` over (query chunk × key
+//! block) tiles; it keeps only `out` and `lse_i = log Σ_j exp(s_ij)`. Backward recomputes
+//! each tile's probabilities from `lse` (FlashAttention-2), so no L × L matrix ever exists:
+//!
+//! ```text
+//!   s_ij  = scale · q_i·k_j              (masked: p_ij = 0)
+//!   p_ij  = exp(s_ij − lse_i)
+//!   D_i   = Σ_t dO_it · O_it
+//!   dp_ij = dO_i · v_j
+//!   ds_ij = p_ij · (dp_ij − D_i)
+//!   dQ_i += scale · ds_ij · k_j          (pass 1: tiles over query chunks)
+//!   dK_j += scale · ds_ij · q_i          (pass 2: tiles over key chunks, summed over the
+//!   dV_j += p_ij · dO_i                   query heads sharing the KV head)
+//! ```
+//!
+//! Two passes instead of one with atomic adds: every tile writes only its own rows, so
+//! tiles run in parallel without locks, at the cost of computing `p` twice.
+//! Masks: causal by index in the sequence, and segment ids (packing): query i sees key j
+//! only when `seg_i == seg_j`. Fully masked rows give zero output and zero gradients.
+
+use crate::attention::{attend_block, BlockMask, Chunking, Partial};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// Sizes of one attention call: q is (batch, len, heads, d), k and v (batch, len, kv_heads, d).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+}
+
+impl AttnDims {
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+/// Which pairs attend, and the tile sizes.
+#[derive(Debug, Clone)]
+pub struct AttnMasking {
+    pub causal: bool,
+    /// (batch × len) segment ids, or none (one segment per row).
+    pub segment_ids: Option<Arc<Vec<u32>>>,
+    pub chunking: Chunking,
+}
+
+impl AttnMasking {
+    pub fn causal(chunking: Chunking) -> Self {
+        Self {
+            causal: true,
+            segment_ids: None,
+            chunking,
+        }
+    }
+
+    fn segments(&self, dims: &AttnDims, b: usize) -> Option<&[u32]> {
+        self.segment_ids
+            .as_deref()
+            .map(|s| &s[b * dims.len..(b + 1) * dims.len])
+    }
+}
+
+/// One head of a (batch, len, n_heads, d) buffer as contiguous (len × d) rows.
+fn gather_head(x: &[f32], dims: &AttnDims, n_heads: usize, b: usize, h: usize) -> Vec<f32> {
+    let (l, d) = (dims.len, dims.d);
+    let mut out = Vec::with_capacity(l * d);
+    for t in 0..l {
+        let base = ((b * l + t) * n_heads + h) * d;
+        out.extend_from_slice(&x[base..base + d]);
+    }
+    out
+}
+
+fn scatter_rows(
+    dst: &mut [f32],
+    dims: &AttnDims,
+    n_heads: usize,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: &[f32],
+) {
+    let d = dims.d;
+    for (i, row) in rows.chunks_exact(d).enumerate() {
+        let base = ((b * dims.len + r0 + i) * n_heads + h) * d;
+        dst[base..base + d].copy_from_slice(row);
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for t in 0..8 {
+            acc[t] += x[t] * y[t];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for t in chunks * 8..a.len() {
+        s += a[t] * b[t];
+    }
+    s
+}
+
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Forward: `out` (batch, len, heads, d) and `lse` (batch, heads, len).
+pub fn blockwise_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: &AttnDims,
+    masking: &AttnMasking,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttnDims {
+        batch,
+        len,
+        heads,
+        kv_heads,
+        d,
+    } = *dims;
+    let group = heads / kv_heads;
+    let qc = masking.chunking.query_chunk.max(1);
+    let kc = masking.chunking.key_chunk.max(1);
+    let scale = dims.scale();
+    let kv_heads_rows: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * kv_heads, |i| {
+        let (b, h) = (i / kv_heads, i % kv_heads);
+        (
+            gather_head(k, dims, kv_heads, b, h),
+            gather_head(v, dims, kv_heads, b, h),
+        )
+    });
+    let chunks = len.div_ceil(qc);
+    let tiles: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * heads * chunks, |t| {
+        let (bh, c) = (t / chunks, t % chunks);
+        let (b, h) = (bh / heads, bh % heads);
+        let r0 = c * qc;
+        let rows = qc.min(len - r0);
+        let q_tile = gather_rows(q, dims, heads, b, h, r0, rows);
+        let (kh, vh) = &kv_heads_rows[b * kv_heads + h / group];
+        let seg = masking.segments(dims, b);
+        let k_end = if masking.causal { r0 + rows } else { len };
+        let mut st = Partial::new(rows, d);
+        let mut k0 = 0;
+        while k0 < k_end {
+            let k1 = (k0 + kc).min(k_end);
+            let mask = BlockMask {
+                q_pos0: r0,
+                k_pos0: k0,
+                causal: masking.causal,
+                q_segments: seg.map(|s| &s[r0..r0 + rows]),
+                k_segments: seg.map(|s| &s[k0..k1]),
+            };
+            attend_block(
+                &q_tile,
+                d,
+                &kh[k0 * d..k1 * d],
+                &vh[k0 * d..k1 * d],
+                scale,
+                &mask,
+                &mut st,
+            );
+            k0 = k1;
+        }
+        let mut o = vec![0.0f32; rows * d];
+        st.finish_into(&mut o);
+        (o, st.lse())
+    });
+    let mut out = vec![0.0f32; q.len()];
+    let mut lse = vec![f32::NEG_INFINITY; batch * heads * len];
+    for (t, (o, l)) in tiles.into_iter().enumerate() {
+        let (bh, c) = (t / chunks, t % chunks);
+        let (b, h) = (bh / heads, bh % heads);
+        let r0 = c * qc;
+        scatter_rows(&mut out, dims, heads, b, h, r0, &o);
+        lse[bh * len + r0..bh * len + r0 + l.len()].copy_from_slice(&l);
+    }
+    (out, lse)
+}
+
+/// Rows r0..r0+rows of one head as a contiguous (rows × d) buffer.
+fn gather_rows(
+    x: &[f32],
+    dims: &AttnDims,
+    n_heads: usize,
+    b: usize,
+    h: usize,
+    r0: usize,
+    rows: usize,
+) -> Vec<f32> {
+    let d = dims.d;
+    let mut out = Vec::with_capacity(rows * d);
+    for t in r0..r0 + rows {
+        let base = ((b * dims.len + t) * n_heads + h) * d;
+        out.extend_from_slice(&x[base..base + d]);
+    }
+    out
+}
+
+/// Gradients of the attention output w.r.t. q, k, v, from `out`, `lse` and `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn blockwise_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dims: &AttnDims,
+    masking: &AttnMasking,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnDims {
+        batch,
+        len,
+        heads,
+        kv_heads,
+        d,
+    } = *dims;
+    let group = heads / kv_heads;
+    let qc = masking.chunking.query_chunk.max(1);
+    let kc = masking.chunking.key_chunk.max(1);
+    let scale = dims.scale();
+    // Per (b, h): contiguous q, dO and D_i = dO_i·O_i; per (b, kv head): k, v.
+    let q_heads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * heads, |i| {
+        let (b, h) = (i / heads, i % heads);
+        let qh = gather_head(q, dims, heads, b, h);
+        let oh = gather_head(out, dims, heads, b, h);
+        let doh = gather_head(dout, dims, heads, b, h);
+        let delta = oh
+            .chunks_exact(d)
+            .zip(doh.chunks_exact(d))
+            .map(|(o, g)| dot(o, g))
+            .collect();
+        (qh, doh, delta)
+    });
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * kv_heads, |i| {
+        let (b, h) = (i / kv_heads, i % kv_heads);
+        (
+            gather_head(k, dims, kv_heads, b, h),
+            gather_head(v, dims, kv_heads, b, h),
+        )
+    });
+    let visible = |seg: Option<&[u32]>, i: usize, j: usize| -> bool {
+        (!masking.causal || j <= i) && seg.is_none_or(|s| s[i] == s[j])
+    };
+
+    // Pass 1: dQ, one tile per (b, h, query chunk), looping over key blocks.
+    let q_chunks = len.div_ceil(qc);
+    let dq_tiles: Vec<Vec<f32>> = crate::parallel::map(batch * heads * q_chunks, |t| {
+        let (bh, c) = (t / q_chunks, t % q_chunks);
+        let (b, h) = (bh / heads, bh % heads);
+        let (qh, doh, delta) = &q_heads[bh];
+        let (kh, vh) = &kv[b * kv_heads + h / group];
+        let seg = masking.segments(dims, b);
+        let r0 = c * qc;
+        let rows = qc.min(len - r0);
+        let k_end = if masking.causal { r0 + rows } else { len };
+        let mut dq = vec![0.0f32; rows * d];
+        for k0 in (0..k_end).step_by(kc) {
+            let k1 = (k0 + kc).min(k_end);
+            for i in r0..r0 + rows {
+                let lse_i = lse[bh * len + i];
+                if lse_i == f32::NEG_INFINITY {
+                    continue;
+                }
+                let (qi, gi) = (&qh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
+                let dqi = &mut dq[(i - r0) * d..(i - r0 + 1) * d];
+                for j in k0..k1 {
+                    if !visible(seg, i, j) {
+                        continue;
+                    }
+                    let kj = &kh[j * d..(j + 1) * d];
+                    let p = (scale * dot(qi, kj) - lse_i).exp();
+                    let ds = p * (dot(gi, &vh[j * d..(j + 1) * d]) - delta[i]);
+                    axpy(dqi, scale * ds, kj);
+                }
+            }
+        }
+        dq
+    });
+
+    // Pass 2: dK, dV, one tile per (b, kv head, key chunk), looping over the query rows of
+    // every head in the group.
+    let k_chunks = len.div_ceil(kc);
+    let dkv_tiles: Vec<(Vec<f32>, Vec<f32>)> =
+        crate::parallel::map(batch * kv_heads * k_chunks, |t| {
+            let (bkv, c) = (t / k_chunks, t % k_chunks);
+            let (b, kvh) = (bkv / kv_heads, bkv % kv_heads);
+            let (kh, vh) = &kv[bkv];
+            let seg = masking.segments(dims, b);
+            let k0 = c * kc;
+            let cols = kc.min(len - k0);
+            let mut dk = vec![0.0f32; cols * d];
+            let mut dv = vec![0.0f32; cols * d];
+            let q_start = if masking.causal { k0 } else { 0 };
+            for h in kvh * group..(kvh + 1) * group {
+                let bh = b * heads + h;
+                let (qh, doh, delta) = &q_heads[bh];
+                for i in q_start..len {
+                    let lse_i = lse[bh * len + i];
+                    if lse_i == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let (qi, gi) = (&qh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
+                    for j in k0..k0 + cols {
+                        if !visible(seg, i, j) {
+                            continue;
+                        }
+                        let p = (scale * dot(qi, &kh[j * d..(j + 1) * d]) - lse_i).exp();
+                        let ds = p * (dot(gi, &vh[j * d..(j + 1) * d]) - delta[i]);
+                        let jj = j - k0;
+                        axpy(&mut dv[jj * d..(jj + 1) * d], p, gi);
+                        axpy(&mut dk[jj * d..(jj + 1) * d], scale * ds, qi);
+                    }
+                }
+            }
+            (dk, dv)
+        });
+
+    let mut dq = vec![0.0f32; q.len()];
+    for (t, tile) in dq_tiles.iter().enumerate() {
+        let (bh, c) = (t / q_chunks, t % q_chunks);
+        scatter_rows(&mut dq, dims, heads, bh / heads, bh % heads, c * qc, tile);
+    }
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    for (t, (tk, tv)) in dkv_tiles.iter().enumerate() {
+        let (bkv, c) = (t / k_chunks, t % k_chunks);
+        let (b, h) = (bkv / kv_heads, bkv % kv_heads);
+        scatter_rows(&mut dk, dims, kv_heads, b, h, c * kc, tk);
+        scatter_rows(&mut dv, dims, kv_heads, b, h, c * kc, tv);
+    }
+    (dq, dk, dv)
+}
+
+/// The custom op: inputs q (B, L, H, D), k, v (B, L, KVH, D), all f32; output
+/// (B, L, H, D + 1) whose last column is `lse` (so backward gets it without hidden state).
+/// Use `blockwise_attention`, which drops that column; gradients flowing into the `lse`
+/// column are ignored (nothing downstream uses it).
+struct BlockwiseAttentionOp {
+    masking: AttnMasking,
+}
+
+fn dims_of(lq: &Layout, lk: &Layout) -> candle_core::Result<AttnDims> {
+    let (qd, kd) = (lq.dims(), lk.dims());
+    if qd.len() != 4
+        || kd.len() != 4
+        || qd[0] != kd[0]
+        || qd[1] != kd[1]
+        || qd[3] != kd[3]
+        || kd[2] == 0
+        || qd[2] % kd[2] != 0
+    {
+        candle_core::bail!("blockwise attention: q {qd:?} and k/v {kd:?} must be (B, L, H, D) with H a multiple of the KV heads");
+    }
+    Ok(AttnDims {
+        batch: qd[0],
+        len: qd[1],
+        heads: qd[2],
+        kv_heads: kd[2],
+        d: qd[3],
+    })
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("blockwise attention needs contiguous f32 inputs"),
+    }
+}
+
+impl CustomOp3 for BlockwiseAttentionOp {
+    fn name(&self) -> &'static str {
+        "blockwise-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = dims_of(l1, l2)?;
+        if l3.dims() != l2.dims() {
+            candle_core::bail!(
+                "blockwise attention: v {:?} differs from k {:?}",
+                l3.dims(),
+                l2.dims()
+            );
+        }
+        if let Some(s) = &self.masking.segment_ids {
+            if s.len() != dims.batch * dims.len {
+                candle_core::bail!(
+                    "segment ids: {} values for batch {} × len {}",
+                    s.len(),
+                    dims.batch,
+                    dims.len
+                );
+            }
+        }
+        let (q, k, v) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let (out, lse) = blockwise_forward(q, k, v, &dims, &self.masking);
+        let d = dims.d;
+        let mut packed = Vec::with_capacity(out.len() / d * (d + 1));
+        for (r, row) in out.chunks_exact(d).enumerate() {
+            // Row r is (b, t, h) in order.
+            let h = r % dims.heads;
+            let t = (r / dims.heads) % dims.len;
+            let b = r / (dims.heads * dims.len);
+            packed.extend_from_slice(row);
+            packed.push(lse[(b * dims.heads + h) * dims.len + t]);
+        }
+        Ok((
+            CpuStorage::F32(packed),
+            Shape::from((dims.batch, dims.len, dims.heads, d + 1)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, l, h, d1) = res.dims4()?;
+        let d = d1 - 1;
+        let dims = AttnDims {
+            batch: b,
+            len: l,
+            heads: h,
+            kv_heads: k.dim(2)?,
+            d,
+        };
+        let flat =
+            |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+        let packed = flat(res)?;
+        let grad = flat(grad_res)?;
+        let mut out = Vec::with_capacity(b * l * h * d);
+        let mut dout = Vec::with_capacity(b * l * h * d);
+        let mut lse = vec![0.0f32; b * h * l];
+        for (r, (row, g)) in packed
+            .chunks_exact(d1)
+            .zip(grad.chunks_exact(d1))
+            .enumerate()
+        {
+            out.extend_from_slice(&row[..d]);
+            dout.extend_from_slice(&g[..d]);
+            let (hh, t, bb) = (r % h, (r / h) % l, r / (h * l));
+            lse[(bb * h + hh) * l + t] = row[d];
+        }
+        let (dq, dk, dv) = blockwise_backward(
+            &flat(q)?,
+            &flat(k)?,
+            &flat(v)?,
+            &out,
+            &lse,
+            &dout,
+            &dims,
+            &self.masking,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Differentiable blockwise attention: q (B, L, H, D), k, v (B, L, KVH, D) → (B, L, H, D).
+pub fn blockwise_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masking: &AttnMasking,
+) -> candle_core::Result<Tensor> {
+    let d = q.dim(3)?;
+    let packed = q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        BlockwiseAttentionOp {
+            masking: masking.clone(),
+        },
+    )?;
+    packed.narrow(3, 0, d)
+}

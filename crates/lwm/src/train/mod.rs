@@ -1,0 +1,14 @@
+//! Training: blockwise attention with a blockwise backward (`attention_grad`), a trainable
+//! LLaMA matching the inference forward (`model`), packed data with segment ids (`data`,
+//! `packing`), loss weighting, and the optimizer loop.
+
+pub mod attention_grad;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod packing;
+pub mod run;
+pub mod schedule;
