@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod serve;
+mod structured;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +41,8 @@ enum Command {
     Info(InfoArgs),
     /// Prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics).
+    Serve(serve::ServeArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -176,6 +180,8 @@ struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    structured: structured::StructuredArgs,
     /// The prompt text.
     #[arg(short, long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
@@ -193,6 +199,8 @@ struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    structured: structured::StructuredArgs,
     /// One message: answer it and exit (otherwise read turns from stdin).
     #[arg(long)]
     message: Option<String>,
@@ -307,6 +315,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.ignore_eos = a.sampling.ignore_eos;
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
+    req.grammar = a.structured.grammar(&engine)?;
     let stop = interrupt_flag();
     let out = engine.generate(&req, &mut stream_to_stdout(stop))?;
     println!();
@@ -342,6 +351,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         stops.extend(t.stop_strings());
     }
     let stop_flag = interrupt_flag();
+    let grammar = a.structured.grammar(&engine)?;
     let mut cache = engine.model.new_cache();
     let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
         let content = match document.take() {
@@ -358,6 +368,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         req.ignore_eos = a.sampling.ignore_eos;
         req.prefill_chunk = a.model.prefill_chunk;
         req.on_prefill = prefill_bar(req.prompt_ids.len());
+        req.grammar = grammar.clone();
         stop_flag.store(false, Ordering::SeqCst);
         // The cache keeps earlier turns: only the part of the prompt it does not already
         // hold (checked token by token) is prefilled.
@@ -574,6 +585,7 @@ fn main() {
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(
