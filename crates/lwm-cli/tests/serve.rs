@@ -23,10 +23,7 @@ fn default_model() -> Option<String> {
 
 fn python_with_openai() -> Option<String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python)
-        .args(["-c", "import openai"])
-        .output()
-    {
+    match Command::new(&python).args(["-c", "import openai"]).output() {
         Ok(o) if o.status.success() => Some(python),
         Ok(o) => {
             eprintln!(
@@ -55,7 +52,15 @@ impl Drop for Server {
 /// Start `lwm serve` on a free port; returns the server and its base URL.
 fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"])
+        .args([
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -84,7 +89,10 @@ fn openai_client_against_lwm_serve() {
     let Some(python) = python_with_openai() else {
         return;
     };
-    let (_server, url) = start_server(&model, &["--max-body-bytes", "65536", "--max-tokens-limit", "512"]);
+    let (_server, url) = start_server(
+        &model,
+        &["--max-body-bytes", "65536", "--max-tokens-limit", "512"],
+    );
     let model_id = PathBuf::from(&model)
         .file_stem()
         .unwrap()
@@ -115,5 +123,8 @@ fn serve_rejects_a_bad_model_cleanly() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("error:") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("error:") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

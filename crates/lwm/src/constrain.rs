@@ -34,9 +34,9 @@ impl Constraint {
                 }
                 TopLevelGrammar::from_json_schema(compact_json(schema.clone()))
             }
-            Constraint::JsonObject => {
-                TopLevelGrammar::from_json_schema(compact_json(serde_json::json!({"type": "object"})))
-            }
+            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact_json(
+                serde_json::json!({"type": "object"}),
+            )),
             Constraint::Choices(choices) => {
                 if choices.is_empty() {
                     bail!("choices: give at least one choice");
@@ -90,10 +90,9 @@ impl GrammarCompiler {
     /// are never allowed). The end-of-generation token the grammar allows once the output is
     /// complete is the end-of-turn token when the tokenizer has one, else EOS.
     pub fn new(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Self> {
-        let eos_id = tokenizer
-            .eot_id()
-            .or(tokenizer.eos_id())
-            .context("structured output needs an end-of-generation token; the tokenizer has none")?;
+        let eos_id = tokenizer.eot_id().or(tokenizer.eos_id()).context(
+            "structured output needs an end-of-generation token; the tokenizer has none",
+        )?;
         let n_tok = tokenizer.vocab_size();
         let words: Vec<Vec<u8>> = (0..vocab_size as u32)
             .map(|id| {
@@ -236,7 +235,8 @@ mod tests {
 
     #[test]
     fn compact_json_keeps_explicit_options() {
-        let s = compact_json(serde_json::json!({"type": "object", "x-guidance": {"lenient": true}}));
+        let s =
+            compact_json(serde_json::json!({"type": "object", "x-guidance": {"lenient": true}}));
         assert_eq!(s["x-guidance"], serde_json::json!({"lenient": true}));
         let s = compact_json(serde_json::json!({"type": "object"}));
         assert_eq!(s["x-guidance"]["whitespace_flexible"], false);

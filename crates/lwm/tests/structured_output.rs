@@ -63,7 +63,11 @@ fn check_tags_answer(v: &Value) {
         );
     }
     let meta = obj["meta"].as_object().expect("meta is an object");
-    assert_eq!(meta.len(), 2, "meta has exactly language and confidence: {v}");
+    assert_eq!(
+        meta.len(),
+        2,
+        "meta has exactly language and confidence: {v}"
+    );
     assert!(["en", "fr", "de"].contains(&meta["language"].as_str().expect("language string")));
     let c = meta["confidence"].as_f64().expect("confidence is a number");
     assert!((0.0..=1.0).contains(&c), "confidence {c} out of [0, 1]");
@@ -95,11 +99,8 @@ fn tags_schema_always_parses_and_validates() {
         // Greedy and two sampled runs at a high temperature, where an unconstrained small
         // model wanders off quickly.
         for (temperature, seed) in [(0.0, 0), (1.0, 7 + i as u64), (1.3, 99 + i as u64)] {
-            let mut req = GenerateRequest::new(
-                chat_ids(&engine, &prompt),
-                160,
-                sampling(temperature, seed),
-            );
+            let mut req =
+                GenerateRequest::new(chat_ids(&engine, &prompt), 160, sampling(temperature, seed));
             req.grammar = Some(grammar.clone());
             let out = engine.generate(&req, &mut |_| true).unwrap();
             assert_eq!(
@@ -120,19 +121,30 @@ fn tags_schema_always_parses_and_validates() {
 #[test]
 fn choices_and_regex_constrain_the_whole_answer() {
     let Some(engine) = engine() else { return };
-    let choices = vec!["positive".to_string(), "negative".to_string(), "neutral".to_string()];
+    let choices = vec![
+        "positive".to_string(),
+        "negative".to_string(),
+        "neutral".to_string(),
+    ];
     let grammar = engine
         .compile_constraint(&Constraint::Choices(choices.clone()))
         .unwrap();
     for seed in 0..3 {
         let mut req = GenerateRequest::new(
-            chat_ids(&engine, "Is this review positive or negative? 'I loved every minute.'"),
+            chat_ids(
+                &engine,
+                "Is this review positive or negative? 'I loved every minute.'",
+            ),
             16,
             sampling(1.2, seed),
         );
         req.grammar = Some(grammar.clone());
         let out = engine.generate(&req, &mut |_| true).unwrap();
-        assert!(choices.contains(&out.text), "{:?} is not a choice", out.text);
+        assert!(
+            choices.contains(&out.text),
+            "{:?} is not a choice",
+            out.text
+        );
     }
     let grammar = engine
         .compile_constraint(&Constraint::Regex(r"[0-9]{3}-[0-9]{4}".into()))
@@ -146,7 +158,12 @@ fn choices_and_regex_constrain_the_whole_answer() {
     let out = engine.generate(&req, &mut |_| true).unwrap();
     let b = out.text.as_bytes();
     assert_eq!(b.len(), 8, "{:?}", out.text);
-    assert!(b[3] == b'-' && b.iter().enumerate().all(|(i, c)| i == 3 || c.is_ascii_digit()));
+    assert!(
+        b[3] == b'-'
+            && b.iter()
+                .enumerate()
+                .all(|(i, c)| i == 3 || c.is_ascii_digit())
+    );
 }
 
 #[test]

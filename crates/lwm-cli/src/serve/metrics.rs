@@ -92,7 +92,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# HELP lwm_requests_total HTTP requests by endpoint and status.\n# TYPE lwm_requests_total counter\n");
-        for (e, s, n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (e, s, n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 out,
                 "lwm_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}"
@@ -113,8 +118,16 @@ impl Metrics {
             );
         }
         let gauges = [
-            ("lwm_queue_depth", "Requests waiting for a generation slot.", &self.queue_depth),
-            ("lwm_active_requests", "Requests being generated.", &self.active),
+            (
+                "lwm_queue_depth",
+                "Requests waiting for a generation slot.",
+                &self.queue_depth,
+            ),
+            (
+                "lwm_active_requests",
+                "Requests being generated.",
+                &self.active,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(
@@ -126,10 +139,26 @@ impl Metrics {
         if let Some(rss) = current_rss_bytes() {
             let _ = writeln!(out, "# HELP lwm_resident_memory_bytes Resident set size.\n# TYPE lwm_resident_memory_bytes gauge\nlwm_resident_memory_bytes {rss}");
         }
-        self.request_seconds.render(&mut out, "lwm_request_duration_seconds", "Time from request to last byte of the response.");
-        self.queue_wait.render(&mut out, "lwm_queue_wait_seconds", "Time a request waited for a generation slot.");
-        self.time_to_first_token.render(&mut out, "lwm_time_to_first_token_seconds", "Time from request to its first sampled token.");
-        self.generation_seconds.render(&mut out, "lwm_generation_duration_seconds", "Time from request to the end of its generation.");
+        self.request_seconds.render(
+            &mut out,
+            "lwm_request_duration_seconds",
+            "Time from request to last byte of the response.",
+        );
+        self.queue_wait.render(
+            &mut out,
+            "lwm_queue_wait_seconds",
+            "Time a request waited for a generation slot.",
+        );
+        self.time_to_first_token.render(
+            &mut out,
+            "lwm_time_to_first_token_seconds",
+            "Time from request to its first sampled token.",
+        );
+        self.generation_seconds.render(
+            &mut out,
+            "lwm_generation_duration_seconds",
+            "Time from request to the end of its generation.",
+        );
         out
     }
 }

@@ -150,8 +150,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such endpoint")
-        .code("not_found")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint",
+    )
+    .code("not_found")
 }
 
 async fn health() -> Json<Value> {
@@ -211,7 +215,10 @@ async fn start(
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
-                format!("the request body is over the limit of {} bytes", st.max_body_bytes),
+                format!(
+                    "the request body is over the limit of {} bytes",
+                    st.max_body_bytes
+                ),
             )
             .code("request_too_large")
         })?;
@@ -221,7 +228,10 @@ async fn start(
         if *m != st.model_id {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("the model '{m}' does not exist; this server serves '{}'", st.model_id),
+                message: format!(
+                    "the model '{m}' does not exist; this server serves '{}'",
+                    st.model_id
+                ),
                 kind: "invalid_request_error",
                 param: Some("model".into()),
                 code: Some("model_not_found"),
@@ -232,14 +242,24 @@ async fn start(
     if max_tokens > st.max_tokens_limit {
         return Err(ApiError::bad(
             "max_tokens",
-            format!("'max_tokens' is {max_tokens} but this server allows at most {}", st.max_tokens_limit),
+            format!(
+                "'max_tokens' is {max_tokens} but this server allows at most {}",
+                st.max_tokens_limit
+            ),
         ));
     }
-    let messages = if chat { Some(openai::parse_messages(&obj)?) } else { None };
+    let messages = if chat {
+        Some(openai::parse_messages(&obj)?)
+    } else {
+        None
+    };
     let prompt = if chat {
         None
     } else {
-        Some(openai::parse_prompt(&obj, st.engine.tokenizer.vocab_size())?)
+        Some(openai::parse_prompt(
+            &obj,
+            st.engine.tokenizer.vocab_size(),
+        )?)
     };
     // Tokenizing and compiling a grammar take CPU time: keep them off the async workers.
     let engine = st.engine.clone();
@@ -249,9 +269,9 @@ async fn start(
             (Some(m), _) => engine.chat_prompt(&m).map(|(_, ids)| ids).map_err(|e| {
                 ApiError::bad("messages", format!("cannot render the chat prompt: {e:#}"))
             })?,
-            (None, Some(Prompt::Text(t))) => engine
-                .tokenize(&t)
-                .map_err(|e| ApiError::bad("prompt", format!("cannot tokenize the prompt: {e:#}")))?,
+            (None, Some(Prompt::Text(t))) => engine.tokenize(&t).map_err(|e| {
+                ApiError::bad("prompt", format!("cannot tokenize the prompt: {e:#}"))
+            })?,
             (None, Some(Prompt::Ids(ids))) => ids,
             (None, None) => Vec::new(),
         };
@@ -266,7 +286,13 @@ async fn start(
         Ok::<_, ApiError>((ids, grammar))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
+    })??;
     let param = if chat { "messages" } else { "prompt" };
     if ids.is_empty() {
         return Err(ApiError::bad(param, "the prompt is empty (no tokens)"));
@@ -287,7 +313,10 @@ async fn start(
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
-            format!("{} requests are already waiting; try again later", st.max_queue),
+            format!(
+                "{} requests are already waiting; try again later",
+                st.max_queue
+            ),
         ));
     }
     let seed = params.seed.unwrap_or_else(|| {
@@ -336,7 +365,11 @@ async fn start(
         .unwrap_or_else(|p| p.into_inner())
         .send(job)
         .map_err(|_| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped")
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the engine has stopped",
+            )
         })?;
     Ok((params, n_prompt, rx))
 }
@@ -461,7 +494,11 @@ async fn respond(
     let sse = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
     let mut first = Vec::new();
     if chat {
-        first.push(sse(&chunk(json!({"role": "assistant", "content": ""}), None, None)));
+        first.push(sse(&chunk(
+            json!({"role": "assistant", "content": ""}),
+            None,
+            None,
+        )));
     }
     let include_usage = params.include_usage;
     let want_logprobs = params.top_logprobs.is_some();
@@ -469,8 +506,8 @@ async fn respond(
     let mut offset = 0usize;
     let mut done = false;
     let stream = tokio_stream::iter(first)
-        .chain(tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(
-            move |ev| {
+        .chain(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).map_while(move |ev| {
                 if done {
                     return None;
                 }
@@ -487,7 +524,11 @@ async fn respond(
                                 }
                             });
                             offset += text.chars().count();
-                            let delta = if chat { json!({"content": text}) } else { json!(text) };
+                            let delta = if chat {
+                                json!({"content": text})
+                            } else {
+                                json!(text)
+                            };
                             sse(&chunk(delta, None, lp))
                         }
                     }
@@ -515,13 +556,14 @@ async fn respond(
                     }
                     Event::Error(e) => {
                         done = true;
-                        let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                        let err =
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
                         Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", err.body()))
                     }
                 };
                 Some(out)
-            },
-        ))
+            }),
+        )
         .map(Ok::<Bytes, std::convert::Infallible>);
     Response::builder()
         .status(StatusCode::OK)

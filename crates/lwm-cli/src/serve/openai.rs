@@ -97,7 +97,10 @@ fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError>
     match opt(obj, key) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::bad(key, format!("'{key}' must be a non-negative integer, got {v}"))
+            ApiError::bad(
+                key,
+                format!("'{key}' must be a non-negative integer, got {v}"),
+            )
         }),
     }
 }
@@ -126,7 +129,10 @@ pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         other => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
-            format!("the request body must be a JSON object, got {}", type_name(&other)),
+            format!(
+                "the request body must be a JSON object, got {}",
+                type_name(&other)
+            ),
         )),
     }
 }
@@ -147,7 +153,12 @@ pub fn parse_params(obj: &Map<String, Value>, chat: bool) -> Result<Params, ApiE
     let model = match opt(obj, "model") {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(v) => return Err(ApiError::bad("model", format!("'model' must be a string, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "model",
+                format!("'model' must be a string, got {v}"),
+            ))
+        }
     };
     if let Some(n) = integer(obj, "n")? {
         if n != 1 {
@@ -159,7 +170,10 @@ pub fn parse_params(obj: &Map<String, Value>, chat: bool) -> Result<Params, ApiE
         None => integer(obj, "max_tokens")?,
     };
     if max_tokens == Some(0) {
-        return Err(ApiError::bad("max_tokens", "'max_tokens' must be at least 1"));
+        return Err(ApiError::bad(
+            "max_tokens",
+            "'max_tokens' must be at least 1",
+        ));
     }
     let temperature = number(obj, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
     let top_p = number(obj, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
@@ -179,7 +193,9 @@ pub fn parse_params(obj: &Map<String, Value>, chat: bool) -> Result<Params, ApiE
                     other => {
                         return Err(ApiError::bad(
                             "stop",
-                            format!("'stop' must be a string or an array of strings, found {other}"),
+                            format!(
+                                "'stop' must be a string or an array of strings, found {other}"
+                            ),
                         ))
                     }
                 }
@@ -196,36 +212,56 @@ pub fn parse_params(obj: &Map<String, Value>, chat: bool) -> Result<Params, ApiE
             ))
         }
     };
-    let seed = match opt(obj, "seed") {
-        None => None,
-        Some(v) => Some(v.as_i64().map(|s| s as u64).or(v.as_u64()).ok_or_else(|| {
-            ApiError::bad("seed", format!("'seed' must be an integer, got {v}"))
-        })?),
-    };
+    let seed =
+        match opt(obj, "seed") {
+            None => None,
+            Some(v) => Some(v.as_i64().map(|s| s as u64).or(v.as_u64()).ok_or_else(|| {
+                ApiError::bad("seed", format!("'seed' must be an integer, got {v}"))
+            })?),
+        };
     let stream = boolean(obj, "stream")?.unwrap_or(false);
     let include_usage = match opt(obj, "stream_options") {
         None => false,
         Some(Value::Object(o)) => boolean(o, "include_usage")
-            .map_err(|_| ApiError::bad("stream_options", "'stream_options.include_usage' must be a boolean"))?
+            .map_err(|_| {
+                ApiError::bad(
+                    "stream_options",
+                    "'stream_options.include_usage' must be a boolean",
+                )
+            })?
             .unwrap_or(false),
-        Some(v) => return Err(ApiError::bad("stream_options", format!("'stream_options' must be an object, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "stream_options",
+                format!("'stream_options' must be an object, got {v}"),
+            ))
+        }
     };
     let top_logprobs = if chat {
         let want = boolean(obj, "logprobs")?.unwrap_or(false);
         let n = integer(obj, "top_logprobs")?;
         if let Some(n) = n {
             if n > 20 {
-                return Err(ApiError::bad("top_logprobs", "'top_logprobs' must be between 0 and 20"));
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "'top_logprobs' must be between 0 and 20",
+                ));
             }
             if !want {
-                return Err(ApiError::bad("top_logprobs", "'top_logprobs' needs 'logprobs': true"));
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "'top_logprobs' needs 'logprobs': true",
+                ));
             }
         }
         want.then_some(n.unwrap_or(0) as usize)
     } else {
         match integer(obj, "logprobs")? {
             Some(n) if n > 5 => {
-                return Err(ApiError::bad("logprobs", "'logprobs' must be between 0 and 5"))
+                return Err(ApiError::bad(
+                    "logprobs",
+                    "'logprobs' must be between 0 and 5",
+                ))
             }
             n => n.map(|n| n as usize),
         }
@@ -253,7 +289,10 @@ fn parse_response_format(obj: &Map<String, Value>) -> Result<Option<Constraint>,
         return Ok(None);
     };
     let Value::Object(rf) = rf else {
-        return Err(ApiError::bad(p, format!("'response_format' must be an object, got {rf}")));
+        return Err(ApiError::bad(
+            p,
+            format!("'response_format' must be an object, got {rf}"),
+        ));
     };
     match rf.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
@@ -278,7 +317,9 @@ fn parse_response_format(obj: &Map<String, Value>) -> Result<Option<Constraint>,
         }
         Some(other) => Err(ApiError::bad(
             p,
-            format!("unknown response_format type '{other}' (use text, json_object or json_schema)"),
+            format!(
+                "unknown response_format type '{other}' (use text, json_object or json_schema)"
+            ),
         )),
         None => Err(ApiError::bad(p, "'response_format.type' must be a string")),
     }
@@ -290,15 +331,26 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
     let items = match opt(obj, p) {
         None => return Err(ApiError::bad(p, "'messages' is required")),
         Some(Value::Array(a)) => a,
-        Some(v) => return Err(ApiError::bad(p, format!("'messages' must be an array, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::bad(
+                p,
+                format!("'messages' must be an array, got {v}"),
+            ))
+        }
     };
     if items.is_empty() {
-        return Err(ApiError::bad(p, "'messages' must contain at least one message"));
+        return Err(ApiError::bad(
+            p,
+            "'messages' must contain at least one message",
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, m) in items.iter().enumerate() {
         let Value::Object(m) = m else {
-            return Err(ApiError::bad(&format!("messages[{i}]"), "each message must be an object"));
+            return Err(ApiError::bad(
+                &format!("messages[{i}]"),
+                "each message must be an object",
+            ));
         };
         let role = match m.get("role") {
             Some(Value::String(r)) => r.as_str(),
@@ -358,7 +410,12 @@ pub enum Prompt {
 
 pub fn parse_prompt(obj: &Map<String, Value>, vocab: usize) -> Result<Prompt, ApiError> {
     let p = "prompt";
-    let bad_shape = || ApiError::bad(p, "'prompt' must be a string, an array of one string, or an array of token ids");
+    let bad_shape = || {
+        ApiError::bad(
+            p,
+            "'prompt' must be a string, an array of one string, or an array of token ids",
+        )
+    };
     match opt(obj, p) {
         None => Err(ApiError::bad(p, "'prompt' is required")),
         Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
@@ -366,16 +423,22 @@ pub fn parse_prompt(obj: &Map<String, Value>, vocab: usize) -> Result<Prompt, Ap
             Ok(Prompt::Text(a[0].as_str().unwrap_or_default().to_string()))
         }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => {
-            let ids: Vec<u32> = a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect();
+            let ids: Vec<u32> = a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect();
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(ApiError::bad(p, format!("token id {bad} is outside the vocabulary ({vocab})")));
+                return Err(ApiError::bad(
+                    p,
+                    format!("token id {bad} is outside the vocabulary ({vocab})"),
+                ));
             }
             Ok(Prompt::Ids(ids))
         }
-        Some(Value::Array(a)) if a.len() > 1 && a.iter().all(Value::is_string) => Err(ApiError::bad(
-            p,
-            "only one prompt per request is supported",
-        )),
+        Some(Value::Array(a)) if a.len() > 1 && a.iter().all(Value::is_string) => {
+            Err(ApiError::bad(p, "only one prompt per request is supported"))
+        }
         Some(_) => Err(bad_shape()),
     }
 }

@@ -96,7 +96,12 @@ enum Outcome {
     Failed(String),
 }
 
-pub fn run(engine: Arc<Engine>, jobs: Receiver<Job>, limits: SchedulerLimits, metrics: Arc<Metrics>) {
+pub fn run(
+    engine: Arc<Engine>,
+    jobs: Receiver<Job>,
+    limits: SchedulerLimits,
+    metrics: Arc<Metrics>,
+) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
     let mut pool: Vec<KvCache> = Vec::new();
@@ -124,14 +129,13 @@ pub fn run(engine: Arc<Engine>, jobs: Receiver<Job>, limits: SchedulerLimits, me
             metrics
                 .queue_wait
                 .observe(job.received.elapsed().as_secs_f64());
-            match admit(&engine, job, &mut pool) {
-                Ok(a) => active.push(a),
-                Err((job, e)) => {
-                    let _ = job.events.send(Event::Error(e));
-                }
+            if let Some(a) = admit(&engine, job, &mut pool) {
+                active.push(a);
             }
         }
-        metrics.queue_depth.store(queue.len() as u64, Ordering::Relaxed);
+        metrics
+            .queue_depth
+            .store(queue.len() as u64, Ordering::Relaxed);
         metrics.active.store(active.len() as u64, Ordering::Relaxed);
 
         // One round: every active request advances by one step.
@@ -168,6 +172,10 @@ pub fn run(engine: Arc<Engine>, jobs: Receiver<Job>, limits: SchedulerLimits, me
                 .fetch_add(done.generated as u64, Ordering::Relaxed);
             give_back(&mut pool, done.cache, limits.prompt_cache);
         }
+        metrics
+            .queue_depth
+            .store(queue.len() as u64, Ordering::Relaxed);
+        metrics.active.store(active.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -187,10 +195,14 @@ fn give_back(pool: &mut Vec<KvCache>, cache: KvCache, cap: usize) {
     }
 }
 
-fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>) -> Result<Active, (Job, String)> {
+/// Set a job up for generation; a job that cannot start gets its error event instead.
+fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>) -> Option<Active> {
     let sampler = match Sampler::new(job.sampling.clone()) {
         Ok(s) => s,
-        Err(e) => return Err((job, format!("{e:#}"))),
+        Err(e) => {
+            let _ = job.events.send(Event::Error(format!("{e:#}")));
+            return None;
+        }
     };
     // The pooled cache sharing the longest prefix with this prompt, or a fresh one.
     let best = pool
@@ -208,7 +220,7 @@ fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>) -> Result<Active, (
         .min(job.prompt_ids.len().saturating_sub(1));
     cache.truncate(reuse);
     let grammar = job.grammar.as_ref().map(Grammar::start);
-    Ok(Active {
+    Some(Active {
         cache,
         prefilled: reuse,
         cached_tokens: reuse,
@@ -253,7 +265,9 @@ fn step(engine: &Engine, a: &mut Active, prefill_chunk: usize, metrics: &Metrics
     }
     let id = match a.grammar.as_mut() {
         Some(g) => match g.allowed(a.logits.len()) {
-            Ok(allowed) => a.sampler.sample_masked(&a.logits, &a.history, Some(allowed)),
+            Ok(allowed) => a
+                .sampler
+                .sample_masked(&a.logits, &a.history, Some(allowed)),
             Err(e) => return Outcome::Failed(format!("{e:#}")),
         },
         None => a.sampler.sample(&a.logits, &a.history),
