@@ -69,8 +69,8 @@ fn check_tags_answer(v: &Value) {
         "meta has exactly language and confidence: {v}"
     );
     assert!(["en", "fr", "de"].contains(&meta["language"].as_str().expect("language string")));
-    let c = meta["confidence"].as_f64().expect("confidence is a number");
-    assert!((0.0..=1.0).contains(&c), "confidence {c} out of [0, 1]");
+    let c = meta["confidence"].as_u64().expect("confidence is an integer >= 0");
+    assert!(c <= 100, "confidence {c} over 100");
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn tags_schema_always_parses_and_validates() {
     for (i, doc) in docs.as_array().unwrap().iter().enumerate() {
         let prompt = format!(
             "Document {}:\n{}\n\nTag this document with at most 3 tags from this list: {}. \
-             Answer in JSON with the document id, the tags, and meta (language, confidence).",
+             Answer in JSON with the document id, the tags, and meta (language, confidence in percent).",
             doc["id"].as_str().unwrap(),
             doc["text"].as_str().unwrap(),
             TAGS.join(", ")

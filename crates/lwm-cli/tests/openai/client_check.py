@@ -20,7 +20,7 @@ SCHEMA = {
         "tags": {"type": "array", "items": {"enum": TAGS}, "maxItems": 3},
         "meta": {
             "type": "object",
-            "properties": {"language": {"enum": ["en", "fr", "de"]}, "confidence": {"type": "number"}},
+            "properties": {"language": {"enum": ["en", "fr", "de"]}, "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
             "required": ["language", "confidence"],
             "additionalProperties": False,
         },
