@@ -16,6 +16,8 @@ mod bench;
 mod convert;
 mod needle;
 mod ring;
+mod serve;
+mod structured;
 mod train;
 
 #[derive(Parser)]
@@ -53,6 +55,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Training tokens/s and peak memory per sequence length (blockwise attention).
     TrainBench(train::TrainBenchArgs),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics).
+    Serve(serve::ServeArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -214,6 +218,8 @@ struct GenerateArgs {
     ring: ring::RingArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    structured: structured::StructuredArgs,
     /// The prompt text.
     #[arg(short, long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
@@ -237,6 +243,8 @@ struct ChatArgs {
     ring: ring::RingArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    structured: structured::StructuredArgs,
     /// One message: answer it and exit (otherwise read turns from stdin).
     #[arg(long)]
     message: Option<String>,
@@ -387,6 +395,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.ignore_eos = a.sampling.ignore_eos;
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
+    req.grammar = a.structured.grammar(&engine)?;
     let stop = interrupt_flag();
     let on_ring = |s: &mut lwm::ring::RingSession| {
         let mut step = |ids: &[u32]| s.forward(ids);
@@ -443,6 +452,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         stops.extend(t.stop_strings());
     }
     let stop_flag = interrupt_flag();
+    let grammar = a.structured.grammar(&engine)?;
     // The whole conversation, over whichever generator runs it (one worker or the ring).
     let mut conversation = Some(|generate: &mut Generator| -> Result<()> {
         let mut turn = |messages: &mut Vec<ChatMessage>, user: String| -> Result<()> {
@@ -460,6 +470,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             req.ignore_eos = a.sampling.ignore_eos;
             req.prefill_chunk = a.model.prefill_chunk;
             req.on_prefill = prefill_bar(req.prompt_ids.len());
+            req.grammar = grammar.clone();
             stop_flag.store(false, Ordering::SeqCst);
             let out = generate(&req, &mut stream_to_stdout(stop_flag.clone()))?;
             println!();
@@ -694,6 +705,7 @@ fn main() {
         Command::Needle(a) => needle::run(a),
         Command::Train(a) => train::cmd_train(a),
         Command::TrainBench(a) => train::cmd_train_bench(a),
+        Command::Serve(a) => serve::run(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

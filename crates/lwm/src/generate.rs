@@ -3,6 +3,7 @@
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{lwm_preset, ModelConfig};
+use crate::constrain::{Constraint, Grammar, GrammarCompiler};
 use crate::kv_cache::{KvCache, KvTypes};
 use crate::memory_plan::MemoryPlan;
 use crate::model::{ForwardOptions, Model, Numerics};
@@ -43,6 +44,8 @@ pub struct Engine {
     pub file_bytes: u64,
     /// Digest of the weight files' metadata (part of the prompt-cache model identity).
     pub weights_digest: u64,
+    /// The vocabulary indexed for structured output, built on first use.
+    pub(crate) grammar_compiler: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>,
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -217,6 +220,7 @@ impl Engine {
             quantization,
             file_bytes,
             weights_digest: digest,
+            grammar_compiler: std::sync::OnceLock::new(),
         })
     }
 
@@ -259,6 +263,20 @@ impl Engine {
             prefill_chunk,
             crate::memory_plan::worker_threads(),
         )
+    }
+
+    /// Compile a structured-output constraint against this model's vocabulary (the
+    /// vocabulary index is built once, on the first call).
+    pub fn compile_constraint(&self, constraint: &Constraint) -> Result<Grammar> {
+        let compiler = self
+            .grammar_compiler
+            .get_or_init(|| {
+                GrammarCompiler::new(&self.tokenizer, self.model.config.vocab_size)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        compiler.compile(constraint)
     }
 
     /// Context length in effect.
@@ -347,9 +365,23 @@ impl Engine {
         let mut finish = FinishReason::Length;
         let budget = req.max_tokens.min(ctx - n_prompt);
         let mut text = String::new();
+        let mut grammar = req.grammar.as_ref().map(Grammar::start);
         while ids.len() < budget {
-            let id = sampler.sample(&logits, &history);
-            if !req.ignore_eos && self.tokenizer.is_end_of_generation(id) {
+            let id = match grammar.as_mut() {
+                Some(g) => {
+                    let allowed = g.allowed(logits.len())?;
+                    sampler.sample_masked(&logits, &history, Some(allowed))
+                }
+                None => sampler.sample(&logits, &history),
+            };
+            if let Some(g) = grammar.as_mut() {
+                // The grammar allows its end token only once the output is complete.
+                if id == g.eos_id() {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                g.consume(id)?;
+            } else if !req.ignore_eos && self.tokenizer.is_end_of_generation(id) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -362,7 +394,7 @@ impl Engine {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            if hit {
+            if hit || grammar.as_ref().is_some_and(|g| g.is_finished()) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -401,6 +433,8 @@ pub struct GenerateRequest {
     pub prefill_chunk: usize,
     /// Called with (prompt tokens done, prompt tokens to prefill) after each prefill chunk.
     pub on_prefill: Option<PrefillProgress>,
+    /// Structured output: every sampled token must keep the text inside this grammar.
+    pub grammar: Option<Grammar>,
 }
 
 /// Progress callback of a long prefill.
@@ -416,6 +450,7 @@ impl GenerateRequest {
             ignore_eos: false,
             prefill_chunk: 512,
             on_prefill: None,
+            grammar: None,
         }
     }
 }

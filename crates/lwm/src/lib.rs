@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+pub mod constrain;
 pub mod convert;
 pub mod generate;
 pub mod kv_cache;
