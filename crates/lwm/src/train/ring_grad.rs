@@ -95,7 +95,7 @@ fn ring<R: Send>(
 }
 
 fn check(dims: &AttnDims, sp: usize) -> Result<usize> {
-    if sp == 0 || dims.len % sp != 0 {
+    if sp == 0 || !dims.len.is_multiple_of(sp) {
         bail!(
             "sequence length {} does not split into {sp} ring shards",
             dims.len
