@@ -98,3 +98,69 @@ fn ring_matches_non_ring_with_gqa_and_no_segments() {
         .to_string();
     assert!(e.contains("does not split into 5"), "{e}");
 }
+
+#[test]
+fn training_through_the_ring_equals_training_without_it() {
+    use lwm::train::loss::{lwm_loss, Targets};
+    use lwm::train::model::{BatchInput, TrainModel};
+    let cfg = lwm::config::ModelConfig {
+        architecture: "llama".into(),
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        theta: 10_000.0,
+        rope_layout: lwm::config::RopeLayout::RotateHalf,
+        rope_scaling: lwm::config::RopeScaling::None,
+        max_sequence_length: 64,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        vision_vocab_size: 0,
+    };
+    let mut model = TrainModel::init_normal(cfg, 0.2, 4).unwrap();
+    let tokens: Vec<u32> = (0..49u32).map(|i| (i * 13 + 5) % 50).collect();
+    let mut input = BatchInput::plain(1, 48, tokens[..48].to_vec());
+    // Two packed documents: the boundary falls inside the second of three shards.
+    input.segment_ids = Some((0..48).map(|i| (i >= 21) as u32).collect());
+    input.positions = (0..48u32)
+        .map(|i| if i >= 21 { i - 21 } else { i })
+        .collect();
+    let targets = Targets {
+        tokens: tokens[1..].to_vec(),
+        loss_mask: vec![1.0; 48],
+        vision_mask: None,
+    };
+    let grads_for = |model: &TrainModel| -> Vec<Vec<f32>> {
+        let logits = model.forward(&input).unwrap();
+        let g = lwm_loss(&logits.text, None, &targets)
+            .unwrap()
+            .backward()
+            .unwrap();
+        model
+            .params()
+            .values()
+            .map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let reference = grads_for(&model);
+    for sp in [2, 3] {
+        model.sp = sp;
+        let got = grads_for(&model);
+        for (a, b) in got.iter().zip(&reference) {
+            let d = max_diff(a, b);
+            assert!(d < 1e-4, "sp={sp}: gradient differs by {d}");
+        }
+    }
+}
