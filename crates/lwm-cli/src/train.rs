@@ -178,6 +178,9 @@ pub struct TrainBenchArgs {
     chunk: usize,
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Ring attention over this many threads (1: no ring).
+    #[arg(long, default_value_t = 1)]
+    sp: usize,
     /// Internal: measure one length in this process and print a JSON line.
     #[arg(long, hide = true)]
     one: Option<usize>,
@@ -208,6 +211,7 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
         query_chunk: a.chunk,
         key_chunk: a.chunk,
     };
+    model.sp = a.sp;
     let mut rng = lwm::rng::XorShift::new(9);
     let tokens: Vec<u32> = (0..len + 1)
         .map(|_| 3 + (rng.next_u64() % 256) as u32)
@@ -238,6 +242,7 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
     let median = times[times.len() / 2];
     Ok(serde_json::json!({
         "seq_len": len,
+        "sp": a.sp,
         "tokens_per_s": len as f64 / median,
         "step_s_min": times[0],
         "step_s_max": times[times.len() - 1],
@@ -278,7 +283,12 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
                 "--chunk",
                 &a.chunk.to_string(),
             ])
-            .args(["--threads", &a.threads.to_string()])
+            .args([
+                "--threads",
+                &a.threads.to_string(),
+                "--sp",
+                &a.sp.to_string(),
+            ])
             .output()
             .context("running the per-length measurement")?;
         if !out.status.success() {

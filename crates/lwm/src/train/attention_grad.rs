@@ -352,6 +352,8 @@ pub fn blockwise_backward(
 /// column are ignored (nothing downstream uses it).
 struct BlockwiseAttentionOp {
     masking: AttnMasking,
+    /// Ring size: 1 = blockwise on this thread pool; > 1 = `ring_grad` over `sp` threads.
+    sp: usize,
 }
 
 fn dims_of(lq: &Layout, lk: &Layout) -> candle_core::Result<AttnDims> {
@@ -419,7 +421,12 @@ impl CustomOp3 for BlockwiseAttentionOp {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let (out, lse) = blockwise_forward(q, k, v, &dims, &self.masking);
+        let (out, lse) = if self.sp > 1 {
+            super::ring_grad::ring_forward(q, k, v, &dims, &self.masking, self.sp)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
+        } else {
+            blockwise_forward(q, k, v, &dims, &self.masking)
+        };
         let d = dims.d;
         let mut packed = Vec::with_capacity(out.len() / d * (d + 1));
         for (r, row) in out.chunks_exact(d).enumerate() {
@@ -470,16 +477,32 @@ impl CustomOp3 for BlockwiseAttentionOp {
             let (hh, t, bb) = (r % h, (r / h) % l, r / (h * l));
             lse[(bb * h + hh) * l + t] = row[d];
         }
-        let (dq, dk, dv) = blockwise_backward(
-            &flat(q)?,
-            &flat(k)?,
-            &flat(v)?,
-            &out,
-            &lse,
-            &dout,
-            &dims,
-            &self.masking,
-        );
+        let (dq, dk, dv) = if self.sp > 1 {
+            let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+            super::ring_grad::ring_backward(
+                &q,
+                &k,
+                &v,
+                &out,
+                &lse,
+                &dout,
+                &dims,
+                &self.masking,
+                self.sp,
+            )
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
+        } else {
+            blockwise_backward(
+                &flat(q)?,
+                &flat(k)?,
+                &flat(v)?,
+                &out,
+                &lse,
+                &dout,
+                &dims,
+                &self.masking,
+            )
+        };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -489,12 +512,13 @@ impl CustomOp3 for BlockwiseAttentionOp {
     }
 }
 
-/// Differentiable blockwise attention: q (B, L, H, D), k, v (B, L, KVH, D) → (B, L, H, D).
-pub fn blockwise_attention(
+/// The same over a ring of `sp` threads (sequence split in `sp` shards; `sp` 1 = no ring).
+pub fn ring_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     masking: &AttnMasking,
+    sp: usize,
 ) -> candle_core::Result<Tensor> {
     let d = q.dim(3)?;
     let packed = q.contiguous()?.apply_op3(
@@ -502,7 +526,18 @@ pub fn blockwise_attention(
         &v.contiguous()?,
         BlockwiseAttentionOp {
             masking: masking.clone(),
+            sp: sp.max(1),
         },
     )?;
     packed.narrow(3, 0, d)
+}
+
+/// Differentiable blockwise attention: q (B, L, H, D), k, v (B, L, KVH, D) → (B, L, H, D).
+pub fn blockwise_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masking: &AttnMasking,
+) -> candle_core::Result<Tensor> {
+    ring_attention(q, k, v, masking, 1)
 }

@@ -229,6 +229,10 @@ pub struct TrainSection {
     pub query_chunk: usize,
     #[serde(default = "d_kc")]
     pub key_chunk: usize,
+    /// Ring attention over this many threads (sequence shards; every stage's seq_len must
+    /// split evenly). 1 = blockwise attention without a ring.
+    #[serde(default = "d_one")]
+    pub sp: usize,
 }
 
 fn d_seq() -> usize {
@@ -350,6 +354,15 @@ impl TrainConfig {
         for s in self.stages() {
             if s.seq_len == 0 || !(s.theta.is_finite() && s.theta > 1.0) {
                 bail!("stage {s:?}: seq_len must be positive and theta a finite number > 1");
+            }
+        }
+        for s in self.stages() {
+            if !s.seq_len.is_multiple_of(t.sp.max(1)) {
+                bail!(
+                    "seq_len {} does not split into train.sp = {} ring shards",
+                    s.seq_len,
+                    t.sp
+                );
             }
         }
         if !(self.optim.b2 > 0.0

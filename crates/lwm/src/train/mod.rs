@@ -10,5 +10,6 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod packing;
+pub mod ring_grad;
 pub mod run;
 pub mod schedule;

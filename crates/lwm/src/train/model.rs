@@ -9,7 +9,7 @@
 //! Parameters are f32 `Var`s (LWM's `param_dtype`); `init_normal` follows the original's
 //! init: every matrix normal(0, 0.02), norms ones.
 
-use super::attention_grad::{blockwise_attention, AttnMasking};
+use super::attention_grad::{ring_attention, AttnMasking};
 use crate::attention::Chunking;
 use crate::config::{ModelConfig, RopeLayout};
 use crate::rope::Rope;
@@ -63,6 +63,8 @@ pub struct TrainModel {
     params: BTreeMap<String, Var>,
     rope: Rope,
     pub chunking: Chunking,
+    /// Ring size of the attention (sequence split over `sp` threads); 1 = no ring.
+    pub sp: usize,
 }
 
 /// Shapes of every parameter, by canonical name.
@@ -208,6 +210,7 @@ impl TrainModel {
             params,
             rope,
             chunking: Chunking::default(),
+            sp: 1,
         }
     }
 
@@ -388,7 +391,7 @@ impl TrainModel {
             let v = linear(&hn, p("self_attn.v_proj.weight")?)?.reshape((b, l, nkv, hd))?;
             let q = self.apply_rope(&q, &cos, &sin)?;
             let k = self.apply_rope(&k, &cos, &sin)?;
-            let attn = blockwise_attention(&q, &k, &v, &masking)?.reshape((b, l, nh * hd))?;
+            let attn = ring_attention(&q, &k, &v, &masking, self.sp)?.reshape((b, l, nh * hd))?;
             x = (x + linear(&attn, p("self_attn.o_proj.weight")?)?)?;
             let hn = rms_norm(&x, p("post_attention_layernorm.weight")?, eps)?;
             let gate = linear(&hn, p("mlp.gate_proj.weight")?)?;

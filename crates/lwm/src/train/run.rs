@@ -231,6 +231,7 @@ pub fn run(
         query_chunk: cfg.train.query_chunk,
         key_chunk: cfg.train.key_chunk,
     };
+    model.sp = cfg.train.sp.max(1);
     let mut opt_state = opt_state;
     let mut final_loss = None;
     let vision = model.config.vision_vocab_size > 0;
