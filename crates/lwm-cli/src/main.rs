@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bench;
+mod kernel_bench;
 
 #[derive(Parser)]
 #[command(
