@@ -90,6 +90,32 @@ pub fn attention_gflops(kv: KvTypes, q_rows: usize, depth: usize, reps: usize) -
     runs[runs.len() / 2]
 }
 
+/// Single-thread GFLOP/s of `attend_block` for one head's 64 query rows against `depth`
+/// keys in blocks of 256.
+pub fn primitive_gflops(depth: usize) -> f64 {
+    use lwm::attention::{attend_block, BlockMask, Partial};
+    let (nq, d, kc) = (64, 64, 256);
+    let q = lwm::rng::XorShift::new(5).vec(nq * d, -1.0, 1.0);
+    let k = lwm::rng::XorShift::new(6).vec(depth * d, -1.0, 1.0);
+    let v = lwm::rng::XorShift::new(7).vec(depth * d, -1.0, 1.0);
+    let t = Instant::now();
+    let mut st = Partial::new(nq, d);
+    for k0 in (0..depth).step_by(kc) {
+        let k1 = (k0 + kc).min(depth);
+        attend_block(
+            &q,
+            d,
+            &k[k0 * d..k1 * d],
+            &v[k0 * d..k1 * d],
+            0.125,
+            &BlockMask::full(),
+            &mut st,
+        );
+    }
+    std::hint::black_box(&st);
+    (nq * depth * 4 * d) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
 /// Print the peak and the kernel's figures (and return them as JSON).
 pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
     let peak = fma_peak_gflops(threads);
@@ -100,6 +126,13 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         Some(p) => println!("| FMA peak, {threads} threads (AVX2, 10 chains) | {p:.1} | 100% |"),
         None => println!("| FMA peak | n/a (no AVX2+FMA) | |"),
     }
+    let one = fma_peak_gflops(1);
+    let primitive = primitive_gflops(8192);
+    println!(
+        "| attend_block, 1 thread, 64 rows × 8192 keys | {primitive:.1} | {} of 1-thread peak {:.1} |",
+        one.map_or("n/a".into(), |p| format!("{:.0}%", 100.0 * primitive / p)),
+        one.unwrap_or(f64::NAN)
+    );
     for (kv, q_rows, depth) in [
         (KvTypes::F32, 512, 0),
         (KvTypes::F16, 512, 0),
@@ -116,5 +149,7 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         );
         rows.push(serde_json::json!({"kv_type": kv.name(), "q_rows": q_rows, "depth": depth, "gflops": g, "pct_of_peak": pct}));
     }
-    Ok(serde_json::json!({"fma_peak_gflops": peak, "threads": threads, "attention": rows}))
+    Ok(
+        serde_json::json!({"fma_peak_gflops": peak, "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "threads": threads, "attention": rows}),
+    )
 }

@@ -189,10 +189,6 @@ pub fn attend_block(
     if mask.tile_is_masked(nq, nk) {
         return;
     }
-    if crate::attention_tile::applies(nq, d) {
-        crate::attention_tile::attend_block_tiled(q, q_stride, k, v, scale, mask, state);
-        return;
-    }
     let mut scores = vec![0.0f32; nk];
     for i in 0..nq {
         let n_vis = mask.visible_keys(i, nk);

@@ -6,7 +6,6 @@
 //! `model` runs the transformer with its `kv_cache`, `sampling` and `generate` produce text.
 
 pub mod attention;
-mod attention_tile;
 pub mod chat_template;
 pub mod config;
 pub mod generate;
