@@ -31,6 +31,9 @@ pub struct BenchArgs {
     peer_script: PathBuf,
     #[arg(long)]
     json: bool,
+    /// Only measure kernels: the FP32 FMA peak and the attention kernel's FLOP/s.
+    #[arg(long)]
+    kernels: bool,
 }
 
 fn stats(v: &[f64]) -> serde_json::Value {
@@ -73,6 +76,16 @@ fn argmax(x: &[f32]) -> u32 {
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
+    }
+    if a.kernels {
+        lwm::set_threads(a.model.threads);
+        let threads = lwm::memory_plan::worker_threads();
+        println!("cpu pressure: {}", cpu_pressure());
+        let v = crate::kernel_bench::run(threads, a.reps)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        return Ok(());
     }
     let pressure_before = cpu_pressure();
     let t_load = Instant::now();

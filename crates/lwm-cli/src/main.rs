@@ -19,6 +19,7 @@ mod ring;
 mod serve;
 mod structured;
 mod train;
+mod kernel_bench;
 
 #[derive(Parser)]
 #[command(

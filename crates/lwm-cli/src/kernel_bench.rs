@@ -1,0 +1,155 @@
+//! `lwm bench --kernels`: the machine's FP32 FMA peak (a register-only AVX2 loop) next to
+//! the attention kernel's achieved FLOP/s, both on the same threads.
+//!
+//! Peak: 10 independent 8-lane FMA chains per thread (enough to cover FMA latency × ports),
+//! 2 flops per lane per FMA. Attention: `causal_attention_quant` for `q_rows` new rows of a
+//! 9-head / 3-KV-head / d=64 layer (the default model's shape) against `depth` cached keys;
+//! flops = 4·d per (query head, visible key) pair (q·k and p·v, 2 each), softmax not counted.
+
+use anyhow::Result;
+use lwm::attention::{causal_attention_quant, Chunking};
+use lwm::kv_cache::{KvCache, KvTypes};
+use std::time::Instant;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); 10];
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for x in acc {
+        s = _mm256_add_ps(s, x);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), s);
+    out.iter().sum()
+}
+
+/// GFLOP/s of the FMA loop on `threads` threads at once.
+pub fn fma_peak_gflops(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return None;
+        }
+        let iters: u64 = 50_000_000;
+        let t = Instant::now();
+        let sink: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads.max(1))
+                // SAFETY: AVX2 and FMA detected above.
+                .map(|_| s.spawn(move || unsafe { fma_loop(iters) }))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(sink);
+        let flops = threads.max(1) as f64 * iters as f64 * 10.0 * 8.0 * 2.0;
+        Some(flops / t.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// GFLOP/s of the attention kernel (median of `reps`) for `q_rows` rows at `depth`.
+pub fn attention_gflops(kv: KvTypes, q_rows: usize, depth: usize, reps: usize) -> f64 {
+    let (heads, kv_heads, d) = (9, 3, 64);
+    let total = depth + q_rows;
+    let mut cache = KvCache::with_types(1, kv_heads, d, kv);
+    let x = lwm::rng::XorShift::new(3).vec(total * kv_heads * d, -1.0, 1.0);
+    cache.append(0, &x, &x, total);
+    let q = lwm::rng::XorShift::new(4).vec(q_rows * heads * d, -1.0, 1.0);
+    // Visible (query, key) pairs per head: depth + i + 1 for row i.
+    let pairs: f64 = (0..q_rows).map(|i| (depth + i + 1) as f64).sum();
+    let flops = heads as f64 * pairs * 4.0 * d as f64;
+    let mut runs: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            let out = causal_attention_quant(
+                &q,
+                q_rows,
+                depth,
+                heads,
+                d,
+                &cache.quant_view(0),
+                Chunking::default(),
+            );
+            std::hint::black_box(out);
+            flops / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+/// Single-thread GFLOP/s of `attend_block` for one head's 64 query rows against `depth`
+/// keys in blocks of 256.
+pub fn primitive_gflops(depth: usize) -> f64 {
+    use lwm::attention::{attend_block, BlockMask, Partial};
+    let (nq, d, kc) = (64, 64, 256);
+    let q = lwm::rng::XorShift::new(5).vec(nq * d, -1.0, 1.0);
+    let k = lwm::rng::XorShift::new(6).vec(depth * d, -1.0, 1.0);
+    let v = lwm::rng::XorShift::new(7).vec(depth * d, -1.0, 1.0);
+    let t = Instant::now();
+    let mut st = Partial::new(nq, d);
+    for k0 in (0..depth).step_by(kc) {
+        let k1 = (k0 + kc).min(depth);
+        attend_block(
+            &q,
+            d,
+            &k[k0 * d..k1 * d],
+            &v[k0 * d..k1 * d],
+            0.125,
+            &BlockMask::full(),
+            &mut st,
+        );
+    }
+    std::hint::black_box(&st);
+    (nq * depth * 4 * d) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// Print the peak and the kernel's figures (and return them as JSON).
+pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
+    let peak = fma_peak_gflops(threads);
+    let mut rows = Vec::new();
+    println!("| kernel | GFLOP/s | % of FMA peak |");
+    println!("|---|---|---|");
+    match peak {
+        Some(p) => println!("| FMA peak, {threads} threads (AVX2, 10 chains) | {p:.1} | 100% |"),
+        None => println!("| FMA peak | n/a (no AVX2+FMA) | |"),
+    }
+    let one = fma_peak_gflops(1);
+    let primitive = primitive_gflops(8192);
+    println!(
+        "| attend_block, 1 thread, 64 rows × 8192 keys | {primitive:.1} | {} of 1-thread peak {:.1} |",
+        one.map_or("n/a".into(), |p| format!("{:.0}%", 100.0 * primitive / p)),
+        one.unwrap_or(f64::NAN)
+    );
+    for (kv, q_rows, depth) in [
+        (KvTypes::F32, 512, 0),
+        (KvTypes::F16, 512, 0),
+        (KvTypes::F16, 512, 8192),
+        (KvTypes::same(lwm::quant::kv::KvType::Q8_0), 512, 8192),
+        (KvTypes::F16, 1, 8192),
+    ] {
+        let g = attention_gflops(kv, q_rows, depth, reps);
+        let pct = peak.map(|p| 100.0 * g / p);
+        println!(
+            "| attention {} KV, {q_rows} rows at depth {depth} | {g:.1} | {} |",
+            kv.name(),
+            pct.map_or("n/a".into(), |p| format!("{p:.0}%"))
+        );
+        rows.push(serde_json::json!({"kv_type": kv.name(), "q_rows": q_rows, "depth": depth, "gflops": g, "pct_of_peak": pct}));
+    }
+    Ok(
+        serde_json::json!({"fma_peak_gflops": peak, "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "threads": threads, "attention": rows}),
+    )
+}
