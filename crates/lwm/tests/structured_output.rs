@@ -69,7 +69,9 @@ fn check_tags_answer(v: &Value) {
         "meta has exactly language and confidence: {v}"
     );
     assert!(["en", "fr", "de"].contains(&meta["language"].as_str().expect("language string")));
-    let c = meta["confidence"].as_u64().expect("confidence is an integer >= 0");
+    let c = meta["confidence"]
+        .as_u64()
+        .expect("confidence is an integer >= 0");
     assert!(c <= 100, "confidence {c} over 100");
 }
 
