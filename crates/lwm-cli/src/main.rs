@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 mod bench;
 mod convert;
+mod vision;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Convert LWM JAX params <-> Hugging Face safetensors (byte-exact round trip).
     Convert(convert::ConvertArgs),
+    /// Ask an LWM vision-language model about an image or a video.
+    VisionChat(vision::VisionChatArgs),
+    /// Generate an image or a video (classifier-free guidance, VQGAN-decoded).
+    VisionGenerate(vision::VisionGenerateArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -578,6 +583,8 @@ fn main() {
         Command::Info(a) => cmd_info(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::VisionChat(a) => vision::run(a),
+        Command::VisionGenerate(a) => vision::run_generate(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(
