@@ -20,6 +20,7 @@ mod serve;
 mod structured;
 mod train;
 mod kernel_bench;
+mod vision;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +59,10 @@ enum Command {
     TrainBench(train::TrainBenchArgs),
     /// OpenAI-compatible HTTP server (chat/completions, completions, models, metrics).
     Serve(serve::ServeArgs),
+    /// Ask an LWM vision-language model about an image or a video.
+    VisionChat(vision::VisionChatArgs),
+    /// Generate an image or a video (classifier-free guidance, VQGAN-decoded).
+    VisionGenerate(vision::VisionGenerateArgs),
     /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
     Fetch {
         #[arg(default_value = "default")]
@@ -707,6 +712,8 @@ fn main() {
         Command::Train(a) => train::cmd_train(a),
         Command::TrainBench(a) => train::cmd_train_bench(a),
         Command::Serve(a) => serve::run(a),
+        Command::VisionChat(a) => vision::run(a),
+        Command::VisionGenerate(a) => vision::run_generate(a),
         Command::Fetch { name } => match name.as_str() {
             "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
             other => Err(anyhow::anyhow!(

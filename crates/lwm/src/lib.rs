@@ -25,6 +25,10 @@ pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
 pub mod train;
+pub mod vision_chat;
+pub mod vision_generate;
+pub mod vision_model;
+pub mod vqgan;
 pub mod weights;
 
 /// Use `n` worker threads for every parallel kernel (rayon and candle's GEMM); 0 keeps the

@@ -90,7 +90,7 @@ pub enum Linear {
 }
 
 impl Linear {
-    fn from_weight(
+    pub(crate) fn from_weight(
         w: Weight,
         name: &str,
         out_dim: usize,
@@ -189,6 +189,8 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
+    /// LWM vision-language models: `vte` and `vision_head` (see `vision_model`).
+    pub(crate) vision: Option<crate::vision_model::VisionParts>,
     rope: Rope,
     pub options: ForwardOptions,
 }
@@ -259,15 +261,25 @@ impl Model {
             embed.clone()
         };
         let rope = Rope::new(hd, c.theta, c.rope_layout, &c.rope_scaling);
+        let vision = crate::vision_model::VisionParts::load(src, c)?;
         Ok(Self {
             config,
             embed,
             layers,
             norm,
             lm_head,
+            vision,
             rope,
             options,
         })
+    }
+
+    pub(crate) fn embed_table(&self) -> &Linear {
+        &self.embed
+    }
+
+    pub(crate) fn lm_head_linear(&self) -> &Linear {
+        &self.lm_head
     }
 
     /// Store keys/values of caches made from now on as `types` (checked against the head
@@ -337,11 +349,25 @@ impl Model {
         cache: &mut KvCache,
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let n = ids.len();
-        if n == 0 {
+        if ids.is_empty() {
             bail!("forward called with no tokens");
         }
+        let x = self.embed_tokens(ids)?;
+        let normed = self.run_layers(x, ids, cache, all_logits)?;
+        self.apply_head(&self.lm_head, &normed)
+    }
+
+    /// The transformer on embedded rows `x` (one per id in `ids`, which the cache records):
+    /// returns the final-normed hidden rows (the last one, or all when `all_rows`).
+    pub(crate) fn run_layers(
+        &self,
+        mut x: Vec<f32>,
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_rows: bool,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = ids.len();
         let pos0 = cache.len();
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
@@ -355,7 +381,6 @@ impl Model {
                 rms_norm(x, w, eps)
             }
         };
-        let mut x = self.embed_tokens(ids)?;
         let table = self.rope.table(pos0, n);
         // ggml's RoPE emulation covers unscaled frequencies; scaled ones use our table.
         let ggml_rope = ggml
@@ -437,21 +462,20 @@ impl Model {
             }
         }
         cache.commit(ids);
-        let rows = if all_logits {
-            &x[..]
-        } else {
-            &x[(n - 1) * h..]
-        };
-        let m = rows.len() / h;
-        let normed = norm(rows, &self.norm);
+        let rows = if all_rows { &x[..] } else { &x[(n - 1) * h..] };
+        Ok(norm(rows, &self.norm))
+    }
+
+    /// A head (`lm_head` or the vision head) on normed hidden rows.
+    pub(crate) fn apply_head(&self, head: &Linear, normed: &[f32]) -> Result<Vec<f32>> {
+        let h = self.config.hidden_size;
+        let opts = &self.options;
+        let m = normed.len() / h;
         // The head runs per chunk too, so n × vocab scores exist only once, in the output.
-        let mut logits = Vec::with_capacity(m * c.vocab_size);
+        let mut logits = Vec::with_capacity(m * head.out_dim());
         for r0 in (0..m).step_by(opts.mlp_chunk.max(1)) {
             let r = opts.mlp_chunk.max(1).min(m - r0);
-            logits.extend(
-                self.lm_head
-                    .forward(&normed[r0 * h..(r0 + r) * h], r, opts)?,
-            );
+            logits.extend(head.forward(&normed[r0 * h..(r0 + r) * h], r, opts)?);
         }
         Ok(logits)
     }

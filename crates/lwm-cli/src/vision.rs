@@ -1,0 +1,246 @@
+//! `lwm vision-chat`: ask about an image or a video with an LWM vision-language checkpoint.
+
+use crate::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lwm::sampling::{Sampler, SamplingParams};
+use lwm::tokenizer::StreamDecoder;
+use lwm::vision_chat::{chat_prompt, video_frames};
+use lwm::vision_model::Heads;
+use lwm::vqgan::preprocess::{load_image, process_frame};
+use lwm::vqgan::Vqgan;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+#[derive(Args)]
+pub struct VisionChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A PNG or JPEG image.
+    #[arg(long, conflicts_with = "video")]
+    pub image: Option<PathBuf>,
+    /// A video file (decoded with ffmpeg) or a directory of PNG/JPEG frames.
+    #[arg(long)]
+    pub video: Option<PathBuf>,
+    #[arg(long)]
+    pub question: String,
+    /// Frames sampled uniformly from a video (the original's max_n_frames).
+    #[arg(long, default_value_t = 8)]
+    pub max_frames: usize,
+    /// Resample a video file to this frame rate before sampling frames.
+    #[arg(long)]
+    pub fps: Option<f64>,
+    /// VQGAN weights (the original's pickle); default: `vqgan` next to the params file.
+    #[arg(long)]
+    pub vqgan: Option<PathBuf>,
+    /// Sampling temperature (the original's default 0.2; 0 = greedy).
+    #[arg(long, default_value_t = 0.2)]
+    pub temperature: f32,
+    /// Top-k (HF generate's implicit 50).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Frame size fed to the VQGAN (256 for LWM's).
+    #[arg(long, default_value_t = 256)]
+    pub frame_size: usize,
+}
+
+pub fn run(a: VisionChatArgs) -> Result<()> {
+    if a.max_frames == 0 {
+        bail!("--max-frames must be at least 1");
+    }
+    let frames = match (&a.image, &a.video) {
+        (Some(img), None) => vec![load_image(img)?],
+        (None, Some(v)) => video_frames(v, a.fps, a.max_frames)?,
+        _ => bail!("give --image FILE or --video FILE|DIR"),
+    };
+    let engine = a.model.load()?;
+    if !engine.model.has_vision() {
+        bail!(
+            "{}: not a vision-language checkpoint (no vte / vision_head)",
+            a.model.model
+        );
+    }
+    let vqgan_path = match &a.vqgan {
+        Some(p) => p.clone(),
+        None => engine
+            .location
+            .path()
+            .parent()
+            .map(|d| d.join("vqgan"))
+            .context("give --vqgan FILE")?,
+    };
+    let vqgan = Vqgan::open(&vqgan_path)?;
+    let stop = crate::interrupt_flag();
+    let bar = indicatif::ProgressBar::new(frames.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "encoding frames {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let s = a.frame_size;
+    let mut codes = Vec::with_capacity(frames.len());
+    for f in &frames {
+        if stop.load(Ordering::SeqCst) {
+            bar.abandon();
+            bail!("interrupted");
+        }
+        codes.push(vqgan.encode(&process_frame(f, s), 1, s, s)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (ids, mask) = chat_prompt(&engine.tokenizer, &a.question, &codes)?;
+    let model = &engine.model;
+    if ids.len() + a.max_new_tokens > model.config.max_sequence_length {
+        eprintln!(
+            "note: {} prompt tokens + {} new exceed the model's max sequence length {}",
+            ids.len(),
+            a.max_new_tokens,
+            model.config.max_sequence_length
+        );
+    }
+    let mut cache = model.new_cache();
+    let mut logits = model
+        .forward_mixed(&ids, &mask, &mut cache, Heads::Text, false)?
+        .text;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        seed: a.seed,
+        ..SamplingParams::default()
+    })?;
+    let mut history = ids.clone();
+    let mut stream = StreamDecoder::new(engine.tokenizer.clone());
+    let mut out = std::io::stdout();
+    use std::io::Write;
+    for _ in 0..a.max_new_tokens {
+        let next = sampler.sample(&logits, &history);
+        if engine.tokenizer.is_end_of_generation(next) || stop.load(Ordering::SeqCst) {
+            break;
+        }
+        history.push(next);
+        let _ = out.write_all(stream.push(next).as_bytes());
+        let _ = out.flush();
+        logits = model.forward(&[next], &mut cache, false)?;
+    }
+    let _ = out.write_all(stream.flush().as_bytes());
+    println!();
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct VisionGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to draw: "Generate an image of {prompt}" (or "a video of").
+    #[arg(long)]
+    pub prompt: String,
+    /// Output file: .png (one frame), .gif, or .mp4 (feature `mp4`).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub n_frames: usize,
+    /// VQGAN weights; default: `vqgan` next to the params file.
+    #[arg(long)]
+    pub vqgan: Option<PathBuf>,
+    /// First frame (image): temperature, top-k, guidance scale (defaults: the original's scripts).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature_image: f32,
+    #[arg(long, default_value_t = 8192)]
+    pub top_k_image: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg_scale_image: f32,
+    /// Later frames (video).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature_video: f32,
+    #[arg(long, default_value_t = 1000)]
+    pub top_k_video: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg_scale_video: f32,
+    /// The original's default seed.
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+}
+
+pub fn run_generate(a: VisionGenerateArgs) -> Result<()> {
+    use lwm::vision_generate::{
+        conditional_prompt, frames_to_rgb, generate_codes, unconditional_prompt, write_frames,
+        PhaseParams, VisionGenRequest,
+    };
+    let ext = a
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !matches!(ext.as_str(), "png" | "gif" | "mp4") {
+        bail!("--output must end in .png, .gif or .mp4");
+    }
+    if ext == "png" && a.n_frames != 1 {
+        bail!(
+            "a .png holds one frame; use .gif for --n-frames {}",
+            a.n_frames
+        );
+    }
+    let engine = a.model.load()?;
+    let vqgan_path = match &a.vqgan {
+        Some(p) => p.clone(),
+        None => engine
+            .location
+            .path()
+            .parent()
+            .map(|d| d.join("vqgan"))
+            .context("give --vqgan FILE")?,
+    };
+    let vqgan = Vqgan::open(&vqgan_path)?;
+    let req = VisionGenRequest {
+        cond_ids: conditional_prompt(&engine.tokenizer, &a.prompt, a.n_frames > 1)?,
+        uncond_ids: unconditional_prompt(&engine.tokenizer)?,
+        n_frames: a.n_frames,
+        image: PhaseParams {
+            temperature: a.temperature_image,
+            top_k: a.top_k_image,
+            guidance: a.cfg_scale_image,
+        },
+        video: PhaseParams {
+            temperature: a.temperature_video,
+            top_k: a.top_k_video,
+            guidance: a.cfg_scale_video,
+        },
+        seed: a.seed,
+    };
+    let stop = crate::interrupt_flag();
+    let bar = indicatif::ProgressBar::new(a.n_frames as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "generating frames {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let frames = generate_codes(&engine.model, &req, &mut |done| {
+        bar.set_position(done as u64);
+        !stop.load(Ordering::SeqCst)
+    })?;
+    bar.finish_and_clear();
+    if frames.is_empty() {
+        bail!("interrupted before the first frame");
+    }
+    let grid = (lwm::vision_model::FRAME_CODES as f64).sqrt() as usize;
+    let codes: Vec<u32> = frames.iter().flatten().copied().collect();
+    let decoded = vqgan.decode(&codes, frames.len(), grid, grid)?;
+    let size = grid * vqgan.factor;
+    write_frames(
+        &a.output,
+        &frames_to_rgb(&decoded, frames.len(), size),
+        size,
+    )?;
+    println!("{}", a.output.display());
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! LWM's vision-language model (`lwm/vision_llama.py`): a second embedding table `vte` and a
+//! second head `vision_head` (both `vision_vocab_size` = 8448 rows) around the shared
+//! transformer. Per position, the vision mask picks the table:
+//! `emb = wte(id)·(1−m) + vte(id)·m`, and both heads can be read at every position.
+//!
+//! Vision ids are a separate id space: 0..8191 VQGAN codes (no offset), 8192 end of frame,
+//! 8193 end of vision. A frame is its 16×16 codes row-major plus one of those two markers.
+
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::model::{Linear, Model};
+use crate::weights::jax::{VISION_EMBED, VISION_HEAD};
+use crate::weights::WeightSource;
+use anyhow::{bail, Context, Result};
+
+/// End of frame (`eof_token` in data.py).
+pub const END_OF_FRAME: u32 = 8192;
+/// End of the vision block (`eov_token`).
+pub const END_OF_VISION: u32 = 8193;
+/// Codes in a frame (16×16) and tokens per frame (codes + end marker).
+pub const FRAME_CODES: usize = 256;
+pub const FRAME_TOKENS: usize = FRAME_CODES + 1;
+
+pub(crate) struct VisionParts {
+    embed: Linear,
+    head: Linear,
+}
+
+impl VisionParts {
+    /// Load `vte`/`vision_head` when the config has a vision vocabulary.
+    pub(crate) fn load(src: &dyn WeightSource, c: &ModelConfig) -> Result<Option<Self>> {
+        if c.vision_vocab_size == 0 {
+            return Ok(None);
+        }
+        let origin = src.origin();
+        let get = |name: &str| -> Result<Linear> {
+            if !src.contains(name) {
+                bail!(
+                    "{origin}: the config has a vision vocabulary but there is no '{name}' tensor"
+                );
+            }
+            Linear::from_weight(
+                src.load(name)?,
+                name,
+                c.vision_vocab_size,
+                c.hidden_size,
+                &origin,
+            )
+        };
+        Ok(Some(Self {
+            embed: get(VISION_EMBED)?,
+            head: get(VISION_HEAD)?,
+        }))
+    }
+}
+
+/// Which heads to evaluate (the original's `sample_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    Text,
+    Vision,
+    Both,
+}
+
+/// Logits of a mixed forward: either may be empty when not requested.
+pub struct MixedLogits {
+    pub text: Vec<f32>,
+    pub vision: Vec<f32>,
+}
+
+/// Ids the KV cache records for vision positions: shifted past the text vocabulary so a
+/// vision code never matches a text token in prefix reuse.
+fn cache_id(c: &ModelConfig, id: u32, vision: bool) -> u32 {
+    if vision {
+        c.vocab_size as u32 + id
+    } else {
+        id
+    }
+}
+
+impl Model {
+    pub fn has_vision(&self) -> bool {
+        self.vision.is_some()
+    }
+
+    /// Forward `ids` with per-position `vision_mask` (true: a vision id, embedded with `vte`),
+    /// returning the requested heads' logits for the last position or every position.
+    pub fn forward_mixed(
+        &self,
+        ids: &[u32],
+        vision_mask: &[bool],
+        cache: &mut KvCache,
+        heads: Heads,
+        all_logits: bool,
+    ) -> Result<MixedLogits> {
+        let vision = self.vision.as_ref().context(
+            "this model has no vision embedding/head (not an LWM vision-language checkpoint)",
+        )?;
+        if ids.len() != vision_mask.len() {
+            bail!(
+                "{} ids but {} vision-mask entries",
+                ids.len(),
+                vision_mask.len()
+            );
+        }
+        if ids.is_empty() {
+            bail!("forward called with no tokens");
+        }
+        let c = &self.config;
+        let h = c.hidden_size;
+        let mut x = vec![0.0f32; ids.len() * h];
+        for (i, (&id, &m)) in ids.iter().zip(vision_mask).enumerate() {
+            let (table, limit) = if m {
+                (&vision.embed, c.vision_vocab_size)
+            } else {
+                (self.embed_table(), c.vocab_size)
+            };
+            if id as usize >= limit {
+                bail!(
+                    "{} id {id} at position {i} is outside the {} vocabulary of {limit}",
+                    if m { "vision" } else { "text" },
+                    if m { "vision" } else { "text" }
+                );
+            }
+            x[i * h..(i + 1) * h].copy_from_slice(&table.rows(&[id])?);
+        }
+        let keys: Vec<u32> = ids
+            .iter()
+            .zip(vision_mask)
+            .map(|(&id, &m)| cache_id(c, id, m))
+            .collect();
+        let pos0 = cache.len();
+        let out = (|| -> Result<MixedLogits> {
+            let normed = self.run_layers(x, &keys, cache, all_logits)?;
+            let text = if heads != Heads::Vision {
+                self.apply_head(self.lm_head_linear(), &normed)?
+            } else {
+                Vec::new()
+            };
+            let vision_logits = if heads != Heads::Text {
+                self.apply_head(&vision.head, &normed)?
+            } else {
+                Vec::new()
+            };
+            Ok(MixedLogits {
+                text,
+                vision: vision_logits,
+            })
+        })();
+        if out.is_err() {
+            cache.truncate(pos0);
+        }
+        out
+    }
+}
+
+/// The token layout of frames in a prompt: each frame's codes, then END_OF_FRAME, except
+/// the last frame which ends in END_OF_VISION. Returns (ids, vision mask = all true).
+pub fn frame_tokens(frames: &[Vec<u32>]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(frames.iter().map(|f| f.len() + 1).sum());
+    for (i, f) in frames.iter().enumerate() {
+        out.extend_from_slice(f);
+        out.push(if i + 1 == frames.len() {
+            END_OF_VISION
+        } else {
+            END_OF_FRAME
+        });
+    }
+    out
+}
