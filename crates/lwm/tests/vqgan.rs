@@ -104,3 +104,124 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("v.pkl") && e.contains("truncated"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Speed of the real-size VQGAN (LWM's config: 256 px, hidden 128, mult (1,2,2,4,6), 2 res
+/// blocks, 8192×64 codebook) with random weights: prints encode/decode seconds per frame.
+/// `cargo test -p lwm --test vqgan -- --ignored --nocapture real_size`
+#[test]
+#[ignore]
+fn real_size_vqgan_speed() {
+    use lwm::vqgan::pickle::NdArray;
+    use std::collections::BTreeMap;
+    let mut rng = lwm::rng::XorShift::new(3);
+    let mut p: BTreeMap<String, NdArray> = BTreeMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32| {
+        let n = shape.iter().product();
+        let data = rng.vec(n, -scale, scale);
+        p.insert(name, NdArray { shape, data });
+    };
+    let conv =
+        |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, k: usize, i: usize, o: usize| {
+            put(
+                format!("{n}/kernel"),
+                vec![k, k, i, o],
+                (1.0 / (k * k * i) as f32).sqrt(),
+            );
+            put(format!("{n}/bias"), vec![o], 0.01);
+        };
+    let norm = |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, c: usize| {
+        put(format!("{n}/scale"), vec![c], 1.0);
+        put(format!("{n}/bias"), vec![c], 0.01);
+    };
+    let res = |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, i: usize, o: usize| {
+        norm(put, &format!("{n}/GroupNorm_0"), i);
+        conv(put, &format!("{n}/Conv_0"), 3, i, o);
+        norm(put, &format!("{n}/GroupNorm_1"), o);
+        conv(put, &format!("{n}/Conv_1"), 3, o, o);
+        if i != o {
+            conv(put, &format!("{n}/Conv_2"), 1, i, o);
+        }
+    };
+    let mult = [1, 2, 2, 4, 6];
+    let ch: Vec<usize> = mult.iter().map(|m| 128 * m).collect();
+    conv(&mut put, "encoder/Conv_0", 3, 3, 128);
+    let mut c = 128;
+    for (l, &o) in ch.iter().enumerate() {
+        for b in 0..2 {
+            res(
+                &mut put,
+                &format!("encoder/DownsamplingBlock_{l}/ResnetBlock_{b}"),
+                c,
+                o,
+            );
+            c = o;
+        }
+        if l < 4 {
+            conv(
+                &mut put,
+                &format!("encoder/DownsamplingBlock_{l}/Downsample_0/Conv_0"),
+                3,
+                c,
+                c,
+            );
+        }
+    }
+    for b in 0..2 {
+        res(
+            &mut put,
+            &format!("encoder/MidBlock_0/ResnetBlock_{b}"),
+            c,
+            c,
+        );
+        res(
+            &mut put,
+            &format!("decoder/MidBlock_0/ResnetBlock_{b}"),
+            c,
+            c,
+        );
+    }
+    norm(&mut put, "encoder/GroupNorm_0", c);
+    conv(&mut put, "encoder/Conv_1", 3, c, 64);
+    conv(&mut put, "quant_conv", 1, 64, 64);
+    conv(&mut put, "post_quant_conv", 1, 64, 64);
+    put("quantize/embeddings".into(), vec![8192, 64], 0.5);
+    conv(&mut put, "decoder/Conv_0", 3, 64, c);
+    for (u, l) in (0..5).rev().enumerate() {
+        let o = ch[l];
+        for b in 0..3 {
+            res(
+                &mut put,
+                &format!("decoder/UpsamplingBlock_{u}/ResnetBlock_{b}"),
+                c,
+                o,
+            );
+            c = o;
+        }
+        if l > 0 {
+            conv(
+                &mut put,
+                &format!("decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0"),
+                3,
+                c,
+                c,
+            );
+        }
+    }
+    norm(&mut put, "decoder/GroupNorm_0", c);
+    conv(&mut put, "decoder/Conv_1", 3, c, 3);
+    let n_params: usize = p.values().map(|a| a.data.len()).sum();
+    assert_eq!(
+        n_params, 146_244_675,
+        "the real VQGAN's parameter count (fact sheet)"
+    );
+    let model = Vqgan::from_arrays(p).unwrap();
+    let x = rng.vec(256 * 256 * 3, -1.0, 1.0);
+    let t = std::time::Instant::now();
+    let codes = model.encode(&x, 1, 256, 256).unwrap();
+    let enc = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let img = model.decode(&codes, 1, 16, 16).unwrap();
+    let dec = t.elapsed().as_secs_f64();
+    assert_eq!((codes.len(), img.len()), (256, 256 * 256 * 3));
+    eprintln!("real-size VQGAN, 256x256: encode {enc:.2} s, decode {dec:.2} s per frame");
+}
