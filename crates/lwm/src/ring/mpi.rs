@@ -52,6 +52,11 @@ impl MpiRing {
     }
 }
 
+// SAFETY: MPI is initialised single-threaded and an `MpiRing` is created, used and dropped
+// by the process's main thread only; `Ring: Send` exists for the threads transport, and the
+// MPI path never moves its ring to another thread.
+unsafe impl Send for MpiRing {}
+
 /// How long a polling receive sleeps between probes: short next to a block's compute,
 /// long enough not to steal a core from the co-located workers.
 const POLL: Duration = Duration::from_micros(200);
@@ -91,8 +96,8 @@ impl Ring for MpiRing {
                 .world
                 .process_at_rank(src as i32)
                 .immediate_matched_probe_with_tag(tag as i32);
-            if let Some((msg, _status)) = probe {
-                let (data, _) = msg.matched_receive_vec::<f32>();
+            if let Some(matched) = probe {
+                let (data, _) = matched.matched_receive_vec::<f32>();
                 self.reap();
                 return Ok(std::sync::Arc::new(data));
             }
