@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 mod bench;
 mod convert;
+mod kernel_bench;
 mod needle;
 mod ring;
 mod serve;
 mod structured;
 mod train;
-mod kernel_bench;
 mod vision;
 
 #[derive(Parser)]
