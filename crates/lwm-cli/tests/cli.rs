@@ -2,14 +2,10 @@
 //! in one clear `error:` line and a non-zero exit, never a panic.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn lwm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(args)
-        .output()
-        .expect("run lwm")
-}
+mod common;
+use common::{default_model, lwm};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lwm/tests/fixtures")
@@ -40,19 +36,6 @@ fn assert_clean_error(out: &Output, needles: &[&str]) {
         "partial output on stdout: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-fn default_model() -> Option<String> {
-    if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
-        return Some(p);
-    }
-    let p = lwm::model_source::default_model_path();
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
-        None
-    }
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -1,27 +1,8 @@
 //! Long-context features end to end: KV cache types in the memory plan, refusal of a run
 //! that cannot fit, and bad KV type names.
 
-use std::process::{Command, Output};
-
-fn lwm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(args)
-        .output()
-        .expect("run lwm")
-}
-
-fn default_model() -> Option<String> {
-    if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
-        return Some(p);
-    }
-    let p = lwm::model_source::default_model_path();
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
-        None
-    }
-}
+mod common;
+use common::{default_model, lwm};
 
 fn info(model: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["info", "--model", model, "--json"];

@@ -2,28 +2,11 @@
 //! processes started by mpirun) prints what one worker prints, and bad meshes or dead
 //! workers end in one clear error.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn default_model() -> Option<String> {
-    if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
-        return Some(p);
-    }
-    let p = lwm::model_source::default_model_path();
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
-        None
-    }
-}
-
-fn lwm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(args)
-        .output()
-        .expect("run lwm")
-}
+mod common;
+use common::{default_model, lwm};
 
 fn stdout(o: &Output) -> String {
     assert!(

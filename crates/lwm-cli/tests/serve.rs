@@ -8,18 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn default_model() -> Option<String> {
-    if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
-        return Some(p);
-    }
-    let p = lwm::model_source::default_model_path();
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
-        None
-    }
-}
+mod common;
+use common::default_model;
 
 fn python_with_openai() -> Option<String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());

@@ -1,27 +1,8 @@
 //! `lwm chat/generate` with structured-output flags: answers obey the constraint; a bad
 //! schema file or regex ends in one `error:` line, never a panic.
 
-use std::process::{Command, Output};
-
-fn lwm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(args)
-        .output()
-        .expect("run lwm")
-}
-
-fn default_model() -> Option<String> {
-    if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
-        return Some(p);
-    }
-    let p = lwm::model_source::default_model_path();
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
-        None
-    }
-}
+mod common;
+use common::{default_model, lwm};
 
 #[test]
 fn choices_and_regex_flags_constrain_the_answer() {

@@ -3,14 +3,9 @@
 //! configs end in one clear error.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn lwm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args(args)
-        .output()
-        .expect("run lwm")
-}
+mod common;
+use common::lwm;
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lwm-train-cli-{}-{name}", std::process::id()));
