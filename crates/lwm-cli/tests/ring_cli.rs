@@ -111,6 +111,7 @@ fn bad_meshes_are_refused_with_the_reason() {
 #[cfg(feature = "mpi")]
 mod mpi {
     use super::*;
+    use std::process::Command;
 
     fn mpirun(n: usize, env: &[(&str, &str)], args: &[&str]) -> Output {
         let mut c = Command::new("mpirun");
