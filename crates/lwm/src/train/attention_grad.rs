@@ -77,7 +77,7 @@ fn gather_head(x: &[f32], dims: &AttnDims, n_heads: usize, b: usize, h: usize) -
     out
 }
 
-fn scatter_rows(
+pub(super) fn scatter_rows(
     dst: &mut [f32],
     dims: &AttnDims,
     n_heads: usize,
@@ -94,7 +94,7 @@ fn scatter_rows(
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
@@ -192,7 +192,7 @@ pub fn blockwise_forward(
 }
 
 /// Rows r0..r0+rows of one head as a contiguous (rows × d) buffer.
-fn gather_rows(
+pub(super) fn gather_rows(
     x: &[f32],
     dims: &AttnDims,
     n_heads: usize,

@@ -9,7 +9,7 @@
 //! Per (query row i, key j) pair the math is `attention_grad`'s (p from the saved lse).
 //! Across machines (MPI) the same loop would send the block over the network; not built.
 
-use super::attention_grad::{AttnDims, AttnMasking};
+use super::attention_grad::{dot, gather_rows, scatter_rows, AttnDims, AttnMasking};
 use crate::attention::{attend_block, BlockMask, Partial};
 use anyhow::{bail, Result};
 use std::sync::mpsc;
@@ -21,46 +21,6 @@ struct KvBlock {
     v: Vec<Vec<f32>>,
     dk: Vec<Vec<f32>>,
     dv: Vec<Vec<f32>>,
-}
-
-/// Rows r0..r0+n of head h of (batch, len, n_heads, d) data, for batch b.
-fn rows(
-    x: &[f32],
-    dims: &AttnDims,
-    n_heads: usize,
-    b: usize,
-    h: usize,
-    r0: usize,
-    n: usize,
-) -> Vec<f32> {
-    let d = dims.d;
-    let mut out = Vec::with_capacity(n * d);
-    for t in r0..r0 + n {
-        let base = ((b * dims.len + t) * n_heads + h) * d;
-        out.extend_from_slice(&x[base..base + d]);
-    }
-    out
-}
-
-fn put_rows(
-    dst: &mut [f32],
-    dims: &AttnDims,
-    n_heads: usize,
-    b: usize,
-    h: usize,
-    r0: usize,
-    src: &[f32],
-) {
-    let d = dims.d;
-    for (i, row) in src.chunks_exact(d).enumerate() {
-        let base = ((b * dims.len + r0 + i) * n_heads + h) * d;
-        dst[base..base + d].copy_from_slice(row);
-    }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Run `work(worker, block, send)` on sp threads connected in a ring.
@@ -122,9 +82,9 @@ fn own_block(
     for b in 0..dims.batch {
         for h in 0..dims.kv_heads {
             blk.k
-                .push(rows(k, dims, dims.kv_heads, b, h, w * shard, shard));
+                .push(gather_rows(k, dims, dims.kv_heads, b, h, w * shard, shard));
             blk.v
-                .push(rows(v, dims, dims.kv_heads, b, h, w * shard, shard));
+                .push(gather_rows(v, dims, dims.kv_heads, b, h, w * shard, shard));
             if with_grads {
                 blk.dk.push(vec![0.0; shard * dims.d]);
                 blk.dv.push(vec![0.0; shard * dims.d]);
@@ -151,7 +111,7 @@ pub fn ring_forward(
         |w| own_block(k, v, dims, w, shard, false),
         |w, mut blk, pass| {
             let qs: Vec<Vec<f32>> = (0..dims.batch * heads)
-                .map(|i| rows(q, dims, heads, i / heads, i % heads, w * shard, shard))
+                .map(|i| gather_rows(q, dims, heads, i / heads, i % heads, w * shard, shard))
                 .collect();
             let mut st: Vec<Partial> = (0..dims.batch * heads)
                 .map(|_| Partial::new(shard, d))
@@ -187,7 +147,7 @@ pub fn ring_forward(
             let (b, h) = (i / heads, i % heads);
             let mut o = vec![0.0f32; shard * d];
             s.finish_into(&mut o);
-            put_rows(&mut out, dims, heads, b, h, w * shard, &o);
+            scatter_rows(&mut out, dims, heads, b, h, w * shard, &o);
             lse[i * dims.len + w * shard..i * dims.len + (w + 1) * shard].copy_from_slice(&s.lse());
         }
     }
@@ -221,14 +181,14 @@ pub fn ring_backward(
         |w, mut blk, pass| {
             let n = dims.batch * heads;
             let qs: Vec<Vec<f32>> = (0..n)
-                .map(|i| rows(q, dims, heads, i / heads, i % heads, w * shard, shard))
+                .map(|i| gather_rows(q, dims, heads, i / heads, i % heads, w * shard, shard))
                 .collect();
             let gs: Vec<Vec<f32>> = (0..n)
-                .map(|i| rows(dout, dims, heads, i / heads, i % heads, w * shard, shard))
+                .map(|i| gather_rows(dout, dims, heads, i / heads, i % heads, w * shard, shard))
                 .collect();
             let delta: Vec<Vec<f32>> = (0..n)
                 .map(|i| {
-                    let o = rows(out, dims, heads, i / heads, i % heads, w * shard, shard);
+                    let o = gather_rows(out, dims, heads, i / heads, i % heads, w * shard, shard);
                     o.chunks_exact(d)
                         .zip(gs[i].chunks_exact(d))
                         .map(|(a, g)| dot(a, g))
@@ -288,11 +248,11 @@ pub fn ring_backward(
             );
         }
         for (i, x) in dqs.iter().enumerate() {
-            put_rows(&mut dq, dims, heads, i / heads, i % heads, w * shard, x);
+            scatter_rows(&mut dq, dims, heads, i / heads, i % heads, w * shard, x);
         }
         for i in 0..dims.batch * kvh {
-            put_rows(&mut dk, dims, kvh, i / kvh, i % kvh, w * shard, &blk.dk[i]);
-            put_rows(&mut dv, dims, kvh, i / kvh, i % kvh, w * shard, &blk.dv[i]);
+            scatter_rows(&mut dk, dims, kvh, i / kvh, i % kvh, w * shard, &blk.dk[i]);
+            scatter_rows(&mut dv, dims, kvh, i / kvh, i % kvh, w * shard, &blk.dv[i]);
         }
     }
     Ok((dq, dk, dv))
