@@ -119,6 +119,11 @@ pub struct ModelArgs {
     /// Worker threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
+    /// Dequantize the weights to f32 at load (4 bytes per parameter): no activation is
+    /// rounded to 8 bits, so results move only by float noise when sums are reordered
+    /// (for comparing chunkings, rings and other engines).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 impl ModelArgs {
@@ -157,6 +162,12 @@ impl ModelArgs {
             },
         };
         let mut engine = Engine::load(&self.model, &opts)?;
+        if self.dequantize {
+            engine.model.dequantize_weights()?;
+            engine.quantization = format!("{} (dequantized to f32)", engine.quantization);
+            // Other arithmetic, other KV states: prompt-cache files must not be shared.
+            engine.weights_digest = !engine.weights_digest;
+        }
         let mut kv = match &self.kv_type {
             Some(t) => lwm::kv_cache::KvTypes::parse(t)?,
             None => engine.model.options.kv_types(),

@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use lwm::needle::haystack::Haystack;
 use lwm::needle::results::{check_against_set, ResultsFile};
-use lwm::needle::run::{order_for_prefix_reuse, planned_prefill, run_cells, RunOptions};
+use lwm::needle::run::{
+    order_for_prefix_reuse, planned_prefill, run_cells, run_cells_on, RunOptions,
+};
 use lwm::needle::set::{create_set, NeedleSet, PromptFormat, SetParams};
 use lwm::needle::{write_report, HEATMAP_FILE, RESULTS_FILE, SET_FILE, SUMMARY_FILE};
 use std::collections::HashSet;
@@ -80,6 +82,8 @@ struct RunArgs {
     /// Run this set (from `lwm needle create`) instead of building one from the flags.
     #[arg(long)]
     set: Option<PathBuf>,
+    #[command(flatten)]
+    ring: crate::ring::RingArgs,
 }
 
 #[derive(Args)]
@@ -257,9 +261,35 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// The longest context a run will reach, known without writing anything: from --set, or
+/// from the --context-lengths flag.
+fn longest_context(a: &RunArgs) -> Result<usize> {
+    Ok(match &a.set {
+        Some(p) => NeedleSet::read(p)?
+            .cases
+            .iter()
+            .map(|c| c.context_length)
+            .max()
+            .unwrap_or(0),
+        None => parse_lengths(&a.grid.context_lengths)?
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+    })
+}
+
 fn cmd_run(a: RunArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut engine = a.model.load()?;
+    if crate::ring::mpi_rank().is_some_and(|r| r > 0) {
+        // Another rank of `mpirun ... needle run --mesh-dim`: it only serves rank 0's ring
+        // (rank 0 owns the run directory), for sequences up to the longest context.
+        let longest = longest_context(&a)?;
+        let c = &mut engine.model.config;
+        c.max_sequence_length = c.max_sequence_length.max(longest);
+        a.ring.run(&engine, |_| Ok(()))?;
+        return Ok(());
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create run directory {}", a.out.display()))?;
     let set = load_or_create_set(&a, &engine)?;
@@ -349,14 +379,32 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     let mut n = 0usize;
     let mut correct = 0usize;
-    let totals = run_cells(&engine, &ordered, &opts, &interrupt, &mut |r| {
+    let mut on_result = |r: &lwm::needle::results::CellResult| {
         results_file.append(r)?;
         n += 1;
         correct += r.correct as usize;
         bar.inc((r.prefilled_tokens + answer_tokens) as u64);
         bar.set_message(format!("cell {n}/{total_cells}, {correct} correct"));
         Ok(())
-    })?;
+    };
+    // With --mesh-dim sp > 1 each prompt runs on the ring (threads, or MPI ranks); its
+    // session keeps a prompt's KV only when the next prompt extends it exactly, so cells
+    // mostly prefill in full there.
+    let on_ring = |s: &mut lwm::ring::RingSession| {
+        let mut generate = |req: &lwm::generate::GenerateRequest,
+                            on_text: &mut dyn FnMut(&str) -> bool| {
+            let reuse = s.reuse_prefix(&req.prompt_ids)?;
+            engine.generate_on(req, reuse, &mut |ids: &[u32]| s.forward(ids), on_text)
+        };
+        run_cells_on(&mut generate, &ordered, &opts, &interrupt, &mut on_result)
+    };
+    let totals = match a.ring.run(&engine, on_ring)? {
+        crate::ring::Role::Root(t) => t,
+        crate::ring::Role::Worker => return Ok(()),
+        crate::ring::Role::Single => {
+            run_cells(&engine, &ordered, &opts, &interrupt, &mut on_result)?
+        }
+    };
     bar.finish_and_clear();
 
     let summary = write_report(&a.out)?;

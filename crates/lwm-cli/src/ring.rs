@@ -52,6 +52,15 @@ pub enum Role<R> {
     Worker,
 }
 
+/// This process's rank in the MPI job that started us, if any (read from the launcher's
+/// environment, so it is known before MPI is initialised: commands use it to keep ranks
+/// other than 0 away from files they would otherwise all write).
+pub fn mpi_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
 /// Processes in the MPI job that started us (Open MPI or a PMI launcher), if any.
 fn mpi_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
@@ -113,18 +122,33 @@ fn run_mpi<R>(
     opts: RingOptions,
     f: impl FnOnce(&mut RingSession) -> Result<R>,
 ) -> Result<Role<R>> {
-    let mut ring = lwm::ring::mpi::MpiRing::init()?;
     use lwm::ring::transport::Ring;
-    if ring.rank() != 0 {
-        lwm::ring::serve(&engine.model, &mut ring, opts)?;
-        return Ok(Role::Worker);
-    }
-    let mut session = RingSession::new(&engine.model, Box::new(ring), opts);
-    let out = f(&mut session);
-    if out.is_err() {
-        session.shut_down_ring();
-    }
-    Ok(Role::Root(out?))
+    let mut ring = lwm::ring::mpi::MpiRing::init()?;
+    let rank = ring.rank();
+    let result = if rank != 0 {
+        lwm::ring::serve(&engine.model, &mut ring, opts).map(|_| Role::Worker)
+    } else {
+        let mut session = RingSession::new(&engine.model, Box::new(ring), opts);
+        let out = f(&mut session);
+        if out.is_err() {
+            session.shut_down_ring();
+        }
+        return match out {
+            Ok(r) => Ok(Role::Root(r)),
+            Err(e) => abort_mpi_job(rank, e),
+        };
+    };
+    result.or_else(|e| abort_mpi_job(rank, e))
+}
+
+/// A failed rank reports and ends the whole job (MPI_Abort): finalizing normally would
+/// wait for the hung or dead peer forever.
+#[cfg(feature = "mpi")]
+fn abort_mpi_job<R>(rank: usize, e: anyhow::Error) -> Result<R> {
+    use std::io::Write;
+    eprintln!("error: [rank {rank}] {e:#}");
+    let _ = std::io::stderr().flush();
+    lwm::ring::mpi::abort_job(1)
 }
 
 #[cfg(not(feature = "mpi"))]

@@ -105,6 +105,61 @@ fn run_beyond_trained_length_is_marked_and_report_rerenders() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Cell id -> answer token ids of a run directory.
+fn answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
+    let mut v: Vec<(String, Vec<u64>)> = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            let ids = r["response_ids"].as_array().unwrap();
+            (
+                r["id"].as_str().unwrap().to_string(),
+                ids.iter().map(|t| t.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `--mesh-dim 1,1,1,2` runs every prompt on a ring of two workers and gives the same
+/// answers as one worker (dequantized weights: logits agree within 1e-4, see
+/// lwm/tests/ring_attention.rs).
+#[test]
+fn needle_on_a_ring_gives_the_answers_of_one_worker() {
+    let Some(model) = default_model() else { return };
+    let dir = temp_dir("ring");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "needle",
+            "run",
+            "-m",
+            &model,
+            "--numerics",
+            "exact",
+            "--dequantize",
+            "--context-lengths",
+            "384",
+            "--depths",
+            "0,100",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = lwm(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        answers(&out)
+    };
+    let one = run("one", &[]);
+    assert_eq!(one.len(), 2);
+    assert_eq!(run("ring", &["--mesh-dim", "1,1,1,2"]), one);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_needle_input_gives_one_clear_error() {
     let dir = temp_dir("bad");

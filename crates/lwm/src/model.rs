@@ -161,6 +161,26 @@ impl Linear {
         Ok(y.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// The same matrix as f32 (a quantized matrix dequantized once): its products no longer
+    /// quantize activations, so results change continuously with the inputs.
+    pub fn to_dense(&self) -> Result<Linear> {
+        Ok(match self {
+            Linear::Native(m) => {
+                let mut w = vec![0.0f32; m.rows * m.cols];
+                for (r, row) in w.chunks_exact_mut(m.cols).enumerate() {
+                    m.dequantize_row(r, row);
+                }
+                Linear::Dense(Tensor::from_vec(w, (m.rows, m.cols), &Device::Cpu)?)
+            }
+            Linear::Quant(q) => Linear::Dense(
+                q.dequantize(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .contiguous()?,
+            ),
+            Linear::Dense(t) => Linear::Dense(t.clone()),
+        })
+    }
+
     pub fn storage_bytes(&self) -> usize {
         match self {
             Linear::Native(m) => m.data.len(),
@@ -298,6 +318,44 @@ impl Model {
             self.config.head_dim,
             self.options.kv_types(),
         )
+    }
+
+    /// Replace every quantized matrix by its f32 dequantization (`--dequantize`). Weight
+    /// memory grows to 4 bytes per parameter; in exchange no activation is rounded to 8 bits,
+    /// so a reordered float sum (another chunking, the ring) moves logits by float noise
+    /// instead of by flipped quantization steps.
+    pub fn dequantize_weights(&mut self) -> Result<()> {
+        let tied = self.config.tie_word_embeddings || !self.lm_head_is_separate();
+        self.embed = self.embed.to_dense()?;
+        self.lm_head = if tied {
+            self.embed.clone()
+        } else {
+            self.lm_head.to_dense()?
+        };
+        for l in &mut self.layers {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ] {
+                *w = w.to_dense()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `lm_head` is its own matrix rather than a clone of the embedding.
+    fn lm_head_is_separate(&self) -> bool {
+        match (&self.embed, &self.lm_head) {
+            (Linear::Native(a), Linear::Native(b)) => !Arc::ptr_eq(a, b),
+            (Linear::Quant(a), Linear::Quant(b)) => !Arc::ptr_eq(a, b),
+            (Linear::Dense(a), Linear::Dense(b)) => a.id() != b.id(),
+            _ => true,
+        }
     }
 
     /// Bytes of weights as held in memory.

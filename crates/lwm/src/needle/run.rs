@@ -8,7 +8,7 @@
 
 use super::results::{score, CellResult};
 use super::set::NeedleCase;
-use crate::generate::{Engine, FinishReason, GenerateRequest};
+use crate::generate::{Engine, FinishReason, GenerateOutput, GenerateRequest};
 use crate::sampling::SamplingParams;
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,9 +68,14 @@ pub struct RunTotals {
     pub interrupted: bool,
 }
 
-/// Run `cases` in order, handing each finished cell to `on_result` (which stores it)
-/// before the next one starts. `interrupt` stops between cells or mid-answer; an
-/// unfinished cell is not reported.
+/// One greedy answer: runs a request, streaming text to the callback (false = stop), and
+/// may keep KV state between calls to reuse a shared prompt prefix.
+pub type Generator<'a> =
+    dyn FnMut(&GenerateRequest, &mut dyn FnMut(&str) -> bool) -> Result<GenerateOutput> + 'a;
+
+/// Run `cases` in order on the engine's own model and one KV cache, handing each finished
+/// cell to `on_result` (which stores it) before the next one starts. `interrupt` stops
+/// between cells or mid-answer; an unfinished cell is not reported.
 pub fn run_cells(
     engine: &Engine,
     cases: &[&NeedleCase],
@@ -79,6 +84,20 @@ pub fn run_cells(
     on_result: &mut dyn FnMut(&CellResult) -> Result<()>,
 ) -> Result<RunTotals> {
     let mut cache = engine.model.new_cache();
+    let mut local = |req: &GenerateRequest, on_text: &mut dyn FnMut(&str) -> bool| {
+        engine.generate_with_cache(req, &mut cache, on_text)
+    };
+    run_cells_on(&mut local, cases, opts, interrupt, on_result)
+}
+
+/// `run_cells` over any generator (the engine's cache, or a sequence-parallel ring).
+pub fn run_cells_on(
+    generate: &mut Generator,
+    cases: &[&NeedleCase],
+    opts: &RunOptions,
+    interrupt: &AtomicBool,
+    on_result: &mut dyn FnMut(&CellResult) -> Result<()>,
+) -> Result<RunTotals> {
     let mut totals = RunTotals::default();
     for case in cases {
         if interrupt.load(Ordering::SeqCst) {
@@ -88,8 +107,7 @@ pub fn run_cells(
         let mut req = GenerateRequest::new(case.prompt_ids.clone(), opts.answer_tokens, greedy());
         req.stop = opts.stop.clone();
         req.prefill_chunk = opts.prefill_chunk;
-        let out = engine
-            .generate_with_cache(&req, &mut cache, &mut |_| !interrupt.load(Ordering::SeqCst))?;
+        let out = generate(&req, &mut |_| !interrupt.load(Ordering::SeqCst))?;
         if out.finish_reason == FinishReason::Cancelled {
             totals.interrupted = true;
             break;

@@ -120,6 +120,13 @@ impl Ring for MpiRing {
     }
 }
 
+/// End the whole MPI job after a failure. `MPI_Finalize` is collective: a rank that dropped
+/// its `MpiRing` after an error would wait there forever for a hung or dead peer, so a
+/// failed rank calls `MPI_Abort` instead, and mpirun ends every process of the job.
+pub fn abort_job(code: i32) -> ! {
+    mpi::topology::SimpleCommunicator::world().abort(code)
+}
+
 impl Drop for MpiRing {
     fn drop(&mut self) {
         // Wait for sends still in flight (bounded); after a failure the process exits and
