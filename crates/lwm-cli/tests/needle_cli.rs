@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Output;
 
 mod common;
-use common::{default_model, lwm};
+use common::{default_model, lwm, needle_answers, needle_small_grid_args};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lwm-needle-cli-{}-{name}", std::process::id()));
@@ -105,24 +105,6 @@ fn run_beyond_trained_length_is_marked_and_report_rerenders() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Cell id -> answer token ids of a run directory.
-fn answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
-    let mut v: Vec<(String, Vec<u64>)> = std::fs::read_to_string(dir.join("results.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let r: serde_json::Value = serde_json::from_str(l).unwrap();
-            let ids = r["response_ids"].as_array().unwrap();
-            (
-                r["id"].as_str().unwrap().to_string(),
-                ids.iter().map(|t| t.as_u64().unwrap()).collect(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// `--mesh-dim 1,1,1,2` runs every prompt on a ring of two workers and gives the same
 /// answers as one worker (dequantized weights: logits agree within 1e-4, see
 /// lwm/tests/ring_attention.rs).
@@ -132,27 +114,11 @@ fn needle_on_a_ring_gives_the_answers_of_one_worker() {
     let dir = temp_dir("ring");
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(name);
-        let mut args = vec![
-            "needle",
-            "run",
-            "-m",
-            &model,
-            "--numerics",
-            "exact",
-            "--dequantize",
-            "--context-lengths",
-            "384",
-            "--depths",
-            "0,100",
-            "--max-new-tokens",
-            "12",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let o = lwm(&args);
+        let args = needle_small_grid_args(&model, &out, extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = lwm(&refs);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        answers(&out)
+        needle_answers(&out)
     };
     let one = run("one", &[]);
     assert_eq!(one.len(), 2);

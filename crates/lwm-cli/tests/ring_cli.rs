@@ -110,6 +110,7 @@ fn bad_meshes_are_refused_with_the_reason() {
 /// `mpirun` on loopback, one worker per process (rank 0 prints).
 #[cfg(feature = "mpi")]
 mod mpi {
+    use super::common::{needle_answers, needle_small_grid_args};
     use super::*;
     use std::process::Command;
 
@@ -159,52 +160,19 @@ mod mpi {
         let Some(model) = default_model() else { return };
         let dir = std::env::temp_dir().join(format!("lwm-ring-cli-needle-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let args = |out: &str| -> Vec<String> {
-            [
-                "needle",
-                "run",
-                "-m",
-                &model,
-                "--numerics",
-                "exact",
-                "--dequantize",
-                "--context-lengths",
-                "384",
-                "--depths",
-                "0,100",
-                "--max-new-tokens",
-                "12",
-                "--mesh-dim",
-                "1,1,1,2",
-                "--out",
-                out,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        };
         let (a, b) = (dir.join("threads"), dir.join("mpi"));
-        let a_args = args(a.to_str().unwrap());
-        let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
-        stdout(&lwm(&a_refs));
-        let b_args = args(b.to_str().unwrap());
-        let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
-        stdout(&mpirun(2, &[], &b_refs));
-        let read = |d: &std::path::Path| {
-            let mut v: Vec<(String, String)> = std::fs::read_to_string(d.join("results.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let r: serde_json::Value = serde_json::from_str(l).unwrap();
-                    (r["id"].to_string(), r["response_ids"].to_string())
-                })
-                .collect();
-            v.sort();
-            v
-        };
-        let want = read(&a);
+        let ring = ["--mesh-dim", "1,1,1,2"];
+        let a_args = needle_small_grid_args(&model, &a, &ring);
+        stdout(&lwm(&a_args.iter().map(String::as_str).collect::<Vec<_>>()));
+        let b_args = needle_small_grid_args(&model, &b, &ring);
+        stdout(&mpirun(
+            2,
+            &[],
+            &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        let want = needle_answers(&a);
         assert_eq!(want.len(), 2);
-        assert_eq!(read(&b), want);
+        assert_eq!(needle_answers(&b), want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -150,6 +150,19 @@ fn ring_equals_one_worker_within_1e4_on_a_4000_token_prompt() {
     check_against_single_worker(&model, &ids[..5], &[(2, 5), (3, 5), (4, 2)], 6, 1e-4);
 }
 
+/// `n` short records with numbers: a prompt of about 18 tokens per record.
+fn records(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "Record {i}: vault {} holds the number {}. ",
+                i * 7 % 31,
+                i * 7919 % 100003
+            )
+        })
+        .collect()
+}
+
 /// The criterion on the default model itself: with its weights dequantized to f32
 /// (`--dequantize`; no 8-bit activation rounding to amplify reordered sums), rings of 2, 3
 /// and 4 workers give the logits of one worker within 1e-4 and the same greedy text, on a
@@ -160,15 +173,7 @@ fn ring_equals_one_worker_within_1e4_on_the_dequantized_default_model() {
         return;
     };
     engine.model.dequantize_weights().unwrap();
-    let text: String = (0..110)
-        .map(|i| {
-            format!(
-                "Record {i}: vault {} holds the number {}. ",
-                i * 7 % 31,
-                i * 7919 % 100003
-            )
-        })
-        .collect();
+    let text = records(110);
     let ids = engine.tokenize(&text).unwrap();
     assert!(ids.len() > 2000, "{} tokens", ids.len());
     let worst = check_against_single_worker(
@@ -205,15 +210,7 @@ fn ring_of_2_3_4_threads_gives_the_same_greedy_text_on_the_default_model() {
     let Some(engine) = engine(Chunking::default()) else {
         return;
     };
-    let text: String = (0..60)
-        .map(|i| {
-            format!(
-                "Record {i}: vault {} holds the number {}. ",
-                i * 7 % 31,
-                i * 7919 % 100003
-            )
-        })
-        .collect();
+    let text = records(60);
     let long = engine.tokenize(&text).unwrap();
     let short = engine
         .tokenize("The Large World Model reads a million tokens at once by passing keys and values around a ring of devices. Explain how")

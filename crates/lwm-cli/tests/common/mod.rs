@@ -25,3 +25,48 @@ pub fn default_model() -> Option<String> {
         None
     }
 }
+
+/// `lwm needle run` on a small grid of the default model (2 cells of 384 tokens, 12-token
+/// answers) with dequantized weights, so one worker and any ring give the same answers.
+pub fn needle_small_grid_args(model: &str, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "needle",
+        "run",
+        "-m",
+        model,
+        "--numerics",
+        "exact",
+        "--dequantize",
+        "--context-lengths",
+        "384",
+        "--depths",
+        "0,100",
+        "--max-new-tokens",
+        "12",
+        "--out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(out.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// (cell id, answer token ids) of a needle run directory, sorted by id.
+pub fn needle_answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
+    let mut v: Vec<(String, Vec<u64>)> = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            let ids = r["response_ids"].as_array().unwrap();
+            (
+                r["id"].as_str().unwrap().to_string(),
+                ids.iter().map(|t| t.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
