@@ -8,6 +8,9 @@ the answer token ids, and whether each asked-for number appears (the score).
 
     python3 scripts/needle_llamacpp.py DIR [--model FILE.gguf] [--max-cells N] [--out FILE.json]
     python3 scripts/needle_llamacpp.py DIR --fixture FILE.json   # llama.cpp's answers only
+    python3 scripts/needle_llamacpp.py DIR --answers FILE.json --out cmp.json
+        # compare lwm's results with llama.cpp answers recorded earlier by --fixture
+        # (so the slow llama.cpp pass can run before or apart from lwm's)
 
 Without DIR/results.jsonl it only records llama.cpp's answers (`--fixture` writes them in
 the form crates/lwm/tests/fixtures/needle/llamacpp-answers.json uses).
@@ -38,6 +41,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the per-cell comparison as JSON here")
     ap.add_argument("--fixture", help="write llama.cpp's answers per cell id (test fixture)")
+    ap.add_argument("--answers", help="llama.cpp answers recorded earlier with --fixture: compare, do not run llama.cpp")
     a = ap.parse_args()
 
     rows = load_jsonl(f"{a.dir}/set.jsonl")
@@ -52,22 +56,26 @@ def main():
     model = a.model or header["model"]
     n_ctx = max(c["context_length"] for c in cases.values())
     answer_tokens = header["needle_set"]["answer_tokens"]
-    llm = llama_cpp.Llama(
-        model_path=model, n_ctx=n_ctx, n_batch=512, n_threads=a.threads, verbose=False
-    )
-    vocab = llm._model.vocab
+    recorded = None
+    if a.answers:
+        with open(a.answers, encoding="utf-8") as f:
+            recorded = json.load(f)
+    else:
+        llm = llama_cpp.Llama(
+            model_path=model, n_ctx=n_ctx, n_batch=512, n_threads=a.threads, verbose=False
+        )
+        vocab = llm._model.vocab
 
     def is_eog(tok):
         return bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
 
-    cells, score_diff, token_diff, tok_mismatch = [], 0, 0, 0
-    for r in results:
-        c = cases[r["id"]]
+    def llamacpp_answer(c):
+        """(answer ids, text, whether llama.cpp tokenizes the prompt text to the same ids)."""
         ids = c["prompt_ids"]
-        # Does llama.cpp's tokenizer cut the prompt text into the same ids?
+        if recorded is not None:
+            rec = recorded[c["id"]]
+            return rec["answer_ids"], rec["response"], rec.get("prompt_tokenization_matches_llamacpp", True)
         same_tokens = llm.tokenize(c["prompt"].encode("utf-8"), add_bos=False, special=True) == ids
-        tok_mismatch += not same_tokens
-        t0 = time.time()
         llm.reset()
         llm.eval(ids)
         out = []
@@ -79,7 +87,15 @@ def main():
                 break
             out.append(tok)
             llm.eval([tok])
-        text = llm.detokenize(out).decode("utf-8", errors="replace")
+        return out, llm.detokenize(out).decode("utf-8", errors="replace"), same_tokens
+
+    cells, score_diff, token_diff, tok_mismatch = [], 0, 0, 0
+    for r in results:
+        c = cases[r["id"]]
+        ids = c["prompt_ids"]
+        t0 = time.time()
+        out, text, same_tokens = llamacpp_answer(c)
+        tok_mismatch += not same_tokens
         asked = [n for n in c["needles"] if n["retrieve"]]
         found = [str(n["number"]) in text for n in asked]
         ours = [n.get("found") for n in r["needles"] if n["retrieve"]]
@@ -133,6 +149,7 @@ def main():
                 "answer_ids": c["llamacpp_answer_ids"],
                 "found": all(c["llamacpp_found"]),
                 "response": c["llamacpp_response"],
+                "prompt_tokenization_matches_llamacpp": c["prompt_tokenization_matches_llamacpp"],
             }
             for c in cells
         }
