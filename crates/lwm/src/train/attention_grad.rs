@@ -22,7 +22,9 @@
 //! Masks: causal by index in the sequence, and segment ids (packing): query i sees key j
 //! only when `seg_i == seg_j`. Fully masked rows give zero output and zero gradients.
 
-use super::attention_kernel::{backward_group, forward_rows, transpose, QueryHead, RowMask};
+use super::attention_kernel::{
+    backward_group, forward_rows, transpose, GroupGrads, QueryHead, RowMask,
+};
 use crate::attention::Chunking;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -208,50 +210,49 @@ pub fn blockwise_backward(
     let group = heads / kv_heads;
     let scale = dims.scale();
     // One task per (b, kv head): it owns dK, dV of that head and dQ of its query heads.
-    let groups: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> =
-        crate::parallel::map(batch * kv_heads, |i| {
-            let (b, kvh) = (i / kv_heads, i % kv_heads);
-            let rows: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (kvh * group..(kvh + 1) * group)
-                .map(|h| {
-                    let qh = gather_head(q, dims, heads, b, h);
-                    let oh = gather_head(out, dims, heads, b, h);
-                    let doh = gather_head(dout, dims, heads, b, h);
-                    let delta = oh
-                        .chunks_exact(d)
-                        .zip(doh.chunks_exact(d))
-                        .map(|(o, g)| dot(o, g))
-                        .collect();
-                    (qh, doh, delta)
-                })
-                .collect();
-            let query_heads: Vec<QueryHead> = rows
-                .iter()
-                .enumerate()
-                .map(|(j, (qh, doh, delta))| {
-                    let bh = b * heads + kvh * group + j;
-                    QueryHead {
-                        q: qh,
-                        dout: doh,
-                        lse: &lse[bh * len..(bh + 1) * len],
-                        delta,
-                    }
-                })
-                .collect();
-            let mask = RowMask {
-                causal: masking.causal,
-                segments: masking.segments(dims, b),
-            };
-            backward_group(
-                &query_heads,
-                &gather_head(k, dims, kv_heads, b, kvh),
-                &gather_head(v, dims, kv_heads, b, kvh),
-                len,
-                d,
-                masking.chunking.key_chunk,
-                scale,
-                mask,
-            )
-        });
+    let groups: Vec<GroupGrads> = crate::parallel::map(batch * kv_heads, |i| {
+        let (b, kvh) = (i / kv_heads, i % kv_heads);
+        let rows: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (kvh * group..(kvh + 1) * group)
+            .map(|h| {
+                let qh = gather_head(q, dims, heads, b, h);
+                let oh = gather_head(out, dims, heads, b, h);
+                let doh = gather_head(dout, dims, heads, b, h);
+                let delta = oh
+                    .chunks_exact(d)
+                    .zip(doh.chunks_exact(d))
+                    .map(|(o, g)| dot(o, g))
+                    .collect();
+                (qh, doh, delta)
+            })
+            .collect();
+        let query_heads: Vec<QueryHead> = rows
+            .iter()
+            .enumerate()
+            .map(|(j, (qh, doh, delta))| {
+                let bh = b * heads + kvh * group + j;
+                QueryHead {
+                    q: qh,
+                    dout: doh,
+                    lse: &lse[bh * len..(bh + 1) * len],
+                    delta,
+                }
+            })
+            .collect();
+        let mask = RowMask {
+            causal: masking.causal,
+            segments: masking.segments(dims, b),
+        };
+        backward_group(
+            &query_heads,
+            &gather_head(k, dims, kv_heads, b, kvh),
+            &gather_head(v, dims, kv_heads, b, kvh),
+            len,
+            d,
+            masking.chunking.key_chunk,
+            scale,
+            mask,
+        )
+    });
     let mut dq = vec![0.0f32; q.len()];
     let mut dk = vec![0.0f32; k.len()];
     let mut dv = vec![0.0f32; v.len()];

@@ -230,6 +230,9 @@ pub struct QueryHead<'a> {
     pub delta: &'a [f32],
 }
 
+/// dQ of each query head of a group, dK and dV of its KV head (each len × d).
+pub type GroupGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Backward of one KV head and the query heads sharing it: `k`, `v` (len × d). Returns
 /// dQ per query head (len × d each), dK and dV (len × d).
 #[allow(clippy::too_many_arguments)]
@@ -242,7 +245,7 @@ pub fn backward_group(
     key_chunk: usize,
     scale: f32,
     mask: RowMask,
-) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
+) -> GroupGrads {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU features were just detected.
@@ -263,7 +266,7 @@ unsafe fn backward_group_avx2(
     key_chunk: usize,
     scale: f32,
     mask: RowMask,
-) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
+) -> GroupGrads {
     backward_group_generic(heads, k, v, len, d, key_chunk, scale, mask)
 }
 
@@ -278,7 +281,7 @@ fn backward_group_generic(
     key_chunk: usize,
     scale: f32,
     mask: RowMask,
-) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
+) -> GroupGrads {
     let kc = key_chunk.clamp(1, len.max(1));
     let mut dq: Vec<Vec<f32>> = heads.iter().map(|_| vec![0.0f32; len * d]).collect();
     let mut dk = vec![0.0f32; len * d];
