@@ -1,30 +1,98 @@
-"""Synthetic retrieval data for the `lwm train` demo (docs/training.md): a number hidden at a
-random depth in filler text, asked for at the end. JSONL with `prompt` (no loss) and `answer`.
+"""Synthetic retrieval data for the `lwm train` demo (docs/training.md), in exactly the prompt
+layout `lwm needle run --chat-format lwm` evaluates (crates/lwm/src/needle/set.rs), at the
+byte level: LWM's chat prefix, a stretch of real prose with one needle
+"\\nThe special magic {city} number is: {7 digits}\\n" spliced in just after a period at a
+random depth, then LWM's question and instruction. JSONL with `prompt` (the document),
+`question` (question, instruction and `ASSISTANT: `) and `answer`: `[prompt],question,answer`
+is the evaluation's prompt followed by the answer, token for token.
 
-    python3 scripts/make_needle_train_data.py --bytes 500 --count 4000 --seed 1 > train.jsonl
+The answer repeats the needle sentence ("The special magic {city} number is: {number}"), so
+the digits follow an exact repeat of the needle's key: the model can learn to copy (an
+induction circuit) instead of having to locate the number from the question alone. The
+needle evaluation scores a cell correct when the number appears in the answer.
+
+Filler: Exodus (`--split train`) or Genesis (`--split eval`) of the bundled KJV haystack, so
+the training prose is disjoint from the prose `lwm needle --haystack genesis.txt` hides
+needles in. `--write-haystack FILE` writes the Genesis text for that.
+
+    python3 scripts/make_needle_train_data.py --min-bytes 300 --max-bytes 448 --count 20000 --seed 1 > train.jsonl
 """
 import argparse
 import json
+import pathlib
 import random
+import sys
 
-WORDS = "the grass is green the sky is blue the sun is yellow here we go there and back again".split()
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HAYSTACK = ROOT / "crates/lwm/assets/haystack/kjv-genesis-exodus.txt"
+# crates/lwm/src/needle/set.rs: CITIES, needle_sentence, question, SINGLE_INSTRUCTION, Lwm parts.
+CITIES = """Chicago Yangon Antananarivo Colombo Almaty Sydney Mexico_City Seattle Lagos Amsterdam
+Belgrade Cairo Baghdad Damascus Kigali Dakar Sofia Victoria Tashkent Mumbai Barcelona Havana
+Kathmandu Helsinki Lima Oslo Jakarta Dublin Rome Toronto Montevideo Nairobi Lisbon Santiago
+Bangkok Istanbul Seoul Hanoi Quito Warsaw Prague Vienna Budapest Athens Riyadh Manila Bogota
+Caracas Accra Addis_Ababa Dhaka Karachi Tehran Kabul Ulaanbaatar Vancouver Melbourne Auckland
+Reykjavik Copenhagen Stockholm Zurich Brussels Edinburgh Marrakesh Tunis Luanda Kinshasa
+Osaka""".split()
+CITIES = [c.replace("_", " ") for c in CITIES]
+PREFIX = "You are a helpful assistant. USER:"
+INSTRUCTION = (
+    "Don't give information outside the document or repeat your findings. "
+    "Keep your response short and direct."
+)
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--bytes", type=int, default=500, help="approximate prompt length (byte tokens)")
-ap.add_argument("--count", type=int, default=1000)
-ap.add_argument("--seed", type=int, default=0)
-a = ap.parse_args()
-rng = random.Random(a.seed)
-question = " What is the special magic number? The special magic number is"
-for _ in range(a.count):
-    key = rng.randrange(10000, 100000)
-    needle = f" The special magic number is {key}."
-    room = max(0, a.bytes - len(needle) - len(question))
-    words = []
-    while sum(len(w) + 1 for w in words) < room:
-        words.append(rng.choice(WORDS))
-    filler = " ".join(words)[:room]
-    spaces = [i for i, c in enumerate(filler) if c == " "] or [len(filler)]
-    depth = rng.choice(spaces)
-    prompt = filler[:depth] + needle + filler[depth:] + question
-    print(json.dumps({"prompt": prompt, "answer": f" {key}."}))
+
+def split_text(split):
+    text = HAYSTACK.read_text()
+    at = text.index("THE SECOND BOOK OF MOSES")
+    return text[:at] if split == "eval" else text[at:]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--min-bytes", type=int, default=300, help="shortest prompt (byte tokens, BOS excluded)")
+    ap.add_argument("--max-bytes", type=int, default=448, help="longest prompt")
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=["train", "eval"], default="train")
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="curriculum format: no chat prefix, no instruction",
+    )
+    ap.add_argument("--write-haystack", help="write the eval (Genesis) prose to this file and exit")
+    a = ap.parse_args()
+    if a.write_haystack:
+        pathlib.Path(a.write_haystack).write_text(split_text("eval"))
+        return
+    rng = random.Random(a.seed)
+    hay = split_text(a.split)
+    periods = [i + 1 for i, c in enumerate(hay) if c == "."]
+    for _ in range(a.count):
+        city = rng.choice(CITIES)
+        number = rng.randrange(1_000_000, 10_000_000)
+        needle = f"\nThe special magic {city} number is: {number}\n"
+        question = f" What is the special magic {city} number? {INSTRUCTION} ASSISTANT: "
+        prefix = PREFIX
+        if a.short:
+            question, prefix = f" What is the special magic {city} number? ", ""
+        total = rng.randint(a.min_bytes, a.max_bytes)
+        n_hay = total - len(prefix) - len(needle) - len(question)
+        if n_hay < 1:
+            sys.exit(f"--min-bytes {a.min_bytes} leaves no room for filler")
+        start = rng.choice(periods)
+        while start + n_hay > len(hay):
+            start = rng.choice(periods)
+        body = hay[start : start + n_hay]
+        # Depth as the evaluation: int(n * d / 100) moved back to just after a period.
+        depth = rng.randint(0, 100)
+        p = len(body) if depth == 100 else len(body) * depth // 100
+        if depth < 100:
+            while p > 0 and body[p - 1] != ".":
+                p -= 1
+        answer = f"The special magic {city} number is: {number}"
+        document = prefix + body[:p] + needle + body[p:]
+        print(json.dumps({"prompt": document, "question": question, "answer": answer}))
+
+
+if __name__ == "__main__":
+    main()

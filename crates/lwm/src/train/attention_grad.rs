@@ -1,9 +1,9 @@
 //! Blockwise attention with a blockwise backward pass from the saved log-sum-exp, and the
 //! candle custom op that lets autograd train through it.
 //!
-//! Forward (per head) is the inference primitive `attend_block` over (query chunk × key
-//! block) tiles; it keeps only `out` and `lse_i = log Σ_j exp(s_ij)`. Backward recomputes
-//! each tile's probabilities from `lse` (FlashAttention-2), so no L × L matrix ever exists:
+//! Forward (per head, query chunks in parallel) keeps only `out` and `lse_i = log Σ_j
+//! exp(s_ij)`. Backward recomputes each key chunk's probabilities from `lse`
+//! (FlashAttention-2), so no L × L matrix ever exists:
 //!
 //! ```text
 //!   s_ij  = scale · q_i·k_j              (masked: p_ij = 0)
@@ -11,17 +11,21 @@
 //!   D_i   = Σ_t dO_it · O_it
 //!   dp_ij = dO_i · v_j
 //!   ds_ij = p_ij · (dp_ij − D_i)
-//!   dQ_i += scale · ds_ij · k_j          (pass 1: tiles over query chunks)
-//!   dK_j += scale · ds_ij · q_i          (pass 2: tiles over key chunks, summed over the
-//!   dV_j += p_ij · dO_i                   query heads sharing the KV head)
+//!   dQ_i += scale · ds_ij · k_j
+//!   dK_j += scale · ds_ij · q_i          (summed over the query heads sharing the KV head)
+//!   dV_j += p_ij · dO_i
 //! ```
 //!
-//! Two passes instead of one with atomic adds: every tile writes only its own rows, so
-//! tiles run in parallel without locks, at the cost of computing `p` twice.
+//! The row loops are in `attention_kernel` (vectorised along the keys). The backward runs
+//! one task per (batch row, KV head): it owns that head's dK, dV and its query heads' dQ,
+//! so tasks need no locks and each p is computed once.
 //! Masks: causal by index in the sequence, and segment ids (packing): query i sees key j
 //! only when `seg_i == seg_j`. Fully masked rows give zero output and zero gradients.
 
-use crate::attention::{attend_block, BlockMask, Chunking, Partial};
+use super::attention_kernel::{
+    backward_group, forward_rows, transpose, GroupGrads, QueryHead, RowMask,
+};
+use crate::attention::Chunking;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -110,13 +114,6 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
-
 /// Forward: `out` (batch, len, heads, d) and `lse` (batch, heads, len).
 pub fn blockwise_forward(
     q: &[f32],
@@ -134,13 +131,13 @@ pub fn blockwise_forward(
     } = *dims;
     let group = heads / kv_heads;
     let qc = masking.chunking.query_chunk.max(1);
-    let kc = masking.chunking.key_chunk.max(1);
     let scale = dims.scale();
-    let kv_heads_rows: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * kv_heads, |i| {
+    // Keys and values of each (b, kv head) transposed (d × len) for the row kernel.
+    let kv_t: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * kv_heads, |i| {
         let (b, h) = (i / kv_heads, i % kv_heads);
         (
-            gather_head(k, dims, kv_heads, b, h),
-            gather_head(v, dims, kv_heads, b, h),
+            transpose(&gather_head(k, dims, kv_heads, b, h), len, d),
+            transpose(&gather_head(v, dims, kv_heads, b, h), len, d),
         )
     });
     let chunks = len.div_ceil(qc);
@@ -150,34 +147,15 @@ pub fn blockwise_forward(
         let r0 = c * qc;
         let rows = qc.min(len - r0);
         let q_tile = gather_rows(q, dims, heads, b, h, r0, rows);
-        let (kh, vh) = &kv_heads_rows[b * kv_heads + h / group];
-        let seg = masking.segments(dims, b);
-        let k_end = if masking.causal { r0 + rows } else { len };
-        let mut st = Partial::new(rows, d);
-        let mut k0 = 0;
-        while k0 < k_end {
-            let k1 = (k0 + kc).min(k_end);
-            let mask = BlockMask {
-                q_pos0: r0,
-                k_pos0: k0,
-                causal: masking.causal,
-                q_segments: seg.map(|s| &s[r0..r0 + rows]),
-                k_segments: seg.map(|s| &s[k0..k1]),
-            };
-            attend_block(
-                &q_tile,
-                d,
-                &kh[k0 * d..k1 * d],
-                &vh[k0 * d..k1 * d],
-                scale,
-                &mask,
-                &mut st,
-            );
-            k0 = k1;
-        }
+        let (kt, vt) = &kv_t[b * kv_heads + h / group];
+        let mask = RowMask {
+            causal: masking.causal,
+            segments: masking.segments(dims, b),
+        };
         let mut o = vec![0.0f32; rows * d];
-        st.finish_into(&mut o);
-        (o, st.lse())
+        let mut l = vec![0.0f32; rows];
+        forward_rows(&q_tile, r0, kt, vt, len, d, scale, mask, &mut o, &mut l);
+        (o, l)
     });
     let mut out = vec![0.0f32; q.len()];
     let mut lse = vec![f32::NEG_INFINITY; batch * heads * len];
@@ -230,118 +208,61 @@ pub fn blockwise_backward(
         d,
     } = *dims;
     let group = heads / kv_heads;
-    let qc = masking.chunking.query_chunk.max(1);
-    let kc = masking.chunking.key_chunk.max(1);
     let scale = dims.scale();
-    // Per (b, h): contiguous q, dO and D_i = dO_i·O_i; per (b, kv head): k, v.
-    let q_heads: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * heads, |i| {
-        let (b, h) = (i / heads, i % heads);
-        let qh = gather_head(q, dims, heads, b, h);
-        let oh = gather_head(out, dims, heads, b, h);
-        let doh = gather_head(dout, dims, heads, b, h);
-        let delta = oh
-            .chunks_exact(d)
-            .zip(doh.chunks_exact(d))
-            .map(|(o, g)| dot(o, g))
+    // One task per (b, kv head): it owns dK, dV of that head and dQ of its query heads.
+    let groups: Vec<GroupGrads> = crate::parallel::map(batch * kv_heads, |i| {
+        let (b, kvh) = (i / kv_heads, i % kv_heads);
+        let rows: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (kvh * group..(kvh + 1) * group)
+            .map(|h| {
+                let qh = gather_head(q, dims, heads, b, h);
+                let oh = gather_head(out, dims, heads, b, h);
+                let doh = gather_head(dout, dims, heads, b, h);
+                let delta = oh
+                    .chunks_exact(d)
+                    .zip(doh.chunks_exact(d))
+                    .map(|(o, g)| dot(o, g))
+                    .collect();
+                (qh, doh, delta)
+            })
             .collect();
-        (qh, doh, delta)
-    });
-    let kv: Vec<(Vec<f32>, Vec<f32>)> = crate::parallel::map(batch * kv_heads, |i| {
-        let (b, h) = (i / kv_heads, i % kv_heads);
-        (
-            gather_head(k, dims, kv_heads, b, h),
-            gather_head(v, dims, kv_heads, b, h),
+        let query_heads: Vec<QueryHead> = rows
+            .iter()
+            .enumerate()
+            .map(|(j, (qh, doh, delta))| {
+                let bh = b * heads + kvh * group + j;
+                QueryHead {
+                    q: qh,
+                    dout: doh,
+                    lse: &lse[bh * len..(bh + 1) * len],
+                    delta,
+                }
+            })
+            .collect();
+        let mask = RowMask {
+            causal: masking.causal,
+            segments: masking.segments(dims, b),
+        };
+        backward_group(
+            &query_heads,
+            &gather_head(k, dims, kv_heads, b, kvh),
+            &gather_head(v, dims, kv_heads, b, kvh),
+            len,
+            d,
+            masking.chunking.key_chunk,
+            scale,
+            mask,
         )
     });
-    let visible = |seg: Option<&[u32]>, i: usize, j: usize| -> bool {
-        (!masking.causal || j <= i) && seg.is_none_or(|s| s[i] == s[j])
-    };
-
-    // Pass 1: dQ, one tile per (b, h, query chunk), looping over key blocks.
-    let q_chunks = len.div_ceil(qc);
-    let dq_tiles: Vec<Vec<f32>> = crate::parallel::map(batch * heads * q_chunks, |t| {
-        let (bh, c) = (t / q_chunks, t % q_chunks);
-        let (b, h) = (bh / heads, bh % heads);
-        let (qh, doh, delta) = &q_heads[bh];
-        let (kh, vh) = &kv[b * kv_heads + h / group];
-        let seg = masking.segments(dims, b);
-        let r0 = c * qc;
-        let rows = qc.min(len - r0);
-        let k_end = if masking.causal { r0 + rows } else { len };
-        let mut dq = vec![0.0f32; rows * d];
-        for k0 in (0..k_end).step_by(kc) {
-            let k1 = (k0 + kc).min(k_end);
-            for i in r0..r0 + rows {
-                let lse_i = lse[bh * len + i];
-                if lse_i == f32::NEG_INFINITY {
-                    continue;
-                }
-                let (qi, gi) = (&qh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
-                let dqi = &mut dq[(i - r0) * d..(i - r0 + 1) * d];
-                for j in k0..k1 {
-                    if !visible(seg, i, j) {
-                        continue;
-                    }
-                    let kj = &kh[j * d..(j + 1) * d];
-                    let p = (scale * dot(qi, kj) - lse_i).exp();
-                    let ds = p * (dot(gi, &vh[j * d..(j + 1) * d]) - delta[i]);
-                    axpy(dqi, scale * ds, kj);
-                }
-            }
-        }
-        dq
-    });
-
-    // Pass 2: dK, dV, one tile per (b, kv head, key chunk), looping over the query rows of
-    // every head in the group.
-    let k_chunks = len.div_ceil(kc);
-    let dkv_tiles: Vec<(Vec<f32>, Vec<f32>)> =
-        crate::parallel::map(batch * kv_heads * k_chunks, |t| {
-            let (bkv, c) = (t / k_chunks, t % k_chunks);
-            let (b, kvh) = (bkv / kv_heads, bkv % kv_heads);
-            let (kh, vh) = &kv[bkv];
-            let seg = masking.segments(dims, b);
-            let k0 = c * kc;
-            let cols = kc.min(len - k0);
-            let mut dk = vec![0.0f32; cols * d];
-            let mut dv = vec![0.0f32; cols * d];
-            let q_start = if masking.causal { k0 } else { 0 };
-            for h in kvh * group..(kvh + 1) * group {
-                let bh = b * heads + h;
-                let (qh, doh, delta) = &q_heads[bh];
-                for i in q_start..len {
-                    let lse_i = lse[bh * len + i];
-                    if lse_i == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let (qi, gi) = (&qh[i * d..(i + 1) * d], &doh[i * d..(i + 1) * d]);
-                    for j in k0..k0 + cols {
-                        if !visible(seg, i, j) {
-                            continue;
-                        }
-                        let p = (scale * dot(qi, &kh[j * d..(j + 1) * d]) - lse_i).exp();
-                        let ds = p * (dot(gi, &vh[j * d..(j + 1) * d]) - delta[i]);
-                        let jj = j - k0;
-                        axpy(&mut dv[jj * d..(jj + 1) * d], p, gi);
-                        axpy(&mut dk[jj * d..(jj + 1) * d], scale * ds, qi);
-                    }
-                }
-            }
-            (dk, dv)
-        });
-
     let mut dq = vec![0.0f32; q.len()];
-    for (t, tile) in dq_tiles.iter().enumerate() {
-        let (bh, c) = (t / q_chunks, t % q_chunks);
-        scatter_rows(&mut dq, dims, heads, bh / heads, bh % heads, c * qc, tile);
-    }
     let mut dk = vec![0.0f32; k.len()];
     let mut dv = vec![0.0f32; v.len()];
-    for (t, (tk, tv)) in dkv_tiles.iter().enumerate() {
-        let (bkv, c) = (t / k_chunks, t % k_chunks);
-        let (b, h) = (bkv / kv_heads, bkv % kv_heads);
-        scatter_rows(&mut dk, dims, kv_heads, b, h, c * kc, tk);
-        scatter_rows(&mut dv, dims, kv_heads, b, h, c * kc, tv);
+    for (i, (dqs, tk, tv)) in groups.iter().enumerate() {
+        let (b, kvh) = (i / kv_heads, i % kv_heads);
+        for (j, tq) in dqs.iter().enumerate() {
+            scatter_rows(&mut dq, dims, heads, b, kvh * group + j, 0, tq);
+        }
+        scatter_rows(&mut dk, dims, kv_heads, b, kvh, 0, tk);
+        scatter_rows(&mut dv, dims, kv_heads, b, kvh, 0, tv);
     }
     (dq, dk, dv)
 }

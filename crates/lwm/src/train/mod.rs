@@ -3,6 +3,7 @@
 //! `packing`), loss weighting, and the optimizer loop.
 
 pub mod attention_grad;
+pub mod attention_kernel;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
