@@ -40,6 +40,9 @@ pub enum Numerics {
 
 /// Query rows from which llama.cpp's CPU flash attention takes its tiled f32 path.
 const GGML_TILED_ATTENTION_ROWS: usize = 64;
+/// Cached cells from which llama.cpp's CPU flash attention splits a single query row's
+/// keys over threads (and merges the partials) instead of its one-chunk loop.
+const GGML_SPLIT_DECODE_CELLS: usize = 512;
 
 /// Tunables of the forward pass. Only `numerics` changes results beyond float rounding.
 #[derive(Debug, Clone, Copy)]
@@ -418,7 +421,11 @@ impl Model {
             }
             cache.append(li, &k, &v, n);
             let view = cache.quant_view(li);
-            let attn = if ggml && cache.types == KvTypes::F16 && n < GGML_TILED_ATTENTION_ROWS {
+            // llama.cpp decodes one row against 512+ cells by splitting the cells over
+            // threads and merging (not emulated), so there the tiled kernel runs too.
+            let one_chunk =
+                n < GGML_TILED_ATTENTION_ROWS && !(n == 1 && view.len >= GGML_SPLIT_DECODE_CELLS);
+            let attn = if ggml && cache.types == KvTypes::F16 && one_chunk {
                 // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
                 // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
                 // emulation buys no parity there: the blockwise primitive runs instead.
