@@ -164,6 +164,33 @@ impl Linear {
         Ok(y.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// `forward` of several matrices on the same input; Q4_1/Q8_0 matrices of one type
+    /// share one activation quantization and one parallel region (`quant::matmul_many`).
+    pub fn forward_many(
+        lins: &[&Linear],
+        x: &[f32],
+        n: usize,
+        opts: &ForwardOptions,
+    ) -> Result<Vec<Vec<f32>>> {
+        let natives: Option<Vec<&QMatrix>> = lins
+            .iter()
+            .map(|l| match l {
+                Linear::Native(m) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        match natives {
+            Some(ms)
+                if ms
+                    .iter()
+                    .all(|m| m.dtype == ms[0].dtype && m.cols == ms[0].cols) =>
+            {
+                crate::quant::matmul_many(&ms, x, n)
+            }
+            _ => lins.iter().map(|l| l.forward(x, n, opts)).collect(),
+        }
+    }
+
     pub fn storage_bytes(&self) -> usize {
         match self {
             Linear::Native(m) => m.data.len(),
@@ -392,9 +419,10 @@ impl Model {
         let fa = FaOptions::default();
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = norm(&x, &layer.attn_norm);
-            let mut q = layer.wq.forward(&hn, n, opts)?;
-            let mut k = layer.wk.forward(&hn, n, opts)?;
-            let v = layer.wv.forward(&hn, n, opts)?;
+            let mut qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &hn, n, opts)?;
+            let v = qkv.pop().context("fused projection")?;
+            let mut k = qkv.pop().context("fused projection")?;
+            let mut q = qkv.pop().context("fused projection")?;
             if ggml_rope {
                 let base = c.theta as f32;
                 ggml_cpu::rope_norm(
@@ -452,8 +480,10 @@ impl Model {
                 let rows = chunk.min(n - r0);
                 let xs = &mut x[r0 * h..(r0 + rows) * h];
                 let hn = norm(xs, &layer.ffn_norm);
-                let gate = layer.w_gate.forward(&hn, rows, opts)?;
-                let up = layer.w_up.forward(&hn, rows, opts)?;
+                let mut gate_up =
+                    Linear::forward_many(&[&layer.w_gate, &layer.w_up], &hn, rows, opts)?;
+                let up = gate_up.pop().context("fused projection")?;
+                let gate = gate_up.pop().context("fused projection")?;
                 let act: Vec<f32> = if ggml {
                     ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
                 } else {
