@@ -476,12 +476,18 @@ pub fn causal_attention_quant(
             let (g, s) = (i / splits, i % splits);
             let lo = s * kc;
             let hi = ((s + 1) * kc).min(k_end).max(lo);
+            thread_local! {
+                // Decoded key/value block, reused across tasks and tokens.
+                static KV_BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+                    const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+            }
             let mut st = Partial::new(group, d);
             if hi > lo {
-                let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-                kv.decode_block(g, lo, hi, &mut kbuf, &mut vbuf);
-                let mask = BlockMask::causal(q_pos0, lo);
-                attend_block(&q[g * group * d..], d, &kbuf, &vbuf, scale, &mask, &mut st);
+                KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
+                    kv.decode_block(g, lo, hi, kbuf, vbuf);
+                    let mask = BlockMask::causal(q_pos0, lo);
+                    attend_block(&q[g * group * d..], d, kbuf, vbuf, scale, &mask, &mut st);
+                });
             }
             Some(st)
         });

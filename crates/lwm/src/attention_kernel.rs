@@ -17,7 +17,10 @@
 //! The QKᵀ micro-kernel broadcasts one query element per row and multiplies it into 16
 //! consecutive keys of Kᵀ (two 8-lane vectors): MR·2 accumulators, 2 + MR loads per
 //! 2·MR FMAs. The PV micro-kernel broadcasts P[i,j] and multiplies it into 16 values of
-//! row j of V. Rows where every key is masked are left untouched (as the portable loop).
+//! row j of V. With fewer than `DIRECT_ROWS` query rows (decode: the GQA group's heads)
+//! the scores are instead 8 dot products at a time read straight from K (`qk_dots`), since
+//! transposing a block would cost as much as using it. Rows where every key is masked are
+//! left untouched (as the portable loop).
 //! `exp` is a degree-6 polynomial on the reduced argument r = x − n·ln2, |r| ≤ ln2/2,
 //! times 2ⁿ built in the exponent bits (relative error ~1 ulp); inputs below −87 give 0.
 
@@ -27,6 +30,8 @@ use crate::attention::{BlockMask, Partial};
 const MR: usize = 6;
 /// Keys per sub-block (the width of the transposed K and of a score row).
 const KB: usize = 64;
+/// Below this many query rows the scores are dot products straight from K (no transpose).
+const DIRECT_ROWS: usize = 4;
 
 /// True when the SIMD kernel can run for head dimension `d` on this CPU.
 pub fn available(d: usize) -> bool {
@@ -77,7 +82,7 @@ pub fn attend_block_simd(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockMask, Partial, KB, MR};
+    use super::{BlockMask, Partial, DIRECT_ROWS, KB, MR};
     use std::arch::x86_64::*;
 
     /// exp(x) per lane for x ≤ 0 (or -inf); see the module comment.
@@ -236,6 +241,57 @@ mod avx2 {
         }
     }
 
+    /// s[j] = scale · q·k_j for j < ncols (k: rows of d values), without a transposed
+    /// block: 8 keys at a time, one accumulator per key over d, then a horizontal-add tree
+    /// turns the 8 accumulators into one vector of 8 scores. For few query rows (decode),
+    /// where transposing the block would cost as much as the products.
+    #[inline(always)]
+    unsafe fn qk_dots(
+        q: *const f32,
+        k: *const f32,
+        d: usize,
+        ncols: usize,
+        scale: __m256,
+        s: *mut f32,
+    ) {
+        let mut j = 0;
+        while j + 8 <= ncols {
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut t = 0;
+            while t < d {
+                let qv = _mm256_loadu_ps(q.add(t));
+                for (kk, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((j + kk) * d + t)), *x);
+                }
+                t += 8;
+            }
+            let h01 = _mm256_hadd_ps(a[0], a[1]);
+            let h23 = _mm256_hadd_ps(a[2], a[3]);
+            let h45 = _mm256_hadd_ps(a[4], a[5]);
+            let h67 = _mm256_hadd_ps(a[6], a[7]);
+            let h0123 = _mm256_hadd_ps(h01, h23);
+            let h4567 = _mm256_hadd_ps(h45, h67);
+            let lo = _mm256_permute2f128_ps::<0x20>(h0123, h4567);
+            let hi = _mm256_permute2f128_ps::<0x31>(h0123, h4567);
+            _mm256_storeu_ps(s.add(j), _mm256_mul_ps(_mm256_add_ps(lo, hi), scale));
+            j += 8;
+        }
+        while j < ncols {
+            let mut a = _mm256_setzero_ps();
+            let mut t = 0;
+            while t < d {
+                a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.add(t)),
+                    _mm256_loadu_ps(k.add(j * d + t)),
+                    a,
+                );
+                t += 8;
+            }
+            *s.add(j) = hsum(a) * _mm256_cvtss_f32(scale);
+            j += 1;
+        }
+    }
+
     /// Scores of R rows against `ncols` keys of the transposed block, then P·V.
     #[inline(always)]
     unsafe fn qk_rows<const R: usize>(
@@ -304,11 +360,13 @@ mod avx2 {
         }
         let vis: Vec<usize> = (0..nq).map(|i| mask.visible_keys(i, nk)).collect();
         // Transposed key sub-block; +16 columns of slack for the last 16-key micro-tile.
-        let mut kt = vec![0.0f32; d * KB + 16];
-        let mut s = vec![0.0f32; MR * KB];
+        let mut kt = vec![0.0f32; if nq < DIRECT_ROWS { 0 } else { d * KB + 16 }];
+        let mut s = [0.0f32; MR * KB];
         let scale_v = _mm256_set1_ps(scale);
         let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
         let segments = mask.q_segments.zip(mask.k_segments);
+        // Few rows: dot products straight from K (see `qk_dots`).
+        let direct = nq < DIRECT_ROWS;
         for j0 in (0..nk).step_by(KB) {
             let nb = KB.min(nk - j0);
             // Causal rows see a non-decreasing number of keys: start at the first row that
@@ -316,23 +374,39 @@ mod avx2 {
             let Some(first) = (0..nq).find(|&i| vis[i] > j0) else {
                 continue;
             };
-            transpose(k.as_ptr().add(j0 * d), d, nb, kt.as_mut_ptr());
+            if !direct {
+                transpose(k.as_ptr().add(j0 * d), d, nb, kt.as_mut_ptr());
+            }
             let mut r0 = first;
             while r0 < nq {
                 let mr = MR.min(nq - r0);
                 let ncols = (0..mr).map(|i| vis[r0 + i]).max().unwrap_or(0).min(j0 + nb) - j0;
                 let sp = s.as_mut_ptr();
-                dispatch_rows!(
-                    mr,
-                    qk_rows,
-                    q.as_ptr().add(r0 * q_stride),
-                    q_stride,
-                    kt.as_ptr(),
-                    d,
-                    ncols,
-                    scale_v,
-                    sp
-                );
+                if direct {
+                    for i in 0..mr {
+                        let qi = q.as_ptr().add((r0 + i) * q_stride);
+                        qk_dots(
+                            qi,
+                            k.as_ptr().add(j0 * d),
+                            d,
+                            ncols,
+                            scale_v,
+                            sp.add(i * KB),
+                        );
+                    }
+                } else {
+                    dispatch_rows!(
+                        mr,
+                        qk_rows,
+                        q.as_ptr().add(r0 * q_stride),
+                        q_stride,
+                        kt.as_ptr(),
+                        d,
+                        ncols,
+                        scale_v,
+                        sp
+                    );
+                }
                 let ncols8 = ncols.next_multiple_of(8);
                 for i in 0..mr {
                     let row = &mut s[i * KB..i * KB + ncols8];
