@@ -396,6 +396,19 @@ pub struct QuantKvView<'a> {
 
 impl QuantKvView<'_> {
     /// Decode rows `lo..hi` of KV head `h` into `k_out`, `v_out` ((hi-lo) × d each).
+    /// True when the SIMD kernel can read this cache's blocks as stored (f16 K and V).
+    fn reads_f16_directly(&self) -> bool {
+        self.k_type == KvType::F16
+            && self.v_type == KvType::F16
+            && crate::attention_kernel::available(self.d)
+    }
+
+    /// Rows `lo..hi` of KV head `h` as stored bytes (keys, values).
+    fn stored_block(&self, h: usize, lo: usize, hi: usize) -> (&[u8], &[u8]) {
+        let (kb, vb) = (self.k_type.row_bytes(self.d), self.v_type.row_bytes(self.d));
+        (&self.k[h][lo * kb..hi * kb], &self.v[h][lo * vb..hi * vb])
+    }
+
     pub fn decode_block(
         &self,
         h: usize,
@@ -437,6 +450,7 @@ pub fn causal_attention_quant(
     let kc = chunking.key_chunk.max(1);
     let mut out = vec![0.0f32; nq * width];
     let k_end = kv.len.min(q_pos0 + nq);
+    let direct_f16 = kv.reads_f16_directly();
 
     // Partials of the `group` query heads of KV head `g` for query rows r0.. against keys
     // k_lo..k_hi.
@@ -447,7 +461,14 @@ pub fn causal_attention_quant(
         while k0 < k_hi {
             let k1 = (k0 + kc).min(k_hi);
             let mask = BlockMask::causal(q_pos0 + r0, k0);
-            if !mask.tile_is_masked(rows, k1 - k0) {
+            if !mask.tile_is_masked(rows, k1 - k0) && direct_f16 {
+                let (kb, vb) = kv.stored_block(g, k0, k1);
+                for (j, st) in states.iter_mut().enumerate() {
+                    let h = g * group + j;
+                    let qh = &q[r0 * width + h * d..];
+                    crate::attention_kernel::attend_block_f16(qh, width, kb, vb, scale, &mask, st);
+                }
+            } else if !mask.tile_is_masked(rows, k1 - k0) {
                 kv.decode_block(g, k0, k1, &mut kbuf, &mut vbuf);
                 for (j, st) in states.iter_mut().enumerate() {
                     let h = g * group + j;
@@ -482,7 +503,12 @@ pub fn causal_attention_quant(
                     const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
             }
             let mut st = Partial::new(group, d);
-            if hi > lo {
+            if hi > lo && direct_f16 {
+                let (kb, vb) = kv.stored_block(g, lo, hi);
+                let mask = BlockMask::causal(q_pos0, lo);
+                let qg = &q[g * group * d..];
+                crate::attention_kernel::attend_block_f16(qg, d, kb, vb, scale, &mask, &mut st);
+            } else if hi > lo {
                 KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
                     kv.decode_block(g, lo, hi, kbuf, vbuf);
                     let mask = BlockMask::causal(q_pos0, lo);

@@ -69,9 +69,58 @@ pub fn attend_block_simd(
     let nk = k.len() / d;
     assert!(v.len() >= nk * d, "value block shorter than the key block");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2/FMA detected (`available`); bounds asserted above.
+    // SAFETY: AVX2/FMA/F16C detected (`available`); bounds asserted above.
     unsafe {
-        avx2::attend(q, q_stride, k, v, nk, scale, mask, state)
+        avx2::attend::<avx2::F32>(
+            q,
+            q_stride,
+            k.as_ptr() as *const u8,
+            v.as_ptr() as *const u8,
+            nk,
+            scale,
+            mask,
+            state,
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q, q_stride, k, v, nk, scale, mask);
+        unreachable!("checked by available()");
+    }
+}
+
+/// `attend_block_simd` reading K and V as stored in an f16 cache (`nk` rows of d IEEE
+/// half values, little-endian bytes), widened in registers: the same numbers as decoding
+/// the block to f32 first, without writing and re-reading that copy.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_block_f16(
+    q: &[f32],
+    q_stride: usize,
+    k: &[u8],
+    v: &[u8],
+    scale: f32,
+    mask: &BlockMask,
+    state: &mut Partial,
+) {
+    assert!(available(state.d), "SIMD attention kernel unavailable");
+    let d = state.d;
+    let nq = state.rows();
+    if nq == 0 {
+        return;
+    }
+    assert!(
+        q.len() >= (nq - 1) * q_stride + d,
+        "query rows out of range"
+    );
+    let nk = k.len() / (2 * d);
+    assert!(
+        v.len() >= nk * 2 * d,
+        "value block shorter than the key block"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `attend_block_simd`.
+    unsafe {
+        avx2::attend::<avx2::F16>(q, q_stride, k.as_ptr(), v.as_ptr(), nk, scale, mask, state)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -84,6 +133,40 @@ pub fn attend_block_simd(
 mod avx2 {
     use super::{BlockMask, Partial, DIRECT_ROWS, KB, MR};
     use std::arch::x86_64::*;
+
+    /// How the kernel reads stored K/V elements: 8 at a time widened to f32.
+    pub(super) trait Elem {
+        const BYTES: usize;
+        unsafe fn load8(p: *const u8) -> __m256;
+        unsafe fn get(p: *const u8) -> f32;
+    }
+
+    pub(super) struct F32;
+    pub(super) struct F16;
+
+    impl Elem for F32 {
+        const BYTES: usize = 4;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            _mm256_loadu_ps(p as *const f32)
+        }
+        #[inline(always)]
+        unsafe fn get(p: *const u8) -> f32 {
+            (p as *const f32).read_unaligned()
+        }
+    }
+
+    impl Elem for F16 {
+        const BYTES: usize = 2;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn get(p: *const u8) -> f32 {
+            half::f16::from_bits((p as *const u16).read_unaligned()).to_f32()
+        }
+    }
 
     /// exp(x) per lane for x ≤ 0 (or -inf); see the module comment.
     #[inline(always)]
@@ -130,14 +213,14 @@ mod avx2 {
 
     /// kt[t·KB + j] = k[j·d + t] for j < nb (nb ≤ KB), t < d (d a multiple of 8).
     #[inline(always)]
-    unsafe fn transpose(k: *const f32, d: usize, nb: usize, kt: *mut f32) {
+    unsafe fn transpose<E: Elem>(k: *const u8, d: usize, nb: usize, kt: *mut f32) {
         let mut j = 0;
         while j + 8 <= nb {
             let mut t = 0;
             while t < d {
                 let mut r = [_mm256_setzero_ps(); 8];
                 for (i, x) in r.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(k.add((j + i) * d + t));
+                    *x = E::load8(k.add(((j + i) * d + t) * E::BYTES));
                 }
                 // 8×8 transpose: unpack pairs, then 64-bit shuffles, then 128-bit permutes.
                 let t0 = _mm256_unpacklo_ps(r[0], r[1]);
@@ -175,7 +258,7 @@ mod avx2 {
         }
         for jj in j..nb {
             for t in 0..d {
-                *kt.add(t * KB + jj) = *k.add(jj * d + t);
+                *kt.add(t * KB + jj) = E::get(k.add((jj * d + t) * E::BYTES));
             }
         }
     }
@@ -209,9 +292,9 @@ mod avx2 {
 
     /// acc[i·d + 0..8W] += Σ_{j<n} p[i·KB + j] · v[j·d + 0..8W], for R rows, W vectors.
     #[inline(always)]
-    unsafe fn pv_tile<const R: usize, const W: usize>(
+    unsafe fn pv_tile<E: Elem, const R: usize, const W: usize>(
         p: *const f32,
-        v: *const f32,
+        v: *const u8,
         d: usize,
         n: usize,
         acc: *mut f32,
@@ -225,7 +308,7 @@ mod avx2 {
         for j in 0..n {
             let mut b = [_mm256_setzero_ps(); W];
             for (w, x) in b.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(v.add(j * d + 8 * w));
+                *x = E::load8(v.add((j * d + 8 * w) * E::BYTES));
             }
             for i in 0..R {
                 let a = _mm256_broadcast_ss(&*p.add(i * KB + j));
@@ -246,9 +329,9 @@ mod avx2 {
     /// turns the 8 accumulators into one vector of 8 scores. For few query rows (decode),
     /// where transposing the block would cost as much as the products.
     #[inline(always)]
-    unsafe fn qk_dots(
+    unsafe fn qk_dots<E: Elem>(
         q: *const f32,
-        k: *const f32,
+        k: *const u8,
         d: usize,
         ncols: usize,
         scale: __m256,
@@ -261,7 +344,7 @@ mod avx2 {
             while t < d {
                 let qv = _mm256_loadu_ps(q.add(t));
                 for (kk, x) in a.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((j + kk) * d + t)), *x);
+                    *x = _mm256_fmadd_ps(qv, E::load8(k.add(((j + kk) * d + t) * E::BYTES)), *x);
                 }
                 t += 8;
             }
@@ -282,7 +365,7 @@ mod avx2 {
             while t < d {
                 a = _mm256_fmadd_ps(
                     _mm256_loadu_ps(q.add(t)),
-                    _mm256_loadu_ps(k.add(j * d + t)),
+                    E::load8(k.add((j * d + t) * E::BYTES)),
                     a,
                 );
                 t += 8;
@@ -311,43 +394,43 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn pv_rows<const R: usize>(
+    unsafe fn pv_rows<E: Elem, const R: usize>(
         p: *const f32,
-        v: *const f32,
+        v: *const u8,
         d: usize,
         n: usize,
         acc: *mut f32,
     ) {
         let mut c = 0;
         while c + 16 <= d {
-            pv_tile::<R, 2>(p, v.add(c), d, n, acc.add(c));
+            pv_tile::<E, R, 2>(p, v.add(c * E::BYTES), d, n, acc.add(c));
             c += 16;
         }
         if c < d {
-            pv_tile::<R, 1>(p, v.add(c), d, n, acc.add(c));
+            pv_tile::<E, R, 1>(p, v.add(c * E::BYTES), d, n, acc.add(c));
         }
     }
 
     macro_rules! dispatch_rows {
-        ($r:expr, $f:ident, $($arg:expr),*) => {
+        ($r:expr, $f:ident [$($g:ty),*], $($arg:expr),*) => {
             match $r {
-                1 => $f::<1>($($arg),*),
-                2 => $f::<2>($($arg),*),
-                3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*),
-                5 => $f::<5>($($arg),*),
-                _ => $f::<6>($($arg),*),
+                1 => $f::<$($g,)* 1>($($arg),*),
+                2 => $f::<$($g,)* 2>($($arg),*),
+                3 => $f::<$($g,)* 3>($($arg),*),
+                4 => $f::<$($g,)* 4>($($arg),*),
+                5 => $f::<$($g,)* 5>($($arg),*),
+                _ => $f::<$($g,)* 6>($($arg),*),
             }
         };
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend<E: Elem>(
         q: &[f32],
         q_stride: usize,
-        k: &[f32],
-        v: &[f32],
+        k: *const u8,
+        v: *const u8,
         nk: usize,
         scale: f32,
         mask: &BlockMask,
@@ -375,7 +458,7 @@ mod avx2 {
                 continue;
             };
             if !direct {
-                transpose(k.as_ptr().add(j0 * d), d, nb, kt.as_mut_ptr());
+                transpose::<E>(k.add(j0 * d * E::BYTES), d, nb, kt.as_mut_ptr());
             }
             let mut r0 = first;
             while r0 < nq {
@@ -385,9 +468,9 @@ mod avx2 {
                 if direct {
                     for i in 0..mr {
                         let qi = q.as_ptr().add((r0 + i) * q_stride);
-                        qk_dots(
+                        qk_dots::<E>(
                             qi,
-                            k.as_ptr().add(j0 * d),
+                            k.add(j0 * d * E::BYTES),
                             d,
                             ncols,
                             scale_v,
@@ -397,7 +480,7 @@ mod avx2 {
                 } else {
                     dispatch_rows!(
                         mr,
-                        qk_rows,
+                        qk_rows[],
                         q.as_ptr().add(r0 * q_stride),
                         q_stride,
                         kt.as_ptr(),
@@ -453,9 +536,9 @@ mod avx2 {
                 let ap = state.acc.as_mut_ptr().add(r0 * d);
                 dispatch_rows!(
                     mr,
-                    pv_rows,
+                    pv_rows[E],
                     s.as_ptr(),
-                    v.as_ptr().add(j0 * d),
+                    v.add(j0 * d * E::BYTES),
                     d,
                     ncols,
                     ap
@@ -646,5 +729,46 @@ mod equivalence {
         assert!(max_diff(&states[0].acc, &states[1].acc) < 1e-4);
         assert!(max_diff(&states[0].m, &states[1].m) < 1e-5);
         assert!(max_diff(&states[0].l, &states[1].l) < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod f16_blocks {
+    use crate::attention::{BlockMask, Partial};
+    use crate::quant::kv::KvType;
+
+    /// Reading an f16 block in registers gives exactly the numbers of decoding it to f32
+    /// first, for decode-sized (direct scores) and prefill-sized (transposed) row counts.
+    #[test]
+    fn f16_kernel_equals_kernel_on_decoded_rows() {
+        if !super::available(64) {
+            return;
+        }
+        for (nq, nk, d) in [(1, 77, 64), (3, 256, 64), (20, 131, 64), (7, 40, 128)] {
+            let x = crate::rng::XorShift::new(nq as u64).vec((nq + 2 * nk) * d, -2.0, 2.0);
+            let (q, kv) = x.split_at(nq * d);
+            let mut bytes = vec![0u8; 2 * nk * KvType::F16.row_bytes(d)];
+            for (row, out) in kv
+                .chunks_exact(d)
+                .zip(bytes.chunks_exact_mut(KvType::F16.row_bytes(d)))
+            {
+                KvType::F16.encode_row(row, out);
+            }
+            let (kb, vb) = bytes.split_at(nk * KvType::F16.row_bytes(d));
+            let mut k = vec![0.0; nk * d];
+            let mut v = vec![0.0; nk * d];
+            KvType::F16.decode_rows(kb, d, &mut k);
+            KvType::F16.decode_rows(vb, d, &mut v);
+            let mask = BlockMask::causal(nk - nq, 0);
+            let mut a = Partial::new(nq, d);
+            let mut b = Partial::new(nq, d);
+            super::attend_block_f16(q, d, kb, vb, 0.125, &mask, &mut a);
+            super::attend_block_simd(q, d, &k, &v, 0.125, &mask, &mut b);
+            assert_eq!(
+                (&a.acc, &a.m, &a.l),
+                (&b.acc, &b.m, &b.l),
+                "nq={nq} nk={nk} d={d}"
+            );
+        }
     }
 }
