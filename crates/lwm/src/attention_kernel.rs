@@ -130,6 +130,7 @@ pub fn attend_block_f16(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register tiles are indexed by row and lane group
 mod avx2 {
     use super::{BlockMask, Partial, DIRECT_ROWS, KB, MR};
     use std::arch::x86_64::*;
@@ -184,7 +185,7 @@ mod avx2 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.000_000_1e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         let r2 = _mm256_mul_ps(r, r);
         let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
