@@ -61,7 +61,7 @@ impl<'a> BlockMask<'a> {
     /// Number of leading keys query row `i` may see under the causal rule (all of them when
     /// not causal). Keys past that are masked.
     #[inline]
-    fn visible_keys(&self, i: usize, nk: usize) -> usize {
+    pub(crate) fn visible_keys(&self, i: usize, nk: usize) -> usize {
         if !self.causal {
             return nk;
         }
@@ -172,8 +172,27 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The primitive: attend query rows `q` (nq × d, row stride `q_stride`) to one key/value
-/// block `k`, `v` (nk × d, contiguous), updating `state`.
+/// block `k`, `v` (nk × d, contiguous), updating `state`. Runs the tiled SIMD kernel
+/// (`attention_kernel`) where the CPU has it, else `attend_block_portable`.
 pub fn attend_block(
+    q: &[f32],
+    q_stride: usize,
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    mask: &BlockMask,
+    state: &mut Partial,
+) {
+    if crate::attention_kernel::available(state.d) {
+        crate::attention_kernel::attend_block_simd(q, q_stride, k, v, scale, mask, state);
+    } else {
+        attend_block_portable(q, q_stride, k, v, scale, mask, state);
+    }
+}
+
+/// `attend_block` one query row at a time in plain Rust (any CPU; the reference the SIMD
+/// kernel is tested against).
+pub fn attend_block_portable(
     q: &[f32],
     q_stride: usize,
     k: &[f32],
@@ -289,8 +308,11 @@ pub fn causal_attention(
 
     // Keys visible to the last query row: everything up to its position.
     let k_end = kv.len.min(q_pos0 + nq);
-    let tiles: Vec<(usize, usize)> = (0..n_heads)
-        .flat_map(|h| (0..nq).step_by(qc).map(move |r| (h, r)))
+    // Later query chunks see more keys: hand them out first (see causal_attention_quant).
+    let tiles: Vec<(usize, usize)> = (0..nq)
+        .step_by(qc)
+        .rev()
+        .flat_map(|r| (0..n_heads).map(move |h| (h, r)))
         .collect();
 
     let run_tile = |h: usize, r0: usize, k_lo: usize, k_hi: usize| -> Partial {
@@ -374,6 +396,19 @@ pub struct QuantKvView<'a> {
 
 impl QuantKvView<'_> {
     /// Decode rows `lo..hi` of KV head `h` into `k_out`, `v_out` ((hi-lo) × d each).
+    /// True when the SIMD kernel can read this cache's blocks as stored (f16 K and V).
+    fn reads_f16_directly(&self) -> bool {
+        self.k_type == KvType::F16
+            && self.v_type == KvType::F16
+            && crate::attention_kernel::available(self.d)
+    }
+
+    /// Rows `lo..hi` of KV head `h` as stored bytes (keys, values).
+    fn stored_block(&self, h: usize, lo: usize, hi: usize) -> (&[u8], &[u8]) {
+        let (kb, vb) = (self.k_type.row_bytes(self.d), self.v_type.row_bytes(self.d));
+        (&self.k[h][lo * kb..hi * kb], &self.v[h][lo * vb..hi * vb])
+    }
+
     pub fn decode_block(
         &self,
         h: usize,
@@ -415,6 +450,7 @@ pub fn causal_attention_quant(
     let kc = chunking.key_chunk.max(1);
     let mut out = vec![0.0f32; nq * width];
     let k_end = kv.len.min(q_pos0 + nq);
+    let direct_f16 = kv.reads_f16_directly();
 
     // Partials of the `group` query heads of KV head `g` for query rows r0.. against keys
     // k_lo..k_hi.
@@ -425,7 +461,14 @@ pub fn causal_attention_quant(
         while k0 < k_hi {
             let k1 = (k0 + kc).min(k_hi);
             let mask = BlockMask::causal(q_pos0 + r0, k0);
-            if !mask.tile_is_masked(rows, k1 - k0) {
+            if !mask.tile_is_masked(rows, k1 - k0) && direct_f16 {
+                let (kb, vb) = kv.stored_block(g, k0, k1);
+                for (j, st) in states.iter_mut().enumerate() {
+                    let h = g * group + j;
+                    let qh = &q[r0 * width + h * d..];
+                    crate::attention_kernel::attend_block_f16(qh, width, kb, vb, scale, &mask, st);
+                }
+            } else if !mask.tile_is_masked(rows, k1 - k0) {
                 kv.decode_block(g, k0, k1, &mut kbuf, &mut vbuf);
                 for (j, st) in states.iter_mut().enumerate() {
                     let h = g * group + j;
@@ -446,28 +489,50 @@ pub fn causal_attention_quant(
     };
 
     if nq == 1 {
+        // Decode: the `group` query heads of KV head g are contiguous in q, so they attend
+        // as `group` rows of one tile (row stride d); every key visible to the one query
+        // is visible to all of them. Keys are split into ranges whose partials merge.
         let splits = k_end.div_ceil(kc).max(1);
-        let parts: Vec<Vec<Partial>> = crate::parallel::map(n_kv * splits, |i| {
+        let parts: Vec<Option<Partial>> = crate::parallel::map(n_kv * splits, |i| {
             let (g, s) = (i / splits, i % splits);
             let lo = s * kc;
-            let hi = ((s + 1) * kc).min(k_end);
-            run_tile(g, 0, 1, lo, hi.max(lo))
+            let hi = ((s + 1) * kc).min(k_end).max(lo);
+            thread_local! {
+                // Decoded key/value block, reused across tasks and tokens.
+                static KV_BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+                    const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+            }
+            let mut st = Partial::new(group, d);
+            if hi > lo && direct_f16 {
+                let (kb, vb) = kv.stored_block(g, lo, hi);
+                let mask = BlockMask::causal(q_pos0, lo);
+                let qg = &q[g * group * d..];
+                crate::attention_kernel::attend_block_f16(qg, d, kb, vb, scale, &mask, &mut st);
+            } else if hi > lo {
+                KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
+                    kv.decode_block(g, lo, hi, kbuf, vbuf);
+                    let mask = BlockMask::causal(q_pos0, lo);
+                    attend_block(&q[g * group * d..], d, kbuf, vbuf, scale, &mask, &mut st);
+                });
+            }
+            Some(st)
         });
         for (g, head_parts) in parts.chunks(splits).enumerate() {
-            for j in 0..group {
-                let mut merged = Partial::new(1, d);
-                for p in head_parts {
-                    merged.merge(&p[j]);
-                }
-                let h = g * group + j;
-                merged.finish_into(&mut out[h * d..(h + 1) * d]);
+            let mut merged = Partial::new(group, d);
+            for p in head_parts.iter().flatten() {
+                merged.merge(p);
             }
+            merged.finish_into(&mut out[g * group * d..(g + 1) * group * d]);
         }
         return out;
     }
 
-    let tiles: Vec<(usize, usize)> = (0..n_kv)
-        .flat_map(|g| (0..nq).step_by(qc).map(move |r| (g, r)))
+    // Later query chunks see more keys: hand them out first so the pool's dynamic
+    // schedule ends with short tiles.
+    let tiles: Vec<(usize, usize)> = (0..nq)
+        .step_by(qc)
+        .rev()
+        .flat_map(|r| (0..n_kv).map(move |g| (g, r)))
         .collect();
     let results: Vec<Vec<Partial>> = crate::parallel::map(tiles.len(), |t| {
         let (g, r0) = tiles[t];

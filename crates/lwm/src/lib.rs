@@ -6,6 +6,7 @@
 //! `model` runs the transformer with its `kv_cache`, `sampling` and `generate` produce text.
 
 pub mod attention;
+pub mod attention_kernel;
 pub mod chat_template;
 pub mod config;
 pub mod constrain;

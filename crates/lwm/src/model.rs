@@ -40,6 +40,9 @@ pub enum Numerics {
 
 /// Query rows from which llama.cpp's CPU flash attention takes its tiled f32 path.
 const GGML_TILED_ATTENTION_ROWS: usize = 64;
+/// Cached cells from which llama.cpp's CPU flash attention splits a single query row's
+/// keys over threads (and merges the partials) instead of its one-chunk loop.
+const GGML_SPLIT_DECODE_CELLS: usize = 512;
 
 /// Tunables of the forward pass. Only `numerics` changes results beyond float rounding.
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +182,33 @@ impl Linear {
             ),
             Linear::Dense(t) => Linear::Dense(t.clone()),
         })
+    }
+
+    /// `forward` of several matrices on the same input; Q4_1/Q8_0 matrices of one type
+    /// share one activation quantization and one parallel region (`quant::matmul_many`).
+    pub fn forward_many(
+        lins: &[&Linear],
+        x: &[f32],
+        n: usize,
+        opts: &ForwardOptions,
+    ) -> Result<Vec<Vec<f32>>> {
+        let natives: Option<Vec<&QMatrix>> = lins
+            .iter()
+            .map(|l| match l {
+                Linear::Native(m) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        match natives {
+            Some(ms)
+                if ms
+                    .iter()
+                    .all(|m| m.dtype == ms[0].dtype && m.cols == ms[0].cols) =>
+            {
+                crate::quant::matmul_many(&ms, x, n)
+            }
+            _ => lins.iter().map(|l| l.forward(x, n, opts)).collect(),
+        }
     }
 
     pub fn storage_bytes(&self) -> usize {
@@ -447,9 +477,10 @@ impl Model {
         let fa = FaOptions::default();
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = norm(&x, &layer.attn_norm);
-            let mut q = layer.wq.forward(&hn, n, opts)?;
-            let mut k = layer.wk.forward(&hn, n, opts)?;
-            let v = layer.wv.forward(&hn, n, opts)?;
+            let mut qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &hn, n, opts)?;
+            let v = qkv.pop().context("fused projection")?;
+            let mut k = qkv.pop().context("fused projection")?;
+            let mut q = qkv.pop().context("fused projection")?;
             if ggml_rope {
                 let base = c.theta as f32;
                 ggml_cpu::rope_norm(
@@ -476,7 +507,11 @@ impl Model {
             }
             cache.append(li, &k, &v, n);
             let view = cache.quant_view(li);
-            let attn = if ggml && cache.types == KvTypes::F16 && n < GGML_TILED_ATTENTION_ROWS {
+            // llama.cpp decodes one row against 512+ cells by splitting the cells over
+            // threads and merging (not emulated), so there the tiled kernel runs too.
+            let one_chunk =
+                n < GGML_TILED_ATTENTION_ROWS && !(n == 1 && view.len >= GGML_SPLIT_DECODE_CELLS);
+            let attn = if ggml && cache.types == KvTypes::F16 && one_chunk {
                 // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
                 // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
                 // emulation buys no parity there: the blockwise primitive runs instead.
@@ -503,8 +538,10 @@ impl Model {
                 let rows = chunk.min(n - r0);
                 let xs = &mut x[r0 * h..(r0 + rows) * h];
                 let hn = norm(xs, &layer.ffn_norm);
-                let gate = layer.w_gate.forward(&hn, rows, opts)?;
-                let up = layer.w_up.forward(&hn, rows, opts)?;
+                let mut gate_up =
+                    Linear::forward_many(&[&layer.w_gate, &layer.w_up], &hn, rows, opts)?;
+                let up = gate_up.pop().context("fused projection")?;
+                let gate = gate_up.pop().context("fused projection")?;
                 let act: Vec<f32> = if ggml {
                     ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
                 } else {

@@ -5,6 +5,11 @@
 
 /// Run `f(i)` for every i in 0..n_items across the pool (the caller's thread helps).
 pub fn for_each(n_items: usize, f: impl Fn(usize) + Sync) {
+    if n_items <= 1 {
+        // One item: waking the pool would only add a barrier.
+        (0..n_items).for_each(f);
+        return;
+    }
     candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
         for i in range {
             f(i)

@@ -5,7 +5,7 @@
 
 use half::f16;
 use lwm::quant::q8::{self, BlockQ8_0, BlockQ8_1};
-use lwm::quant::{matmul, matmul_with, Kernel, MatmulOptions, QMatrix, QType};
+use lwm::quant::{matmul, matmul_many, matmul_with, Kernel, MatmulOptions, QMatrix, QType};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------- helpers
@@ -198,6 +198,33 @@ fn reference(w: &QMatrix, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (out, bound)
+}
+
+/// The fused product (Q, K, V sharing one quantized activation and one parallel region)
+/// gives each matrix the same bits as its own `matmul`, and the f64 reference's values;
+/// matrices of different widths are refused.
+#[test]
+fn fused_matmul_equals_separate_products() {
+    for (dtype, n) in [(QType::Q4_1, 1), (QType::Q4_1, 7), (QType::Q8_0, 3)] {
+        let ws: Vec<QMatrix> = [(576, 1), (192, 2), (200, 3)]
+            .iter()
+            .map(|&(rows, seed)| rand_matrix(dtype, rows, 576, seed))
+            .collect();
+        let x = rand_vec(n * 576, 9, 2.0);
+        let refs: Vec<&QMatrix> = ws.iter().collect();
+        let fused = matmul_many(&refs, &x, n).unwrap();
+        for (w, y) in ws.iter().zip(&fused) {
+            let alone = matmul(w, &x, n).unwrap();
+            assert_eq!(y, &alone, "{dtype:?} n={n} rows={}", w.rows);
+            let (r, bound) = reference(w, &x, n);
+            for i in 0..y.len() {
+                assert!((y[i] as f64 - r[i]).abs() <= bound[i]);
+            }
+        }
+    }
+    let narrow = rand_matrix(QType::Q4_1, 8, 64, 4);
+    let wide = rand_matrix(QType::Q4_1, 8, 96, 5);
+    assert!(matmul_many(&[&narrow, &wide], &[0.0; 64], 1).is_err());
 }
 
 #[test]

@@ -212,10 +212,10 @@ impl KvType {
 
     /// Decode `n` consecutive rows (`n · row_bytes(d)` bytes) into `out` (n × d).
     pub fn decode_rows(self, rows: &[u8], d: usize, out: &mut [f32]) {
-        let rb = self.row_bytes(d);
-        for (r, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(d)) {
-            self.decode_row(r, o);
-        }
+        // Rows are whole blocks laid end to end, so the block loop of `decode_row` covers
+        // them in one call (one dispatch per block of rows, not per row).
+        let n = (rows.len() / self.row_bytes(d)).min(out.len() / d.max(1));
+        self.decode_row(&rows[..n * self.row_bytes(d)], &mut out[..n * d]);
     }
 }
 

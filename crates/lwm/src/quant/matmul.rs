@@ -46,15 +46,47 @@ pub fn matmul(w: &QMatrix, x: &[f32], n: usize) -> Result<Vec<f32>> {
 }
 
 pub fn matmul_with(w: &QMatrix, x: &[f32], n: usize, opts: &MatmulOptions) -> Result<Vec<f32>> {
-    if x.len() != n * w.cols {
+    let mut ys = matmul_many_with(&[w], x, n, opts)?;
+    Ok(ys.pop().unwrap_or_default())
+}
+
+/// `y_i = x · W_iᵀ` for several matrices of one type and width that read the same
+/// activations (Q, K, V; gate, up): the activations are quantized once and every
+/// matrix's row chunks run in one parallel region. Each output element is the same
+/// full-row dot product as `matmul` computes, so results are identical.
+pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+    matmul_many_with(ws, x, n, &MatmulOptions::default())
+}
+
+pub fn matmul_many_with(
+    ws: &[&QMatrix],
+    x: &[f32],
+    n: usize,
+    opts: &MatmulOptions,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(w0) = ws.first() else {
+        return Ok(Vec::new());
+    };
+    if let Some(w) = ws.iter().find(|w| w.dtype != w0.dtype || w.cols != w0.cols) {
+        bail!(
+            "matmul: fused matrices differ ({:?} [{}, {}] vs {:?} [{}, {}])",
+            w.dtype,
+            w.rows,
+            w.cols,
+            w0.dtype,
+            w0.rows,
+            w0.cols
+        );
+    }
+    if x.len() != n * w0.cols {
         bail!(
             "matmul: activations have {} values, expected {n} rows × {} columns",
             x.len(),
-            w.cols
+            w0.cols
         );
     }
-    if n == 0 || w.rows == 0 {
-        return Ok(vec![0.0; n * w.rows]);
+    if n == 0 {
+        return Ok(ws.iter().map(|_| Vec::new()).collect());
     }
     let avx2 = match opts.kernel {
         Kernel::Auto => has_avx2(),
@@ -66,9 +98,9 @@ pub fn matmul_with(w: &QMatrix, x: &[f32], n: usize, opts: &MatmulOptions) -> Re
             true
         }
     };
-    let nb = w.cols / QK;
+    let nb = w0.cols / QK;
     let par = !opts.single_thread;
-    Ok(match w.dtype {
+    Ok(match w0.dtype {
         QType::Q4_1 => {
             let acts = quantize_rows(x, n, nb, par, BlockQ8_1::ZERO, |xr, o| {
                 if avx2 {
@@ -77,7 +109,7 @@ pub fn matmul_with(w: &QMatrix, x: &[f32], n: usize, opts: &MatmulOptions) -> Re
                     q8::quantize_row_q8_1_scalar(xr, o)
                 }
             });
-            drive(w, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
+            drive(ws, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2/FMA/F16C checked above; `rows` holds n_rows rows.
@@ -100,7 +132,7 @@ pub fn matmul_with(w: &QMatrix, x: &[f32], n: usize, opts: &MatmulOptions) -> Re
                     q8::quantize_row_q8_0_scalar(xr, o)
                 }
             });
-            drive(w, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
+            drive(ws, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: as above.
@@ -144,30 +176,43 @@ fn quantize_rows<B: Copy + Send + Sync>(
 const PAR_MIN_MACS: usize = 1 << 17;
 
 fn drive<B: Sync>(
-    w: &QMatrix,
+    ws: &[&QMatrix],
     acts: &[B],
     nb: usize,
     n: usize,
     par: bool,
     kernel: impl Fn(&[u8], usize, usize, &[&[B]], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let rows = w.rows;
-    let stride = w.row_bytes();
+) -> Vec<Vec<f32>> {
     let ys: Vec<&[B]> = acts.chunks(nb).collect();
-    // out_t is rows × n (row-major by weight row); transposed to n × rows at the end.
-    let mut out_t = vec![0.0f32; rows * n];
+    // out_t[i] is rows_i × n (row-major by weight row); transposed to n × rows_i at the end.
+    let mut outs_t: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; w.rows * n]).collect();
     let threads = candle_core::utils::get_num_threads().max(1);
-    let macs = rows * nb * QK * n;
+    let macs: usize = ws.iter().map(|w| w.rows).sum::<usize>() * nb * QK * n;
     if !par || threads == 1 || macs < PAR_MIN_MACS {
-        kernel(&w.data[..], stride, rows, &ys, &mut out_t);
+        for (w, o) in ws.iter().zip(outs_t.iter_mut()) {
+            kernel(&w.data[..], w.row_bytes(), w.rows, &ys, o);
+        }
     } else {
-        // ~4 chunks per thread for balance, multiples of 4 rows for the mat-vec tile. The
-        // pool is candle's persistent spinning pool: a decode step runs ~200 of these
-        // products, and waking sleeping rayon workers for each cost more than the math.
-        let chunk = rows.div_ceil(threads * 4).next_multiple_of(4).max(4);
-        crate::parallel::for_each_chunk_mut(&mut out_t, chunk * n, |c, o| {
-            let r0 = c * chunk;
-            let n_rows = o.len() / n;
+        // ~4 chunks per thread and matrix for balance, multiples of 4 rows for the mat-vec
+        // tile. The pool is candle's persistent spinning pool: a decode step runs ~200 of
+        // these products, and waking sleeping rayon workers for each cost more than the math.
+        let mut tasks = Vec::new(); // (matrix, first row, rows)
+        for (i, w) in ws.iter().enumerate() {
+            let chunk = w.rows.div_ceil(threads * 4).next_multiple_of(4).max(4);
+            for r0 in (0..w.rows).step_by(chunk) {
+                tasks.push((i, r0, chunk.min(w.rows - r0)));
+            }
+        }
+        let ptrs: Vec<usize> = outs_t.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+        crate::parallel::for_each(tasks.len(), |t| {
+            let (i, r0, n_rows) = tasks[t];
+            let w = ws[i];
+            let stride = w.row_bytes();
+            // SAFETY: tasks cover disjoint row ranges of each output, which outlives the
+            // call (`for_each` returns after every task ran).
+            let o = unsafe {
+                std::slice::from_raw_parts_mut((ptrs[i] as *mut f32).add(r0 * n), n_rows * n)
+            };
             kernel(
                 &w.data[r0 * stride..(r0 + n_rows) * stride],
                 stride,
@@ -178,13 +223,19 @@ fn drive<B: Sync>(
         });
     }
     if n == 1 {
-        return out_t;
+        return outs_t;
     }
-    let mut out = vec![0.0f32; n * rows];
-    for (r, row) in out_t.chunks_exact(n).enumerate() {
-        for (a, v) in row.iter().enumerate() {
-            out[a * rows + r] = *v;
-        }
-    }
-    out
+    ws.iter()
+        .zip(outs_t)
+        .map(|(w, out_t)| {
+            let rows = w.rows;
+            let mut out = vec![0.0f32; n * rows];
+            for (r, row) in out_t.chunks_exact(n).enumerate() {
+                for (a, v) in row.iter().enumerate() {
+                    out[a * rows + r] = *v;
+                }
+            }
+            out
+        })
+        .collect()
 }
