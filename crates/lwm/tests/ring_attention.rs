@@ -150,19 +150,6 @@ fn ring_equals_one_worker_within_1e4_on_a_4000_token_prompt() {
     check_against_single_worker(&model, &ids[..5], &[(2, 5), (3, 5), (4, 2)], 6, 1e-4);
 }
 
-/// `n` short records with numbers: a prompt of about 18 tokens per record.
-fn records(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            format!(
-                "Record {i}: vault {} holds the number {}. ",
-                i * 7 % 31,
-                i * 7919 % 100003
-            )
-        })
-        .collect()
-}
-
 /// The criterion on the default model itself: with its weights dequantized to f32
 /// (`--dequantize`; no 8-bit activation rounding to amplify reordered sums), rings of 2, 3
 /// and 4 workers give the logits of one worker within 1e-4 and the same greedy text, on a

@@ -70,3 +70,7 @@ pub fn needle_answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
     v.sort();
     v
 }
+
+#[path = "../../../lwm/tests/common/prompts.rs"]
+mod prompts;
+pub use prompts::records;

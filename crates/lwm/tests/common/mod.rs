@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+mod prompts;
+pub use prompts::records;
+
 /// The default model (SmolLM2-135M-Instruct Q4_1): `$LWM_DEFAULT_MODEL`, else the cache
 /// `lwm fetch default` fills. CI always fetches it first; a bare `cargo test` without it
 /// skips these tests with a note instead of failing.
