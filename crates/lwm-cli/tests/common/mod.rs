@@ -73,4 +73,5 @@ pub fn needle_answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
 
 #[path = "../../../lwm/tests/common/prompts.rs"]
 mod prompts;
+#[allow(unused_imports)] // each test binary uses its own subset
 pub use prompts::records;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod prompts;
+#[allow(unused_imports)] // each test binary uses its own subset
 pub use prompts::records;
 
 /// The default model (SmolLM2-135M-Instruct Q4_1): `$LWM_DEFAULT_MODEL`, else the cache
