@@ -603,14 +603,14 @@ pub fn reference_attention(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         crate::rng::XorShift::new(seed).vec(n, -2.0, 2.0)
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())

@@ -46,6 +46,21 @@ pub fn available(d: usize) -> bool {
     }
 }
 
+/// The checks both kernels make before touching memory: the kernel exists for this head
+/// size and every query row lies inside `q`. `None` when there are no rows to attend.
+fn check_query_rows(q: &[f32], q_stride: usize, state: &Partial) -> Option<usize> {
+    assert!(available(state.d), "SIMD attention kernel unavailable");
+    let (d, nq) = (state.d, state.rows());
+    if nq == 0 {
+        return None;
+    }
+    assert!(
+        q.len() >= (nq - 1) * q_stride + d,
+        "query rows out of range"
+    );
+    Some(d)
+}
+
 /// The tiled kernel; callers check `available(state.d)` first.
 pub fn attend_block_simd(
     q: &[f32],
@@ -56,16 +71,9 @@ pub fn attend_block_simd(
     mask: &BlockMask,
     state: &mut Partial,
 ) {
-    assert!(available(state.d), "SIMD attention kernel unavailable");
-    let d = state.d;
-    let nq = state.rows();
-    if nq == 0 {
+    let Some(d) = check_query_rows(q, q_stride, state) else {
         return;
-    }
-    assert!(
-        q.len() >= (nq - 1) * q_stride + d,
-        "query rows out of range"
-    );
+    };
     let nk = k.len() / d;
     assert!(v.len() >= nk * d, "value block shorter than the key block");
     #[cfg(target_arch = "x86_64")]
@@ -102,16 +110,9 @@ pub fn attend_block_f16(
     mask: &BlockMask,
     state: &mut Partial,
 ) {
-    assert!(available(state.d), "SIMD attention kernel unavailable");
-    let d = state.d;
-    let nq = state.rows();
-    if nq == 0 {
+    let Some(d) = check_query_rows(q, q_stride, state) else {
         return;
-    }
-    assert!(
-        q.len() >= (nq - 1) * q_stride + d,
-        "query rows out of range"
-    );
+    };
     let nk = k.len() / (2 * d);
     assert!(
         v.len() >= nk * 2 * d,
@@ -593,18 +594,8 @@ mod tests {
 
 #[cfg(test)]
 mod equivalence {
+    use crate::attention::tests::{max_diff, rand_vec};
     use crate::attention::{attend_block_portable, reference_attention, BlockMask, Partial};
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        crate::rng::XorShift::new(seed).vec(n, -2.0, 2.0)
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
 
     /// Attend `nq` rows (positions q_pos0..) to keys 0..nk in blocks of `kb` with either
     /// kernel; returns the finished output and the lse (0 where nothing was attended).
