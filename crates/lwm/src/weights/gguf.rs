@@ -17,7 +17,11 @@ use std::sync::Arc;
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    mmap: memmap2::Mmap,
+    /// Tensors are read through the file, not a mapping: every tensor is copied into the
+    /// engine's own buffers anyway, and mapped pages would count in the process's peak
+    /// RSS on top of those copies (≈ the file size) until the file is dropped.
+    file: std::sync::Mutex<std::fs::File>,
+    file_len: u64,
     /// canonical HF name -> GGUF tensor name
     names: HashMap<String, String>,
 }
@@ -73,14 +77,12 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open model file {}", path.display()))?;
-        // SAFETY: the file is opened read-only; a concurrent writer truncating it is outside
-        // what any loader can defend against (llama.cpp mmaps the same way).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map model file {}", path.display()))?;
-        let mut cursor = std::io::Cursor::new(&mmap[..]);
-        let content = Content::read(&mut cursor)
+        let file_len = file
+            .metadata()
+            .with_context(|| format!("cannot stat model file {}", path.display()))?
+            .len();
+        let content = Content::read(&mut std::io::BufReader::new(&file))
             .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
-        let file_len = mmap.len() as u64;
         let mut names = HashMap::new();
         for (name, info) in &content.tensor_infos {
             let dtype = info.ggml_dtype;
@@ -110,7 +112,8 @@ impl GgufFile {
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            mmap,
+            file: std::sync::Mutex::new(file),
+            file_len,
             names,
         })
     }
@@ -261,7 +264,7 @@ impl GgufFile {
     }
 
     pub fn file_bytes(&self) -> u64 {
-        self.mmap.len() as u64
+        self.file_len
     }
 }
 
@@ -283,10 +286,11 @@ impl WeightSource for GgufFile {
             .names
             .get(name)
             .with_context(|| format!("{}: tensor '{name}' is missing", self.path.display()))?;
-        let mut cursor = std::io::Cursor::new(&self.mmap[..]);
+        // A poisoned lock only means another load failed; the file handle is still valid.
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let q = self
             .content
-            .tensor(&mut cursor, gguf_name, &Device::Cpu)
+            .tensor(&mut *file, gguf_name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor '{gguf_name}': {e}", self.path.display()))?;
         Ok(match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
