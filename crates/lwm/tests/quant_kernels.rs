@@ -5,7 +5,7 @@
 
 use half::f16;
 use lwm::quant::q8::{self, BlockQ8_0, BlockQ8_1};
-use lwm::quant::{matmul, matmul_many, matmul_with, Kernel, MatmulOptions, QMatrix, QType};
+use lwm::quant::{matmul, matmul_many, matmul_with, Kernel, Layout, MatmulOptions, QMatrix, QType};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------- helpers
@@ -322,6 +322,88 @@ fn scalar_and_avx2_kernels_agree_bit_for_bit() {
             }
         }
     }
+}
+
+/// Decode's interleaved Q4_1 layout (8 rows per group, `Layout::Q4_1X8`) holds the same
+/// blocks and gives the row layout's results bit for bit, for mat-vec and batches, scalar
+/// and AVX2, whole matrices and the fused product; it dequantizes rows identically.
+#[test]
+fn interleaved_q4_1_equals_the_row_layout_bit_for_bit() {
+    let mut seed = 500;
+    for (rows, cols) in [(8, 32), (64, 576), (576, 1536), (1000, 96)] {
+        let plain = rand_matrix(QType::Q4_1, rows, cols, seed);
+        assert_eq!(
+            plain.layout,
+            Layout::Q4_1X8,
+            "new() interleaves rows % 8 == 0"
+        );
+        let rows_layout = QMatrix::with_layout(
+            QType::Q4_1,
+            rows,
+            cols,
+            {
+                // Re-create the GGUF bytes from the dequantization-equal generator.
+                let m = rand_matrix(QType::Q4_1, rows, cols, seed);
+                let mut raw = vec![0u8; m.data.len()];
+                let rb = cols / 32 * 20;
+                for r in 0..rows {
+                    lwm::quant::q4_1_x8::gather_row(
+                        &m.data,
+                        cols / 32,
+                        r,
+                        &mut raw[r * rb..(r + 1) * rb],
+                    );
+                }
+                Arc::from(raw)
+            },
+            Layout::Rows,
+        )
+        .unwrap();
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in [0, rows / 2, rows - 1] {
+            plain.dequantize_row(r, &mut a);
+            rows_layout.dequantize_row(r, &mut b);
+            assert_eq!(bits(&a), bits(&b), "row {r}");
+        }
+        for n in [1, 2, 3, 4, 5, 9] {
+            seed += 1;
+            let x = rand_vec(n * cols, seed, [0.02f32, 1.0, 30.0][seed as usize % 3]);
+            for kernel in [Kernel::Scalar, Kernel::Auto] {
+                for single_thread in [true, false] {
+                    let opts = MatmulOptions {
+                        kernel,
+                        single_thread,
+                    };
+                    let want = matmul_with(&rows_layout, &x, n, &opts).unwrap();
+                    let got = matmul_with(&plain, &x, n, &opts).unwrap();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "[{rows}x{cols}] n={n} {kernel:?} single_thread={single_thread}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        QMatrix::with_layout(
+            QType::Q4_1,
+            12,
+            32,
+            Arc::from(vec![0u8; 240]),
+            Layout::Q4_1X8
+        )
+        .is_err(),
+        "12 rows are not whole groups of 8"
+    );
+    assert!(QMatrix::with_layout(
+        QType::Q8_0,
+        8,
+        32,
+        Arc::from(vec![0u8; 272]),
+        Layout::Q4_1X8
+    )
+    .is_err());
 }
 
 #[test]

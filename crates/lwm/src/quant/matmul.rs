@@ -3,14 +3,16 @@
 //! 1. Each activation row is quantized once (Q8_1 for Q4_1 weights, Q8_0 for Q8_0).
 //! 2. Weight rows are split into contiguous chunks run in parallel on the shared pool (`parallel`); inside a
 //!    chunk the kernels read each weight block once per group of activation rows (n > 1)
-//!    or share each activation block between 4 weight rows (n = 1).
+//!    or share each activation block between 4 weight rows (n = 1). Q4_1 matrices stored
+//!    interleaved (`q4_1_x8`, whole groups of 8 rows per chunk) share it between 8 rows
+//!    and handle the 8 rows' scales and mins as vectors.
 //!
 //! Every output element is one full-row dot product in llama.cpp's order (see `q4_1`,
 //! `q8_0`), computed by a single task, so the result is the same for any thread count or
 //! chunking.
 
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
-use super::{has_avx2, q4_1, q8_0, QMatrix, QType};
+use super::{has_avx2, q4_1, q4_1_x8, q8_0, Layout, QMatrix, QType};
 use anyhow::{bail, Result};
 
 /// Which kernels to run.
@@ -109,7 +111,19 @@ pub fn matmul_many_with(
                     q8::quantize_row_q8_1_scalar(xr, o)
                 }
             });
-            drive(ws, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
+            drive(ws, &acts, nb, n, par, |w, rows, stride, n_rows, ys, out| {
+                if w.layout == Layout::Q4_1X8 {
+                    // `rows` starts on a group boundary and n_rows is whole groups (`row_align`).
+                    let groups = n_rows / q4_1_x8::GROUP;
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: AVX2/FMA/F16C checked above; `rows` holds `groups` groups.
+                        unsafe { q4_1_x8::avx2::groups_x_acts(rows, groups, ys, out) };
+                        return;
+                    }
+                    q4_1_x8::groups_x_acts_scalar(rows, groups, ys, out);
+                    return;
+                }
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2/FMA/F16C checked above; `rows` holds n_rows rows.
@@ -132,7 +146,7 @@ pub fn matmul_many_with(
                     q8::quantize_row_q8_0_scalar(xr, o)
                 }
             });
-            drive(ws, &acts, nb, n, par, |rows, stride, n_rows, ys, out| {
+            drive(ws, &acts, nb, n, par, |_, rows, stride, n_rows, ys, out| {
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: as above.
@@ -181,7 +195,7 @@ fn drive<B: Sync>(
     nb: usize,
     n: usize,
     par: bool,
-    kernel: impl Fn(&[u8], usize, usize, &[&[B]], &mut [f32]) + Sync,
+    kernel: impl Fn(&QMatrix, &[u8], usize, usize, &[&[B]], &mut [f32]) + Sync,
 ) -> Vec<Vec<f32>> {
     let ys: Vec<&[B]> = acts.chunks(nb).collect();
     // out_t[i] is rows_i × n (row-major by weight row); transposed to n × rows_i at the end.
@@ -190,15 +204,20 @@ fn drive<B: Sync>(
     let macs: usize = ws.iter().map(|w| w.rows).sum::<usize>() * nb * QK * n;
     if !par || threads == 1 || macs < PAR_MIN_MACS {
         for (w, o) in ws.iter().zip(outs_t.iter_mut()) {
-            kernel(&w.data[..], w.row_bytes(), w.rows, &ys, o);
+            kernel(w, &w.data[..], w.row_bytes(), w.rows, &ys, o);
         }
     } else {
         // ~4 chunks per thread and matrix for balance, multiples of 4 rows for the mat-vec
-        // tile. The pool is candle's persistent spinning pool: a decode step runs ~200 of
+        // tile (of 8 for interleaved matrices: whole groups). The pool is candle's persistent spinning pool: a decode step runs ~200 of
         // these products, and waking sleeping rayon workers for each cost more than the math.
         let mut tasks = Vec::new(); // (matrix, first row, rows)
         for (i, w) in ws.iter().enumerate() {
-            let chunk = w.rows.div_ceil(threads * 4).next_multiple_of(4).max(4);
+            let unit = 4usize.max(w.row_align());
+            let chunk = w
+                .rows
+                .div_ceil(threads * 4)
+                .next_multiple_of(unit)
+                .max(unit);
             for r0 in (0..w.rows).step_by(chunk) {
                 tasks.push((i, r0, chunk.min(w.rows - r0)));
             }
@@ -214,6 +233,7 @@ fn drive<B: Sync>(
                 std::slice::from_raw_parts_mut((ptrs[i] as *mut f32).add(r0 * n), n_rows * n)
             };
             kernel(
+                w,
                 &w.data[r0 * stride..(r0 + n_rows) * stride],
                 stride,
                 n_rows,

@@ -19,6 +19,7 @@ pub mod ggml_cpu;
 pub mod kv;
 pub mod matmul;
 pub mod q4_1;
+pub mod q4_1_x8;
 pub mod q8;
 pub mod q8_0;
 
@@ -44,18 +45,46 @@ impl QType {
     }
 }
 
-/// Quantized weight matrix `[rows = out, cols = in]` as GGUF stores it: raw blocks,
-/// row-major, each row `cols / 32` blocks.
+/// How a matrix's blocks are ordered in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// GGUF's: row-major, each row `cols / 32` blocks.
+    Rows,
+    /// Q4_1 rows interleaved in groups of 8 (`q4_1_x8`), the decode layout; same bytes.
+    Q4_1X8,
+}
+
+/// Quantized weight matrix `[rows = out, cols = in]`: GGUF's raw blocks, in `layout`
+/// order (`new` picks the fastest layout the kernels have for the type and shape).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     pub dtype: QType,
     pub rows: usize,
     pub cols: usize,
+    pub layout: Layout,
     pub data: Arc<[u8]>,
 }
 
 impl QMatrix {
+    /// From GGUF's row-major blocks; Q4_1 matrices whose row count is a multiple of 8 are
+    /// interleaved (`Layout::Q4_1X8`), which makes decode's mat-vec about twice as cheap.
     pub fn new(dtype: QType, rows: usize, cols: usize, data: Arc<[u8]>) -> Result<Self> {
+        let layout = if dtype == QType::Q4_1 && rows.is_multiple_of(q4_1_x8::GROUP) {
+            Layout::Q4_1X8
+        } else {
+            Layout::Rows
+        };
+        Self::with_layout(dtype, rows, cols, data, layout)
+    }
+
+    /// From GGUF's row-major blocks, stored in `layout` (which must suit the type and shape).
+    pub fn with_layout(
+        dtype: QType,
+        rows: usize,
+        cols: usize,
+        data: Arc<[u8]>,
+        layout: Layout,
+    ) -> Result<Self> {
         if !cols.is_multiple_of(q8::QK) {
             bail!(
                 "quantized matrix: {cols} columns is not a multiple of {}",
@@ -69,12 +98,33 @@ impl QMatrix {
                 data.len()
             );
         }
+        let data = match layout {
+            Layout::Rows => data,
+            Layout::Q4_1X8 => {
+                if dtype != QType::Q4_1 || !rows.is_multiple_of(q4_1_x8::GROUP) {
+                    bail!(
+                        "the interleaved Q4_1 layout needs Q4_1 rows in multiples of {}, got {dtype:?} with {rows} rows",
+                        q4_1_x8::GROUP
+                    );
+                }
+                Arc::from(q4_1_x8::interleave(&data, rows, cols / q8::QK))
+            }
+        };
         Ok(Self {
             dtype,
             rows,
             cols,
+            layout,
             data,
         })
+    }
+
+    /// Rows a parallel chunk must be a multiple of (one interleaved group).
+    pub fn row_align(&self) -> usize {
+        match self.layout {
+            Layout::Rows => 1,
+            Layout::Q4_1X8 => q4_1_x8::GROUP,
+        }
     }
 
     /// `Some` for Q4_1 / Q8_0 2-D tensors (copying their blocks), `None` for other types.
@@ -105,7 +155,16 @@ impl QMatrix {
     /// Row `r` dequantized to f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
-        let row = &self.data[r * rb..(r + 1) * rb];
+        let gathered;
+        let row = match self.layout {
+            Layout::Rows => &self.data[r * rb..(r + 1) * rb],
+            Layout::Q4_1X8 => {
+                let mut g = vec![0u8; rb];
+                q4_1_x8::gather_row(&self.data, self.cols / q8::QK, r, &mut g);
+                gathered = g;
+                &gathered[..]
+            }
+        };
         match self.dtype {
             QType::Q4_1 => q4_1::dequantize_row(row, out),
             QType::Q8_0 => q8_0::dequantize_row(row, out),

@@ -1,0 +1,295 @@
+//! Q4_1 rows interleaved in groups of 8: the decode (mat-vec) layout.
+//!
+//! A decode step multiplies every weight matrix by one activation row, so the work per
+//! weight block is all there is. In GGUF's row layout each block carries its own f16
+//! scale `d` and min `m`, and the kernel spends about half its instructions turning those
+//! two scalars into a broadcast `d·d_y` and a scalar `summs += m·s_y` (`q4_1`). Stored 8
+//! rows at a time, block by block, the 8 scales and 8 mins are two 16-byte loads and the
+//! per-row scalar work becomes one 8-lane multiply and one 8-lane FMA per block:
+//!
+//! ```text
+//!   group g = rows 8g..8g+7, blocks b = 0..nb in order; per (g, b), 160 bytes:
+//!     d[8]: f16  |  m[8]: f16  |  qs[8][16]: the 8 rows' nibble bytes, row after row
+//! ```
+//!
+//! A group holds exactly the bytes of its 8 GGUF rows (`8 · nb · 20`), so row ranges that
+//! start on a group boundary keep their byte offsets, and the matrix costs no extra memory.
+//!
+//! Every output is still llama.cpp's `ggml_vec_dot_q4_1_q8_1` order (see `q4_1`): per lane
+//! l (elements 4l..4l+3) `acc_l = fma(d·d_y, Σ q·q_y, acc_l)` block by block, then
+//! `hsum(acc) + summs` with `summs += m·s_y` (exact products, so an FMA changes nothing).
+//! The AVX2 kernel keeps the 8 lanes of each row split over two registers, lanes 0–3
+//! (low nibbles) and 4–7 (high nibbles) of two rows side by side, which only renames lanes:
+//! each lane still sees the same sequence of FMAs, and the final sum pairs them as ggml does.
+
+use super::q4_1::{self, BLOCK_BYTES};
+use super::q8::{BlockQ8_1, QK};
+
+/// Rows per interleaved group.
+pub const GROUP: usize = 8;
+/// Bytes of one (group, block) cell: 8 scales, 8 mins, 8 × 16 nibble bytes.
+pub const CELL_BYTES: usize = GROUP * BLOCK_BYTES;
+
+/// GGUF row-major Q4_1 blocks (`rows` a multiple of 8) -> the interleaved layout.
+pub fn interleave(rows_data: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+    debug_assert_eq!(rows % GROUP, 0);
+    debug_assert_eq!(rows_data.len(), rows * nb * BLOCK_BYTES);
+    let rb = nb * BLOCK_BYTES;
+    let mut out = vec![0u8; rows_data.len()];
+    for g in 0..rows / GROUP {
+        for b in 0..nb {
+            let cell = &mut out[(g * nb + b) * CELL_BYTES..][..CELL_BYTES];
+            for j in 0..GROUP {
+                let src = &rows_data[(g * GROUP + j) * rb + b * BLOCK_BYTES..][..BLOCK_BYTES];
+                cell[2 * j..2 * j + 2].copy_from_slice(&src[0..2]);
+                cell[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&src[2..4]);
+                cell[32 + 16 * j..32 + 16 * j + 16].copy_from_slice(&src[4..20]);
+            }
+        }
+    }
+    out
+}
+
+/// Row `r` of an interleaved matrix back in GGUF's row layout (`out`: nb · 20 bytes).
+pub fn gather_row(data: &[u8], nb: usize, r: usize, out: &mut [u8]) {
+    let (g, j) = (r / GROUP, r % GROUP);
+    for (b, dst) in out.chunks_exact_mut(BLOCK_BYTES).enumerate().take(nb) {
+        let cell = &data[(g * nb + b) * CELL_BYTES..][..CELL_BYTES];
+        dst[0..2].copy_from_slice(&cell[2 * j..2 * j + 2]);
+        dst[2..4].copy_from_slice(&cell[16 + 2 * j..16 + 2 * j + 2]);
+        dst[4..20].copy_from_slice(&cell[32 + 16 * j..32 + 16 * j + 16]);
+    }
+}
+
+/// Scalar: `n_groups` groups (starting at `w`) against every activation row in `ys`;
+/// `out[(row) * n + a]`, as `q4_1::dot_scalar` on each gathered row.
+pub fn groups_x_acts_scalar(w: &[u8], n_groups: usize, ys: &[&[BlockQ8_1]], out: &mut [f32]) {
+    let nb = ys.first().map_or(0, |y| y.len());
+    let n = ys.len();
+    let mut row = vec![0u8; nb * BLOCK_BYTES];
+    for r in 0..n_groups * GROUP {
+        gather_row(w, nb, r, &mut row);
+        for (a, y) in ys.iter().enumerate() {
+            out[r * n + a] = q4_1::dot_scalar(&row, y);
+        }
+    }
+}
+
+const _: () = assert!(QK == 32);
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{BlockQ8_1, CELL_BYTES, GROUP};
+    use std::arch::x86_64::*;
+
+    /// ggml's `hsum_float_8` of the row whose lanes 0–3 are `lo` and 4–7 are `hi`:
+    /// ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).
+    #[inline(always)]
+    unsafe fn hsum_split(lo: __m128, hi: __m128) -> f32 {
+        let r = _mm_add_ps(hi, lo);
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// Lane index vectors picking `[x[2k] ×4, x[2k+1] ×4]` out of an 8-lane vector.
+    #[inline(always)]
+    unsafe fn pair_index(k: usize) -> __m256i {
+        let a = 2 * k as i32;
+        _mm256_setr_epi32(a, a, a, a, a + 1, a + 1, a + 1, a + 1)
+    }
+
+    /// The exact integer 4-sums of rows 2k, 2k+1 of a cell against one activation block,
+    /// as f32: (`[row 2k lanes 0–3 | row 2k+1 lanes 0–3]`, the same for lanes 4–7).
+    #[inline(always)]
+    unsafe fn pair_sums(
+        cell: *const u8,
+        k: usize,
+        qy_lo: __m256i,
+        qy_hi: __m256i,
+    ) -> (__m256, __m256) {
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let x = _mm256_loadu_si256(cell.add(32 + 32 * k) as *const __m256i);
+        let lo = _mm256_and_si256(x, nib);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+        let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones);
+        let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones);
+        (_mm256_cvtepi32_ps(plo), _mm256_cvtepi32_ps(phi))
+    }
+
+    /// Activation quants of one block: elements 0–15 and 16–31, each in both halves.
+    #[inline(always)]
+    unsafe fn act_quants(yb: &BlockQ8_1) -> (__m256i, __m256i) {
+        let p = yb.qs.as_ptr() as *const __m128i;
+        (
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(p)),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1))),
+        )
+    }
+
+    /// `n_groups` groups (starting at `w`, `nb` blocks per row) times one activation row:
+    /// `out[r]` for the group's rows in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn groups_x_act(w: &[u8], n_groups: usize, y: &[BlockQ8_1], out: &mut [f32]) {
+        let nb = y.len();
+        debug_assert!(w.len() >= n_groups * nb * CELL_BYTES);
+        debug_assert!(out.len() >= n_groups * GROUP);
+        for g in 0..n_groups {
+            let gp = w.as_ptr().add(g * nb * CELL_BYTES);
+            let mut acc_lo = [_mm256_setzero_ps(); 4];
+            let mut acc_hi = [_mm256_setzero_ps(); 4];
+            let mut summs = _mm256_setzero_ps();
+            for (b, yb) in y.iter().enumerate() {
+                let cell = gp.add(b * CELL_BYTES);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(cell as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(16) as *const __m128i));
+                summs = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), summs);
+                let dd = _mm256_mul_ps(d, _mm256_set1_ps(yb.d));
+                let (qy_lo, qy_hi) = act_quants(yb);
+                for k in 0..4 {
+                    let (plo, phi) = pair_sums(cell, k, qy_lo, qy_hi);
+                    let ddk = _mm256_permutevar8x32_ps(dd, pair_index(k));
+                    acc_lo[k] = _mm256_fmadd_ps(ddk, plo, acc_lo[k]);
+                    acc_hi[k] = _mm256_fmadd_ps(ddk, phi, acc_hi[k]);
+                }
+            }
+            let mut s = [0.0f32; GROUP];
+            _mm256_storeu_ps(s.as_mut_ptr(), summs);
+            let o = &mut out[g * GROUP..(g + 1) * GROUP];
+            for k in 0..4 {
+                let (lo, hi) = (acc_lo[k], acc_hi[k]);
+                o[2 * k] =
+                    hsum_split(_mm256_castps256_ps128(lo), _mm256_castps256_ps128(hi)) + s[2 * k];
+                o[2 * k + 1] =
+                    hsum_split(_mm256_extractf128_ps(lo, 1), _mm256_extractf128_ps(hi, 1))
+                        + s[2 * k + 1];
+            }
+        }
+    }
+
+    /// Rows 2k, 2k+1 of group `gp` against `A` activation rows: for each row (2) and
+    /// activation (A), the lane accumulators; `summs` are added by the caller.
+    #[inline(always)]
+    unsafe fn pair_tile<const A: usize>(
+        gp: *const u8,
+        k: usize,
+        ys: [&[BlockQ8_1]; A],
+    ) -> ([__m256; A], [__m256; A]) {
+        let nb = ys[0].len();
+        let idx = pair_index(k);
+        let mut acc_lo = [_mm256_setzero_ps(); A];
+        let mut acc_hi = [_mm256_setzero_ps(); A];
+        for b in 0..nb {
+            let cell = gp.add(b * CELL_BYTES);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(cell as *const __m128i));
+            let dk = _mm256_permutevar8x32_ps(d, idx);
+            let nib = _mm256_set1_epi8(0x0F);
+            let x = _mm256_loadu_si256(cell.add(32 + 32 * k) as *const __m256i);
+            let lo = _mm256_and_si256(x, nib);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+            for a in 0..A {
+                let yb = ys[a].get_unchecked(b);
+                let (qy_lo, qy_hi) = act_quants(yb);
+                let ones = _mm256_set1_epi16(1);
+                let plo =
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones));
+                let phi =
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones));
+                let dd = _mm256_mul_ps(dk, _mm256_set1_ps(yb.d));
+                acc_lo[a] = _mm256_fmadd_ps(dd, plo, acc_lo[a]);
+                acc_hi[a] = _mm256_fmadd_ps(dd, phi, acc_hi[a]);
+            }
+        }
+        (acc_lo, acc_hi)
+    }
+
+    /// `n_groups` groups against every activation row in `ys` (n > 1 for prefill):
+    /// `out[row * n + a]`. Each pair of rows is unpacked once per block for up to 4
+    /// activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn groups_x_acts(w: &[u8], n_groups: usize, ys: &[&[BlockQ8_1]], out: &mut [f32]) {
+        let n = ys.len();
+        if n == 1 {
+            groups_x_act(w, n_groups, ys[0], out);
+            return;
+        }
+        let nb = ys[0].len();
+        debug_assert!(w.len() >= n_groups * nb * CELL_BYTES);
+        debug_assert!(out.len() >= n_groups * GROUP * n);
+        for g in 0..n_groups {
+            let gp = w.as_ptr().add(g * nb * CELL_BYTES);
+            // summs[a][j] = Σ_b m_j·s_y(a, b) for the group's 8 rows j, in block order.
+            let summs: Vec<[f32; GROUP]> = ys
+                .iter()
+                .map(|y| {
+                    let mut acc = _mm256_setzero_ps();
+                    for (b, yb) in y.iter().enumerate() {
+                        let cell = gp.add(b * CELL_BYTES);
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(16) as *const __m128i));
+                        acc = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc);
+                    }
+                    let mut s = [0.0f32; GROUP];
+                    _mm256_storeu_ps(s.as_mut_ptr(), acc);
+                    s
+                })
+                .collect();
+            let o = &mut out[g * GROUP * n..(g + 1) * GROUP * n];
+            for k in 0..4 {
+                let mut a = 0;
+                while a < n {
+                    let take = (n - a).min(4);
+                    let mut put = |j: usize, lo: __m256, hi: __m256| {
+                        let (r0, r1) = (2 * k, 2 * k + 1);
+                        o[r0 * n + a + j] =
+                            hsum_split(_mm256_castps256_ps128(lo), _mm256_castps256_ps128(hi))
+                                + summs[a + j][r0];
+                        o[r1 * n + a + j] =
+                            hsum_split(_mm256_extractf128_ps(lo, 1), _mm256_extractf128_ps(hi, 1))
+                                + summs[a + j][r1];
+                    };
+                    match take {
+                        4 => {
+                            let (lo, hi) =
+                                pair_tile::<4>(gp, k, [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]]);
+                            (0..4).for_each(|j| put(j, lo[j], hi[j]));
+                        }
+                        3 => {
+                            let (lo, hi) = pair_tile::<3>(gp, k, [ys[a], ys[a + 1], ys[a + 2]]);
+                            (0..3).for_each(|j| put(j, lo[j], hi[j]));
+                        }
+                        2 => {
+                            let (lo, hi) = pair_tile::<2>(gp, k, [ys[a], ys[a + 1]]);
+                            (0..2).for_each(|j| put(j, lo[j], hi[j]));
+                        }
+                        _ => {
+                            let (lo, hi) = pair_tile::<1>(gp, k, [ys[a]]);
+                            put(0, lo[0], hi[0]);
+                        }
+                    }
+                    a += take;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleave_then_gather_gives_back_every_row() {
+        let (rows, nb) = (16, 3);
+        let data: Vec<u8> = (0..rows * nb * BLOCK_BYTES)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let x8 = interleave(&data, rows, nb);
+        assert_eq!(x8.len(), data.len());
+        let mut row = vec![0u8; nb * BLOCK_BYTES];
+        for r in 0..rows {
+            gather_row(&x8, nb, r, &mut row);
+            assert_eq!(row, &data[r * nb * BLOCK_BYTES..(r + 1) * nb * BLOCK_BYTES]);
+        }
+    }
+}
