@@ -82,6 +82,9 @@ pub(crate) mod avx2 {
     use super::{BlockQ8_1, CELL_BYTES, GROUP};
     use std::arch::x86_64::*;
 
+    /// How far ahead of the cell in use the mat-vec prefetches.
+    const PREFETCH: usize = 8 * CELL_BYTES;
+
     /// ggml's `hsum_float_8` of the row whose lanes 0–3 are `lo` and 4–7 are `hi`:
     /// ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).
     #[inline(always)]
@@ -142,6 +145,12 @@ pub(crate) mod avx2 {
             let mut summs = _mm256_setzero_ps();
             for (b, yb) in y.iter().enumerate() {
                 let cell = gp.add(b * CELL_BYTES);
+                // Decode streams every weight once from memory: ask for the cell PREFETCH
+                // bytes ahead (3 lines cover its 160 bytes).
+                let ahead = cell.wrapping_add(PREFETCH) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(cell as *const __m128i));
                 let m = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(16) as *const __m128i));
                 summs = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), summs);
