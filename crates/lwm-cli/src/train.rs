@@ -6,6 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lwm::train::config::TrainConfig;
 use lwm::train::model::{BatchInput, TrainModel};
+use lwm::train::precision::ComputeDType;
 use lwm::train::run::{run, RunOptions, TrainEvent};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,10 @@ pub struct TrainArgs {
     /// Override optim.lr.
     #[arg(long)]
     lr: Option<f64>,
+    /// Override train.dtype: precision of the matrix products (f32, or bf16 with f32
+    /// master weights and optimizer state).
+    #[arg(long)]
+    dtype: Option<ComputeDType>,
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -60,6 +65,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if let Some(lr) = a.lr {
         cfg.optim.lr = lr;
+    }
+    if let Some(d) = a.dtype {
+        cfg.train.dtype = d;
     }
     let total: u64 = cfg.stages().iter().map(|s| s.steps).sum();
     let stop = Arc::new(AtomicBool::new(false));
@@ -181,6 +189,12 @@ pub struct TrainBenchArgs {
     /// Ring attention over this many threads (1: no ring).
     #[arg(long, default_value_t = 1)]
     sp: usize,
+    /// Precision of the matrix products: f32 or bf16 (f32 weights and optimizer state).
+    #[arg(long, default_value_t = ComputeDType::F32)]
+    dtype: ComputeDType,
+    /// Print one JSON line per length instead of the table.
+    #[arg(long)]
+    json: bool,
     /// Internal: measure one length in this process and print a JSON line.
     #[arg(long, hide = true)]
     one: Option<usize>,
@@ -212,6 +226,7 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
         key_chunk: a.chunk,
     };
     model.sp = a.sp;
+    model.compute = a.dtype;
     let mut rng = lwm::rng::XorShift::new(9);
     let tokens: Vec<u32> = (0..len + 1)
         .map(|_| 3 + (rng.next_u64() % 256) as u32)
@@ -243,6 +258,8 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "seq_len": len,
         "sp": a.sp,
+        "dtype": a.dtype.name(),
+        "threads": a.threads,
         "tokens_per_s": len as f64 / median,
         "step_s_min": times[0],
         "step_s_max": times[times.len() - 1],
@@ -258,10 +275,12 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the lwm binary")?;
-    println!(
-        "{:>8} {:>12} {:>12} {:>14}",
-        "seq_len", "tokens/s", "step s", "peak RSS MiB"
-    );
+    if !a.json {
+        println!(
+            "{:>8} {:>12} {:>12} {:>14}",
+            "seq_len", "tokens/s", "step s", "peak RSS MiB"
+        );
+    }
     for &len in &a.lengths {
         let out = std::process::Command::new(&exe)
             .args(["train-bench", "--one", &len.to_string()])
@@ -288,6 +307,8 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
                 &a.threads.to_string(),
                 "--sp",
                 &a.sp.to_string(),
+                "--dtype",
+                a.dtype.name(),
             ])
             .output()
             .context("running the per-length measurement")?;
@@ -295,6 +316,10 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
             bail!("seq_len {len}: {}", String::from_utf8_lossy(&out.stderr));
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if a.json {
+            println!("{v}");
+            continue;
+        }
         println!(
             "{:>8} {:>12.0} {:>12.3} {:>14.1}",
             len,
