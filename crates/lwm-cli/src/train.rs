@@ -248,12 +248,15 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
     };
     step()?;
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     for _ in 0..a.steps.max(1) {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), process_cpu_s());
         step()?;
         times.push(t.elapsed().as_secs_f64());
+        cpu.push(process_cpu_s() - c);
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     Ok(serde_json::json!({
         "seq_len": len,
@@ -263,9 +266,26 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
         "tokens_per_s": len as f64 / median,
         "step_s_min": times[0],
         "step_s_max": times[times.len() - 1],
+        "cpu_s_per_step": cpu[cpu.len() / 2],
         "peak_rss_mib": lwm::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
         "params": model.parameter_count(),
     }))
+}
+
+/// User + system CPU seconds of this process (all threads) from /proc/self/stat, in clock
+/// ticks of USER_HZ = 100 (Linux on x86): on a shared machine CPU time is steadier than wall
+/// time and shows how many cores a step used.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {

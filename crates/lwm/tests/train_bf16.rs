@@ -71,7 +71,10 @@ fn loss_and_grads(m: &TrainModel) -> (f32, BTreeMap<String, Vec<f32>>, Vec<f32>)
 }
 
 fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[test]
@@ -96,7 +99,10 @@ fn bf16_loss_and_gradients_agree_with_f32_within_bf16_precision() {
     let global = (diff_sq / ref_sq).sqrt();
     eprintln!("all gradients: |g_bf16 − g_f32| / |g_f32| = {global:.2e}");
     assert!(global < 3e-2, "gradients differ by {global} relative");
-    assert!(global > 1e-4, "bf16 gradients equal the f32 ones ({global})");
+    assert!(
+        global > 1e-4,
+        "bf16 gradients equal the f32 ones ({global})"
+    );
 }
 
 #[test]
@@ -105,10 +111,17 @@ fn bf16_logits_are_bf16_values() {
     // almost none are.
     let is_bf16 = |x: f32| x.to_bits() & 0xffff == 0;
     let (_, _, l16) = loss_and_grads(&tiny_model(ComputeDType::Bf16));
-    assert!(l16.iter().all(|&x| is_bf16(x)), "bf16 logits not bf16 values");
+    assert!(
+        l16.iter().all(|&x| is_bf16(x)),
+        "bf16 logits not bf16 values"
+    );
     let (_, _, l32) = loss_and_grads(&tiny_model(ComputeDType::F32));
     let n = l32.iter().filter(|&&x| is_bf16(x)).count();
-    assert!(n * 100 < l32.len(), "{n} of {} f32 logits are bf16", l32.len());
+    assert!(
+        n * 100 < l32.len(),
+        "{n} of {} f32 logits are bf16",
+        l32.len()
+    );
 }
 
 fn workdir(name: &str) -> PathBuf {
@@ -169,7 +182,11 @@ fn final_weights(out: &Path) -> Vec<(String, Vec<f32>)> {
         .params()
         .iter()
         .map(|(n, v)| {
-            assert_eq!(v.dtype(), candle_core::DType::F32, "{n}: master weight dtype");
+            assert_eq!(
+                v.dtype(),
+                candle_core::DType::F32,
+                "{n}: master weight dtype"
+            );
             (
                 n.clone(),
                 v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
