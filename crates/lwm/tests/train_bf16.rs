@@ -258,3 +258,34 @@ fn bf16_run_learns_and_resumes_exactly() {
     assert_eq!(losses.len(), 6);
     assert!(losses[5] < losses[0], "bf16 losses {losses:?}");
 }
+
+#[test]
+fn dtype_names_parse_and_unknown_ones_are_refused() {
+    let cfg = |dtype: &str| {
+        TrainConfig::from_toml(
+            &format!("[model]\n[data]\nfiles = [\"x.jsonl\"]\n[train]\ndtype = \"{dtype}\"\n"),
+            "dtype.toml",
+        )
+    };
+    // LWM's own spellings (`--dtype fp32`, `bf16`) are accepted too.
+    for (name, want) in [
+        ("f32", ComputeDType::F32),
+        ("fp32", ComputeDType::F32),
+        ("bf16", ComputeDType::Bf16),
+        ("bfloat16", ComputeDType::Bf16),
+    ] {
+        assert_eq!(cfg(name).unwrap().train.dtype, want, "{name}");
+        assert_eq!(name.parse::<ComputeDType>().unwrap(), want, "{name}");
+    }
+    let err = format!("{:#}", cfg("f16").unwrap_err());
+    assert!(err.contains("f16") && err.contains("bf16"), "{err}");
+    let err = "f16".parse::<ComputeDType>().unwrap_err().to_string();
+    assert!(err.contains("'f16'"), "{err}");
+    // Unset: f32.
+    let plain = TrainConfig::from_toml(
+        "[model]\n[data]\nfiles = [\"x.jsonl\"]\n[train]\n",
+        "plain.toml",
+    )
+    .unwrap();
+    assert_eq!(plain.train.dtype, ComputeDType::F32);
+}

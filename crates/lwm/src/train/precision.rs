@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDType {
     #[default]
+    #[serde(alias = "fp32", alias = "float32")]
     F32,
+    #[serde(alias = "bfloat16")]
     Bf16,
 }
 
