@@ -6,6 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lwm::train::config::TrainConfig;
 use lwm::train::model::{BatchInput, TrainModel};
+use lwm::train::precision::ComputeDType;
 use lwm::train::run::{run, RunOptions, TrainEvent};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,10 @@ pub struct TrainArgs {
     /// Override optim.lr.
     #[arg(long)]
     lr: Option<f64>,
+    /// Override train.dtype: precision of the matrix products (f32, or bf16 with f32
+    /// master weights and optimizer state).
+    #[arg(long)]
+    dtype: Option<ComputeDType>,
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -60,6 +65,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if let Some(lr) = a.lr {
         cfg.optim.lr = lr;
+    }
+    if let Some(d) = a.dtype {
+        cfg.train.dtype = d;
     }
     let total: u64 = cfg.stages().iter().map(|s| s.steps).sum();
     let stop = Arc::new(AtomicBool::new(false));
@@ -181,6 +189,12 @@ pub struct TrainBenchArgs {
     /// Ring attention over this many threads (1: no ring).
     #[arg(long, default_value_t = 1)]
     sp: usize,
+    /// Precision of the matrix products: f32 or bf16 (f32 weights and optimizer state).
+    #[arg(long, default_value_t = ComputeDType::F32)]
+    dtype: ComputeDType,
+    /// Print one JSON line per length instead of the table.
+    #[arg(long)]
+    json: bool,
     /// Internal: measure one length in this process and print a JSON line.
     #[arg(long, hide = true)]
     one: Option<usize>,
@@ -212,6 +226,7 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
         key_chunk: a.chunk,
     };
     model.sp = a.sp;
+    model.compute = a.dtype;
     let mut rng = lwm::rng::XorShift::new(9);
     let tokens: Vec<u32> = (0..len + 1)
         .map(|_| 3 + (rng.next_u64() % 256) as u32)
@@ -233,22 +248,44 @@ fn bench_one(a: &TrainBenchArgs, len: usize) -> Result<serde_json::Value> {
     };
     step()?;
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     for _ in 0..a.steps.max(1) {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), process_cpu_s());
         step()?;
         times.push(t.elapsed().as_secs_f64());
+        cpu.push(process_cpu_s() - c);
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     Ok(serde_json::json!({
         "seq_len": len,
         "sp": a.sp,
+        "dtype": a.dtype.name(),
+        "threads": a.threads,
         "tokens_per_s": len as f64 / median,
         "step_s_min": times[0],
         "step_s_max": times[times.len() - 1],
+        "cpu_s_per_step": cpu[cpu.len() / 2],
         "peak_rss_mib": lwm::peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
         "params": model.parameter_count(),
     }))
+}
+
+/// User + system CPU seconds of this process (all threads) from /proc/self/stat, in clock
+/// ticks of USER_HZ = 100 (Linux on x86): on a shared machine CPU time is steadier than wall
+/// time and shows how many cores a step used.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
@@ -258,10 +295,12 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the lwm binary")?;
-    println!(
-        "{:>8} {:>12} {:>12} {:>14}",
-        "seq_len", "tokens/s", "step s", "peak RSS MiB"
-    );
+    if !a.json {
+        println!(
+            "{:>8} {:>12} {:>12} {:>14}",
+            "seq_len", "tokens/s", "step s", "peak RSS MiB"
+        );
+    }
     for &len in &a.lengths {
         let out = std::process::Command::new(&exe)
             .args(["train-bench", "--one", &len.to_string()])
@@ -288,6 +327,8 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
                 &a.threads.to_string(),
                 "--sp",
                 &a.sp.to_string(),
+                "--dtype",
+                a.dtype.name(),
             ])
             .output()
             .context("running the per-length measurement")?;
@@ -295,6 +336,10 @@ pub fn cmd_train_bench(a: TrainBenchArgs) -> Result<()> {
             bail!("seq_len {len}: {}", String::from_utf8_lossy(&out.stderr));
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if a.json {
+            println!("{v}");
+            continue;
+        }
         println!(
             "{:>8} {:>12.0} {:>12.3} {:>14.1}",
             len,

@@ -23,6 +23,7 @@
 
 use super::data::{DataFormat, DataSpec, OnError};
 use super::optim::AdamWConfig;
+use super::precision::ComputeDType;
 use super::schedule::WarmupCosine;
 use crate::config::{ModelConfig, RopeLayout, RopeScaling};
 use anyhow::{bail, Context, Result};
@@ -233,6 +234,10 @@ pub struct TrainSection {
     /// split evenly). 1 = blockwise attention without a ring.
     #[serde(default = "d_one")]
     pub sp: usize,
+    /// Precision of the matrix products: `f32`, or `bf16` (weights, gradients and
+    /// optimizer state stay f32; see `precision`).
+    #[serde(default)]
+    pub dtype: ComputeDType,
 }
 
 fn d_seq() -> usize {

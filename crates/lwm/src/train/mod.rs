@@ -11,6 +11,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod packing;
+pub mod precision;
 pub mod ring_grad;
 pub mod run;
 pub mod schedule;

@@ -7,9 +7,11 @@
 //! are per token, so packed documents restart at position 0 and never attend each other.
 //!
 //! Parameters are f32 `Var`s (LWM's `param_dtype`); `init_normal` follows the original's
-//! init: every matrix normal(0, 0.02), norms ones.
+//! init: every matrix normal(0, 0.02), norms ones. `compute` sets the precision of the
+//! matrix products (`precision`: f32, or bf16 with f32 master weights).
 
 use super::attention_grad::{ring_attention, AttnMasking};
+use super::precision::ComputeDType;
 use crate::attention::Chunking;
 use crate::config::{ModelConfig, RopeLayout};
 use crate::rope::Rope;
@@ -65,6 +67,8 @@ pub struct TrainModel {
     pub chunking: Chunking,
     /// Ring size of the attention (sequence split over `sp` threads); 1 = no ring.
     pub sp: usize,
+    /// Precision of the matrix products (weights stay f32).
+    pub compute: ComputeDType,
 }
 
 /// Shapes of every parameter, by canonical name.
@@ -122,12 +126,12 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
 }
 
-/// y = x Wᵀ for x (..., in) and W (out, in).
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// y = x Wᵀ for x (..., in) and W (out, in), the product in `dtype`.
+fn linear(x: &Tensor, w: &Tensor, dtype: ComputeDType) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner;
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let y = dtype.matmul_t(&x.reshape((rows, inner))?, w)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("non-scalar") = w.dim(0)?;
     Ok(y.reshape(out_dims)?)
@@ -211,6 +215,7 @@ impl TrainModel {
             rope,
             chunking: Chunking::default(),
             sp: 1,
+            compute: ComputeDType::F32,
         }
     }
 
@@ -381,22 +386,23 @@ impl TrainModel {
             chunking: self.chunking,
         };
         let (cos, sin) = self.rope_tables(&input.positions)?;
+        let dt = self.compute;
         let mut x = self.embed(input)?;
         let eps = c.rms_norm_eps;
         for i in 0..c.num_hidden_layers {
             let p = |s: &str| self.param(&layer_name(i, s));
             let hn = rms_norm(&x, p("input_layernorm.weight")?, eps)?;
-            let q = linear(&hn, p("self_attn.q_proj.weight")?)?.reshape((b, l, nh, hd))?;
-            let k = linear(&hn, p("self_attn.k_proj.weight")?)?.reshape((b, l, nkv, hd))?;
-            let v = linear(&hn, p("self_attn.v_proj.weight")?)?.reshape((b, l, nkv, hd))?;
+            let q = linear(&hn, p("self_attn.q_proj.weight")?, dt)?.reshape((b, l, nh, hd))?;
+            let k = linear(&hn, p("self_attn.k_proj.weight")?, dt)?.reshape((b, l, nkv, hd))?;
+            let v = linear(&hn, p("self_attn.v_proj.weight")?, dt)?.reshape((b, l, nkv, hd))?;
             let q = self.apply_rope(&q, &cos, &sin)?;
             let k = self.apply_rope(&k, &cos, &sin)?;
             let attn = ring_attention(&q, &k, &v, &masking, self.sp)?.reshape((b, l, nh * hd))?;
-            x = (x + linear(&attn, p("self_attn.o_proj.weight")?)?)?;
+            x = (x + linear(&attn, p("self_attn.o_proj.weight")?, dt)?)?;
             let hn = rms_norm(&x, p("post_attention_layernorm.weight")?, eps)?;
-            let gate = linear(&hn, p("mlp.gate_proj.weight")?)?;
-            let up = linear(&hn, p("mlp.up_proj.weight")?)?;
-            x = (x + linear(&(gate.silu()? * up)?, p("mlp.down_proj.weight")?)?)?;
+            let gate = linear(&hn, p("mlp.gate_proj.weight")?, dt)?;
+            let up = linear(&hn, p("mlp.up_proj.weight")?, dt)?;
+            x = (x + linear(&(gate.silu()? * up)?, p("mlp.down_proj.weight")?, dt)?)?;
         }
         rms_norm(&x, self.param("model.norm.weight")?, eps)
     }
@@ -404,14 +410,15 @@ impl TrainModel {
     /// Logits of every position.
     pub fn forward(&self, input: &BatchInput) -> Result<Logits> {
         let hidden = self.hidden(input)?;
+        let dt = self.compute;
         let head = if self.config.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
         };
-        let text = linear(&hidden, self.param(head)?)?;
+        let text = linear(&hidden, self.param(head)?, dt)?;
         let vision = if self.config.vision_vocab_size > 0 {
-            Some(linear(&hidden, self.param(VISION_HEAD)?)?)
+            Some(linear(&hidden, self.param(VISION_HEAD)?, dt)?)
         } else {
             None
         };

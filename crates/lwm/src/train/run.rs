@@ -232,6 +232,7 @@ pub fn run(
         key_chunk: cfg.train.key_chunk,
     };
     model.sp = cfg.train.sp.max(1);
+    model.compute = cfg.train.dtype;
     let mut opt_state = opt_state;
     let mut final_loss = None;
     let vision = model.config.vision_vocab_size > 0;
