@@ -15,6 +15,11 @@ Filler: Exodus (`--split train`) or Genesis (`--split eval`) of the bundled KJV 
 the training prose is disjoint from the prose `lwm needle --haystack genesis.txt` hides
 needles in. `--write-haystack FILE` writes the Genesis text for that.
 
+`--copy` writes the curriculum that comes first in the demo: a random string (digits, or
+letters, digits and spaces), a newline, and the string again as the answer. Only an
+induction head (find the earlier occurrence of the current token, copy what followed it)
+predicts the repeat, and the needle answer's digits are the same kind of copy.
+
     python3 scripts/make_needle_train_data.py --min-bytes 300 --max-bytes 448 --count 20000 --seed 1 > train.jsonl
 """
 import argparse
@@ -59,6 +64,12 @@ def main():
         action="store_true",
         help="curriculum format: no chat prefix, no instruction",
     )
+    ap.add_argument(
+        "--copy",
+        action="store_true",
+        help="curriculum: a random string of letters and digits, then the same string again "
+        "(loss on the repeat): the induction/copy circuit the needle answer needs forms fast",
+    )
     ap.add_argument("--write-haystack", help="write the eval (Genesis) prose to this file and exit")
     a = ap.parse_args()
     if a.write_haystack:
@@ -68,6 +79,12 @@ def main():
     hay = split_text(a.split)
     periods = [i + 1 for i, c in enumerate(hay) if c == "."]
     for _ in range(a.count):
+        if a.copy:
+            n = rng.randint(max(a.min_bytes, 2) // 2, max(a.max_bytes, 2) // 2)
+            alphabet = "0123456789" if rng.random() < 0.5 else "abcdefghijklmnopqrstuvwxyz0123456789 "
+            text = "".join(rng.choice(alphabet) for _ in range(n))
+            print(json.dumps({"prompt": text, "question": "\n", "answer": text}))
+            continue
         city = rng.choice(CITIES)
         number = rng.randrange(1_000_000, 10_000_000)
         needle = f"\nThe special magic {city} number is: {number}\n"

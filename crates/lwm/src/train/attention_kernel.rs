@@ -24,17 +24,19 @@ pub struct RowMask<'a> {
 }
 
 impl RowMask<'_> {
-    /// Keys 0..n are candidates for query row i of a sequence of `len` keys.
+    /// Keys k_pos0..k_pos0 + n (of `len` from k_pos0) are candidates for the query at
+    /// position `i`; 0 when causality hides the whole block.
     #[inline(always)]
-    fn key_end(&self, i: usize, len: usize) -> usize {
+    fn key_end(&self, i: usize, k_pos0: usize, len: usize) -> usize {
         if self.causal {
-            (i + 1).min(len)
+            (i + 1).saturating_sub(k_pos0).min(len)
         } else {
             len
         }
     }
 
-    /// Scores of keys k0.. that row i may not see become −inf (exp → 0).
+    /// Scores of the keys at positions k0.. that the query at position i may not see
+    /// become −inf (exp → 0). Segment ids are indexed by position.
     #[inline(always)]
     fn mask_segments(&self, i: usize, k0: usize, s: &mut [f32]) {
         if let Some(seg) = self.segments {
@@ -151,22 +153,19 @@ pub fn forward_rows(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU features were just detected.
-        return unsafe { forward_rows_avx2(q, r0, kt, vt, len, d, scale, mask, out, lse) };
-    }
-    forward_rows_generic(q, r0, kt, vt, len, d, scale, mask, out, lse)
+    forward_rows_at(q, r0, kt, vt, 0, len, d, scale, mask, out, lse)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// `forward_rows` for one block of keys: query row ii is at position `q_pos0 + ii`, key
+/// column c (of `len`) at `k_pos0 + c` (a ring shard). `out`/`lse` are this block's alone;
+/// blocks combine exactly through their lse.
 #[allow(clippy::too_many_arguments)]
-unsafe fn forward_rows_avx2(
+pub fn forward_rows_at(
     q: &[f32],
-    r0: usize,
+    q_pos0: usize,
     kt: &[f32],
     vt: &[f32],
+    k_pos0: usize,
     len: usize,
     d: usize,
     scale: f32,
@@ -174,16 +173,43 @@ unsafe fn forward_rows_avx2(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    forward_rows_generic(q, r0, kt, vt, len, d, scale, mask, out, lse)
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU features were just detected.
+        return unsafe {
+            forward_rows_avx2(q, q_pos0, kt, vt, k_pos0, len, d, scale, mask, out, lse)
+        };
+    }
+    forward_rows_generic(q, q_pos0, kt, vt, k_pos0, len, d, scale, mask, out, lse)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_rows_avx2(
+    q: &[f32],
+    q_pos0: usize,
+    kt: &[f32],
+    vt: &[f32],
+    k_pos0: usize,
+    len: usize,
+    d: usize,
+    scale: f32,
+    mask: RowMask,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    forward_rows_generic(q, q_pos0, kt, vt, k_pos0, len, d, scale, mask, out, lse)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_rows_generic(
     q: &[f32],
-    r0: usize,
+    q_pos0: usize,
     kt: &[f32],
     vt: &[f32],
+    k_pos0: usize,
     len: usize,
     d: usize,
     scale: f32,
@@ -193,16 +219,21 @@ fn forward_rows_generic(
 ) {
     let mut s = vec![0.0f32; len];
     for (ii, qi) in q.chunks_exact(d).enumerate() {
-        let i = r0 + ii;
-        let n = mask.key_end(i, len);
+        let i = q_pos0 + ii;
+        let n = mask.key_end(i, k_pos0, len);
+        let o = &mut out[ii * d..(ii + 1) * d];
+        if n == 0 {
+            o.fill(0.0);
+            lse[ii] = f32::NEG_INFINITY;
+            continue;
+        }
         let s = &mut s[..n];
         row_times_transposed(s, qi, kt, len);
         for x in s.iter_mut() {
             *x *= scale;
         }
-        mask.mask_segments(i, 0, s);
+        mask.mask_segments(i, k_pos0, s);
         let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let o = &mut out[ii * d..(ii + 1) * d];
         if m == f32::NEG_INFINITY {
             o.fill(0.0);
             lse[ii] = f32::NEG_INFINITY;
@@ -246,12 +277,38 @@ pub fn backward_group(
     scale: f32,
     mask: RowMask,
 ) -> GroupGrads {
+    backward_group_at(heads, 0, k, v, 0, len, d, key_chunk, scale, mask)
+}
+
+/// `backward_group` for one block of keys (a ring shard): query row ii of every head is at
+/// position `q_pos0 + ii`, key row c (of `k_len`) at `k_pos0 + c`; `lse` is the row's
+/// over all keys, so the block's p, dQ share, dK and dV are exact. Returns dQ per query
+/// head (query rows × d), dK and dV (k_len × d).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_group_at(
+    heads: &[QueryHead],
+    q_pos0: usize,
+    k: &[f32],
+    v: &[f32],
+    k_pos0: usize,
+    k_len: usize,
+    d: usize,
+    key_chunk: usize,
+    scale: f32,
+    mask: RowMask,
+) -> GroupGrads {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU features were just detected.
-        return unsafe { backward_group_avx2(heads, k, v, len, d, key_chunk, scale, mask) };
+        return unsafe {
+            backward_group_avx2(
+                heads, q_pos0, k, v, k_pos0, k_len, d, key_chunk, scale, mask,
+            )
+        };
     }
-    backward_group_generic(heads, k, v, len, d, key_chunk, scale, mask)
+    backward_group_generic(
+        heads, q_pos0, k, v, k_pos0, k_len, d, key_chunk, scale, mask,
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -259,50 +316,67 @@ pub fn backward_group(
 #[allow(clippy::too_many_arguments)]
 unsafe fn backward_group_avx2(
     heads: &[QueryHead],
+    q_pos0: usize,
     k: &[f32],
     v: &[f32],
-    len: usize,
+    k_pos0: usize,
+    k_len: usize,
     d: usize,
     key_chunk: usize,
     scale: f32,
     mask: RowMask,
 ) -> GroupGrads {
-    backward_group_generic(heads, k, v, len, d, key_chunk, scale, mask)
+    backward_group_generic(
+        heads, q_pos0, k, v, k_pos0, k_len, d, key_chunk, scale, mask,
+    )
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_group_generic(
     heads: &[QueryHead],
+    q_pos0: usize,
     k: &[f32],
     v: &[f32],
-    len: usize,
+    k_pos0: usize,
+    k_len: usize,
     d: usize,
     key_chunk: usize,
     scale: f32,
     mask: RowMask,
 ) -> GroupGrads {
-    let kc = key_chunk.clamp(1, len.max(1));
-    let mut dq: Vec<Vec<f32>> = heads.iter().map(|_| vec![0.0f32; len * d]).collect();
-    let mut dk = vec![0.0f32; len * d];
-    let mut dv = vec![0.0f32; len * d];
+    let q_len = heads.first().map_or(0, |h| h.q.len() / d);
+    let kc = key_chunk.clamp(1, k_len.max(1));
+    let mut dq: Vec<Vec<f32>> = heads.iter().map(|_| vec![0.0f32; q_len * d]).collect();
+    let mut dk = vec![0.0f32; k_len * d];
+    let mut dv = vec![0.0f32; k_len * d];
     let mut p = vec![0.0f32; kc];
     let mut ds = vec![0.0f32; kc];
     let mut k0 = 0;
-    while k0 < len {
-        let cols = kc.min(len - k0);
+    while k0 < k_len {
+        let cols = kc.min(k_len - k0);
+        // Causal: rows before the chunk's first key see none of it.
+        let i_start = if mask.causal {
+            (k_pos0 + k0).saturating_sub(q_pos0).min(q_len)
+        } else {
+            0
+        };
+        if i_start == q_len {
+            k0 += cols;
+            continue;
+        }
         let kt = transpose(&k[k0 * d..(k0 + cols) * d], cols, d);
         let vt = transpose(&v[k0 * d..(k0 + cols) * d], cols, d);
         let mut dkt = vec![0.0f32; d * cols];
         let mut dvt = vec![0.0f32; d * cols];
-        let i_start = if mask.causal { k0 } else { 0 };
         for (head, dqh) in heads.iter().zip(dq.iter_mut()) {
-            for i in i_start..len {
+            for i in i_start..q_len {
                 let lse_i = head.lse[i];
                 if lse_i == f32::NEG_INFINITY {
                     continue;
                 }
-                let n = mask.key_end(i, len).min(k0 + cols) - k0;
+                let pos = q_pos0 + i;
+                let n = mask.key_end(pos, k_pos0, k_len).min(k0 + cols) - k0;
                 let (p, ds) = (&mut p[..n], &mut ds[..n]);
                 let qi = &head.q[i * d..(i + 1) * d];
                 let gi = &head.dout[i * d..(i + 1) * d];
@@ -310,7 +384,7 @@ fn backward_group_generic(
                 for x in p.iter_mut() {
                     *x = *x * scale - lse_i;
                 }
-                mask.mask_segments(i, k0, p);
+                mask.mask_segments(pos, k_pos0 + k0, p);
                 for x in p.iter_mut() {
                     *x = exp_approx(*x);
                 }

@@ -6,11 +6,13 @@
 //! with it, so after sp steps every dK/dV has gone round the ring and is back at its owner.
 //! Only one block per worker is in flight: memory per worker is linear in L/sp.
 //!
-//! Per (query row i, key j) pair the math is `attention_grad`'s (p from the saved lse).
+//! Per (query shard, key/value block) pair the work is `attention_kernel`'s vectorised row
+//! loops with the pair's global positions: the forward gives each block's (out, lse), merged
+//! exactly through the lse; the backward recomputes p from the saved lse of the whole row.
 //! Across machines (MPI) the same loop would send the block over the network; not built.
 
 use super::attention_grad::{dot, gather_rows, scatter_rows, AttnDims, AttnMasking};
-use crate::attention::{attend_block, BlockMask, Partial};
+use super::attention_kernel::{backward_group_at, forward_rows_at, transpose, QueryHead, RowMask};
 use anyhow::{bail, Result};
 use std::sync::mpsc;
 
@@ -94,6 +96,43 @@ fn own_block(
     blk
 }
 
+/// Fold one block's (out, lse) rows into the running ones: with m = max(lse_a, lse_b),
+/// lse = m + ln(e^(lse_a − m) + e^(lse_b − m)) and out = Σ out_x · e^(lse_x − lse).
+fn merge_rows(acc: &mut [f32], acc_lse: &mut [f32], o: &[f32], lse: &[f32], d: usize) {
+    for (r, &lb) in lse.iter().enumerate() {
+        let la = acc_lse[r];
+        if lb == f32::NEG_INFINITY {
+            continue;
+        }
+        let row = &mut acc[r * d..(r + 1) * d];
+        let ob = &o[r * d..(r + 1) * d];
+        if la == f32::NEG_INFINITY {
+            row.copy_from_slice(ob);
+            acc_lse[r] = lb;
+            continue;
+        }
+        let m = la.max(lb);
+        let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+        let total = wa + wb;
+        let (wa, wb) = (wa / total, wb / total);
+        for (x, &y) in row.iter_mut().zip(ob) {
+            *x = *x * wa + y * wb;
+        }
+        acc_lse[r] = m + total.ln();
+    }
+}
+
+/// The row mask of batch row b: causality and its segment ids, indexed by position.
+fn row_mask<'a>(masking: &'a AttnMasking, dims: &AttnDims, b: usize) -> RowMask<'a> {
+    RowMask {
+        causal: masking.causal,
+        segments: masking
+            .segment_ids
+            .as_deref()
+            .map(|x| &x[b * dims.len..(b + 1) * dims.len]),
+    }
+}
+
 /// Ring forward: `out` (batch, len, heads, d) and `lse` (batch, heads, len).
 pub fn ring_forward(
     q: &[f32],
@@ -104,51 +143,57 @@ pub fn ring_forward(
     sp: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let shard = check(dims, sp)?;
-    let (d, heads, group) = (dims.d, dims.heads, dims.heads / dims.kv_heads);
+    let (d, heads, kvh, group) = (
+        dims.d,
+        dims.heads,
+        dims.kv_heads,
+        dims.heads / dims.kv_heads,
+    );
     let scale = 1.0 / (d as f32).sqrt();
     let parts = ring(
         sp,
         |w| own_block(k, v, dims, w, shard, false),
         |w, mut blk, pass| {
-            let qs: Vec<Vec<f32>> = (0..dims.batch * heads)
+            let n = dims.batch * heads;
+            let qs: Vec<Vec<f32>> = (0..n)
                 .map(|i| gather_rows(q, dims, heads, i / heads, i % heads, w * shard, shard))
                 .collect();
-            let mut st: Vec<Partial> = (0..dims.batch * heads)
-                .map(|_| Partial::new(shard, d))
-                .collect();
+            let mut acc: Vec<Vec<f32>> = (0..n).map(|_| vec![0.0; shard * d]).collect();
+            let mut acc_lse: Vec<Vec<f32>> =
+                (0..n).map(|_| vec![f32::NEG_INFINITY; shard]).collect();
+            let (mut o, mut l) = (vec![0.0f32; shard * d], vec![0.0f32; shard]);
             for step in 0..sp {
-                for (i, s) in st.iter_mut().enumerate() {
-                    let (b, h) = (i / heads, i % heads);
-                    let seg = masking
-                        .segment_ids
-                        .as_deref()
-                        .map(|x| &x[b * dims.len..(b + 1) * dims.len]);
-                    let kv = b * dims.kv_heads + h / group;
-                    let mask = BlockMask {
-                        q_pos0: w * shard,
-                        k_pos0: blk.owner * shard,
-                        causal: masking.causal,
-                        q_segments: seg.map(|x| &x[w * shard..(w + 1) * shard]),
-                        k_segments: seg.map(|x| &x[blk.owner * shard..(blk.owner + 1) * shard]),
-                    };
-                    attend_block(&qs[i], d, &blk.k[kv], &blk.v[kv], scale, &mask, s);
+                let (q0, k0) = (w * shard, blk.owner * shard);
+                // Causal: a block wholly after this shard is invisible to it.
+                if !(masking.causal && k0 > q0 + shard - 1) {
+                    for kv in 0..dims.batch * kvh {
+                        let (b, hk) = (kv / kvh, kv % kvh);
+                        let kt = transpose(&blk.k[kv], shard, d);
+                        let vt = transpose(&blk.v[kv], shard, d);
+                        for h in hk * group..(hk + 1) * group {
+                            let i = b * heads + h;
+                            let mask = row_mask(masking, dims, b);
+                            forward_rows_at(
+                                &qs[i], q0, &kt, &vt, k0, shard, d, scale, mask, &mut o, &mut l,
+                            );
+                            merge_rows(&mut acc[i], &mut acc_lse[i], &o, &l, d);
+                        }
+                    }
                 }
                 if step + 1 < sp {
                     blk = pass(blk);
                 }
             }
-            st
+            (acc, acc_lse)
         },
     );
     let mut out = vec![0.0f32; q.len()];
     let mut lse = vec![f32::NEG_INFINITY; dims.batch * heads * dims.len];
-    for (w, st) in parts.into_iter().enumerate() {
-        for (i, s) in st.into_iter().enumerate() {
+    for (w, (acc, acc_lse)) in parts.into_iter().enumerate() {
+        for (i, (o, l)) in acc.iter().zip(&acc_lse).enumerate() {
             let (b, h) = (i / heads, i % heads);
-            let mut o = vec![0.0f32; shard * d];
-            s.finish_into(&mut o);
-            scatter_rows(&mut out, dims, heads, b, h, w * shard, &o);
-            lse[i * dims.len + w * shard..i * dims.len + (w + 1) * shard].copy_from_slice(&s.lse());
+            scatter_rows(&mut out, dims, heads, b, h, w * shard, o);
+            lse[i * dims.len + w * shard..i * dims.len + (w + 1) * shard].copy_from_slice(l);
         }
     }
     Ok((out, lse))
@@ -196,40 +241,43 @@ pub fn ring_backward(
                 })
                 .collect();
             let mut dq: Vec<Vec<f32>> = (0..n).map(|_| vec![0.0; shard * d]).collect();
-            for step in 0..sp {
+            for _ in 0..sp {
                 let (q0, k0) = (w * shard, blk.owner * shard);
-                for i in 0..n {
-                    let (b, h) = (i / heads, i % heads);
-                    let kv = b * kvh + h / group;
-                    let seg = masking
-                        .segment_ids
-                        .as_deref()
-                        .map(|x| &x[b * dims.len..(b + 1) * dims.len]);
-                    for r in 0..shard {
-                        let lse_r = lse[i * dims.len + q0 + r];
-                        if lse_r == f32::NEG_INFINITY {
-                            continue;
+                if !(masking.causal && k0 > q0 + shard - 1) {
+                    for kv in 0..dims.batch * kvh {
+                        let (b, hk) = (kv / kvh, kv % kvh);
+                        let query_heads: Vec<QueryHead> = (hk * group..(hk + 1) * group)
+                            .map(|h| {
+                                let i = b * heads + h;
+                                QueryHead {
+                                    q: &qs[i],
+                                    dout: &gs[i],
+                                    lse: &lse[i * dims.len + q0..i * dims.len + q0 + shard],
+                                    delta: &delta[i],
+                                }
+                            })
+                            .collect();
+                        let (dqs, dk, dv) = backward_group_at(
+                            &query_heads,
+                            q0,
+                            &blk.k[kv],
+                            &blk.v[kv],
+                            k0,
+                            shard,
+                            d,
+                            masking.chunking.key_chunk,
+                            scale,
+                            row_mask(masking, dims, b),
+                        );
+                        for (j, g) in dqs.iter().enumerate() {
+                            add_into(&mut dq[b * heads + hk * group + j], g);
                         }
-                        let (qi, gi) = (&qs[i][r * d..(r + 1) * d], &gs[i][r * d..(r + 1) * d]);
-                        for c in 0..shard {
-                            let (qp, kp) = (q0 + r, k0 + c);
-                            if (masking.causal && kp > qp) || seg.is_some_and(|s| s[qp] != s[kp]) {
-                                continue;
-                            }
-                            let kj = &blk.k[kv][c * d..(c + 1) * d];
-                            let p = (scale * dot(qi, kj) - lse_r).exp();
-                            let ds = p * (dot(gi, &blk.v[kv][c * d..(c + 1) * d]) - delta[i][r]);
-                            for t in 0..d {
-                                dq[i][r * d + t] += scale * ds * kj[t];
-                                blk.dk[kv][c * d + t] += scale * ds * qi[t];
-                                blk.dv[kv][c * d + t] += p * gi[t];
-                            }
-                        }
+                        add_into(&mut blk.dk[kv], &dk);
+                        add_into(&mut blk.dv[kv], &dv);
                     }
                 }
                 // dK/dV ride along with K/V; after sp passes the block is home again.
                 blk = pass(blk);
-                let _ = step;
             }
             debug_assert_eq!(blk.owner, w);
             (dq, blk)
@@ -256,4 +304,10 @@ pub fn ring_backward(
         }
     }
     Ok((dq, dk, dv))
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
 }
