@@ -168,12 +168,11 @@ pub fn for_each<F: Fn(usize) + Sync>(n_items: usize, f: F) {
         return;
     }
     let p = pool();
-    let Ok(_owner) = (if p.workers == 0 {
-        Err(std::sync::TryLockError::WouldBlock)
-    } else {
-        p.call_lock.try_lock()
-    }) else {
-        // No workers, or another thread (a ring worker) holds the pool: run inline.
+    // No workers, or another thread (a ring worker) holds the pool: run inline.
+    let owner = (p.workers > 0)
+        .then(|| p.call_lock.try_lock().ok())
+        .flatten();
+    let Some(_owner) = owner else {
         (0..n_items).for_each(f);
         return;
     };
@@ -191,22 +190,12 @@ pub fn for_each<F: Fn(usize) + Sync>(n_items: usize, f: F) {
         let _g = p.shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
         p.shared.wake.notify_all();
     }
-    // Wait for the workers' items even if one of ours panics: they borrow `f`.
-    struct WaitDone<'a>(&'a Job);
-    impl Drop for WaitDone<'_> {
-        fn drop(&mut self) {
-            wait_until(|| self.0.finished(), None);
-        }
-    }
-    {
-        let _wait = WaitDone(&job);
-        IN_REGION.with(|r| r.set(true));
-        let ran = catch_unwind(AssertUnwindSafe(|| job.work()));
-        IN_REGION.with(|r| r.set(false));
-        if let Err(p) = ran {
-            resume_unwind(p);
-        }
-    }
+    // `work` catches each item's panic, so this returns normally and the wait below always
+    // runs before `f` (which the workers' items borrow) goes out of scope.
+    IN_REGION.with(|r| r.set(true));
+    job.work();
+    IN_REGION.with(|r| r.set(false));
+    wait_until(|| job.finished(), None);
     *p.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let payload = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(payload) = payload {
