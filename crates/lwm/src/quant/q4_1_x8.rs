@@ -102,20 +102,27 @@ pub(crate) mod avx2 {
         _mm256_setr_epi32(a, a, a, a, a + 1, a + 1, a + 1, a + 1)
     }
 
-    /// The exact integer 4-sums of rows 2k, 2k+1 of a cell against one activation block,
-    /// as f32: (`[row 2k lanes 0–3 | row 2k+1 lanes 0–3]`, the same for lanes 4–7).
+    /// Rows 2k, 2k+1 of a cell as unsigned 4-bit values: (`[row 2k elements 0–15 | row
+    /// 2k+1 elements 0–15]`, the same for elements 16–31).
+    #[inline(always)]
+    unsafe fn pair_nibbles(cell: *const u8, k: usize) -> (__m256i, __m256i) {
+        let nib = _mm256_set1_epi8(0x0F);
+        let x = _mm256_loadu_si256(cell.add(32 + 32 * k) as *const __m256i);
+        (
+            _mm256_and_si256(x, nib),
+            _mm256_and_si256(_mm256_srli_epi16(x, 4), nib),
+        )
+    }
+
+    /// The exact integer 4-sums of a pair's nibbles (`pair_nibbles`) against one activation
+    /// block, as f32: (`[row 2k lanes 0–3 | row 2k+1 lanes 0–3]`, the same for lanes 4–7).
     #[inline(always)]
     unsafe fn pair_sums(
-        cell: *const u8,
-        k: usize,
+        (lo, hi): (__m256i, __m256i),
         qy_lo: __m256i,
         qy_hi: __m256i,
     ) -> (__m256, __m256) {
-        let nib = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let x = _mm256_loadu_si256(cell.add(32 + 32 * k) as *const __m256i);
-        let lo = _mm256_and_si256(x, nib);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
         let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones);
         let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones);
         (_mm256_cvtepi32_ps(plo), _mm256_cvtepi32_ps(phi))
@@ -157,7 +164,7 @@ pub(crate) mod avx2 {
                 let dd = _mm256_mul_ps(d, _mm256_set1_ps(yb.d));
                 let (qy_lo, qy_hi) = act_quants(yb);
                 for k in 0..4 {
-                    let (plo, phi) = pair_sums(cell, k, qy_lo, qy_hi);
+                    let (plo, phi) = pair_sums(pair_nibbles(cell, k), qy_lo, qy_hi);
                     let ddk = _mm256_permutevar8x32_ps(dd, pair_index(k));
                     acc_lo[k] = _mm256_fmadd_ps(ddk, plo, acc_lo[k]);
                     acc_hi[k] = _mm256_fmadd_ps(ddk, phi, acc_hi[k]);
@@ -193,18 +200,11 @@ pub(crate) mod avx2 {
             let cell = gp.add(b * CELL_BYTES);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(cell as *const __m128i));
             let dk = _mm256_permutevar8x32_ps(d, idx);
-            let nib = _mm256_set1_epi8(0x0F);
-            let x = _mm256_loadu_si256(cell.add(32 + 32 * k) as *const __m256i);
-            let lo = _mm256_and_si256(x, nib);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+            let nibbles = pair_nibbles(cell, k);
             for a in 0..A {
                 let yb = ys[a].get_unchecked(b);
                 let (qy_lo, qy_hi) = act_quants(yb);
-                let ones = _mm256_set1_epi16(1);
-                let plo =
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones));
-                let phi =
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones));
+                let (plo, phi) = pair_sums(nibbles, qy_lo, qy_hi);
                 let dd = _mm256_mul_ps(dk, _mm256_set1_ps(yb.d));
                 acc_lo[a] = _mm256_fmadd_ps(dd, plo, acc_lo[a]);
                 acc_hi[a] = _mm256_fmadd_ps(dd, phi, acc_hi[a]);
