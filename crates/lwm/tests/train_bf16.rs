@@ -14,6 +14,7 @@
 
 mod common;
 use common::fixture;
+use common::train::workdir;
 use lwm::train::checkpoint;
 use lwm::train::config::TrainConfig;
 use lwm::train::loss::{lwm_loss, Targets};
@@ -22,7 +23,7 @@ use lwm::train::precision::ComputeDType;
 use lwm::train::run::{run, RunOptions};
 use lwm::weights::hf::{load_hf_config, HfWeights};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn tiny_model(compute: ComputeDType) -> TrainModel {
     let dir = fixture("tiny-llama/hf");
@@ -124,55 +125,9 @@ fn bf16_logits_are_bf16_values() {
     );
 }
 
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lwm-bf16-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
+/// The shared tiny config with bf16 compute.
 fn config(dir: &Path) -> TrainConfig {
-    let mut rng = lwm::rng::XorShift::new(17);
-    let mut text = String::new();
-    for _ in 0..40 {
-        let key = rng.next_u64() % 10_000;
-        let filler = "grass. ".repeat(1 + (rng.next_u64() % 3) as usize);
-        text.push_str(&serde_json::json!({"prompt": format!("{filler}the key is {key}. {filler}what is the key?"), "answer": format!(" {key}")}).to_string());
-        text.push('\n');
-    }
-    let data = dir.join("train.jsonl");
-    std::fs::write(&data, text).unwrap();
-    let toml = format!(
-        r#"
-[model]
-init = "scratch"
-hidden_size = 32
-intermediate_size = 64
-num_hidden_layers = 2
-num_attention_heads = 4
-num_key_value_heads = 2
-seed = 3
-[data]
-files = ["{}"]
-fields = "[prompt],answer"
-[optim]
-lr = 3e-3
-warmup_steps = 2
-decay_steps = 20
-[train]
-seq_len = 96
-batch_size = 2
-grad_accum = 2
-steps = 6
-query_chunk = 32
-key_chunk = 16
-dtype = "bf16"
-out_dir = "{}"
-"#,
-        data.display(),
-        dir.join("out").display()
-    );
-    TrainConfig::from_toml(&toml, "test.toml").unwrap()
+    common::train::config(dir, "dtype = \"bf16\"")
 }
 
 fn final_weights(out: &Path) -> Vec<(String, Vec<f32>)> {

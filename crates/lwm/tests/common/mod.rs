@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod prompts;
+pub mod train;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use prompts::records;
 
