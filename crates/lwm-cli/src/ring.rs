@@ -62,7 +62,7 @@ pub fn mpi_rank() -> Option<usize> {
 }
 
 /// Processes in the MPI job that started us (Open MPI or a PMI launcher), if any.
-fn mpi_world_size() -> Option<usize> {
+pub fn mpi_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())

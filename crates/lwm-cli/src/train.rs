@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lwm::train::config::TrainConfig;
 use lwm::train::model::{BatchInput, TrainModel};
 use lwm::train::precision::ComputeDType;
-use lwm::train::run::{run, RunOptions, TrainEvent};
+use lwm::train::run::{run_on, RunOptions, TrainEvent};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,6 +46,36 @@ pub struct TrainArgs {
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
+    /// Override train.sp: ring attention over this many threads, or under `mpirun -n SP`
+    /// (built with --features mpi) over the SP processes, each training on its 1/SP of
+    /// every sequence.
+    #[arg(long)]
+    sp: Option<usize>,
+    /// Seconds an MPI rank waits for another before naming it dead or hung (it also waits
+    /// for rank 0 while that one writes a checkpoint).
+    #[arg(long, default_value_t = 300.0)]
+    ring_timeout: f64,
+}
+
+/// The ring of processes when `lwm train` was started by mpirun with more than one process.
+fn process_ring(ring_timeout: f64) -> Result<Option<Arc<lwm::train::seq_parallel::SeqComm>>> {
+    let Some(world) = crate::ring::mpi_world_size().filter(|&n| n > 1) else {
+        return Ok(None);
+    };
+    if !(ring_timeout.is_finite() && ring_timeout > 0.0) {
+        bail!("--ring-timeout must be a positive number of seconds");
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let _ = world;
+        let ring = lwm::ring::mpi::MpiRing::init()?;
+        Ok(Some(lwm::train::seq_parallel::SeqComm::new(
+            Box::new(ring),
+            std::time::Duration::from_secs_f64(ring_timeout),
+        )))
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!("started by mpirun with {world} processes, but this lwm was built without MPI support (cargo build --features mpi)")
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
@@ -69,6 +99,16 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     if let Some(d) = a.dtype {
         cfg.train.dtype = d;
     }
+    let comm = process_ring(a.ring_timeout)?;
+    if let Some(c) = &comm {
+        // Under mpirun the ring is the job's processes: sp defaults to their number.
+        cfg.train.sp = a.sp.unwrap_or(c.size);
+    } else if let Some(sp) = a.sp {
+        cfg.train.sp = sp;
+    }
+    cfg.validate()?;
+    let root = comm.as_ref().is_none_or(|c| c.rank == 0);
+    let quiet = a.quiet || !root;
     let total: u64 = cfg.stages().iter().map(|s| s.steps).sum();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -80,7 +120,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             "\ninterrupt: finishing this update and saving a checkpoint (Ctrl-C again to abort)"
         );
     });
-    let bar = if a.quiet {
+    let bar = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total)
@@ -98,7 +138,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     // A hidden bar swallows println: quiet runs print to stderr directly.
     let say = |line: String| {
-        if a.quiet {
+        if !root {
+            // Other ranks train in silence; rank 0 reports for the job.
+        } else if quiet {
             eprintln!("{line}");
         } else {
             bar.println(line);
@@ -126,7 +168,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 "stage {} loss {:.4}{eval} | {:.0} tok/s | lr {:.2e}",
                 s.stage, s.loss, s.tokens_per_s, s.lr
             ));
-            if a.quiet || s.eval_loss.is_some() {
+            if quiet || s.eval_loss.is_some() {
                 say(serde_json::to_string(s).unwrap_or_default());
             }
         }
@@ -137,9 +179,24 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             }
         }
     };
-    let summary = run(&cfg, &opts, &mut on_event);
+    let rank = comm.as_ref().map(|c| c.rank);
+    let summary = run_on(&cfg, &opts, comm, &mut on_event);
     bar.finish_and_clear();
-    let summary = summary?;
+    let summary = match (summary, rank) {
+        (Ok(s), _) => s,
+        #[cfg(feature = "mpi")]
+        (Err(e), Some(rank)) => {
+            // One rank's error ends the job; a normal exit would leave the others waiting.
+            use std::io::Write;
+            eprintln!("error: [rank {rank}] {e:#}");
+            let _ = std::io::stderr().flush();
+            lwm::ring::mpi::abort_job(1)
+        }
+        (Err(e), _) => return Err(e),
+    };
+    if !root {
+        return Ok(());
+    }
     if summary.interrupted {
         eprintln!(
             "interrupted after {} updates; checkpoint {}; continue with --resume",

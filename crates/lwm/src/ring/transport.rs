@@ -24,6 +24,10 @@ pub enum Tag {
     Logits = 4,
     /// Figures for `lwm bench --mesh-dim`: per-worker KV bytes and timings.
     Stats = 5,
+    /// Training: a key/value block (with its dK/dV in the backward) going round the ring.
+    TrainKv = 6,
+    /// Training: gradients (and per-update scalars) summed over the ranks.
+    Grads = 7,
 }
 
 pub trait Ring: Send {

@@ -25,6 +25,8 @@
 use super::attention_kernel::{
     backward_group, forward_rows, transpose, GroupGrads, QueryHead, RowMask,
 };
+use super::ring_grad::KvBlock;
+use super::seq_parallel::SeqComm;
 use crate::attention::Chunking;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -275,6 +277,26 @@ struct BlockwiseAttentionOp {
     masking: AttnMasking,
     /// Ring size: 1 = blockwise on this thread pool; > 1 = `ring_grad` over `sp` threads.
     sp: usize,
+    /// Set when the inputs are this process's shard of the sequence and the ring runs over
+    /// processes (`seq_parallel`); `sp` is then ignored.
+    dist: Option<Arc<SeqComm>>,
+}
+
+impl BlockwiseAttentionOp {
+    /// The transport hand-off for `ring_grad::shard_*`: blocks of batch × kv heads entries
+    /// of `len` rows.
+    fn pass<'a>(
+        comm: &'a SeqComm,
+        dims: &AttnDims,
+        grads: bool,
+    ) -> impl FnMut(KvBlock) -> anyhow::Result<KvBlock> + 'a {
+        let (entries, per) = (dims.batch * dims.kv_heads, dims.len * dims.d);
+        move |blk| comm.pass_kv(blk, entries, per, grads)
+    }
+}
+
+fn msg(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
 }
 
 fn dims_of(lq: &Layout, lk: &Layout) -> candle_core::Result<AttnDims> {
@@ -327,13 +349,13 @@ impl CustomOp3 for BlockwiseAttentionOp {
                 l2.dims()
             );
         }
+        let full_len = dims.len * self.dist.as_ref().map_or(1, |c| c.size);
         if let Some(s) = &self.masking.segment_ids {
-            if s.len() != dims.batch * dims.len {
+            if s.len() != dims.batch * full_len {
                 candle_core::bail!(
-                    "segment ids: {} values for batch {} × len {}",
+                    "segment ids: {} values for batch {} × len {full_len}",
                     s.len(),
                     dims.batch,
-                    dims.len
                 );
             }
         }
@@ -342,9 +364,21 @@ impl CustomOp3 for BlockwiseAttentionOp {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let (out, lse) = if self.sp > 1 {
-            super::ring_grad::ring_forward(q, k, v, &dims, &self.masking, self.sp)
-                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
+        let (out, lse) = if let Some(c) = &self.dist {
+            let mut pass = Self::pass(c, &dims, false);
+            super::ring_grad::shard_forward(
+                q,
+                k,
+                v,
+                &dims,
+                &self.masking,
+                c.rank,
+                c.size,
+                &mut pass,
+            )
+            .map_err(msg)?
+        } else if self.sp > 1 {
+            super::ring_grad::ring_forward(q, k, v, &dims, &self.masking, self.sp).map_err(msg)?
         } else {
             blockwise_forward(q, k, v, &dims, &self.masking)
         };
@@ -398,7 +432,24 @@ impl CustomOp3 for BlockwiseAttentionOp {
             let (hh, t, bb) = (r % h, (r / h) % l, r / (h * l));
             lse[(bb * h + hh) * l + t] = row[d];
         }
-        let (dq, dk, dv) = if self.sp > 1 {
+        let (dq, dk, dv) = if let Some(c) = &self.dist {
+            let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+            let mut pass = Self::pass(c, &dims, true);
+            super::ring_grad::shard_backward(
+                &q,
+                &k,
+                &v,
+                &out,
+                &lse,
+                &dout,
+                &dims,
+                &self.masking,
+                c.rank,
+                c.size,
+                &mut pass,
+            )
+            .map_err(msg)?
+        } else if self.sp > 1 {
             let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
             super::ring_grad::ring_backward(
                 &q,
@@ -411,7 +462,7 @@ impl CustomOp3 for BlockwiseAttentionOp {
                 &self.masking,
                 self.sp,
             )
-            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
+            .map_err(msg)?
         } else {
             blockwise_backward(
                 &flat(q)?,
@@ -448,6 +499,30 @@ pub fn ring_attention(
         BlockwiseAttentionOp {
             masking: masking.clone(),
             sp: sp.max(1),
+            dist: None,
+        },
+    )?;
+    packed.narrow(3, 0, d)
+}
+
+/// Attention of this process's shard of the sequence (rows rank·S.. of q, k, v, each
+/// (B, S, ·, D)) over the ring of processes in `comm`; `masking`'s segment ids cover the
+/// whole rows (B × S·size). Every rank must call it at the same point of its graph.
+pub fn shard_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masking: &AttnMasking,
+    comm: &Arc<SeqComm>,
+) -> candle_core::Result<Tensor> {
+    let d = q.dim(3)?;
+    let packed = q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        BlockwiseAttentionOp {
+            masking: masking.clone(),
+            sp: 1,
+            dist: Some(comm.clone()),
         },
     )?;
     packed.narrow(3, 0, d)

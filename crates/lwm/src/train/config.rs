@@ -348,7 +348,7 @@ impl TrainConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         if t.seq_len == 0 || t.batch_size == 0 || t.grad_accum == 0 {
             bail!("train.seq_len, batch_size and grad_accum must be positive");

@@ -45,11 +45,20 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     Ok((lse - picked)?.squeeze(2)?)
 }
 
-/// Per-sequence-normalised weighted mean of `nll` (batch, len) with weights `w`.
-fn weighted_mean(nll: &Tensor, w: Vec<f32>) -> Result<Tensor> {
+/// Per-sequence-normalised weighted mean of `nll` (batch, len) with weights `w`, each row
+/// divided by the total weight of the whole row `full_w` (batch × full_len): `w` itself
+/// for a whole batch, the full rows for one rank's shard of them.
+fn weighted_mean(nll: &Tensor, w: Vec<f32>, full_w: &[f32]) -> Result<Tensor> {
     let (b, l) = nll.dims2()?;
-    let counts: Vec<f32> = w
-        .chunks(l)
+    if w.len() != b * l || full_w.len() % b.max(1) != 0 {
+        bail!(
+            "loss weights of {} / {} values for a {b} × {l} batch",
+            w.len(),
+            full_w.len()
+        );
+    }
+    let counts: Vec<f32> = full_w
+        .chunks(full_w.len() / b.max(1))
         .map(|r| r.iter().sum::<f32>().max(1e-10))
         .collect();
     let w = Tensor::from_vec(w, (b, l), &Device::Cpu)?;
@@ -66,8 +75,39 @@ pub fn lwm_loss(
     vision_logits: Option<&Tensor>,
     t: &Targets,
 ) -> Result<Tensor> {
+    lwm_loss_shard(text_logits, vision_logits, t, t)
+}
+
+/// One rank's part of the loss when the batch's rows are split across ranks
+/// (`seq_parallel`): `t` are this rank's columns, `full` the whole batch's targets, which
+/// set each row's normalisation. The ranks' parts add up to `lwm_loss` of the whole batch.
+pub fn lwm_loss_shard(
+    text_logits: &Tensor,
+    vision_logits: Option<&Tensor>,
+    t: &Targets,
+    full: &Targets,
+) -> Result<Tensor> {
+    // The weights of targets of one modality (the other's weights become 0).
+    let modality = |t: &Targets, vision: bool| -> Vec<f32> {
+        match &t.vision_mask {
+            None => t.loss_mask.clone(),
+            Some(vm) => t
+                .loss_mask
+                .iter()
+                .zip(vm)
+                .map(|(&w, &m)| if m == vision { w } else { 0.0 })
+                .collect(),
+        }
+    };
+    if t.vision_mask.is_some() != full.vision_mask.is_some() {
+        bail!("a shard's targets and the whole batch's disagree on having vision targets");
+    }
     match (&t.vision_mask, vision_logits) {
-        (None, _) => weighted_mean(&token_nll(text_logits, &t.tokens)?, t.loss_mask.clone()),
+        (None, _) => weighted_mean(
+            &token_nll(text_logits, &t.tokens)?,
+            t.loss_mask.clone(),
+            &full.loss_mask,
+        ),
         (Some(vm), Some(vl)) => {
             // Each head sees its own modality's targets; others become 0 with weight 0.
             let pick = |vision: bool| -> Vec<u32> {
@@ -77,15 +117,16 @@ pub fn lwm_loss(
                     .map(|(&tok, &m)| if m == vision { tok } else { 0 })
                     .collect()
             };
-            let weights = |vision: bool| -> Vec<f32> {
-                t.loss_mask
-                    .iter()
-                    .zip(vm)
-                    .map(|(&w, &m)| if m == vision { w } else { 0.0 })
-                    .collect()
-            };
-            let vision_loss = weighted_mean(&token_nll(vl, &pick(true))?, weights(true))?;
-            let text_loss = weighted_mean(&token_nll(text_logits, &pick(false))?, weights(false))?;
+            let vision_loss = weighted_mean(
+                &token_nll(vl, &pick(true))?,
+                modality(t, true),
+                &modality(full, true),
+            )?;
+            let text_loss = weighted_mean(
+                &token_nll(text_logits, &pick(false))?,
+                modality(t, false),
+                &modality(full, false),
+            )?;
             Ok(((vision_loss + text_loss)? * 0.5)?)
         }
         (Some(_), None) => bail!("vision targets given but the model has no vision head"),

@@ -1,6 +1,7 @@
 //! Training: blockwise attention with a blockwise backward (`attention_grad`), a trainable
 //! LLaMA matching the inference forward (`model`), packed data with segment ids (`data`,
-//! `packing`), loss weighting, and the optimizer loop.
+//! `packing`), loss weighting, the optimizer loop, and the sequence split over a ring of
+//! threads (`ring_grad`) or processes (`seq_parallel`).
 
 pub mod attention_grad;
 pub mod attention_kernel;
@@ -15,3 +16,4 @@ pub mod precision;
 pub mod ring_grad;
 pub mod run;
 pub mod schedule;
+pub mod seq_parallel;

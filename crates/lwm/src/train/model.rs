@@ -10,8 +10,9 @@
 //! init: every matrix normal(0, 0.02), norms ones. `compute` sets the precision of the
 //! matrix products (`precision`: f32, or bf16 with f32 master weights).
 
-use super::attention_grad::{ring_attention, AttnMasking};
+use super::attention_grad::{ring_attention, shard_attention, AttnMasking};
 use super::precision::ComputeDType;
+use super::seq_parallel::{SeqComm, SeqShard};
 use crate::attention::Chunking;
 use crate::config::{ModelConfig, RopeLayout};
 use crate::rope::Rope;
@@ -35,6 +36,8 @@ pub struct BatchInput {
     pub positions: Vec<u32>,
     pub segment_ids: Option<Vec<u32>>,
     pub vision_mask: Option<Vec<bool>>,
+    /// Set when these are one rank's columns of longer rows (`seq_parallel::shard_batch`).
+    pub shard: Option<SeqShard>,
 }
 
 impl BatchInput {
@@ -48,6 +51,7 @@ impl BatchInput {
             positions,
             segment_ids: None,
             vision_mask: None,
+            shard: None,
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct TrainModel {
     pub chunking: Chunking,
     /// Ring size of the attention (sequence split over `sp` threads); 1 = no ring.
     pub sp: usize,
+    /// The ring of processes when each rank trains on its own columns (`seq_parallel`);
+    /// batches then come through `shard_batch`.
+    pub comm: Option<Arc<SeqComm>>,
     /// Precision of the matrix products (weights stay f32).
     pub compute: ComputeDType,
 }
@@ -215,6 +222,7 @@ impl TrainModel {
             rope,
             chunking: Chunking::default(),
             sp: 1,
+            comm: None,
             compute: ComputeDType::F32,
         }
     }
@@ -380,9 +388,27 @@ impl TrainModel {
             );
         }
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        // A shard's attention runs over the ring with the whole rows' segment ids.
+        let (segment_ids, dist) = match (&input.shard, &self.comm) {
+            (None, _) => (input.segment_ids.clone().map(Arc::new), None),
+            (Some(s), Some(c)) => {
+                if s.full_len != l * c.size || s.offset != l * c.rank {
+                    bail!(
+                        "shard of columns {}..{} of {} does not belong to rank {} of {}",
+                        s.offset,
+                        s.offset + l,
+                        s.full_len,
+                        c.rank,
+                        c.size
+                    );
+                }
+                (s.full_segment_ids.clone(), Some(c.clone()))
+            }
+            (Some(_), None) => bail!("a sharded batch needs the model's ring (TrainModel::comm)"),
+        };
         let masking = AttnMasking {
             causal: true,
-            segment_ids: input.segment_ids.clone().map(Arc::new),
+            segment_ids,
             chunking: self.chunking,
         };
         let (cos, sin) = self.rope_tables(&input.positions)?;
@@ -397,7 +423,11 @@ impl TrainModel {
             let v = linear(&hn, p("self_attn.v_proj.weight")?, dt)?.reshape((b, l, nkv, hd))?;
             let q = self.apply_rope(&q, &cos, &sin)?;
             let k = self.apply_rope(&k, &cos, &sin)?;
-            let attn = ring_attention(&q, &k, &v, &masking, self.sp)?.reshape((b, l, nh * hd))?;
+            let attn = match &dist {
+                None => ring_attention(&q, &k, &v, &masking, self.sp)?,
+                Some(c) => shard_attention(&q, &k, &v, &masking, c)?,
+            }
+            .reshape((b, l, nh * hd))?;
             x = (x + linear(&attn, p("self_attn.o_proj.weight")?, dt)?)?;
             let hn = rms_norm(&x, p("post_attention_layernorm.weight")?, eps)?;
             let gate = linear(&hn, p("mlp.gate_proj.weight")?, dt)?;

@@ -103,6 +103,28 @@ impl AdamW {
         Ok(())
     }
 
+    /// Replace the accumulated gradients with `f` of them, flattened in parameter-name order
+    /// (sequence-parallel ranks sum theirs: `seq_parallel::SeqComm::sum`).
+    pub fn map_accumulated(&mut self, f: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>) -> Result<()> {
+        let flat: Vec<f32> = self
+            .accum
+            .values()
+            .flat_map(|g| g.iter().copied())
+            .collect();
+        let n = flat.len();
+        let new = f(flat)?;
+        if new.len() != n {
+            bail!("{} gradient values came back for {n}", new.len());
+        }
+        let mut at = 0;
+        for g in self.accum.values_mut() {
+            let len = g.len();
+            g.copy_from_slice(&new[at..at + len]);
+            at += len;
+        }
+        Ok(())
+    }
+
     /// Apply the mean accumulated gradient to `params`.
     pub fn update(&mut self, params: &BTreeMap<String, Var>) -> Result<UpdateStats> {
         if self.accum_count == 0 {

@@ -163,6 +163,7 @@ impl Packer {
             segment_ids: Some(cat(&|r| r.segments.clone())),
             vision_mask: any_vision
                 .then(|| rows.iter().flat_map(|r| r.in_vision.clone()).collect()),
+            shard: None,
         };
         let targets = Targets {
             tokens: cat(&|r| r.targets.clone()),

@@ -6,10 +6,11 @@
 use super::checkpoint::{self, TrainState, FORMAT_VERSION};
 use super::config::TrainConfig;
 use super::data::{ByteEncoder, DocumentReader, TextEncoder};
-use super::loss::lwm_loss;
+use super::loss::{lwm_loss, lwm_loss_shard};
 use super::model::TrainModel;
 use super::optim::AdamW;
 use super::packing::{Batch, Packer};
+use super::seq_parallel::{check_comm, shard_batch, sum_scalars, SeqComm};
 use crate::attention::Chunking;
 use crate::weights::gguf::GgufFile;
 use crate::weights::hf::{load_hf_config, HfWeights};
@@ -107,6 +108,7 @@ fn eval_loss(
     enc: &Arc<dyn TextEncoder>,
     seq_len: usize,
 ) -> Result<Option<f64>> {
+    let comm = model.comm.as_deref();
     if cfg.data.eval_files.is_empty() {
         return Ok(None);
     }
@@ -118,12 +120,31 @@ fn eval_loss(
         let b = packer.next_batch(&mut reader)?;
         sum += batch_loss(model, &b)?.to_scalar::<f32>()? as f64;
     }
+    if let Some(c) = comm {
+        sum = sum_scalars(c, &[sum])?[0];
+    }
     Ok(Some(sum / cfg.train.eval_batches as f64))
 }
 
+/// The loss of batch `b`; with a ring of processes, this rank's part of it (the parts of
+/// all ranks add up to the whole batch's loss).
 fn batch_loss(model: &TrainModel, b: &Batch) -> Result<candle_core::Tensor> {
-    let logits = model.forward(&b.input)?;
-    lwm_loss(&logits.text, logits.vision.as_ref(), &b.targets)
+    match &model.comm {
+        None => {
+            let logits = model.forward(&b.input)?;
+            lwm_loss(&logits.text, logits.vision.as_ref(), &b.targets)
+        }
+        Some(c) => {
+            let part = shard_batch(b, c.rank, c.size)?;
+            let logits = model.forward(&part.input)?;
+            lwm_loss_shard(
+                &logits.text,
+                logits.vision.as_ref(),
+                &part.targets,
+                &b.targets,
+            )
+        }
+    }
 }
 
 fn last_good_note(last_good: &Option<PathBuf>) -> String {
@@ -184,6 +205,22 @@ pub fn run(
     opts: &RunOptions,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<RunSummary> {
+    run_on(cfg, opts, None, on_event)
+}
+
+/// `run` as one rank of a ring of processes (`seq_parallel`) when `comm` is given: every
+/// rank runs this with the same config and data; each trains on its columns of every
+/// batch, gradients are summed over the ranks before each update, and rank 0 alone writes
+/// checkpoints and the log (every rank reads the checkpoint on resume, so `out_dir` must
+/// be the same directory for all of them).
+pub fn run_on(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    comm: Option<Arc<SeqComm>>,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<RunSummary> {
+    check_comm(comm.as_deref(), cfg.train.sp)?;
+    let root = comm.as_ref().is_none_or(|c| c.rank == 0);
     let out = &cfg.train.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let log_path = out.join("train.jsonl");
@@ -231,8 +268,15 @@ pub fn run(
         query_chunk: cfg.train.query_chunk,
         key_chunk: cfg.train.key_chunk,
     };
-    model.sp = cfg.train.sp.max(1);
+    // Across processes the ring is the transport's; within one process, sp threads.
+    model.sp = if comm.is_some() {
+        1
+    } else {
+        cfg.train.sp.max(1)
+    };
+    model.comm = comm.clone();
     model.compute = cfg.train.dtype;
+    let comm = comm.as_deref();
     let mut opt_state = opt_state;
     let mut final_loss = None;
     let vision = model.config.vision_vocab_size > 0;
@@ -286,16 +330,25 @@ pub fn run(
             from_step: state.stage_step,
         });
         while state.stage_step < stage.steps {
-            if stopped()
+            let mut stop = stopped()
                 || opts
                     .max_global_steps
-                    .is_some_and(|m| state.global_step >= m)
-            {
-                let dir = checkpoint::save(out, &model, &opt, &state, &cfg.data.tokenizer)?;
-                on_event(TrainEvent::Saved(&dir));
+                    .is_some_and(|m| state.global_step >= m);
+            if let Some(c) = comm {
+                // Any rank's interrupt stops them all at the same update.
+                stop = sum_scalars(c, &[stop as u8 as f64])?[0] > 0.0;
+            }
+            if stop {
+                let dir = if root {
+                    let dir = checkpoint::save(out, &model, &opt, &state, &cfg.data.tokenizer)?;
+                    on_event(TrainEvent::Saved(&dir));
+                    Some(dir)
+                } else {
+                    None
+                };
                 return Ok(RunSummary {
                     global_step: state.global_step,
-                    last_checkpoint: Some(dir),
+                    last_checkpoint: dir,
                     interrupted: true,
                     final_loss,
                 });
@@ -307,7 +360,11 @@ pub fn run(
                 let batch = packer.next_batch(reader)?;
                 tokens += (batch.input.batch * batch.input.len) as u64;
                 let loss = batch_loss(&model, &batch)?;
-                let value = loss.to_scalar::<f32>()? as f64;
+                let mut value = loss.to_scalar::<f32>()? as f64;
+                if let Some(c) = comm {
+                    // The whole batch's loss, and one decision for every rank.
+                    value = sum_scalars(c, &[value])?[0];
+                }
                 if !value.is_finite() {
                     bail!(
                         "loss became {value} at stage {si} step {} (global step {}); stopping without saving: {}",
@@ -323,6 +380,9 @@ pub fn run(
             if !reader.skipped.is_empty() {
                 on_event(TrainEvent::SkippedLines(&reader.skipped));
                 reader.skipped.clear();
+            }
+            if let Some(c) = comm {
+                opt.map_accumulated(|g| c.sum(g))?;
             }
             let stats = opt.update(model.params())?;
             if !(stats.param_norm.is_finite() && stats.grad_norm.is_finite()) {
@@ -362,13 +422,14 @@ pub fn run(
                 tokens_per_s: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 eval_loss: eval,
             };
-            if state.stage_step % cfg.train.log_every.max(1) == 0 || eval.is_some() {
+            if root && (state.stage_step % cfg.train.log_every.max(1) == 0 || eval.is_some()) {
                 append_log(&log_path, &line)?;
             }
             on_event(TrainEvent::Step(&line));
             let end_of_stage = state.stage_step == stage.steps;
-            if end_of_stage
-                || (cfg.train.save_every > 0 && state.stage_step % cfg.train.save_every == 0)
+            if root
+                && (end_of_stage
+                    || (cfg.train.save_every > 0 && state.stage_step % cfg.train.save_every == 0))
             {
                 let dir = checkpoint::save(out, &model, &opt, &state, &cfg.data.tokenizer)?;
                 on_event(TrainEvent::Saved(&dir));
