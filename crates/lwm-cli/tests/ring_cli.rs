@@ -240,6 +240,115 @@ mod mpi {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// `lwm train` under mpirun: each rank trains on its half (third) of every sequence,
+    /// attention as a ring over MPI, gradients summed over the ranks: the losses are one
+    /// process's within 1e-4, rank 0 alone reports and writes the checkpoint.
+    #[test]
+    fn mpi_training_ring_equals_one_process() {
+        let dir = std::env::temp_dir().join(format!("lwm-mpi-train-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut data = String::new();
+        for i in 0..60u64 {
+            let key = (i * 7919) % 1000;
+            let filler = "sand. ".repeat(1 + (i % 3) as usize);
+            data.push_str(&format!(
+                "{{\"prompt\": \"{filler}the key is {key}. {filler}key?\", \"answer\": \" {key}\"}}\n"
+            ));
+        }
+        std::fs::write(dir.join("data.jsonl"), data).unwrap();
+        let config = |out: &str| {
+            format!(
+                "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n\
+                 num_attention_heads = 4\nnum_key_value_heads = 2\n[data]\nfiles = [\"data.jsonl\"]\n\
+                 fields = \"[prompt],answer\"\n[optim]\nlr = 3e-3\nwarmup_steps = 1\n[train]\n\
+                 seq_len = 96\nbatch_size = 2\ngrad_accum = 2\nsteps = 4\nquery_chunk = 16\n\
+                 key_chunk = 16\nout_dir = \"{out}\"\n"
+            )
+        };
+        let losses = |out: &str| -> Vec<f64> {
+            std::fs::read_to_string(dir.join(out).join("train.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        std::fs::write(dir.join("one.toml"), config("out-one")).unwrap();
+        let one = lwm(&[
+            "train",
+            "--config",
+            dir.join("one.toml").to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "1",
+        ]);
+        assert!(
+            one.status.success(),
+            "{}",
+            String::from_utf8_lossy(&one.stderr)
+        );
+        let want = losses("out-one");
+        assert_eq!(want.len(), 4);
+        for n in [2usize, 3] {
+            let out = format!("out-mpi{n}");
+            let cfg = dir.join(format!("mpi{n}.toml"));
+            std::fs::write(&cfg, config(&out)).unwrap();
+            let run = mpirun(
+                n,
+                &[],
+                &[
+                    "train",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--quiet",
+                    "--threads",
+                    "1",
+                ],
+            );
+            let err = String::from_utf8_lossy(&run.stderr);
+            assert!(run.status.success(), "mpirun -n {n}: {err}");
+            assert_eq!(
+                err.matches("done: 4 updates").count(),
+                1,
+                "rank 0 alone reports: {err}"
+            );
+            let got = losses(&out);
+            assert_eq!(got.len(), want.len());
+            for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs(),
+                    "mpirun -n {n} step {}: loss {a} vs one process {b}",
+                    step + 1
+                );
+            }
+            assert!(dir
+                .join(&out)
+                .join("checkpoints/stage0-step00000004/model.safetensors")
+                .is_file());
+        }
+        // A ring size that does not match the job is refused by every rank, clearly.
+        let run = mpirun(
+            2,
+            &[],
+            &[
+                "train",
+                "--config",
+                dir.join("mpi2.toml").to_str().unwrap(),
+                "--quiet",
+                "--sp",
+                "3",
+            ],
+        );
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{err}");
+        assert!(err.contains("2 processes"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_hung_mpi_rank_is_named_and_the_job_ends() {
         let Some(model) = default_model() else { return };
