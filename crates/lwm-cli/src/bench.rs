@@ -3,7 +3,8 @@
 //!
 //! Method (same as the peer script): a prompt of exactly `--prompt-tokens` seeded random
 //! ids is prefilled into an empty cache; then `--gen-tokens` greedy steps decode one token
-//! each. One untimed warm-up, then `--reps` timed repetitions; median, min and max.
+//! each. `--warmup` untimed runs (default 1), then `--reps` timed repetitions; median,
+//! min and max. Prompts of 16384 tokens or more print their prefill progress.
 
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
@@ -23,6 +24,9 @@ pub struct BenchArgs {
     gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Untimed runs before the timed ones (0 for a single very long run).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Also run llama.cpp (llama-cpp-python) on the same GGUF and print ratios.
     #[arg(long)]
     compare: bool,
@@ -102,12 +106,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ids = prompt_ids(a.prompt_tokens, cfg.vocab_size, 0);
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
-    for rep in 0..=a.reps {
+    for rep in 0..a.warmup + a.reps {
         let mut cache = engine.model.new_cache();
         let t0 = Instant::now();
+        let mut last_report = Instant::now();
         let mut logits = engine
             .model
-            .prefill(&ids, &mut cache, a.model.prefill_chunk, |_| {})?;
+            .prefill(&ids, &mut cache, a.model.prefill_chunk, |done| {
+                // Long prompts take minutes to hours: one line every 30 s (works in logs too).
+                if ids.len() >= 16384 && !a.json && last_report.elapsed().as_secs() >= 30 {
+                    last_report = Instant::now();
+                    let secs = t0.elapsed().as_secs_f64();
+                    let rate = done as f64 / secs.max(1e-9);
+                    eprintln!(
+                        "  prefill {done}/{} tokens, {rate:.1} tok/s, {:.0} s elapsed, eta {:.0} s",
+                        ids.len(),
+                        secs,
+                        (ids.len() - done) as f64 / rate.max(1e-9)
+                    );
+                }
+            })?;
         let tp = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..a.gen_tokens {
@@ -115,15 +133,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             logits = engine.model.forward(&[next], &mut cache, false)?;
         }
         let td = t1.elapsed().as_secs_f64();
-        if rep > 0 {
+        let timed = rep >= a.warmup;
+        if timed {
             prefill.push(a.prompt_tokens as f64 / tp);
             decode.push(a.gen_tokens as f64 / td);
         }
         if !a.json {
             eprintln!(
                 "{} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
-                if rep == 0 { "warm-up" } else { "rep" },
-                rep,
+                if timed { "rep" } else { "warm-up" },
+                if timed { rep - a.warmup + 1 } else { rep + 1 },
                 a.prompt_tokens as f64 / tp,
                 a.gen_tokens as f64 / td
             );
