@@ -103,25 +103,7 @@ fn ring_matches_non_ring_with_gqa_and_no_segments() {
 fn training_through_the_ring_equals_training_without_it() {
     use lwm::train::loss::{lwm_loss, Targets};
     use lwm::train::model::{BatchInput, TrainModel};
-    let cfg = lwm::config::ModelConfig {
-        architecture: "llama".into(),
-        vocab_size: 50,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-6,
-        theta: 10_000.0,
-        rope_layout: lwm::config::RopeLayout::RotateHalf,
-        rope_scaling: lwm::config::RopeScaling::None,
-        max_sequence_length: 64,
-        tie_word_embeddings: false,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-        vision_vocab_size: 0,
-    };
+    let cfg = common::train::tiny_llama();
     let mut model = TrainModel::init_normal(cfg, 0.2, 4).unwrap();
     let tokens: Vec<u32> = (0..49u32).map(|i| (i * 13 + 5) % 50).collect();
     let mut input = BatchInput::plain(1, 48, tokens[..48].to_vec());

@@ -17,26 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn tiny_model() -> TrainModel {
-    let cfg = lwm::config::ModelConfig {
-        architecture: "llama".into(),
-        vocab_size: 50,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-6,
-        theta: 10_000.0,
-        rope_layout: lwm::config::RopeLayout::RotateHalf,
-        rope_scaling: lwm::config::RopeScaling::None,
-        max_sequence_length: 64,
-        tie_word_embeddings: false,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-        vision_vocab_size: 0,
-    };
-    TrainModel::init_normal(cfg, 0.2, 4).unwrap()
+    TrainModel::init_normal(common::train::tiny_llama(), 0.2, 4).unwrap()
 }
 
 /// Two rows of 48: row 0 packs two documents (boundary at 21, positions restart), row 1 is
@@ -45,7 +26,7 @@ fn tiny_model() -> TrainModel {
 fn batch() -> Batch {
     let tokens: Vec<u32> = (0..96u32).map(|i| (i * 13 + 5) % 50).collect();
     let mut input = BatchInput::plain(2, 48, tokens.clone());
-    input.segment_ids = Some((0..96).map(|i| (i >= 21 && i < 48) as u32).collect());
+    input.segment_ids = Some((0..96).map(|i| (21..48).contains(&i) as u32).collect());
     input.positions = (0..96u32)
         .map(|i| match i {
             21..=47 => i - 21,
@@ -151,7 +132,7 @@ fn a_shard_without_its_ring_or_of_another_rank_is_refused() {
     let model = tiny_model();
     let e = model.forward(&part.input).err().expect("no ring: refused");
     assert!(format!("{e:#}").contains("ring"), "{e:#}");
-    let e = shard_batch(&b, 0, 5).err().expect("48 does not split in 5");
+    let e = shard_batch(&b, 0, 5).expect_err("48 does not split in 5");
     assert!(format!("{e:#}").contains("does not split"), "{e:#}");
     let errs = on_ranks(2, |rank, comm| {
         let mut model = tiny_model();

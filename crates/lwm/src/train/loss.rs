@@ -50,7 +50,7 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
 /// for a whole batch, the full rows for one rank's shard of them.
 fn weighted_mean(nll: &Tensor, w: Vec<f32>, full_w: &[f32]) -> Result<Tensor> {
     let (b, l) = nll.dims2()?;
-    if w.len() != b * l || full_w.len() % b.max(1) != 0 {
+    if w.len() != b * l || !full_w.len().is_multiple_of(b.max(1)) {
         bail!(
             "loss weights of {} / {} values for a {b} × {l} batch",
             w.len(),

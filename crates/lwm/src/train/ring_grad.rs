@@ -34,6 +34,9 @@ pub struct KvBlock {
 /// Hand the held block to the right neighbour and take the left one's.
 pub type Pass<'a> = dyn FnMut(KvBlock) -> Result<KvBlock> + 'a;
 
+/// One buffer per (b, head) of a worker's rows.
+type HeadRows = Vec<Vec<f32>>;
+
 impl KvBlock {
     /// The block as one message: owner, entries, values per entry, whether the gradients
     /// come along (u32s in f32 bits), then every k, v (and dk, dv) entry.
@@ -208,7 +211,7 @@ fn row_mask<'a>(masking: &'a AttnMasking, dims: &AttnDims, b: usize) -> RowMask<
 }
 
 /// Per (b, head) rows r0..r0+rows of a (batch, len, heads, d) buffer.
-fn head_rows(x: &[f32], dims: &AttnDims, heads: usize, r0: usize, rows: usize) -> Vec<Vec<f32>> {
+fn head_rows(x: &[f32], dims: &AttnDims, heads: usize, r0: usize, rows: usize) -> HeadRows {
     (0..dims.batch * heads)
         .map(|i| gather_rows(x, dims, heads, i / heads, i % heads, r0, rows))
         .collect()
@@ -227,7 +230,7 @@ fn forward_worker(
     dims: &AttnDims,
     masking: &AttnMasking,
     pass: &mut Pass,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Result<(HeadRows, HeadRows)> {
     let (d, heads, kvh) = (dims.d, dims.heads, dims.kv_heads);
     let group = heads / kvh;
     let scale = 1.0 / (d as f32).sqrt();
@@ -275,7 +278,7 @@ fn backward_worker(
     dims: &AttnDims,
     masking: &AttnMasking,
     pass: &mut Pass,
-) -> Result<(Vec<Vec<f32>>, KvBlock)> {
+) -> Result<(HeadRows, KvBlock)> {
     let (d, heads, kvh) = (dims.d, dims.heads, dims.kv_heads);
     let group = heads / kvh;
     let scale = 1.0 / (d as f32).sqrt();
@@ -338,7 +341,7 @@ fn backward_worker(
 }
 
 /// lse rows r0..r0+rows of every (b, head) from an lse laid out (batch, heads, len).
-fn lse_rows(lse: &[f32], len: usize, n: usize, r0: usize, rows: usize) -> Vec<Vec<f32>> {
+fn lse_rows(lse: &[f32], len: usize, n: usize, r0: usize, rows: usize) -> HeadRows {
     (0..n)
         .map(|i| lse[i * len + r0..i * len + r0 + rows].to_vec())
         .collect()

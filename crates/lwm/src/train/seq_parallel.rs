@@ -137,33 +137,9 @@ pub fn shard_batch(b: &Batch, rank: usize, size: usize) -> Result<Batch> {
         bail!("sequence length {len} does not split into {size} ring shards (rank {rank})");
     }
     let s = len / size;
-    let cut = |v: &[u32]| -> Vec<u32> {
-        (0..rows)
-            .flat_map(|r| {
-                v[r * len + rank * s..r * len + (rank + 1) * s]
-                    .iter()
-                    .copied()
-            })
-            .collect()
-    };
-    let cut_f = |v: &[f32]| -> Vec<f32> {
-        (0..rows)
-            .flat_map(|r| {
-                v[r * len + rank * s..r * len + (rank + 1) * s]
-                    .iter()
-                    .copied()
-            })
-            .collect()
-    };
-    let cut_b = |v: &[bool]| -> Vec<bool> {
-        (0..rows)
-            .flat_map(|r| {
-                v[r * len + rank * s..r * len + (rank + 1) * s]
-                    .iter()
-                    .copied()
-            })
-            .collect()
-    };
+    let cut = |v: &[u32]| columns(v, rows, len, rank * s, s);
+    let cut_f = |v: &[f32]| columns(v, rows, len, rank * s, s);
+    let cut_b = |v: &[bool]| columns(v, rows, len, rank * s, s);
     let mut input = b.input.clone();
     input.len = s;
     input.tokens = cut(&b.input.tokens);
@@ -187,6 +163,13 @@ pub fn shard_batch(b: &Batch, rank: usize, size: usize) -> Result<Batch> {
     targets.loss_mask = cut_f(&b.targets.loss_mask);
     targets.vision_mask = b.targets.vision_mask.as_deref().map(cut_b);
     Ok(Batch { input, targets })
+}
+
+/// Columns c0..c0+n of each of `rows` rows of `len` values.
+fn columns<T: Copy>(v: &[T], rows: usize, len: usize, c0: usize, n: usize) -> Vec<T> {
+    (0..rows)
+        .flat_map(|r| v[r * len + c0..r * len + c0 + n].iter().copied())
+        .collect()
 }
 
 /// The ring size and rank a training run should use: `sp` from the config, and the

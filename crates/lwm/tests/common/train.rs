@@ -1,5 +1,5 @@
-//! The tiny training setup `train_run` and `train_bf16` share: a scratch model, synthetic
-//! retrieval records, a fresh work directory.
+//! The tiny training setups the training tests share: a scratch model config and its
+//! synthetic retrieval records, a tiny LLaMA for gradient checks, a fresh work directory.
 
 use lwm::train::config::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -62,4 +62,27 @@ out_dir = "{}"
         dir.join("out").display()
     );
     TrainConfig::from_toml(&text, "test.toml").unwrap()
+}
+
+/// A tiny LLaMA (2 layers, hidden 32, GQA 4/2, head 8, vocabulary 50) for gradient checks.
+pub fn tiny_llama() -> lwm::config::ModelConfig {
+    lwm::config::ModelConfig {
+        architecture: "llama".into(),
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        theta: 10_000.0,
+        rope_layout: lwm::config::RopeLayout::RotateHalf,
+        rope_scaling: lwm::config::RopeScaling::None,
+        max_sequence_length: 64,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        vision_vocab_size: 0,
+    }
 }
