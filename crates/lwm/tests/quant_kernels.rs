@@ -295,6 +295,7 @@ fn q4_1_dot_follows_the_documented_order() {
     }
 }
 
+/// Scalar, AVX2 and (where the CPU has it) AVX-512 VNNI kernels give the same bits.
 #[test]
 fn scalar_and_avx2_kernels_agree_bit_for_bit() {
     if !lwm::quant::has_avx2() {
@@ -319,6 +320,14 @@ fn scalar_and_avx2_kernels_agree_bit_for_bit() {
                 let s = matmul_with(&w, &x, n, &opts(Kernel::Scalar)).unwrap();
                 let v = matmul_with(&w, &x, n, &opts(Kernel::Avx2)).unwrap();
                 assert_eq!(bits(&s), bits(&v), "{dtype:?} [{rows}x{cols}] n={n}");
+                if lwm::quant::has_avx512_vnni() {
+                    let vnni = matmul_with(&w, &x, n, &opts(Kernel::Avx512Vnni)).unwrap();
+                    assert_eq!(
+                        bits(&s),
+                        bits(&vnni),
+                        "VNNI {dtype:?} [{rows}x{cols}] n={n}"
+                    );
+                }
             }
         }
     }
@@ -368,7 +377,14 @@ fn interleaved_q4_1_equals_the_row_layout_bit_for_bit() {
         for n in [1, 2, 3, 4, 5, 9] {
             seed += 1;
             let x = rand_vec(n * cols, seed, [0.02f32, 1.0, 30.0][seed as usize % 3]);
-            for kernel in [Kernel::Scalar, Kernel::Auto] {
+            let mut kernels = vec![Kernel::Scalar, Kernel::Auto];
+            if lwm::quant::has_avx2() {
+                kernels.push(Kernel::Avx2);
+            }
+            if lwm::quant::has_avx512_vnni() {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+            for &kernel in &kernels {
                 for single_thread in [true, false] {
                     let opts = MatmulOptions {
                         kernel,

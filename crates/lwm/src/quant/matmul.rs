@@ -12,18 +12,42 @@
 //! chunking.
 
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
-use super::{has_avx2, q4_1, q4_1_x8, q8_0, Layout, QMatrix, QType};
+use super::{has_avx2, has_avx512_vnni, q4_1, q4_1_x8, q8_0, Layout, QMatrix, QType};
 use anyhow::{bail, Result};
 
 /// Which kernels to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX2 when the CPU has AVX2+FMA+F16C, else scalar.
+    /// The fastest this CPU has: AVX-512 VNNI, else AVX2+FMA+F16C, else scalar.
     Auto,
     /// Portable scalar code (bit-identical to AVX2).
     Scalar,
     /// AVX2 (errors if the CPU lacks it).
     Avx2,
+    /// AVX2 with AVX-512 VNNI integer dot products (errors if the CPU lacks it).
+    Avx512Vnni,
+}
+
+/// The instruction set a product runs with, resolved from `Kernel` and the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    Avx2,
+    Vnni,
+}
+
+fn resolve(kernel: Kernel) -> Result<Isa> {
+    Ok(match kernel {
+        Kernel::Auto if has_avx512_vnni() => Isa::Vnni,
+        Kernel::Auto if has_avx2() => Isa::Avx2,
+        Kernel::Auto | Kernel::Scalar => Isa::Scalar,
+        Kernel::Avx2 if has_avx2() => Isa::Avx2,
+        Kernel::Avx2 => bail!("matmul: AVX2 kernel requested but this CPU lacks AVX2/FMA/F16C"),
+        Kernel::Avx512Vnni if has_avx512_vnni() => Isa::Vnni,
+        Kernel::Avx512Vnni => {
+            bail!("matmul: AVX-512 VNNI kernel requested but this CPU lacks AVX-512 F/VL/VNNI")
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -90,16 +114,8 @@ pub fn matmul_many_with(
     if n == 0 {
         return Ok(ws.iter().map(|_| Vec::new()).collect());
     }
-    let avx2 = match opts.kernel {
-        Kernel::Auto => has_avx2(),
-        Kernel::Scalar => false,
-        Kernel::Avx2 => {
-            if !has_avx2() {
-                bail!("matmul: AVX2 kernel requested but this CPU lacks AVX2/FMA/F16C");
-            }
-            true
-        }
-    };
+    let isa = resolve(opts.kernel)?;
+    let avx2 = isa != Isa::Scalar;
     let nb = w0.cols / QK;
     let par = !opts.single_thread;
     Ok(match w0.dtype {
@@ -116,10 +132,17 @@ pub fn matmul_many_with(
                     // `rows` starts on a group boundary and n_rows is whole groups (`row_align`).
                     let groups = n_rows / q4_1_x8::GROUP;
                     #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: AVX2/FMA/F16C checked above; `rows` holds `groups` groups.
-                        unsafe { q4_1_x8::avx2::groups_x_acts(rows, groups, ys, out) };
-                        return;
+                    match isa {
+                        // SAFETY: the ISA was checked (`resolve`); `rows` holds `groups` groups.
+                        Isa::Vnni => {
+                            unsafe { q4_1_x8::avx2::groups_x_acts_vnni(rows, groups, ys, out) };
+                            return;
+                        }
+                        Isa::Avx2 => {
+                            unsafe { q4_1_x8::avx2::groups_x_acts(rows, groups, ys, out) };
+                            return;
+                        }
+                        Isa::Scalar => {}
                     }
                     q4_1_x8::groups_x_acts_scalar(rows, groups, ys, out);
                     return;
@@ -148,10 +171,17 @@ pub fn matmul_many_with(
             });
             drive(ws, &acts, nb, n, par, |_, rows, stride, n_rows, ys, out| {
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
+                match isa {
                     // SAFETY: as above.
-                    unsafe { q8_0::avx2::rows_x_acts(rows, stride, n_rows, ys, out) };
-                    return;
+                    Isa::Vnni => {
+                        unsafe { q8_0::avx2::rows_x_acts_vnni(rows, stride, n_rows, ys, out) };
+                        return;
+                    }
+                    Isa::Avx2 => {
+                        unsafe { q8_0::avx2::rows_x_acts(rows, stride, n_rows, ys, out) };
+                        return;
+                    }
+                    Isa::Scalar => {}
                 }
                 for r in 0..n_rows {
                     let wr = &rows[r * stride..(r + 1) * stride];

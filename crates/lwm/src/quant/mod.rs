@@ -10,7 +10,8 @@
 //! count nor how rows are grouped.
 //!
 //! Each kernel has a portable scalar version and an AVX2+FMA+F16C version chosen at run
-//! time; both give identical bits.
+//! time; where the CPU has AVX-512 VNNI, the interleaved Q4_1 and the Q8_0 kernels form
+//! their integer dot products with `vpdpbusd` instead. All give identical bits.
 //!
 //! `ggml_cpu` holds the other llama.cpp CPU numerics needed to match its greedy output
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.
@@ -183,6 +184,29 @@ pub fn has_avx2() -> bool {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// AVX-512 VNNI (with VL, on 256-bit vectors) on top of AVX2 (checked once): `vpdpbusd`
+/// forms the 4-element u8×i8 sums in one instruction, the same integers as AVX2's
+/// `maddubs` + `madd` pair (no i16 saturation is possible with these block formats), so
+/// the kernels that use it give identical bits.
+#[inline]
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -116,15 +116,26 @@ pub(crate) mod avx2 {
 
     /// The exact integer 4-sums of a pair's nibbles (`pair_nibbles`) against one activation
     /// block, as f32: (`[row 2k lanes 0–3 | row 2k+1 lanes 0–3]`, the same for lanes 4–7).
+    /// With `VNNI` one `vpdpbusd` per half instead of `maddubs` + `madd` (same integers).
     #[inline(always)]
-    unsafe fn pair_sums(
+    unsafe fn pair_sums<const VNNI: bool>(
         (lo, hi): (__m256i, __m256i),
         qy_lo: __m256i,
         qy_hi: __m256i,
     ) -> (__m256, __m256) {
-        let ones = _mm256_set1_epi16(1);
-        let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones);
-        let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones);
+        let (plo, phi) = if VNNI {
+            let z = _mm256_setzero_si256();
+            (
+                _mm256_dpbusd_epi32(z, lo, qy_lo),
+                _mm256_dpbusd_epi32(z, hi, qy_hi),
+            )
+        } else {
+            let ones = _mm256_set1_epi16(1);
+            (
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, qy_lo), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, qy_hi), ones),
+            )
+        };
         (_mm256_cvtepi32_ps(plo), _mm256_cvtepi32_ps(phi))
     }
 
@@ -140,8 +151,13 @@ pub(crate) mod avx2 {
 
     /// `n_groups` groups (starting at `w`, `nb` blocks per row) times one activation row:
     /// `out[r]` for the group's rows in order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn groups_x_act(w: &[u8], n_groups: usize, y: &[BlockQ8_1], out: &mut [f32]) {
+    #[inline(always)]
+    unsafe fn groups_x_act<const VNNI: bool>(
+        w: &[u8],
+        n_groups: usize,
+        y: &[BlockQ8_1],
+        out: &mut [f32],
+    ) {
         let nb = y.len();
         debug_assert!(w.len() >= n_groups * nb * CELL_BYTES);
         debug_assert!(out.len() >= n_groups * GROUP);
@@ -164,7 +180,7 @@ pub(crate) mod avx2 {
                 let dd = _mm256_mul_ps(d, _mm256_set1_ps(yb.d));
                 let (qy_lo, qy_hi) = act_quants(yb);
                 for k in 0..4 {
-                    let (plo, phi) = pair_sums(pair_nibbles(cell, k), qy_lo, qy_hi);
+                    let (plo, phi) = pair_sums::<VNNI>(pair_nibbles(cell, k), qy_lo, qy_hi);
                     let ddk = _mm256_permutevar8x32_ps(dd, pair_index(k));
                     acc_lo[k] = _mm256_fmadd_ps(ddk, plo, acc_lo[k]);
                     acc_hi[k] = _mm256_fmadd_ps(ddk, phi, acc_hi[k]);
@@ -187,7 +203,7 @@ pub(crate) mod avx2 {
     /// Rows 2k, 2k+1 of group `gp` against `A` activation rows: for each row (2) and
     /// activation (A), the lane accumulators; `summs` are added by the caller.
     #[inline(always)]
-    unsafe fn pair_tile<const A: usize>(
+    unsafe fn pair_tile<const A: usize, const VNNI: bool>(
         gp: *const u8,
         k: usize,
         ys: [&[BlockQ8_1]; A],
@@ -204,7 +220,7 @@ pub(crate) mod avx2 {
             for a in 0..A {
                 let yb = ys[a].get_unchecked(b);
                 let (qy_lo, qy_hi) = act_quants(yb);
-                let (plo, phi) = pair_sums(nibbles, qy_lo, qy_hi);
+                let (plo, phi) = pair_sums::<VNNI>(nibbles, qy_lo, qy_hi);
                 let dd = _mm256_mul_ps(dk, _mm256_set1_ps(yb.d));
                 acc_lo[a] = _mm256_fmadd_ps(dd, plo, acc_lo[a]);
                 acc_hi[a] = _mm256_fmadd_ps(dd, phi, acc_hi[a]);
@@ -213,14 +229,35 @@ pub(crate) mod avx2 {
         (acc_lo, acc_hi)
     }
 
-    /// `n_groups` groups against every activation row in `ys` (n > 1 for prefill):
-    /// `out[row * n + a]`. Each pair of rows is unpacked once per block for up to 4
-    /// activation rows.
+    /// `n_groups` groups against every activation row in `ys` (n = 1: decode's mat-vec;
+    /// n > 1: prefill): `out[row * n + a]`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn groups_x_acts(w: &[u8], n_groups: usize, ys: &[&[BlockQ8_1]], out: &mut [f32]) {
+        groups_x_acts_with::<false>(w, n_groups, ys, out)
+    }
+
+    /// `groups_x_acts` with AVX-512 VNNI dot products (identical bits).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn groups_x_acts_vnni(
+        w: &[u8],
+        n_groups: usize,
+        ys: &[&[BlockQ8_1]],
+        out: &mut [f32],
+    ) {
+        groups_x_acts_with::<true>(w, n_groups, ys, out)
+    }
+
+    /// Each pair of rows is unpacked once per block for up to 4 activation rows.
+    #[inline(always)]
+    unsafe fn groups_x_acts_with<const VNNI: bool>(
+        w: &[u8],
+        n_groups: usize,
+        ys: &[&[BlockQ8_1]],
+        out: &mut [f32],
+    ) {
         let n = ys.len();
         if n == 1 {
-            groups_x_act(w, n_groups, ys[0], out);
+            groups_x_act::<VNNI>(w, n_groups, ys[0], out);
             return;
         }
         let nb = ys[0].len();
@@ -259,20 +296,24 @@ pub(crate) mod avx2 {
                     };
                     match take {
                         4 => {
-                            let (lo, hi) =
-                                pair_tile::<4>(gp, k, [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]]);
+                            let (lo, hi) = pair_tile::<4, VNNI>(
+                                gp,
+                                k,
+                                [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]],
+                            );
                             (0..4).for_each(|j| put(j, lo[j], hi[j]));
                         }
                         3 => {
-                            let (lo, hi) = pair_tile::<3>(gp, k, [ys[a], ys[a + 1], ys[a + 2]]);
+                            let (lo, hi) =
+                                pair_tile::<3, VNNI>(gp, k, [ys[a], ys[a + 1], ys[a + 2]]);
                             (0..3).for_each(|j| put(j, lo[j], hi[j]));
                         }
                         2 => {
-                            let (lo, hi) = pair_tile::<2>(gp, k, [ys[a], ys[a + 1]]);
+                            let (lo, hi) = pair_tile::<2, VNNI>(gp, k, [ys[a], ys[a + 1]]);
                             (0..2).for_each(|j| put(j, lo[j], hi[j]));
                         }
                         _ => {
-                            let (lo, hi) = pair_tile::<1>(gp, k, [ys[a]]);
+                            let (lo, hi) = pair_tile::<1, VNNI>(gp, k, [ys[a]]);
                             put(0, lo[0], hi[0]);
                         }
                     }
