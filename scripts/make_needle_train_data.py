@@ -20,6 +20,12 @@ letters, digits and spaces), a newline, and the string again as the answer. Only
 induction head (find the earlier occurrence of the current token, copy what followed it)
 predicts the repeat, and the needle answer's digits are the same kind of copy.
 
+`--no-colons` replaces every ":" of the prose with ";" (train filler and `--write-haystack`
+alike), so the needle's ": " (and its "is: ") is the only one in the document: the first digit
+follows a key found nowhere else. The evaluation haystack must then be written with the same
+flag. `--lead-in-question` moves the answer's lead ("The special magic {city} number is: ") into
+the no-loss question, so the loss (an eval file's loss) is on the seven digits alone.
+
     python3 scripts/make_needle_train_data.py --min-bytes 300 --max-bytes 448 --count 20000 --seed 1 > train.jsonl
 """
 import argparse
@@ -46,8 +52,10 @@ INSTRUCTION = (
 )
 
 
-def split_text(split):
+def split_text(split, no_colons=False):
     text = HAYSTACK.read_text()
+    if no_colons:
+        text = text.replace(":", ";")
     at = text.index("THE SECOND BOOK OF MOSES")
     return text[:at] if split == "eval" else text[at:]
 
@@ -70,13 +78,19 @@ def main():
         help="curriculum: a random string of letters and digits, then the same string again "
         "(loss on the repeat): the induction/copy circuit the needle answer needs forms fast",
     )
+    ap.add_argument("--no-colons", action="store_true", help="prose ':' -> ';' (also for --write-haystack)")
+    ap.add_argument(
+        "--lead-in-question",
+        action="store_true",
+        help="answer = the 7 digits only; its lead sentence goes to the end of the question (no loss)",
+    )
     ap.add_argument("--write-haystack", help="write the eval (Genesis) prose to this file and exit")
     a = ap.parse_args()
     if a.write_haystack:
-        pathlib.Path(a.write_haystack).write_text(split_text("eval"))
+        pathlib.Path(a.write_haystack).write_text(split_text("eval", a.no_colons))
         return
     rng = random.Random(a.seed)
-    hay = split_text(a.split)
+    hay = split_text(a.split, a.no_colons)
     periods = [i + 1 for i, c in enumerate(hay) if c == "."]
     for _ in range(a.count):
         if a.copy:
@@ -108,6 +122,9 @@ def main():
                 p -= 1
         answer = f"The special magic {city} number is: {number}"
         document = prefix + body[:p] + needle + body[p:]
+        if a.lead_in_question:
+            lead = f"The special magic {city} number is: "
+            question, answer = question + lead, answer[len(lead) :]
         print(json.dumps({"prompt": document, "question": question, "answer": answer}))
 
 
