@@ -142,6 +142,57 @@ pub fn q4_1_matvec_gbps(
     w.data.len() as f64 / best / 1e9
 }
 
+/// Seconds of one `y = x · Wᵀ` (best of `reps`, one thread) for a random `rows × cols` matrix
+/// of `dtype` in its default layout and `n` activation rows, with `kernel`; NaN when the
+/// CPU lacks the kernel.
+pub fn quant_matmul_secs(
+    dtype: lwm::quant::QType,
+    kernel: lwm::quant::Kernel,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    reps: usize,
+) -> f64 {
+    use lwm::quant::{matmul_with, MatmulOptions, QMatrix, QType};
+    let mut rng = lwm::rng::XorShift::new(13);
+    let nb = rows * cols / 32;
+    let mut data = Vec::new();
+    for _ in 0..nb {
+        let d = half::f16::from_f32(0.01 + 0.01 * rng.uniform(0.0, 1.0));
+        data.extend_from_slice(&d.to_bits().to_le_bytes());
+        let qs = match dtype {
+            QType::Q4_1 => {
+                let m = half::f16::from_f32(-0.1 * rng.uniform(0.0, 1.0));
+                data.extend_from_slice(&m.to_bits().to_le_bytes());
+                16
+            }
+            QType::Q8_0 => 32,
+        };
+        data.extend((0..qs).map(|_| rng.uniform(0.0, 255.0) as u8));
+    }
+    let Ok(w) = QMatrix::new(dtype, rows, cols, data.into()) else {
+        return f64::NAN;
+    };
+    let x = rng.vec(n * cols, -1.0, 1.0);
+    let opts = MatmulOptions {
+        kernel,
+        single_thread: true,
+    };
+    if matmul_with(&w, &x, n, &opts).is_err() {
+        return f64::NAN;
+    }
+    let per_rep = (64 / n).max(1);
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..per_rep {
+                std::hint::black_box(matmul_with(&w, &x, n, &opts).ok());
+            }
+            t.elapsed().as_secs_f64() / per_rep as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Single-thread GFLOP/s of `attend_block` for one head's 64 query rows against `depth`
 /// keys in blocks of 256.
 pub fn primitive_gflops(depth: usize) -> f64 {
@@ -225,7 +276,39 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         );
         matvec.push(serde_json::json!({"rows": rows, "cols": cols, "threads": used, "row_layout_gbps": plain, "x8_gbps": x8}));
     }
+    println!();
+    println!(
+        "| quantized product, 1 thread, best of {} | AVX2 ms | AVX-512 VNNI ms | VNNI speed-up |",
+        reps * 10
+    );
+    println!("|---|---|---|---|");
+    let mut vnni = Vec::new();
+    // The default model's FFN shapes: decode (1 row) and a prefill chunk (64 rows). (Q8_0
+    // runs AVX2 either way: VNNI measured slower on that format.)
+    for (dtype, rows, cols, n) in [
+        (lwm::quant::QType::Q4_1, 1536, 576, 1),
+        (lwm::quant::QType::Q4_1, 576, 1536, 1),
+        (lwm::quant::QType::Q4_1, 1536, 576, 64),
+        (lwm::quant::QType::Q4_1, 576, 1536, 64),
+    ] {
+        let t2 = quant_matmul_secs(dtype, lwm::quant::Kernel::Avx2, rows, cols, n, reps * 10);
+        let tv = quant_matmul_secs(
+            dtype,
+            lwm::quant::Kernel::Avx512Vnni,
+            rows,
+            cols,
+            n,
+            reps * 10,
+        );
+        println!(
+            "| {dtype:?} {rows} × {cols}, {n} row(s) | {:.3} | {:.3} | {:.2}x |",
+            t2 * 1e3,
+            tv * 1e3,
+            t2 / tv
+        );
+        vnni.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rows": rows, "cols": cols, "n": n, "avx2_ms": t2 * 1e3, "vnni_ms": tv * 1e3}));
+    }
     Ok(
-        serde_json::json!({"q4_1_matvec": matvec, "fma_peak_gflops": peak, "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "threads": threads, "attention": rows}),
+        serde_json::json!({"quant_vnni_vs_avx2": vnni, "q4_1_matvec": matvec, "fma_peak_gflops": peak, "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "threads": threads, "attention": rows}),
     )
 }

@@ -10,8 +10,8 @@
 //! count nor how rows are grouped.
 //!
 //! Each kernel has a portable scalar version and an AVX2+FMA+F16C version chosen at run
-//! time; where the CPU has AVX-512 VNNI, the interleaved Q4_1 and the Q8_0 kernels form
-//! their integer dot products with `vpdpbusd` instead. All give identical bits.
+//! time; where the CPU has AVX-512 VNNI, the interleaved Q4_1 kernels form their integer
+//! dot products with `vpdpbusd` instead. All give identical bits.
 //!
 //! `ggml_cpu` holds the other llama.cpp CPU numerics needed to match its greedy output
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.

@@ -72,25 +72,19 @@ pub(crate) mod avx2 {
         )))
     }
 
-    /// 8 lanes of Σ of 4 consecutive signed products (exact), as f32: |x|·sign(y, x) as
-    /// u8×i8 (`maddubs` + `madd`, or one `vpdpbusd` with `VNNI`; the same integers, since
-    /// a pair sum reaches at most 2·128·127 < 2¹⁵).
+    /// 8 lanes of Σ of 4 consecutive signed products (exact), as f32.
     #[inline(always)]
-    unsafe fn lane_sums<const VNNI: bool>(qx: __m256i, y: &BlockQ8_0) -> __m256 {
+    unsafe fn lane_sums(qx: __m256i, y: &BlockQ8_0) -> __m256 {
         let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
         let ax = _mm256_sign_epi8(qx, qx);
         let sy = _mm256_sign_epi8(qy, qx);
-        let s = if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
-        };
-        _mm256_cvtepi32_ps(s)
+        let p16 = _mm256_maddubs_epi16(ax, sy);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const WR: usize, const AR: usize, const VNNI: bool>(
+    unsafe fn tile<const WR: usize, const AR: usize>(
         w: *const u8,
         stride: usize,
         ys: [&[BlockQ8_0]; AR],
@@ -106,7 +100,7 @@ pub(crate) mod avx2 {
                 for a in 0..AR {
                     let yb = ys[a].get_unchecked(b);
                     let dd = _mm256_set1_ps(d * yb.d);
-                    acc[r][a] = _mm256_fmadd_ps(dd, lane_sums::<VNNI>(qx, yb), acc[r][a]);
+                    acc[r][a] = _mm256_fmadd_ps(dd, lane_sums(qx, yb), acc[r][a]);
                 }
             }
         }
@@ -126,29 +120,6 @@ pub(crate) mod avx2 {
         ys: &[&[BlockQ8_0]],
         out: &mut [f32],
     ) {
-        rows_x_acts_with::<false>(w, stride, n_rows, ys, out)
-    }
-
-    /// `rows_x_acts` with AVX-512 VNNI dot products (identical bits).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn rows_x_acts_vnni(
-        w: &[u8],
-        stride: usize,
-        n_rows: usize,
-        ys: &[&[BlockQ8_0]],
-        out: &mut [f32],
-    ) {
-        rows_x_acts_with::<true>(w, stride, n_rows, ys, out)
-    }
-
-    #[inline(always)]
-    unsafe fn rows_x_acts_with<const VNNI: bool>(
-        w: &[u8],
-        stride: usize,
-        n_rows: usize,
-        ys: &[&[BlockQ8_0]],
-        out: &mut [f32],
-    ) {
         let n = ys.len();
         debug_assert!(w.len() >= n_rows * stride);
         debug_assert_eq!(out.len(), n_rows * n);
@@ -159,7 +130,7 @@ pub(crate) mod avx2 {
             let y = ys[0];
             for (r, o) in out.iter_mut().enumerate() {
                 let mut t = [[0.0f32; 1]; 1];
-                tile::<1, 1, VNNI>(wp.add(r * stride), stride, [y], &mut t);
+                tile::<1, 1>(wp.add(r * stride), stride, [y], &mut t);
                 *o = t[0][0];
             }
             return;
@@ -170,13 +141,13 @@ pub(crate) mod avx2 {
             let mut a = 0;
             while a + 4 <= n {
                 let mut o = [[0.0f32; 4]; 1];
-                tile::<1, 4, VNNI>(wr, stride, [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]], &mut o);
+                tile::<1, 4>(wr, stride, [ys[a], ys[a + 1], ys[a + 2], ys[a + 3]], &mut o);
                 orow[a..a + 4].copy_from_slice(&o[0]);
                 a += 4;
             }
             while a < n {
                 let mut o = [[0.0f32; 1]; 1];
-                tile::<1, 1, VNNI>(wr, stride, [ys[a]], &mut o);
+                tile::<1, 1>(wr, stride, [ys[a]], &mut o);
                 orow[a] = o[0][0];
                 a += 1;
             }
