@@ -30,7 +30,7 @@ def pressure():
 
 def run_case(args, prompt, gen):
     cmd = [args.lwm, "bench", "--compare", "--json", "-t", str(args.threads),
-           "--reps", str(args.reps), "-p", str(prompt), "-n", str(gen),
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "-p", str(prompt), "-n", str(gen),
            "--kv-type", args.kv_type,
            "--max-sequence-length", str(max(prompt + gen + 16, 8192))]
     if args.model:
@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="lwm's untimed runs before the timed ones (0 for very long prompts; llama.cpp's warm-up is 32 tokens)")
     ap.add_argument("--sizes", default="512,8192,32768")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--kv-type", default="f16")
