@@ -97,6 +97,37 @@ pub fn attention_gflops(kv: KvTypes, q_rows: usize, depth: usize, reps: usize) -
     runs[runs.len() / 2]
 }
 
+/// A `rows × cols` matrix of random Q4_1 or Q8_0 blocks (small positive scales, mins ≤ 0),
+/// in `layout` or the type's default one; None if the shape does not suit the layout.
+fn random_qmatrix(
+    rng: &mut lwm::rng::XorShift,
+    dtype: lwm::quant::QType,
+    rows: usize,
+    cols: usize,
+    layout: Option<lwm::quant::Layout>,
+) -> Option<lwm::quant::QMatrix> {
+    use lwm::quant::{QMatrix, QType};
+    let nb = rows * cols / 32;
+    let mut data = Vec::with_capacity(nb * dtype.block_bytes());
+    for _ in 0..nb {
+        let d = half::f16::from_f32(0.01 + 0.01 * rng.uniform(0.0, 1.0));
+        data.extend_from_slice(&d.to_bits().to_le_bytes());
+        let qs = match dtype {
+            QType::Q4_1 => {
+                let m = half::f16::from_f32(-0.1 * rng.uniform(0.0, 1.0));
+                data.extend_from_slice(&m.to_bits().to_le_bytes());
+                16
+            }
+            QType::Q8_0 => 32,
+        };
+        data.extend((0..qs).map(|_| rng.uniform(0.0, 255.0) as u8));
+    }
+    match layout {
+        Some(l) => QMatrix::with_layout(dtype, rows, cols, data.into(), l).ok(),
+        None => QMatrix::new(dtype, rows, cols, data.into()).ok(),
+    }
+}
+
 /// Weight GB/s of the Q4_1 mat-vec (decode's product) for a `rows × cols` matrix in
 /// `layout`, on the calling thread only: the best of `reps` timings of 64 products each,
 /// so a moment without the core doesn't count. The matrix (≈ rows·cols·0.625 bytes) stays
@@ -109,20 +140,10 @@ pub fn q4_1_matvec_gbps(
     reps: usize,
     single_thread: bool,
 ) -> f64 {
-    use lwm::quant::{matmul_with, Kernel, MatmulOptions, QMatrix, QType};
+    use lwm::quant::{matmul_with, Kernel, MatmulOptions, QType};
     let mut rng = lwm::rng::XorShift::new(11);
-    let nb = rows * cols / 32;
-    let mut data = Vec::with_capacity(nb * 20);
-    for _ in 0..nb {
-        let d = half::f16::from_f32(0.01 + 0.01 * rng.uniform(0.0, 1.0));
-        let m = half::f16::from_f32(-0.1 * rng.uniform(0.0, 1.0));
-        data.extend_from_slice(&d.to_bits().to_le_bytes());
-        data.extend_from_slice(&m.to_bits().to_le_bytes());
-        data.extend((0..16).map(|_| (rng.uniform(0.0, 255.0)) as u8));
-    }
-    let w = match QMatrix::with_layout(QType::Q4_1, rows, cols, data.into(), layout) {
-        Ok(w) => w,
-        Err(_) => return f64::NAN,
+    let Some(w) = random_qmatrix(&mut rng, QType::Q4_1, rows, cols, Some(layout)) else {
+        return f64::NAN;
     };
     let x = rng.vec(cols, -1.0, 1.0);
     let opts = MatmulOptions {
@@ -153,24 +174,9 @@ pub fn quant_matmul_secs(
     n: usize,
     reps: usize,
 ) -> f64 {
-    use lwm::quant::{matmul_with, MatmulOptions, QMatrix, QType};
+    use lwm::quant::{matmul_with, MatmulOptions};
     let mut rng = lwm::rng::XorShift::new(13);
-    let nb = rows * cols / 32;
-    let mut data = Vec::new();
-    for _ in 0..nb {
-        let d = half::f16::from_f32(0.01 + 0.01 * rng.uniform(0.0, 1.0));
-        data.extend_from_slice(&d.to_bits().to_le_bytes());
-        let qs = match dtype {
-            QType::Q4_1 => {
-                let m = half::f16::from_f32(-0.1 * rng.uniform(0.0, 1.0));
-                data.extend_from_slice(&m.to_bits().to_le_bytes());
-                16
-            }
-            QType::Q8_0 => 32,
-        };
-        data.extend((0..qs).map(|_| rng.uniform(0.0, 255.0) as u8));
-    }
-    let Ok(w) = QMatrix::new(dtype, rows, cols, data.into()) else {
+    let Some(w) = random_qmatrix(&mut rng, dtype, rows, cols, None) else {
         return f64::NAN;
     };
     let x = rng.vec(n * cols, -1.0, 1.0);
