@@ -275,11 +275,17 @@ pub fn blockwise_backward(
 /// column are ignored (nothing downstream uses it).
 struct BlockwiseAttentionOp {
     masking: AttnMasking,
-    /// Ring size: 1 = blockwise on this thread pool; > 1 = `ring_grad` over `sp` threads.
-    sp: usize,
-    /// Set when the inputs are this process's shard of the sequence and the ring runs over
-    /// processes (`seq_parallel`); `sp` is then ignored.
-    dist: Option<Arc<SeqComm>>,
+    spread: Spread,
+}
+
+/// Where the sequence of one attention call lives.
+enum Spread {
+    /// All of it here: blockwise on this thread pool.
+    Local,
+    /// All of it here, split over a ring of this many threads (`ring_grad::ring_*`).
+    Threads(usize),
+    /// The inputs are this process's shard; the ring runs over processes (`seq_parallel`).
+    Processes(Arc<SeqComm>),
 }
 
 impl BlockwiseAttentionOp {
@@ -349,7 +355,10 @@ impl CustomOp3 for BlockwiseAttentionOp {
                 l2.dims()
             );
         }
-        let full_len = dims.len * self.dist.as_ref().map_or(1, |c| c.size);
+        let full_len = match &self.spread {
+            Spread::Processes(c) => dims.len * c.size,
+            _ => dims.len,
+        };
         if let Some(s) = &self.masking.segment_ids {
             if s.len() != dims.batch * full_len {
                 candle_core::bail!(
@@ -364,23 +373,25 @@ impl CustomOp3 for BlockwiseAttentionOp {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let (out, lse) = if let Some(c) = &self.dist {
-            let mut pass = Self::pass(c, &dims, false);
-            super::ring_grad::shard_forward(
-                q,
-                k,
-                v,
-                &dims,
-                &self.masking,
-                c.rank,
-                c.size,
-                &mut pass,
-            )
-            .map_err(msg)?
-        } else if self.sp > 1 {
-            super::ring_grad::ring_forward(q, k, v, &dims, &self.masking, self.sp).map_err(msg)?
-        } else {
-            blockwise_forward(q, k, v, &dims, &self.masking)
+        let (out, lse) = match &self.spread {
+            Spread::Processes(c) => {
+                let mut pass = Self::pass(c, &dims, false);
+                super::ring_grad::shard_forward(
+                    q,
+                    k,
+                    v,
+                    &dims,
+                    &self.masking,
+                    c.rank,
+                    c.size,
+                    &mut pass,
+                )
+                .map_err(msg)?
+            }
+            Spread::Threads(sp) => {
+                super::ring_grad::ring_forward(q, k, v, &dims, &self.masking, *sp).map_err(msg)?
+            }
+            Spread::Local => blockwise_forward(q, k, v, &dims, &self.masking),
         };
         let d = dims.d;
         let mut packed = Vec::with_capacity(out.len() / d * (d + 1));
@@ -432,39 +443,41 @@ impl CustomOp3 for BlockwiseAttentionOp {
             let (hh, t, bb) = (r % h, (r / h) % l, r / (h * l));
             lse[(bb * h + hh) * l + t] = row[d];
         }
-        let (dq, dk, dv) = if let Some(c) = &self.dist {
-            let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-            let mut pass = Self::pass(c, &dims, true);
-            super::ring_grad::shard_backward(
-                &q,
-                &k,
-                &v,
-                &out,
-                &lse,
-                &dout,
-                &dims,
-                &self.masking,
-                c.rank,
-                c.size,
-                &mut pass,
-            )
-            .map_err(msg)?
-        } else if self.sp > 1 {
-            let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-            super::ring_grad::ring_backward(
-                &q,
-                &k,
-                &v,
-                &out,
-                &lse,
-                &dout,
-                &dims,
-                &self.masking,
-                self.sp,
-            )
-            .map_err(msg)?
-        } else {
-            blockwise_backward(
+        let (dq, dk, dv) = match &self.spread {
+            Spread::Processes(c) => {
+                let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+                let mut pass = Self::pass(c, &dims, true);
+                super::ring_grad::shard_backward(
+                    &q,
+                    &k,
+                    &v,
+                    &out,
+                    &lse,
+                    &dout,
+                    &dims,
+                    &self.masking,
+                    c.rank,
+                    c.size,
+                    &mut pass,
+                )
+                .map_err(msg)?
+            }
+            Spread::Threads(sp) => {
+                let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+                super::ring_grad::ring_backward(
+                    &q,
+                    &k,
+                    &v,
+                    &out,
+                    &lse,
+                    &dout,
+                    &dims,
+                    &self.masking,
+                    *sp,
+                )
+                .map_err(msg)?
+            }
+            Spread::Local => blockwise_backward(
                 &flat(q)?,
                 &flat(k)?,
                 &flat(v)?,
@@ -473,7 +486,7 @@ impl CustomOp3 for BlockwiseAttentionOp {
                 &dout,
                 &dims,
                 &self.masking,
-            )
+            ),
         };
         let dev = q.device();
         Ok((
@@ -492,17 +505,12 @@ pub fn ring_attention(
     masking: &AttnMasking,
     sp: usize,
 ) -> candle_core::Result<Tensor> {
-    let d = q.dim(3)?;
-    let packed = q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        BlockwiseAttentionOp {
-            masking: masking.clone(),
-            sp: sp.max(1),
-            dist: None,
-        },
-    )?;
-    packed.narrow(3, 0, d)
+    let spread = if sp > 1 {
+        Spread::Threads(sp)
+    } else {
+        Spread::Local
+    };
+    apply(q, k, v, masking, spread)
 }
 
 /// Attention of this process's shard of the sequence (rows rank·S.. of q, k, v, each
@@ -515,14 +523,24 @@ pub fn shard_attention(
     masking: &AttnMasking,
     comm: &Arc<SeqComm>,
 ) -> candle_core::Result<Tensor> {
+    apply(q, k, v, masking, Spread::Processes(comm.clone()))
+}
+
+/// Run the op and drop its `lse` column.
+fn apply(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masking: &AttnMasking,
+    spread: Spread,
+) -> candle_core::Result<Tensor> {
     let d = q.dim(3)?;
     let packed = q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
         BlockwiseAttentionOp {
             masking: masking.clone(),
-            sp: 1,
-            dist: Some(comm.clone()),
+            spread,
         },
     )?;
     packed.narrow(3, 0, d)
