@@ -265,21 +265,19 @@ pub(crate) mod avx2 {
         debug_assert!(out.len() >= n_groups * GROUP * n);
         for g in 0..n_groups {
             let gp = w.as_ptr().add(g * nb * CELL_BYTES);
-            // summs[a][j] = Σ_b m_j·s_y(a, b) for the group's 8 rows j, in block order.
-            let summs: Vec<[f32; GROUP]> = ys
-                .iter()
-                .map(|y| {
-                    let mut acc = _mm256_setzero_ps();
-                    for (b, yb) in y.iter().enumerate() {
-                        let cell = gp.add(b * CELL_BYTES);
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(16) as *const __m128i));
-                        acc = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc);
-                    }
-                    let mut s = [0.0f32; GROUP];
-                    _mm256_storeu_ps(s.as_mut_ptr(), acc);
-                    s
-                })
-                .collect();
+            // summs[a][j] = Σ_b m_j·s_y(a, b) for the group's 8 rows j, in block order. (A
+            // loop, not an iterator closure: a closure does not inherit this function's
+            // target features, so its intrinsics became calls.)
+            let mut summs: Vec<[f32; GROUP]> = vec![[0.0; GROUP]; n];
+            for (y, s) in ys.iter().zip(summs.iter_mut()) {
+                let mut acc = _mm256_setzero_ps();
+                for (b, yb) in y.iter().enumerate() {
+                    let cell = gp.add(b * CELL_BYTES);
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(cell.add(16) as *const __m128i));
+                    acc = _mm256_fmadd_ps(m, _mm256_set1_ps(yb.s), acc);
+                }
+                _mm256_storeu_ps(s.as_mut_ptr(), acc);
+            }
             let o = &mut out[g * GROUP * n..(g + 1) * GROUP * n];
             for k in 0..4 {
                 let mut a = 0;
