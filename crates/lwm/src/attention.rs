@@ -190,6 +190,30 @@ pub fn attend_block(
     }
 }
 
+/// `attend_block` for the query heads of one GQA group against one shared key/value block
+/// (`queries[h]` updating `states[h]`, all with the same rows and mask): the SIMD kernel
+/// prepares each key sub-block once for all heads. Same numbers per head as `attend_block`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group(
+    queries: &[&[f32]],
+    q_stride: usize,
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    mask: &BlockMask,
+    states: &mut [Partial],
+) {
+    let d = states.first().map_or(0, |st| st.d);
+    if crate::attention_kernel::available(d) {
+        let block = crate::attention_kernel::KvBlock::F32 { k, v };
+        crate::attention_kernel::attend_group(queries, q_stride, block, scale, mask, states);
+    } else {
+        for (q, st) in queries.iter().zip(states.iter_mut()) {
+            attend_block_portable(q, q_stride, k, v, scale, mask, st);
+        }
+    }
+}
+
 /// `attend_block` one query row at a time in plain Rust (any CPU; the reference the SIMD
 /// kernel is tested against).
 pub fn attend_block_portable(
@@ -456,6 +480,10 @@ pub fn causal_attention_quant(
     // k_lo..k_hi.
     let run_tile = |g: usize, r0: usize, rows: usize, k_lo: usize, k_hi: usize| -> Vec<Partial> {
         let mut states: Vec<Partial> = (0..group).map(|_| Partial::new(rows, d)).collect();
+        // The group's query heads, rows r0.. (they share every key block).
+        let queries: Vec<&[f32]> = (0..group)
+            .map(|j| &q[r0 * width + (g * group + j) * d..])
+            .collect();
         let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         let mut k0 = k_lo;
         while k0 < k_hi {
@@ -463,25 +491,18 @@ pub fn causal_attention_quant(
             let mask = BlockMask::causal(q_pos0 + r0, k0);
             if !mask.tile_is_masked(rows, k1 - k0) && direct_f16 {
                 let (kb, vb) = kv.stored_block(g, k0, k1);
-                for (j, st) in states.iter_mut().enumerate() {
-                    let h = g * group + j;
-                    let qh = &q[r0 * width + h * d..];
-                    crate::attention_kernel::attend_block_f16(qh, width, kb, vb, scale, &mask, st);
-                }
+                let block = crate::attention_kernel::KvBlock::F16 { k: kb, v: vb };
+                crate::attention_kernel::attend_group(
+                    &queries,
+                    width,
+                    block,
+                    scale,
+                    &mask,
+                    &mut states,
+                );
             } else if !mask.tile_is_masked(rows, k1 - k0) {
                 kv.decode_block(g, k0, k1, &mut kbuf, &mut vbuf);
-                for (j, st) in states.iter_mut().enumerate() {
-                    let h = g * group + j;
-                    attend_block(
-                        &q[r0 * width + h * d..],
-                        width,
-                        &kbuf,
-                        &vbuf,
-                        scale,
-                        &mask,
-                        st,
-                    );
-                }
+                attend_group(&queries, width, &kbuf, &vbuf, scale, &mask, &mut states);
             }
             k0 = k1;
         }

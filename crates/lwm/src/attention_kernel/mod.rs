@@ -1,4 +1,7 @@
-//! The tiled SIMD body of `attention::attend_block` (AVX2 + FMA, chosen at run time).
+//! The tiled SIMD body of `attention::attend_block`, for AVX2 or AVX-512 (chosen at run
+//! time; `avx2.rs` and `avx512.rs` hold the vector code, this file the tiling they share).
+//! The AVX-512 kernel is built only with the `avx512-attention` feature until it has run
+//! on an AVX-512 machine (see that file).
 //!
 //! Same semantics as the portable row-at-a-time loop (`attention::attend_block_portable`):
 //! for query rows Q (nq × d) and one key/value block K, V (nk × d), with the causal and
@@ -7,24 +10,33 @@
 //! ```text
 //!   for each key sub-block J of KB keys:          Kᵀ_J = transpose(K_J)   (d × KB, once)
 //!     for each tile I of MR query rows:
-//!       S   = scale · Q_I Kᵀ_J                    MR×16 register micro-kernel over d
+//!       S   = scale · Q_I Kᵀ_J                    MR×(lanes·W) register micro-kernel over d
 //!       S[i,j] = -inf where (i, j) is masked      (causal, segments, past the block)
 //!       m'_i = max(m_i, max_j S[i,j]);  P = exp(S - m')     (vector polynomial exp)
 //!       l_i  = l_i · exp(m_i - m'_i) + Σ_j P[i,j]
-//!       acc_I = acc_I · exp(m - m') + P V_J        MR×16 register micro-kernel over keys
+//!       acc_I = acc_I · exp(m - m') + P V_J        MR×(lanes·W) micro-kernel over keys
 //! ```
 //!
-//! The QKᵀ micro-kernel broadcasts one query element per row and multiplies it into 16
-//! consecutive keys of Kᵀ (two 8-lane vectors): MR·2 accumulators, 2 + MR loads per
-//! 2·MR FMAs. The PV micro-kernel broadcasts P[i,j] and multiplies it into 16 values of
-//! row j of V. With fewer than `DIRECT_ROWS` query rows (decode: the GQA group's heads)
-//! the scores are instead 8 dot products at a time read straight from K (`qk_dots`), since
-//! transposing a block would cost as much as using it. Rows where every key is masked are
-//! left untouched (as the portable loop).
+//! The QKᵀ micro-kernel broadcasts one query element per row and multiplies it into W
+//! vectors of consecutive keys of Kᵀ: MR·W accumulators, W + MR loads per MR·W FMAs. The
+//! PV micro-kernel broadcasts P[i,j] and multiplies it into W vectors of row j of V. AVX2
+//! has 16 registers of 8 lanes (W = 2: 16 keys or values per pass); AVX-512 has 32 of 16
+//! lanes (W up to 4: a whole 64-key score row, or a whole d = 64 value row, per pass, so
+//! the accumulators of a tile are loaded and stored once). With fewer than `DIRECT_ROWS`
+//! query rows (decode: the GQA group's heads) the scores are instead dot products read
+//! straight from K (`qk_dots`), since transposing a block would cost as much as using it.
+//! Rows where every key is masked are left untouched (as the portable loop).
 //! `exp` is a degree-6 polynomial on the reduced argument r = x − n·ln2, |r| ≤ ln2/2,
 //! times 2ⁿ built in the exponent bits (relative error ~1 ulp); inputs below −87 give 0.
+//! Both instruction sets compute the same polynomial per lane; only the order of the
+//! horizontal sums differs (results agree to ~1e-6 relative).
 
 use crate::attention::{BlockMask, Partial};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(all(target_arch = "x86_64", feature = "avx512-attention"))]
+mod avx512;
 
 /// Query rows per micro-tile.
 const MR: usize = 6;
@@ -33,32 +45,115 @@ const KB: usize = 64;
 /// Below this many query rows the scores are dot products straight from K (no transpose).
 const DIRECT_ROWS: usize = 4;
 
-/// True when the SIMD kernel can run for head dimension `d` on this CPU.
-pub fn available(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
+/// The instruction set the tiled kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnIsa {
+    /// 8-lane AVX2 + FMA + F16C.
+    Avx2,
+    /// 16-lane AVX-512F (head dimension a multiple of 16; built with `avx512-attention`).
+    Avx512,
+}
+
+/// AVX-512F on top of AVX2 (checked once), and the kernel built (`avx512-attention`).
+fn has_avx512f() -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "avx512-attention"))]
     {
-        d.is_multiple_of(8) && d > 0 && crate::quant::has_avx2()
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| crate::quant::has_avx2() && is_x86_feature_detected!("avx512f"))
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", feature = "avx512-attention")))]
     {
-        let _ = d;
         false
     }
 }
 
-/// The checks both kernels make before touching memory: the kernel exists for this head
-/// size and every query row lies inside `q`. `None` when there are no rows to attend.
-fn check_query_rows(q: &[f32], q_stride: usize, state: &Partial) -> Option<usize> {
-    assert!(available(state.d), "SIMD attention kernel unavailable");
-    let (d, nq) = (state.d, state.rows());
+/// The kernel `attend_block` uses for head dimension `d` on this CPU: AVX-512 when present
+/// and d is a multiple of 16, else AVX2 when present and d is a multiple of 8, else None
+/// (the portable loop). `LWM_KERNEL=avx2` stops at AVX2 and `LWM_KERNEL=scalar` at the
+/// portable loop, as for the quantized products.
+pub fn isa_for(d: usize) -> Option<AttnIsa> {
+    let cap = crate::quant::kernel_cap();
+    if d == 0 || !d.is_multiple_of(8) || cap == crate::quant::Kernel::Scalar {
+        return None;
+    }
+    if d.is_multiple_of(16) && has_avx512f() && cap == crate::quant::Kernel::Auto {
+        Some(AttnIsa::Avx512)
+    } else if crate::quant::has_avx2() {
+        Some(AttnIsa::Avx2)
+    } else {
+        None
+    }
+}
+
+/// True when a SIMD kernel can run for head dimension `d` on this CPU.
+pub fn available(d: usize) -> bool {
+    isa_for(d).is_some()
+}
+
+/// True when `isa` can run for head dimension `d` here, whatever `LWM_KERNEL` says (for
+/// comparing the two instruction sets in one process).
+pub fn supports(isa: AttnIsa, d: usize) -> bool {
+    match isa {
+        AttnIsa::Avx2 => d > 0 && d.is_multiple_of(8) && crate::quant::has_avx2(),
+        AttnIsa::Avx512 => d > 0 && d.is_multiple_of(16) && has_avx512f(),
+    }
+}
+
+/// The checks every kernel makes before touching memory: the kernel exists for this head
+/// size, every head's partial has the same shape, and every query row lies inside its
+/// `q`. `None` when there are no rows to attend.
+fn check_query_rows(
+    isa: AttnIsa,
+    queries: &[&[f32]],
+    q_stride: usize,
+    states: &[Partial],
+) -> Option<usize> {
+    assert_eq!(queries.len(), states.len(), "one partial per query head");
+    let first = states.first()?;
+    assert!(
+        supports(isa, first.d),
+        "{isa:?} attention kernel unavailable"
+    );
+    let (d, nq) = (first.d, first.rows());
+    assert!(
+        states.iter().all(|st| st.d == d && st.rows() == nq),
+        "query heads of one group differ in shape"
+    );
     if nq == 0 {
         return None;
     }
-    assert!(
-        q.len() >= (nq - 1) * q_stride + d,
-        "query rows out of range"
-    );
+    for q in queries {
+        assert!(
+            q.len() >= (nq - 1) * q_stride + d,
+            "query rows out of range"
+        );
+    }
     Some(d)
+}
+
+/// One key/value block as the kernels read it: `nk` rows of d values each, f32 or the
+/// IEEE half bytes of an f16 cache (little-endian), widened in registers.
+#[derive(Clone, Copy)]
+pub enum KvBlock<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [u8], v: &'a [u8] },
+}
+
+impl KvBlock<'_> {
+    /// Rows of K, and the checks the kernel relies on: V has at least as many rows.
+    fn rows(&self, d: usize) -> usize {
+        let (k_bytes, v_bytes, width) = match self {
+            KvBlock::F32 { k, v } => (4 * k.len(), 4 * v.len(), 4 * d),
+            KvBlock::F16 { k, v } => (k.len(), v.len(), 2 * d),
+        };
+        let nk = k_bytes / width;
+        assert!(
+            v_bytes >= nk * width,
+            "value block shorter than the key block"
+        );
+        nk
+    }
 }
 
 /// The tiled kernel; callers check `available(state.d)` first.
@@ -71,36 +166,19 @@ pub fn attend_block_simd(
     mask: &BlockMask,
     state: &mut Partial,
 ) {
-    let Some(d) = check_query_rows(q, q_stride, state) else {
-        return;
-    };
-    let nk = k.len() / d;
-    assert!(v.len() >= nk * d, "value block shorter than the key block");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2/FMA/F16C detected (`available`); bounds asserted above.
-    unsafe {
-        avx2::attend::<avx2::F32>(
-            q,
-            q_stride,
-            k.as_ptr() as *const u8,
-            v.as_ptr() as *const u8,
-            nk,
-            scale,
-            mask,
-            state,
-        )
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (q, q_stride, k, v, nk, scale, mask);
-        unreachable!("checked by available()");
-    }
+    let block = KvBlock::F32 { k, v };
+    attend_group(
+        &[q],
+        q_stride,
+        block,
+        scale,
+        mask,
+        std::slice::from_mut(state),
+    );
 }
 
-/// `attend_block_simd` reading K and V as stored in an f16 cache (`nk` rows of d IEEE
-/// half values, little-endian bytes), widened in registers: the same numbers as decoding
-/// the block to f32 first, without writing and re-reading that copy.
-#[allow(clippy::too_many_arguments)]
+/// `attend_block_simd` reading K and V as stored in an f16 cache: the same numbers as
+/// decoding the block to f32 first, without writing and re-reading that copy.
 pub fn attend_block_f16(
     q: &[f32],
     q_stride: usize,
@@ -110,358 +188,252 @@ pub fn attend_block_f16(
     mask: &BlockMask,
     state: &mut Partial,
 ) {
-    let Some(d) = check_query_rows(q, q_stride, state) else {
+    let block = KvBlock::F16 { k, v };
+    attend_group(
+        &[q],
+        q_stride,
+        block,
+        scale,
+        mask,
+        std::slice::from_mut(state),
+    );
+}
+
+/// The query heads of one GQA group (`queries[h]`, each nq rows of stride `q_stride`,
+/// updating `states[h]`) against one shared key/value block: each key sub-block is
+/// transposed once for all of them instead of once per head. Same numbers per head as
+/// attending it alone. Callers check `available(d)` first.
+pub fn attend_group(
+    queries: &[&[f32]],
+    q_stride: usize,
+    block: KvBlock,
+    scale: f32,
+    mask: &BlockMask,
+    states: &mut [Partial],
+) {
+    let Some(d) = states.first().map(|st| st.d) else {
         return;
     };
-    let nk = k.len() / (2 * d);
-    assert!(
-        v.len() >= nk * 2 * d,
-        "value block shorter than the key block"
-    );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `attend_block_simd`.
+    let isa = isa_for(d).expect("SIMD attention kernel unavailable");
+    attend_group_with(isa, queries, q_stride, block, scale, mask, states);
+}
+
+/// `attend_group` on the named instruction set (which `supports` must allow).
+pub fn attend_group_with(
+    isa: AttnIsa,
+    queries: &[&[f32]],
+    q_stride: usize,
+    block: KvBlock,
+    scale: f32,
+    mask: &BlockMask,
+    states: &mut [Partial],
+) {
+    let Some(d) = check_query_rows(isa, queries, q_stride, states) else {
+        return;
+    };
+    let nk = block.rows(d);
+    // SAFETY: the instruction set was detected (`check_query_rows`); `rows` checked that
+    // K and V hold nk rows of d elements.
     unsafe {
-        avx2::attend::<avx2::F16>(q, q_stride, k.as_ptr(), v.as_ptr(), nk, scale, mask, state)
+        match block {
+            KvBlock::F32 { k, v } => {
+                let (k, v) = (k.as_ptr() as *const u8, v.as_ptr() as *const u8);
+                attend_raw::<F32>(isa, queries, q_stride, k, v, nk, scale, mask, states)
+            }
+            KvBlock::F16 { k, v } => {
+                let (k, v) = (k.as_ptr(), v.as_ptr());
+                attend_raw::<F16>(isa, queries, q_stride, k, v, nk, scale, mask, states)
+            }
+        }
+    }
+}
+
+/// The checked entry points' common tail: the instruction set's kernel over element type
+/// `E`. Safety: `isa` is supported and `k`, `v` hold `nk` rows of d elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_raw<E: Elem>(
+    isa: AttnIsa,
+    queries: &[&[f32]],
+    q_stride: usize,
+    k: *const u8,
+    v: *const u8,
+    nk: usize,
+    scale: f32,
+    mask: &BlockMask,
+    states: &mut [Partial],
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        AttnIsa::Avx2 => avx2::attend::<E>(queries, q_stride, k, v, nk, scale, mask, states),
+        #[cfg(feature = "avx512-attention")]
+        AttnIsa::Avx512 => avx512::attend::<E>(queries, q_stride, k, v, nk, scale, mask, states),
+        #[cfg(not(feature = "avx512-attention"))]
+        AttnIsa::Avx512 => unreachable!("checked by supports()"),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, q_stride, k, v, nk, scale, mask);
-        unreachable!("checked by available()");
+        let _ = (isa, queries, q_stride, k, v, nk, scale, mask, states);
+        unreachable!("checked by supports()");
+    }
+}
+
+/// How the kernels read stored K/V elements: 8 or 16 at a time widened to f32.
+#[cfg(target_arch = "x86_64")]
+trait Elem {
+    const BYTES: usize;
+    unsafe fn load8(p: *const u8) -> std::arch::x86_64::__m256;
+    #[cfg(feature = "avx512-attention")]
+    unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512;
+    unsafe fn get(p: *const u8) -> f32;
+}
+
+struct F32;
+struct F16;
+
+/// Elsewhere no kernel runs (`supports` is false); the types only keep the signatures.
+#[cfg(not(target_arch = "x86_64"))]
+trait Elem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl Elem for F32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl Elem for F16 {}
+
+#[cfg(target_arch = "x86_64")]
+impl Elem for F32 {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p as *const f32)
+    }
+    #[cfg(feature = "avx512-attention")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p as *const f32)
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const u8) -> f32 {
+        (p as *const f32).read_unaligned()
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop)] // register tiles are indexed by row and lane group
-mod avx2 {
-    use super::{BlockMask, Partial, DIRECT_ROWS, KB, MR};
-    use std::arch::x86_64::*;
-
-    /// How the kernel reads stored K/V elements: 8 at a time widened to f32.
-    pub(super) trait Elem {
-        const BYTES: usize;
-        unsafe fn load8(p: *const u8) -> __m256;
-        unsafe fn get(p: *const u8) -> f32;
-    }
-
-    pub(super) struct F32;
-    pub(super) struct F16;
-
-    impl Elem for F32 {
-        const BYTES: usize = 4;
-        #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
-            _mm256_loadu_ps(p as *const f32)
-        }
-        #[inline(always)]
-        unsafe fn get(p: *const u8) -> f32 {
-            (p as *const f32).read_unaligned()
-        }
-    }
-
-    impl Elem for F16 {
-        const BYTES: usize = 2;
-        #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        }
-        #[inline(always)]
-        unsafe fn get(p: *const u8) -> f32 {
-            half::f16::from_bits((p as *const u16).read_unaligned()).to_f32()
-        }
-    }
-
-    /// exp(x) per lane for x ≤ 0 (or -inf); see the module comment.
+impl Elem for F16 {
+    const BYTES: usize = 2;
     #[inline(always)]
-    pub(super) unsafe fn exp_ps(x: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.0);
-        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
-        let x = _mm256_max_ps(x, lo);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-        _mm256_and_ps(y, keep)
+    unsafe fn load8(p: *const u8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
-
+    #[cfg(feature = "avx512-attention")]
     #[inline(always)]
-    unsafe fn hmax(x: __m256) -> f32 {
-        let m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        _mm_cvtss_f32(m)
+    unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
-
     #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        let m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        _mm_cvtss_f32(m)
+    unsafe fn get(p: *const u8) -> f32 {
+        half::f16::from_bits((p as *const u16).read_unaligned()).to_f32()
     }
+}
 
-    /// kt[t·KB + j] = k[j·d + t] for j < nb (nb ≤ KB), t < d (d a multiple of 8).
-    #[inline(always)]
-    unsafe fn transpose<E: Elem>(k: *const u8, d: usize, nb: usize, kt: *mut f32) {
-        let mut j = 0;
-        while j + 8 <= nb {
-            let mut t = 0;
-            while t < d {
-                let mut r = [_mm256_setzero_ps(); 8];
-                for (i, x) in r.iter_mut().enumerate() {
-                    *x = E::load8(k.add(((j + i) * d + t) * E::BYTES));
-                }
-                // 8×8 transpose: unpack pairs, then 64-bit shuffles, then 128-bit permutes.
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let cols = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
-                for (i, c) in cols.into_iter().enumerate() {
-                    _mm256_storeu_ps(kt.add((t + i) * KB + j), c);
-                }
-                t += 8;
-            }
-            j += 8;
-        }
-        for jj in j..nb {
-            for t in 0..d {
-                *kt.add(t * KB + jj) = E::get(k.add((jj * d + t) * E::BYTES));
-            }
-        }
-    }
-
-    /// s[i·KB + 0..16] = scale · Σ_t q[i·qs + t] · kt[t·KB + 0..16], for R rows.
-    #[inline(always)]
-    unsafe fn qk_tile<const R: usize>(
-        q: *const f32,
-        qs: usize,
-        kt: *const f32,
-        d: usize,
-        scale: __m256,
-        s: *mut f32,
-    ) {
-        let mut c0 = [_mm256_setzero_ps(); R];
-        let mut c1 = [_mm256_setzero_ps(); R];
-        for t in 0..d {
-            let b0 = _mm256_loadu_ps(kt.add(t * KB));
-            let b1 = _mm256_loadu_ps(kt.add(t * KB + 8));
-            for i in 0..R {
-                let a = _mm256_broadcast_ss(&*q.add(i * qs + t));
-                c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-                c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
-            }
-        }
-        for i in 0..R {
-            _mm256_storeu_ps(s.add(i * KB), _mm256_mul_ps(c0[i], scale));
-            _mm256_storeu_ps(s.add(i * KB + 8), _mm256_mul_ps(c1[i], scale));
-        }
-    }
-
-    /// acc[i·d + 0..8W] += Σ_{j<n} p[i·KB + j] · v[j·d + 0..8W], for R rows, W vectors.
-    #[inline(always)]
-    unsafe fn pv_tile<E: Elem, const R: usize, const W: usize>(
-        p: *const f32,
-        v: *const u8,
-        d: usize,
-        n: usize,
-        acc: *mut f32,
-    ) {
-        let mut c = [[_mm256_setzero_ps(); W]; R];
-        for i in 0..R {
-            for w in 0..W {
-                c[i][w] = _mm256_loadu_ps(acc.add(i * d + 8 * w));
-            }
-        }
-        for j in 0..n {
-            let mut b = [_mm256_setzero_ps(); W];
-            for (w, x) in b.iter_mut().enumerate() {
-                *x = E::load8(v.add((j * d + 8 * w) * E::BYTES));
-            }
-            for i in 0..R {
-                let a = _mm256_broadcast_ss(&*p.add(i * KB + j));
-                for w in 0..W {
-                    c[i][w] = _mm256_fmadd_ps(a, b[w], c[i][w]);
-                }
-            }
-        }
-        for i in 0..R {
-            for w in 0..W {
-                _mm256_storeu_ps(acc.add(i * d + 8 * w), c[i][w]);
-            }
-        }
-    }
-
-    /// s[j] = scale · q·k_j for j < ncols (k: rows of d values), without a transposed
-    /// block: 8 keys at a time, one accumulator per key over d, then a horizontal-add tree
-    /// turns the 8 accumulators into one vector of 8 scores. For few query rows (decode),
-    /// where transposing the block would cost as much as the products.
-    #[inline(always)]
-    unsafe fn qk_dots<E: Elem>(
-        q: *const f32,
-        k: *const u8,
-        d: usize,
-        ncols: usize,
-        scale: __m256,
-        s: *mut f32,
-    ) {
-        let mut j = 0;
-        while j + 8 <= ncols {
-            let mut a = [_mm256_setzero_ps(); 8];
-            let mut t = 0;
-            while t < d {
-                let qv = _mm256_loadu_ps(q.add(t));
-                for (kk, x) in a.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(qv, E::load8(k.add(((j + kk) * d + t) * E::BYTES)), *x);
-                }
-                t += 8;
-            }
-            let h01 = _mm256_hadd_ps(a[0], a[1]);
-            let h23 = _mm256_hadd_ps(a[2], a[3]);
-            let h45 = _mm256_hadd_ps(a[4], a[5]);
-            let h67 = _mm256_hadd_ps(a[6], a[7]);
-            let h0123 = _mm256_hadd_ps(h01, h23);
-            let h4567 = _mm256_hadd_ps(h45, h67);
-            let lo = _mm256_permute2f128_ps::<0x20>(h0123, h4567);
-            let hi = _mm256_permute2f128_ps::<0x31>(h0123, h4567);
-            _mm256_storeu_ps(s.add(j), _mm256_mul_ps(_mm256_add_ps(lo, hi), scale));
-            j += 8;
-        }
-        while j < ncols {
-            let mut a = _mm256_setzero_ps();
-            let mut t = 0;
-            while t < d {
-                a = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(q.add(t)),
-                    E::load8(k.add((j * d + t) * E::BYTES)),
-                    a,
-                );
-                t += 8;
-            }
-            *s.add(j) = hsum(a) * _mm256_cvtss_f32(scale);
-            j += 1;
-        }
-    }
-
-    /// Scores of R rows against `ncols` keys of the transposed block, then P·V.
-    #[inline(always)]
+/// The vector steps of one instruction set that the shared tiling (`drive`) calls. Rows
+/// of the score buffer hold `KB` floats; `LANES` is the vector width the softmax steps
+/// round a row up to (the columns past the visible keys hold -inf).
+#[cfg(target_arch = "x86_64")]
+trait Simd {
+    const LANES: usize;
+    /// kt[t·KB + j] = k[j·d + t] for j < nb ≤ KB, t < d.
+    unsafe fn transpose<E: Elem>(k: *const u8, d: usize, nb: usize, kt: *mut f32);
+    /// s[i·KB + j] = scale · Σ_t q[i·qs + t] · kt[t·KB + j] for i < R, j < ncols (the
+    /// columns up to the next vector multiple are written too).
     unsafe fn qk_rows<const R: usize>(
         q: *const f32,
         qs: usize,
         kt: *const f32,
         d: usize,
         ncols: usize,
-        scale: __m256,
+        scale: f32,
         s: *mut f32,
-    ) {
-        let mut jc = 0;
-        while jc < ncols {
-            qk_tile::<R>(q, qs, kt.add(jc), d, scale, s.add(jc));
-            jc += 16;
-        }
-    }
-
-    #[inline(always)]
+    );
+    /// s[j] = scale · q·k_j for j < ncols, straight from the rows of K.
+    unsafe fn qk_dots<E: Elem>(
+        q: *const f32,
+        k: *const u8,
+        d: usize,
+        ncols: usize,
+        scale: f32,
+        s: *mut f32,
+    );
+    /// acc[i·d + c] += Σ_{j<n} p[i·KB + j] · v[j·d + c] for i < R, c < d.
     unsafe fn pv_rows<E: Elem, const R: usize>(
         p: *const f32,
         v: *const u8,
         d: usize,
         n: usize,
         acc: *mut f32,
-    ) {
-        let mut c = 0;
-        while c + 16 <= d {
-            pv_tile::<E, R, 2>(p, v.add(c * E::BYTES), d, n, acc.add(c));
-            c += 16;
-        }
-        if c < d {
-            pv_tile::<E, R, 1>(p, v.add(c * E::BYTES), d, n, acc.add(c));
-        }
-    }
+    );
+    /// max of row[0..n] (n a multiple of LANES).
+    unsafe fn row_max(row: *const f32, n: usize) -> f32;
+    /// row[j] = exp(row[j] - m) for j < n (n a multiple of LANES); returns the sum.
+    unsafe fn exp_sum(row: *mut f32, n: usize, m: f32) -> f32;
+}
 
-    macro_rules! dispatch_rows {
-        ($r:expr, $f:ident [$($g:ty),*], $($arg:expr),*) => {
-            match $r {
-                1 => $f::<$($g,)* 1>($($arg),*),
-                2 => $f::<$($g,)* 2>($($arg),*),
-                3 => $f::<$($g,)* 3>($($arg),*),
-                4 => $f::<$($g,)* 4>($($arg),*),
-                5 => $f::<$($g,)* 5>($($arg),*),
-                _ => $f::<$($g,)* 6>($($arg),*),
-            }
+/// Calls `$f::<[$g,] R>` for a micro-tile of `$r` rows (1..=MR).
+macro_rules! dispatch_rows {
+    ($r:expr, $s:ident :: $f:ident [$($g:ty),*], $($arg:expr),*) => {
+        match $r {
+            1 => $s::$f::<$($g,)* 1>($($arg),*),
+            2 => $s::$f::<$($g,)* 2>($($arg),*),
+            3 => $s::$f::<$($g,)* 3>($($arg),*),
+            4 => $s::$f::<$($g,)* 4>($($arg),*),
+            5 => $s::$f::<$($g,)* 5>($($arg),*),
+            _ => $s::$f::<$($g,)* 6>($($arg),*),
+        }
+    };
+}
+
+/// The tiling of the module comment over one instruction set `S` (inlined into each set's
+/// `#[target_feature]` entry point, so its vector steps compile with those features), for
+/// the query heads of one group: each key sub-block is transposed once, then every head's
+/// row tiles run against it.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn drive<S: Simd, E: Elem>(
+    queries: &[&[f32]],
+    q_stride: usize,
+    k: *const u8,
+    v: *const u8,
+    nk: usize,
+    scale: f32,
+    mask: &BlockMask,
+    states: &mut [Partial],
+) {
+    let Some(d) = states.first().map(|st| st.d) else {
+        return;
+    };
+    let nq = states[0].rows();
+    if mask.tile_is_masked(nq, nk) {
+        return;
+    }
+    let vis: Vec<usize> = (0..nq).map(|i| mask.visible_keys(i, nk)).collect();
+    // Few rows: dot products straight from K (see `qk_dots`).
+    let direct = nq < DIRECT_ROWS;
+    // Transposed key sub-block; one score row of slack for the last micro-tile's columns.
+    let mut kt = vec![0.0f32; if direct { 0 } else { d * KB + KB }];
+    let mut s = [0.0f32; MR * KB];
+    let segments = mask.q_segments.zip(mask.k_segments);
+    for j0 in (0..nk).step_by(KB) {
+        let nb = KB.min(nk - j0);
+        // Causal rows see a non-decreasing number of keys: start at the first row that
+        // sees any key of this sub-block.
+        let Some(first) = (0..nq).find(|&i| vis[i] > j0) else {
+            continue;
         };
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend<E: Elem>(
-        q: &[f32],
-        q_stride: usize,
-        k: *const u8,
-        v: *const u8,
-        nk: usize,
-        scale: f32,
-        mask: &BlockMask,
-        state: &mut Partial,
-    ) {
-        let d = state.d;
-        let nq = state.rows();
-        if mask.tile_is_masked(nq, nk) {
-            return;
+        if !direct {
+            S::transpose::<E>(k.add(j0 * d * E::BYTES), d, nb, kt.as_mut_ptr());
         }
-        let vis: Vec<usize> = (0..nq).map(|i| mask.visible_keys(i, nk)).collect();
-        // Transposed key sub-block; +16 columns of slack for the last 16-key micro-tile.
-        let mut kt = vec![0.0f32; if nq < DIRECT_ROWS { 0 } else { d * KB + 16 }];
-        let mut s = [0.0f32; MR * KB];
-        let scale_v = _mm256_set1_ps(scale);
-        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
-        let segments = mask.q_segments.zip(mask.k_segments);
-        // Few rows: dot products straight from K (see `qk_dots`).
-        let direct = nq < DIRECT_ROWS;
-        for j0 in (0..nk).step_by(KB) {
-            let nb = KB.min(nk - j0);
-            // Causal rows see a non-decreasing number of keys: start at the first row that
-            // sees any key of this sub-block.
-            let Some(first) = (0..nq).find(|&i| vis[i] > j0) else {
-                continue;
-            };
-            if !direct {
-                transpose::<E>(k.add(j0 * d * E::BYTES), d, nb, kt.as_mut_ptr());
-            }
+        for (q, state) in queries.iter().zip(states.iter_mut()) {
             let mut r0 = first;
             while r0 < nq {
                 let mr = MR.min(nq - r0);
@@ -470,31 +442,22 @@ mod avx2 {
                 if direct {
                     for i in 0..mr {
                         let qi = q.as_ptr().add((r0 + i) * q_stride);
-                        qk_dots::<E>(
+                        S::qk_dots::<E>(
                             qi,
                             k.add(j0 * d * E::BYTES),
                             d,
                             ncols,
-                            scale_v,
+                            scale,
                             sp.add(i * KB),
                         );
                     }
                 } else {
-                    dispatch_rows!(
-                        mr,
-                        qk_rows[],
-                        q.as_ptr().add(r0 * q_stride),
-                        q_stride,
-                        kt.as_ptr(),
-                        d,
-                        ncols,
-                        scale_v,
-                        sp
-                    );
+                    let q0 = q.as_ptr().add(r0 * q_stride);
+                    dispatch_rows!(mr, S::qk_rows[], q0, q_stride, kt.as_ptr(), d, ncols, scale, sp);
                 }
-                let ncols8 = ncols.next_multiple_of(8);
+                let ncols_v = ncols.next_multiple_of(S::LANES);
                 for i in 0..mr {
-                    let row = &mut s[i * KB..i * KB + ncols8];
+                    let row = &mut s[i * KB..i * KB + ncols_v];
                     let n_vis = vis[r0 + i].saturating_sub(j0).min(ncols);
                     row[n_vis..].fill(f32::NEG_INFINITY);
                     if let Some((qseg, kseg)) = segments {
@@ -505,12 +468,7 @@ mod avx2 {
                             }
                         }
                     }
-                    let rp = row.as_mut_ptr();
-                    let mut mx = neg_inf;
-                    for c in (0..ncols8).step_by(8) {
-                        mx = _mm256_max_ps(mx, _mm256_loadu_ps(rp.add(c)));
-                    }
-                    let row_max = hmax(mx);
+                    let row_max = S::row_max(row.as_ptr(), ncols_v);
                     if row_max == f32::NEG_INFINITY {
                         // Nothing visible in this sub-block: P = 0, state unchanged.
                         row.fill(0.0);
@@ -519,38 +477,29 @@ mod avx2 {
                     let gi = r0 + i;
                     let m_old = state.m[gi];
                     let m_new = m_old.max(row_max);
-                    let mv = _mm256_set1_ps(m_new);
-                    let mut sum = _mm256_setzero_ps();
-                    for c in (0..ncols8).step_by(8) {
-                        let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(rp.add(c)), mv));
-                        sum = _mm256_add_ps(sum, e);
-                        _mm256_storeu_ps(rp.add(c), e);
-                    }
-                    let correction = (m_old - m_new).exp();
+                    let sum = S::exp_sum(row.as_mut_ptr(), ncols_v, m_new);
+                    // exp(0) = 1 exactly: skip the libm call when the running max stands.
+                    let correction = if m_new > m_old {
+                        (m_old - m_new).exp()
+                    } else {
+                        1.0
+                    };
                     if correction != 1.0 {
                         for x in &mut state.acc[gi * d..(gi + 1) * d] {
                             *x *= correction;
                         }
                     }
-                    state.l[gi] = state.l[gi] * correction + hsum(sum);
+                    state.l[gi] = state.l[gi] * correction + sum;
                     state.m[gi] = m_new;
                 }
                 let ap = state.acc.as_mut_ptr().add(r0 * d);
-                dispatch_rows!(
-                    mr,
-                    pv_rows[E],
-                    s.as_ptr(),
-                    v.add(j0 * d * E::BYTES),
-                    d,
-                    ncols,
-                    ap
-                );
+                let vp = v.add(j0 * d * E::BYTES);
+                dispatch_rows!(mr, S::pv_rows[E], s.as_ptr(), vp, d, ncols, ap);
                 r0 += mr;
             }
         }
     }
 }
-
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use std::arch::x86_64::*;
@@ -561,14 +510,7 @@ mod tests {
             return;
         }
         let xs: Vec<f32> = (0..4000).map(|i| -(i as f32) * 0.0225).collect();
-        for c in xs.chunks_exact(8) {
-            // SAFETY: AVX2/FMA detected above.
-            let got: [f32; 8] = unsafe {
-                let mut o = [0.0f32; 8];
-                let attempt = super::avx2::exp_ps(_mm256_loadu_ps(c.as_ptr()));
-                _mm256_storeu_ps(o.as_mut_ptr(), attempt);
-                o
-            };
+        let check = |c: &[f32], got: &[f32]| {
             for (x, g) in c.iter().zip(got) {
                 let want = x.exp();
                 let tol = if *x < -87.0 {
@@ -578,6 +520,16 @@ mod tests {
                 };
                 assert!((g - want).abs() <= tol, "exp({x}) = {g}, libm {want}");
             }
+        };
+        for c in xs.chunks_exact(8) {
+            // SAFETY: AVX2/FMA detected above.
+            let got: [f32; 8] = unsafe {
+                let mut o = [0.0f32; 8];
+                let attempt = super::avx2::exp_ps(_mm256_loadu_ps(c.as_ptr()));
+                _mm256_storeu_ps(o.as_mut_ptr(), attempt);
+                o
+            };
+            check(c, &got);
         }
         // -inf gives exactly 0.
         let z = unsafe {
@@ -589,19 +541,89 @@ mod tests {
             o
         };
         assert_eq!(z, [0.0; 8]);
+        #[cfg(feature = "avx512-attention")]
+        exp16_matches_libm_and_avx2(&xs, check);
+    }
+
+    #[cfg(feature = "avx512-attention")]
+    fn exp16_matches_libm_and_avx2(xs: &[f32], check: impl Fn(&[f32], &[f32])) {
+        if !super::supports(super::AttnIsa::Avx512, 16) {
+            eprintln!("no AVX-512F: its exp not tested");
+            return;
+        }
+        for c in xs.chunks_exact(16) {
+            // SAFETY: AVX-512F detected above.
+            let (got, narrow) = unsafe { exp16(c) };
+            check(c, &got);
+            // Lane for lane the same bits as the AVX2 polynomial.
+            assert_eq!(got, narrow);
+        }
+        let (z, _) = unsafe { exp16(&[f32::NEG_INFINITY; 16]) };
+        assert_eq!(z, [0.0; 16]);
+    }
+
+    /// exp of 16 values with the AVX-512 kernel, and with the AVX2 one 8 at a time.
+    #[cfg(feature = "avx512-attention")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn exp16(c: &[f32]) -> ([f32; 16], [f32; 16]) {
+        let mut o = [0.0f32; 16];
+        _mm512_storeu_ps(
+            o.as_mut_ptr(),
+            super::avx512::exp_ps(_mm512_loadu_ps(c.as_ptr())),
+        );
+        let mut n = [0.0f32; 16];
+        for h in 0..2 {
+            let e = super::avx2::exp_ps(_mm256_loadu_ps(c.as_ptr().add(8 * h)));
+            _mm256_storeu_ps(n.as_mut_ptr().add(8 * h), e);
+        }
+        (o, n)
     }
 }
 
 #[cfg(test)]
 mod equivalence {
+    use super::{attend_group_with, supports, AttnIsa, KvBlock};
     use crate::attention::tests::{max_diff, rand_vec};
     use crate::attention::{attend_block_portable, reference_attention, BlockMask, Partial};
 
-    /// Attend `nq` rows (positions q_pos0..) to keys 0..nk in blocks of `kb` with either
-    /// kernel; returns the finished output and the lse (0 where nothing was attended).
+    /// One head's rows against one block on `isa`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_one(
+        isa: AttnIsa,
+        q: &[f32],
+        q_stride: usize,
+        block: KvBlock,
+        scale: f32,
+        mask: &BlockMask,
+        state: &mut Partial,
+    ) {
+        attend_group_with(
+            isa,
+            &[q],
+            q_stride,
+            block,
+            scale,
+            mask,
+            std::slice::from_mut(state),
+        );
+    }
+
+    /// The instruction sets this CPU can run for head size d.
+    fn isas(d: usize) -> Vec<AttnIsa> {
+        let all = [AttnIsa::Avx2, AttnIsa::Avx512];
+        let here: Vec<AttnIsa> = all.into_iter().filter(|&i| supports(i, d)).collect();
+        if here.len() < 2 {
+            eprintln!("d={d}: only {here:?} of {all:?} run on this CPU");
+        }
+        here
+    }
+
+    /// Attend `nq` rows (positions q_pos0..) to keys 0..nk in blocks of `kb` with a SIMD
+    /// kernel (`Some(isa)`) or the portable loop; returns the finished output and the lse
+    /// (0 where nothing was attended).
     #[allow(clippy::too_many_arguments)]
     fn run(
-        simd: bool,
+        isa: Option<AttnIsa>,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -624,10 +646,17 @@ mod equivalence {
             };
             let (kk, vv) = (&k[k0 * d..k1 * d], &v[k0 * d..k1 * d]);
             let scale = 1.0 / (d as f32).sqrt();
-            if simd {
-                super::attend_block_simd(q, d, kk, vv, scale, &mask, &mut st);
-            } else {
-                attend_block_portable(q, d, kk, vv, scale, &mask, &mut st);
+            match isa {
+                Some(isa) => attend_one(
+                    isa,
+                    q,
+                    d,
+                    KvBlock::F32 { k: kk, v: vv },
+                    scale,
+                    &mask,
+                    &mut st,
+                ),
+                None => attend_block_portable(q, d, kk, vv, scale, &mask, &mut st),
             }
         }
         let mut out = vec![0.0; nq * d];
@@ -641,13 +670,10 @@ mod equivalence {
     }
 
     #[test]
-    fn simd_kernel_equals_portable_and_reference_on_odd_shapes() {
-        if !super::available(64) {
-            eprintln!("no AVX2+FMA: SIMD attention kernel not tested");
-            return;
-        }
+    fn simd_kernels_equal_portable_and_reference_on_odd_shapes() {
         let mut seed = 100;
-        for d in [64, 128, 24] {
+        for d in [64, 128, 24, 16, 80] {
+            let isas = isas(d);
             for (nq, nk, q_pos0, kb) in [
                 (1, 1, 0, 256),
                 (5, 17, 12, 7),
@@ -666,101 +692,176 @@ mod equivalence {
                 let kseg: Vec<u32> = (0..nk as u32).map(|j| j / 9).collect();
                 for causal in [true, false] {
                     for seg in [None, Some((&qseg[..], &kseg[..]))] {
-                        let (a, la) = run(true, &q, &k, &v, d, q_pos0, kb, causal, seg);
-                        let (b, lb) = run(false, &q, &k, &v, d, q_pos0, kb, causal, seg);
-                        let what = format!(
-                            "d={d} nq={nq} nk={nk} pos={q_pos0} kb={kb} causal={causal} seg={}",
-                            seg.is_some()
-                        );
-                        assert!(max_diff(&a, &b) < 1e-5, "{what}: out {}", max_diff(&a, &b));
-                        assert!(
-                            max_diff(&la, &lb) < 1e-5,
-                            "{what}: lse {}",
-                            max_diff(&la, &lb)
-                        );
+                        let (b, lb) = run(None, &q, &k, &v, d, q_pos0, kb, causal, seg);
                         // Keys 0..nk sit at positions 0..nk, so the plain softmax applies.
                         let r = reference_attention(&q, &k, &v, d, q_pos0, causal, seg);
-                        assert!(
-                            max_diff(&a, &r) < 1e-5,
-                            "{what}: vs reference {}",
-                            max_diff(&a, &r)
-                        );
+                        for &isa in &isas {
+                            let (a, la) = run(Some(isa), &q, &k, &v, d, q_pos0, kb, causal, seg);
+                            let what = format!(
+                                "{isa:?} d={d} nq={nq} nk={nk} pos={q_pos0} kb={kb} causal={causal} seg={}",
+                                seg.is_some()
+                            );
+                            assert!(max_diff(&a, &b) < 1e-5, "{what}: out {}", max_diff(&a, &b));
+                            assert!(
+                                max_diff(&la, &lb) < 1e-5,
+                                "{what}: lse {}",
+                                max_diff(&la, &lb)
+                            );
+                            assert!(
+                                max_diff(&a, &r) < 1e-5,
+                                "{what}: vs reference {}",
+                                max_diff(&a, &r)
+                            );
+                        }
                     }
                 }
             }
         }
     }
 
+    /// The heads of one GQA group attended together (one transpose per key sub-block) give
+    /// each head exactly the numbers of attending it alone, f32 and f16 blocks, prefill
+    /// and decode row counts, causal offsets that leave early rows with nothing visible.
     #[test]
-    fn simd_kernel_keeps_strided_queries_and_prior_state() {
-        if !super::available(64) {
-            return;
+    fn group_of_heads_equals_each_head_alone() {
+        use crate::quant::kv::KvType;
+        let (d, heads) = (64, 3);
+        for isa in isas(d) {
+            for (nq, nk, q_pos0) in [(1, 300, 299), (2, 70, 69), (20, 131, 100), (64, 256, 40)] {
+                let width = heads * d;
+                let q = rand_vec(nq * width, nq as u64);
+                let k = rand_vec(nk * d, 7);
+                let v = rand_vec(nk * d, 8);
+                let mut kb = vec![0u8; nk * KvType::F16.row_bytes(d)];
+                let mut vb = kb.clone();
+                for (rows, bytes) in [(&k, &mut kb), (&v, &mut vb)] {
+                    for (row, out) in rows
+                        .chunks_exact(d)
+                        .zip(bytes.chunks_exact_mut(KvType::F16.row_bytes(d)))
+                    {
+                        KvType::F16.encode_row(row, out);
+                    }
+                }
+                let mask = BlockMask::causal(q_pos0, 0);
+                let queries: Vec<&[f32]> = (0..heads).map(|h| &q[h * d..]).collect();
+                let fresh = || (0..heads).map(|_| Partial::new(nq, d)).collect::<Vec<_>>();
+                let (mut g32, mut g16) = (fresh(), fresh());
+                let b32 = KvBlock::F32 { k: &k, v: &v };
+                let b16 = KvBlock::F16 { k: &kb, v: &vb };
+                attend_group_with(isa, &queries, width, b32, 0.125, &mask, &mut g32);
+                attend_group_with(isa, &queries, width, b16, 0.125, &mask, &mut g16);
+                for h in 0..heads {
+                    let (mut a32, mut a16) = (Partial::new(nq, d), Partial::new(nq, d));
+                    attend_one(isa, queries[h], width, b32, 0.125, &mask, &mut a32);
+                    attend_one(isa, queries[h], width, b16, 0.125, &mask, &mut a16);
+                    let what = format!("{isa:?} nq={nq} nk={nk} head {h}");
+                    assert_eq!(
+                        (&g32[h].acc, &g32[h].m, &g32[h].l),
+                        (&a32.acc, &a32.m, &a32.l),
+                        "{what} f32"
+                    );
+                    assert_eq!(
+                        (&g16[h].acc, &g16[h].m, &g16[h].l),
+                        (&a16.acc, &a16.m, &a16.l),
+                        "{what} f16"
+                    );
+                }
+            }
         }
+    }
+
+    #[test]
+    fn simd_kernels_keep_strided_queries_and_prior_state() {
         // Queries with a row stride wider than d (heads interleaved), and a partial that
         // already holds a previous block whose scores are larger (the correction path).
         let (d, nq, nk, stride) = (64, 9, 70, 3 * 64);
         let q = rand_vec(nq * stride, 1);
         let k = rand_vec(nk * d, 2);
         let v = rand_vec(nk * d, 3);
-        let states: Vec<Partial> = [true, false]
-            .into_iter()
-            .map(|simd| {
-                let mut st = Partial::new(nq, d);
-                for (lo, hi) in [(40, 70), (0, 40)] {
-                    let mask = BlockMask::full();
-                    let (kk, vv) = (&k[lo * d..hi * d], &v[lo * d..hi * d]);
-                    if simd {
-                        super::attend_block_simd(&q[d..], stride, kk, vv, 0.3, &mask, &mut st);
-                    } else {
-                        attend_block_portable(&q[d..], stride, kk, vv, 0.3, &mask, &mut st);
+        let attend = |isa: Option<AttnIsa>| {
+            let mut st = Partial::new(nq, d);
+            for (lo, hi) in [(40, 70), (0, 40)] {
+                let mask = BlockMask::full();
+                let (kk, vv) = (&k[lo * d..hi * d], &v[lo * d..hi * d]);
+                match isa {
+                    Some(isa) => {
+                        let block = KvBlock::F32 { k: kk, v: vv };
+                        attend_one(isa, &q[d..], stride, block, 0.3, &mask, &mut st)
                     }
+                    None => attend_block_portable(&q[d..], stride, kk, vv, 0.3, &mask, &mut st),
                 }
-                st
-            })
-            .collect();
-        assert!(max_diff(&states[0].acc, &states[1].acc) < 1e-4);
-        assert!(max_diff(&states[0].m, &states[1].m) < 1e-5);
-        assert!(max_diff(&states[0].l, &states[1].l) < 1e-4);
+            }
+            st
+        };
+        let want = attend(None);
+        for isa in isas(d) {
+            let got = attend(Some(isa));
+            assert!(max_diff(&got.acc, &want.acc) < 1e-4, "{isa:?}");
+            assert!(max_diff(&got.m, &want.m) < 1e-5, "{isa:?}");
+            assert!(max_diff(&got.l, &want.l) < 1e-4, "{isa:?}");
+        }
     }
 }
 
 #[cfg(test)]
 mod f16_blocks {
+    use super::equivalence::attend_one;
+    use super::{supports, AttnIsa, KvBlock};
     use crate::attention::{BlockMask, Partial};
     use crate::quant::kv::KvType;
 
     /// Reading an f16 block in registers gives exactly the numbers of decoding it to f32
-    /// first, for decode-sized (direct scores) and prefill-sized (transposed) row counts.
+    /// first, for decode-sized (direct scores) and prefill-sized (transposed) row counts,
+    /// on each instruction set.
     #[test]
     fn f16_kernel_equals_kernel_on_decoded_rows() {
-        if !super::available(64) {
-            return;
-        }
-        for (nq, nk, d) in [(1, 77, 64), (3, 256, 64), (20, 131, 64), (7, 40, 128)] {
-            let x = crate::rng::XorShift::new(nq as u64).vec((nq + 2 * nk) * d, -2.0, 2.0);
-            let (q, kv) = x.split_at(nq * d);
-            let mut bytes = vec![0u8; 2 * nk * KvType::F16.row_bytes(d)];
-            for (row, out) in kv
-                .chunks_exact(d)
-                .zip(bytes.chunks_exact_mut(KvType::F16.row_bytes(d)))
-            {
-                KvType::F16.encode_row(row, out);
+        for isa in [AttnIsa::Avx2, AttnIsa::Avx512] {
+            for (nq, nk, d) in [(1, 77, 64), (3, 256, 64), (20, 131, 64), (7, 40, 128)] {
+                if !supports(isa, d) {
+                    eprintln!("{isa:?} unavailable: f16 blocks not tested on it");
+                    continue;
+                }
+                let x = crate::rng::XorShift::new(nq as u64).vec((nq + 2 * nk) * d, -2.0, 2.0);
+                let (q, kv) = x.split_at(nq * d);
+                let mut bytes = vec![0u8; 2 * nk * KvType::F16.row_bytes(d)];
+                for (row, out) in kv
+                    .chunks_exact(d)
+                    .zip(bytes.chunks_exact_mut(KvType::F16.row_bytes(d)))
+                {
+                    KvType::F16.encode_row(row, out);
+                }
+                let (kb, vb) = bytes.split_at(nk * KvType::F16.row_bytes(d));
+                let mut k = vec![0.0; nk * d];
+                let mut v = vec![0.0; nk * d];
+                KvType::F16.decode_rows(kb, d, &mut k);
+                KvType::F16.decode_rows(vb, d, &mut v);
+                let mask = BlockMask::causal(nk - nq, 0);
+                let mut a = Partial::new(nq, d);
+                let mut b = Partial::new(nq, d);
+                attend_one(
+                    isa,
+                    q,
+                    d,
+                    KvBlock::F16 { k: kb, v: vb },
+                    0.125,
+                    &mask,
+                    &mut a,
+                );
+                attend_one(
+                    isa,
+                    q,
+                    d,
+                    KvBlock::F32 { k: &k, v: &v },
+                    0.125,
+                    &mask,
+                    &mut b,
+                );
+                assert_eq!(
+                    (&a.acc, &a.m, &a.l),
+                    (&b.acc, &b.m, &b.l),
+                    "{isa:?} nq={nq} nk={nk} d={d}"
+                );
             }
-            let (kb, vb) = bytes.split_at(nk * KvType::F16.row_bytes(d));
-            let mut k = vec![0.0; nk * d];
-            let mut v = vec![0.0; nk * d];
-            KvType::F16.decode_rows(kb, d, &mut k);
-            KvType::F16.decode_rows(vb, d, &mut v);
-            let mask = BlockMask::causal(nk - nq, 0);
-            let mut a = Partial::new(nq, d);
-            let mut b = Partial::new(nq, d);
-            super::attend_block_f16(q, d, kb, vb, 0.125, &mask, &mut a);
-            super::attend_block_simd(q, d, &k, &v, 0.125, &mask, &mut b);
-            assert_eq!(
-                (&a.acc, &a.m, &a.l),
-                (&b.acc, &b.m, &b.l),
-                "nq={nq} nk={nk} d={d}"
-            );
         }
     }
 }

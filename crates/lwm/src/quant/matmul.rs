@@ -37,8 +37,9 @@ enum Isa {
     Vnni,
 }
 
-/// `LWM_KERNEL` (read once): `scalar` or `avx2` caps what `Kernel::Auto` picks.
-fn auto_cap() -> Kernel {
+/// `LWM_KERNEL` (read once): `scalar` or `avx2` caps what `Kernel::Auto` picks (here and
+/// in the attention kernel); `Kernel::Auto` when unset.
+pub fn kernel_cap() -> Kernel {
     use std::sync::OnceLock;
     static CAP: OnceLock<Kernel> = OnceLock::new();
     *CAP.get_or_init(|| match std::env::var("LWM_KERNEL").as_deref() {
@@ -55,7 +56,7 @@ fn auto_cap() -> Kernel {
 }
 
 fn resolve(kernel: Kernel) -> Result<Isa> {
-    let kernel = match (kernel, auto_cap()) {
+    let kernel = match (kernel, kernel_cap()) {
         (Kernel::Auto, Kernel::Avx2) if has_avx2() => Kernel::Avx2,
         (Kernel::Auto, Kernel::Scalar) => Kernel::Scalar,
         (k, _) => k,

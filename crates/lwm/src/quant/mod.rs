@@ -24,7 +24,9 @@ pub mod q4_1_x8;
 pub mod q8;
 pub mod q8_0;
 
-pub use matmul::{matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions};
+pub use matmul::{
+    kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
+};
 
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
