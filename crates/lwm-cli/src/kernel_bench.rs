@@ -1,13 +1,14 @@
-//! `lwm bench --kernels`: the machine's FP32 FMA peak (a register-only AVX2 loop) next to
-//! the attention kernel's achieved FLOP/s, both on the same threads.
+//! `lwm bench --kernels`: the machine's FP32 FMA peak (register-only AVX2 and AVX-512
+//! loops) next to the attention kernel's achieved FLOP/s, both on the same threads.
 //!
-//! Peak: 10 independent 8-lane FMA chains per thread (enough to cover FMA latency × ports),
-//! 2 flops per lane per FMA. Attention: `causal_attention_quant` for `q_rows` new rows of a
+//! Peak: 10 independent 8- or 16-lane FMA chains per thread (enough to cover FMA latency ×
+//! ports), 2 flops per lane per FMA; the faster width is the peak. Attention: `causal_attention_quant` for `q_rows` new rows of a
 //! 9-head / 3-KV-head / d=64 layer (the default model's shape) against `depth` cached keys;
 //! flops = 4·d per (query head, visible key) pair (q·k and p·v, 2 each), softmax not counted.
 
 use anyhow::Result;
 use lwm::attention::{causal_attention_quant, Chunking};
+use lwm::attention_kernel::{attend_group_with, isa_for, supports, AttnIsa, KvBlock};
 use lwm::kv_cache::{KvCache, KvTypes};
 use std::time::Instant;
 
@@ -32,38 +33,80 @@ unsafe fn fma_loop(iters: u64) -> f32 {
     out.iter().sum()
 }
 
-/// GFLOP/s of the FMA loop on `threads` threads at once: the best of 5 short runs, since
-/// on a shared machine any one run can lose its core for part of the time.
-pub fn fma_peak_gflops(threads: usize) -> Option<f64> {
+/// The same 10 chains on 16-lane vectors (CPUs with two 512-bit FMA units double the
+/// AVX2 figure; those that split them in halves, as Zen 4, match it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(0.0); 10];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for x in acc {
+        s = _mm512_add_ps(s, x);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+/// GFLOP/s of the FMA loop on `threads` threads at once: the best of 5 short runs (on a
+/// shared machine any one run can lose its core for part of the time), on 8-lane (AVX2)
+/// or 16-lane (AVX-512) vectors; None when the CPU lacks them.
+pub fn fma_peak_gflops(threads: usize, lanes: usize) -> Option<f64> {
     (0..5)
-        .filter_map(|_| fma_peak_once(threads))
+        .filter_map(|_| fma_peak_once(threads, lanes))
         .max_by(f64::total_cmp)
 }
 
-fn fma_peak_once(threads: usize) -> Option<f64> {
+fn fma_peak_once(threads: usize, lanes: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        let have = match lanes {
+            8 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            16 => is_x86_feature_detected!("avx512f"),
+            _ => false,
+        };
+        if !have {
             return None;
         }
         let iters: u64 = 20_000_000;
         let t = Instant::now();
         let sink: f32 = std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads.max(1))
-                // SAFETY: AVX2 and FMA detected above.
-                .map(|_| s.spawn(move || unsafe { fma_loop(iters) }))
+                // SAFETY: the instruction set was detected above.
+                .map(|_| {
+                    s.spawn(move || unsafe {
+                        if lanes == 16 {
+                            fma_loop512(iters)
+                        } else {
+                            fma_loop(iters)
+                        }
+                    })
+                })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
         });
         std::hint::black_box(sink);
-        let flops = threads.max(1) as f64 * iters as f64 * 10.0 * 8.0 * 2.0;
+        let flops = threads.max(1) as f64 * iters as f64 * 10.0 * lanes as f64 * 2.0;
         Some(flops / t.elapsed().as_secs_f64() / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = threads;
+        let _ = (threads, lanes);
         None
     }
+}
+
+/// The machine's FP32 FMA peak: the faster of the two vector widths, and each of them.
+fn best_peak(threads: usize) -> (Option<f64>, [Option<f64>; 2]) {
+    let each = [fma_peak_gflops(threads, 8), fma_peak_gflops(threads, 16)];
+    let best = each.into_iter().flatten().max_by(f64::total_cmp);
+    (best, each)
 }
 
 /// GFLOP/s of the attention kernel (median of `reps`) for `q_rows` rows at `depth`.
@@ -199,9 +242,10 @@ pub fn quant_matmul_secs(
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Single-thread GFLOP/s of `attend_block` for one head's 64 query rows against `depth`
-/// keys in blocks of 256.
-pub fn primitive_gflops(depth: usize) -> f64 {
+/// Single-thread GFLOP/s of the attention primitive for one head's 64 query rows against
+/// `depth` keys in blocks of 256: `attend_block` as the engine calls it (`None`), or the
+/// tiled kernel on one instruction set.
+pub fn primitive_gflops(depth: usize, isa: Option<AttnIsa>) -> f64 {
     use lwm::attention::{attend_block, BlockMask, Partial};
     let (nq, d, kc) = (64, 64, 256);
     let q = lwm::rng::XorShift::new(5).vec(nq * d, -1.0, 1.0);
@@ -211,15 +255,16 @@ pub fn primitive_gflops(depth: usize) -> f64 {
     let mut st = Partial::new(nq, d);
     for k0 in (0..depth).step_by(kc) {
         let k1 = (k0 + kc).min(depth);
-        attend_block(
-            &q,
-            d,
-            &k[k0 * d..k1 * d],
-            &v[k0 * d..k1 * d],
-            0.125,
-            &BlockMask::full(),
-            &mut st,
-        );
+        let (kb, vb) = (&k[k0 * d..k1 * d], &v[k0 * d..k1 * d]);
+        let mask = BlockMask::full();
+        match isa {
+            Some(isa) => {
+                let block = KvBlock::F32 { k: kb, v: vb };
+                let st = std::slice::from_mut(&mut st);
+                attend_group_with(isa, &[&q], d, block, 0.125, &mask, st)
+            }
+            None => attend_block(&q, d, kb, vb, 0.125, &mask, &mut st),
+        }
     }
     std::hint::black_box(&st);
     (nq * depth * 4 * d) as f64 / t.elapsed().as_secs_f64() / 1e9
@@ -227,21 +272,43 @@ pub fn primitive_gflops(depth: usize) -> f64 {
 
 /// Print the peak and the kernel's figures (and return them as JSON).
 pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
-    let peak = fma_peak_gflops(threads);
+    let (peak, each) = best_peak(threads);
     let mut rows = Vec::new();
     println!("| kernel | GFLOP/s | % of FMA peak |");
     println!("|---|---|---|");
-    match peak {
-        Some(p) => println!("| FMA peak, {threads} threads (AVX2, 10 chains) | {p:.1} | 100% |"),
-        None => println!("| FMA peak | n/a (no AVX2+FMA) | |"),
+    for (isa, width_peak) in ["AVX2", "AVX-512"].into_iter().zip(each) {
+        match (width_peak, peak) {
+            (Some(p), Some(best)) => println!(
+                "| FMA peak, {threads} threads ({isa}, 10 chains) | {p:.1} | {:.0}% |",
+                100.0 * p / best
+            ),
+            _ => println!("| FMA peak ({isa}) | n/a (not on this CPU) | |"),
+        }
     }
-    let one = fma_peak_gflops(1);
-    let primitive = primitive_gflops(8192);
+    let one = best_peak(1).0;
+    let primitive = primitive_gflops(8192, None);
+    let of_one = |g: f64| one.map_or("n/a".into(), |p| format!("{:.0}%", 100.0 * g / p));
     println!(
-        "| attend_block, 1 thread, 64 rows × 8192 keys | {primitive:.1} | {} of 1-thread peak {:.1} |",
-        one.map_or("n/a".into(), |p| format!("{:.0}%", 100.0 * primitive / p)),
+        "| attend_block ({}), 1 thread, 64 rows × 8192 keys | {primitive:.1} | {} of 1-thread peak {:.1} |",
+        isa_for(64).map_or("portable".into(), |i| format!("{i:?}")),
+        of_one(primitive),
         one.unwrap_or(f64::NAN)
     );
+    // Each instruction set on its own (best of 3: one core of a shared machine).
+    let mut by_isa = serde_json::Map::new();
+    for isa in [AttnIsa::Avx2, AttnIsa::Avx512] {
+        if !supports(isa, 64) {
+            continue;
+        }
+        let g = (0..3)
+            .map(|_| primitive_gflops(8192, Some(isa)))
+            .fold(0.0, f64::max);
+        println!(
+            "| tiled kernel {isa:?}, 1 thread, 64 rows × 8192 keys, best of 3 | {g:.1} | {} of 1-thread peak |",
+            of_one(g)
+        );
+        by_isa.insert(format!("{isa:?}"), g.into());
+    }
     for (kv, q_rows, depth) in [
         (KvTypes::F32, 512, 0),
         (KvTypes::F16, 512, 0),
@@ -315,6 +382,6 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         vnni.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rows": rows, "cols": cols, "n": n, "avx2_ms": t2 * 1e3, "vnni_ms": tv * 1e3}));
     }
     Ok(
-        serde_json::json!({"quant_vnni_vs_avx2": vnni, "q4_1_matvec": matvec, "fma_peak_gflops": peak, "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "threads": threads, "attention": rows}),
+        serde_json::json!({"quant_vnni_vs_avx2": vnni, "q4_1_matvec": matvec, "fma_peak_gflops": peak, "fma_peak_avx2_gflops": each[0], "fma_peak_avx512_gflops": each[1], "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "tiled_1_thread_gflops_by_isa": by_isa, "threads": threads, "attention": rows}),
     )
 }
