@@ -3,25 +3,15 @@
 
 #![allow(clippy::needless_range_loop)] // register tiles are indexed by row and lane group
 
-use super::{drive, BlockMask, Elem, Partial, Simd, KB};
+use super::{drive, Elem, Job, Partial, Simd, KB};
 use std::arch::x86_64::*;
 
 pub(super) struct Avx2;
 
 /// Entry point: the shared tiling compiled with AVX2.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn attend<E: Elem>(
-    queries: &[&[f32]],
-    q_stride: usize,
-    k: *const u8,
-    v: *const u8,
-    nk: usize,
-    scale: f32,
-    mask: &BlockMask,
-    states: &mut [Partial],
-) {
-    drive::<Avx2, E>(queries, q_stride, k, v, nk, scale, mask, states)
+pub(super) unsafe fn attend<E: Elem>(job: &Job, states: &mut [Partial]) {
+    drive::<Avx2, E>(job, states)
 }
 
 /// exp(x) per lane for x ≤ 0 (or -inf); see the module comment.

@@ -12,25 +12,15 @@
 #![allow(clippy::needless_range_loop)] // register tiles are indexed by row and lane group
 
 use super::avx2;
-use super::{drive, BlockMask, Elem, Partial, Simd, KB};
+use super::{drive, Elem, Job, Partial, Simd, KB};
 use std::arch::x86_64::*;
 
 pub(super) struct Avx512;
 
 /// Entry point: the shared tiling compiled with AVX-512F (AVX2 for the transposes).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn attend<E: Elem>(
-    queries: &[&[f32]],
-    q_stride: usize,
-    k: *const u8,
-    v: *const u8,
-    nk: usize,
-    scale: f32,
-    mask: &BlockMask,
-    states: &mut [Partial],
-) {
-    drive::<Avx512, E>(queries, q_stride, k, v, nk, scale, mask, states)
+pub(super) unsafe fn attend<E: Elem>(job: &Job, states: &mut [Partial]) {
+    drive::<Avx512, E>(job, states)
 }
 
 /// exp(x) per lane for x ≤ 0 (or -inf): the AVX2 polynomial, lane for lane the same bits.

@@ -238,41 +238,60 @@ pub fn attend_group_with(
         match block {
             KvBlock::F32 { k, v } => {
                 let (k, v) = (k.as_ptr() as *const u8, v.as_ptr() as *const u8);
-                attend_raw::<F32>(isa, queries, q_stride, k, v, nk, scale, mask, states)
+                let job = Job {
+                    queries,
+                    q_stride,
+                    k,
+                    v,
+                    nk,
+                    scale,
+                    mask,
+                };
+                attend_raw::<F32>(isa, &job, states)
             }
             KvBlock::F16 { k, v } => {
                 let (k, v) = (k.as_ptr(), v.as_ptr());
-                attend_raw::<F16>(isa, queries, q_stride, k, v, nk, scale, mask, states)
+                let job = Job {
+                    queries,
+                    q_stride,
+                    k,
+                    v,
+                    nk,
+                    scale,
+                    mask,
+                };
+                attend_raw::<F16>(isa, &job, states)
             }
         }
     }
 }
 
-/// The checked entry points' common tail: the instruction set's kernel over element type
-/// `E`. Safety: `isa` is supported and `k`, `v` hold `nk` rows of d elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_raw<E: Elem>(
-    isa: AttnIsa,
-    queries: &[&[f32]],
+/// One checked call: the query heads of a group (`queries[h]`, rows of stride `q_stride`)
+/// against one block of `nk` K and V rows of d elements of the kernel's element type.
+struct Job<'a> {
+    queries: &'a [&'a [f32]],
     q_stride: usize,
     k: *const u8,
     v: *const u8,
     nk: usize,
     scale: f32,
-    mask: &BlockMask,
-    states: &mut [Partial],
-) {
+    mask: &'a BlockMask<'a>,
+}
+
+/// The checked entry points' common tail: the instruction set's kernel over element type
+/// `E`. Safety: `isa` is supported and `job.k`, `job.v` hold `nk` rows of d elements.
+unsafe fn attend_raw<E: Elem>(isa: AttnIsa, job: &Job, states: &mut [Partial]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        AttnIsa::Avx2 => avx2::attend::<E>(queries, q_stride, k, v, nk, scale, mask, states),
+        AttnIsa::Avx2 => avx2::attend::<E>(job, states),
         #[cfg(feature = "avx512-attention")]
-        AttnIsa::Avx512 => avx512::attend::<E>(queries, q_stride, k, v, nk, scale, mask, states),
+        AttnIsa::Avx512 => avx512::attend::<E>(job, states),
         #[cfg(not(feature = "avx512-attention"))]
         AttnIsa::Avx512 => unreachable!("checked by supports()"),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, queries, q_stride, k, v, nk, scale, mask, states);
+        let _ = (isa, job, states);
         unreachable!("checked by supports()");
     }
 }
@@ -397,18 +416,17 @@ macro_rules! dispatch_rows {
 /// the query heads of one group: each key sub-block is transposed once, then every head's
 /// row tiles run against it.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn drive<S: Simd, E: Elem>(
-    queries: &[&[f32]],
-    q_stride: usize,
-    k: *const u8,
-    v: *const u8,
-    nk: usize,
-    scale: f32,
-    mask: &BlockMask,
-    states: &mut [Partial],
-) {
+unsafe fn drive<S: Simd, E: Elem>(job: &Job, states: &mut [Partial]) {
+    let Job {
+        queries,
+        q_stride,
+        k,
+        v,
+        nk,
+        scale,
+        mask,
+    } = *job;
     let Some(d) = states.first().map(|st| st.d) else {
         return;
     };
