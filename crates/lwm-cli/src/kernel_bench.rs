@@ -2,9 +2,10 @@
 //! loops) next to the attention kernel's achieved FLOP/s, both on the same threads.
 //!
 //! Peak: 10 independent 8- or 16-lane FMA chains per thread (enough to cover FMA latency ×
-//! ports), 2 flops per lane per FMA; the faster width is the peak. Attention: `causal_attention_quant` for `q_rows` new rows of a
-//! 9-head / 3-KV-head / d=64 layer (the default model's shape) against `depth` cached keys;
-//! flops = 4·d per (query head, visible key) pair (q·k and p·v, 2 each), softmax not counted.
+//! ports), 2 flops per lane per FMA; the faster width is the peak. Attention:
+//! `causal_attention_quant` for `q_rows` new rows of a 9-head / 3-KV-head / d=64 layer (the
+//! default model's shape) against `depth` cached keys; flops = 4·d per (query head, visible
+//! key) pair (q·k and p·v, 2 each), softmax not counted.
 
 use anyhow::Result;
 use lwm::attention::{causal_attention_quant, Chunking};

@@ -193,7 +193,6 @@ pub fn attend_block(
 /// `attend_block` for the query heads of one GQA group against one shared key/value block
 /// (`queries[h]` updating `states[h]`, all with the same rows and mask): the SIMD kernel
 /// prepares each key sub-block once for all heads. Same numbers per head as `attend_block`.
-#[allow(clippy::too_many_arguments)]
 pub fn attend_group(
     queries: &[&[f32]],
     q_stride: usize,
@@ -206,7 +205,7 @@ pub fn attend_group(
     let d = states.first().map_or(0, |st| st.d);
     if crate::attention_kernel::available(d) {
         let block = crate::attention_kernel::KvBlock::F32 { k, v };
-        crate::attention_kernel::attend_group(queries, q_stride, block, scale, mask, states);
+        crate::attention_kernel::attend_group_simd(queries, q_stride, block, scale, mask, states);
     } else {
         for (q, st) in queries.iter().zip(states.iter_mut()) {
             attend_block_portable(q, q_stride, k, v, scale, mask, st);
@@ -492,7 +491,7 @@ pub fn causal_attention_quant(
             if !mask.tile_is_masked(rows, k1 - k0) && direct_f16 {
                 let (kb, vb) = kv.stored_block(g, k0, k1);
                 let block = crate::attention_kernel::KvBlock::F16 { k: kb, v: vb };
-                crate::attention_kernel::attend_group(
+                crate::attention_kernel::attend_group_simd(
                     &queries,
                     width,
                     block,

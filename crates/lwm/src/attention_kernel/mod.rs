@@ -167,7 +167,7 @@ pub fn attend_block_simd(
     state: &mut Partial,
 ) {
     let block = KvBlock::F32 { k, v };
-    attend_group(
+    attend_group_simd(
         &[q],
         q_stride,
         block,
@@ -189,7 +189,7 @@ pub fn attend_block_f16(
     state: &mut Partial,
 ) {
     let block = KvBlock::F16 { k, v };
-    attend_group(
+    attend_group_simd(
         &[q],
         q_stride,
         block,
@@ -203,7 +203,7 @@ pub fn attend_block_f16(
 /// updating `states[h]`) against one shared key/value block: each key sub-block is
 /// transposed once for all of them instead of once per head. Same numbers per head as
 /// attending it alone. Callers check `available(d)` first.
-pub fn attend_group(
+pub fn attend_group_simd(
     queries: &[&[f32]],
     q_stride: usize,
     block: KvBlock,
@@ -218,7 +218,7 @@ pub fn attend_group(
     attend_group_with(isa, queries, q_stride, block, scale, mask, states);
 }
 
-/// `attend_group` on the named instruction set (which `supports` must allow).
+/// `attend_group_simd` on the named instruction set (which `supports` must allow).
 pub fn attend_group_with(
     isa: AttnIsa,
     queries: &[&[f32]],
@@ -232,36 +232,25 @@ pub fn attend_group_with(
         return;
     };
     let nk = block.rows(d);
+    let (k, v) = match block {
+        KvBlock::F32 { k, v } => (k.as_ptr() as *const u8, v.as_ptr() as *const u8),
+        KvBlock::F16 { k, v } => (k.as_ptr(), v.as_ptr()),
+    };
+    let job = Job {
+        queries,
+        q_stride,
+        k,
+        v,
+        nk,
+        scale,
+        mask,
+    };
     // SAFETY: the instruction set was detected (`check_query_rows`); `rows` checked that
     // K and V hold nk rows of d elements.
     unsafe {
         match block {
-            KvBlock::F32 { k, v } => {
-                let (k, v) = (k.as_ptr() as *const u8, v.as_ptr() as *const u8);
-                let job = Job {
-                    queries,
-                    q_stride,
-                    k,
-                    v,
-                    nk,
-                    scale,
-                    mask,
-                };
-                attend_raw::<F32>(isa, &job, states)
-            }
-            KvBlock::F16 { k, v } => {
-                let (k, v) = (k.as_ptr(), v.as_ptr());
-                let job = Job {
-                    queries,
-                    q_stride,
-                    k,
-                    v,
-                    nk,
-                    scale,
-                    mask,
-                };
-                attend_raw::<F16>(isa, &job, states)
-            }
+            KvBlock::F32 { .. } => attend_raw::<F32>(isa, &job, states),
+            KvBlock::F16 { .. } => attend_raw::<F16>(isa, &job, states),
         }
     }
 }
@@ -518,6 +507,7 @@ unsafe fn drive<S: Simd, E: Elem>(job: &Job, states: &mut [Partial]) {
         }
     }
 }
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use std::arch::x86_64::*;
