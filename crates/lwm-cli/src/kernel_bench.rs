@@ -172,21 +172,21 @@ fn random_qmatrix(
     }
 }
 
-/// Weight GB/s of the Q4_1 mat-vec (decode's product) for a `rows × cols` matrix in
-/// `layout`, on the calling thread only: the best of `reps` timings of 64 products each,
-/// so a moment without the core doesn't count. The matrix (≈ rows·cols·0.625 bytes) stays
-/// in cache at the default model's sizes, so this is the kernel's arithmetic speed, not
-/// memory bandwidth.
-pub fn q4_1_matvec_gbps(
+/// Weight GB/s of the mat-vec (decode's product) for a `rows × cols` matrix of `dtype` in
+/// `layout`, on the calling thread only (or all threads): the best of `reps` timings of 64
+/// products each, so a moment without the core doesn't count. Matrices under 8 MB stay in
+/// cache, so there this is the kernel's arithmetic speed, not memory bandwidth.
+pub fn matvec_gbps(
+    dtype: lwm::quant::QType,
     layout: lwm::quant::Layout,
     rows: usize,
     cols: usize,
     reps: usize,
     single_thread: bool,
 ) -> f64 {
-    use lwm::quant::{matmul_with, Kernel, MatmulOptions, QType};
+    use lwm::quant::{matmul_with, Kernel, MatmulOptions};
     let mut rng = lwm::rng::XorShift::new(11);
-    let Some(w) = random_qmatrix(&mut rng, QType::Q4_1, rows, cols, Some(layout)) else {
+    let Some(w) = random_qmatrix(&mut rng, dtype, rows, cols, Some(layout)) else {
         return f64::NAN;
     };
     let x = rng.vec(cols, -1.0, 1.0);
@@ -328,27 +328,31 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
     }
     println!();
     println!(
-        "| Q4_1 mat-vec (decode), best of {} | row layout GB/s | interleaved x8 GB/s | ratio |",
+        "| mat-vec (decode), best of {} | row layout GB/s | interleaved x8 GB/s | ratio |",
         reps * 10
     );
     println!("|---|---|---|---|");
     let mut matvec = Vec::new();
-    // The default model's shapes in cache (the kernel's arithmetic), then a 47 MB matrix on
-    // all threads (out of this machine's 32 MB L3: memory bandwidth, as in a decode step).
-    for (rows, cols, single) in [
-        (1536, 576, true),
-        (576, 1536, true),
-        (576, 576, true),
-        (49152, 1536, false),
+    // The default model's shapes in cache (the kernel's arithmetic), then matrices of 30 MB
+    // and more on all threads (beyond this machine's L3: memory bandwidth, as in a decode
+    // step). Q8_0 49152 × 576 is the default model's output head.
+    use lwm::quant::{Layout, QType};
+    for (dtype, x8_layout, rows, cols, single) in [
+        (QType::Q4_1, Layout::Q4_1X8, 1536, 576, true),
+        (QType::Q4_1, Layout::Q4_1X8, 576, 1536, true),
+        (QType::Q4_1, Layout::Q4_1X8, 576, 576, true),
+        (QType::Q4_1, Layout::Q4_1X8, 49152, 1536, false),
+        (QType::Q8_0, Layout::Q8_0X8, 4096, 576, true),
+        (QType::Q8_0, Layout::Q8_0X8, 49152, 576, false),
     ] {
-        let plain = q4_1_matvec_gbps(lwm::quant::Layout::Rows, rows, cols, reps * 10, single);
-        let x8 = q4_1_matvec_gbps(lwm::quant::Layout::Q4_1X8, rows, cols, reps * 10, single);
+        let plain = matvec_gbps(dtype, Layout::Rows, rows, cols, reps * 10, single);
+        let x8 = matvec_gbps(dtype, x8_layout, rows, cols, reps * 10, single);
         let used = if single { 1 } else { threads };
         println!(
-            "| {rows} × {cols}, {used} thread(s) | {plain:.1} | {x8:.1} | {:.2}x |",
+            "| {dtype:?} {rows} × {cols}, {used} thread(s) | {plain:.1} | {x8:.1} | {:.2}x |",
             x8 / plain
         );
-        matvec.push(serde_json::json!({"rows": rows, "cols": cols, "threads": used, "row_layout_gbps": plain, "x8_gbps": x8}));
+        matvec.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rows": rows, "cols": cols, "threads": used, "row_layout_gbps": plain, "x8_gbps": x8}));
     }
     println!();
     println!(
@@ -383,6 +387,6 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         vnni.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rows": rows, "cols": cols, "n": n, "avx2_ms": t2 * 1e3, "vnni_ms": tv * 1e3}));
     }
     Ok(
-        serde_json::json!({"quant_vnni_vs_avx2": vnni, "q4_1_matvec": matvec, "fma_peak_gflops": peak, "fma_peak_avx2_gflops": each[0], "fma_peak_avx512_gflops": each[1], "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "tiled_1_thread_gflops_by_isa": by_isa, "threads": threads, "attention": rows}),
+        serde_json::json!({"quant_vnni_vs_avx2": vnni, "matvec": matvec, "fma_peak_gflops": peak, "fma_peak_avx2_gflops": each[0], "fma_peak_avx512_gflops": each[1], "fma_peak_1_thread_gflops": one, "attend_block_1_thread_gflops": primitive, "tiled_1_thread_gflops_by_isa": by_isa, "threads": threads, "attention": rows}),
     )
 }

@@ -333,93 +333,104 @@ fn scalar_and_avx2_kernels_agree_bit_for_bit() {
     }
 }
 
-/// Decode's interleaved Q4_1 layout (8 rows per group, `Layout::Q4_1X8`) holds the same
-/// blocks and gives the row layout's results bit for bit, for mat-vec and batches, scalar
-/// and AVX2, whole matrices and the fused product; it dequantizes rows identically.
+/// Decode's interleaved layouts (8 rows per group, `Layout::Q4_1X8` and `Layout::Q8_0X8`)
+/// hold the same blocks and give the row layout's results bit for bit, for mat-vec and
+/// batches, scalar and AVX2, whole matrices and the fused product; they dequantize rows
+/// identically.
 #[test]
-fn interleaved_q4_1_equals_the_row_layout_bit_for_bit() {
+fn interleaved_layouts_equal_the_row_layout_bit_for_bit() {
     let mut seed = 500;
-    for (rows, cols) in [(8, 32), (64, 576), (576, 1536), (1000, 96)] {
-        let plain = rand_matrix(QType::Q4_1, rows, cols, seed);
-        assert_eq!(
-            plain.layout,
-            Layout::Q4_1X8,
-            "new() interleaves rows % 8 == 0"
-        );
-        let rows_layout = QMatrix::with_layout(
-            QType::Q4_1,
-            rows,
-            cols,
-            {
-                // Re-create the GGUF bytes from the dequantization-equal generator.
-                let m = rand_matrix(QType::Q4_1, rows, cols, seed);
-                let mut raw = vec![0u8; m.data.len()];
-                let rb = cols / 32 * 20;
-                for r in 0..rows {
-                    lwm::quant::q4_1_x8::gather_row(
-                        &m.data,
-                        cols / 32,
-                        r,
-                        &mut raw[r * rb..(r + 1) * rb],
-                    );
+    for (dtype, layout) in [(QType::Q4_1, Layout::Q4_1X8), (QType::Q8_0, Layout::Q8_0X8)] {
+        for (rows, cols) in [(8, 32), (64, 576), (576, 1536), (1000, 96)] {
+            let plain = rand_matrix(dtype, rows, cols, seed);
+            assert_eq!(plain.layout, layout, "new() interleaves rows % 8 == 0");
+            let rows_layout = QMatrix::with_layout(
+                dtype,
+                rows,
+                cols,
+                {
+                    // Re-create the GGUF bytes from the interleaved matrix.
+                    let mut raw = vec![0u8; plain.data.len()];
+                    let (nb, rb) = (cols / 32, plain.row_bytes());
+                    for r in 0..rows {
+                        let out = &mut raw[r * rb..(r + 1) * rb];
+                        match dtype {
+                            QType::Q4_1 => lwm::quant::q4_1_x8::gather_row(&plain.data, nb, r, out),
+                            QType::Q8_0 => lwm::quant::q8_0_x8::gather_row(&plain.data, nb, r, out),
+                        }
+                    }
+                    Arc::from(raw)
+                },
+                Layout::Rows,
+            )
+            .unwrap();
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in [0, rows / 2, rows - 1] {
+                plain.dequantize_row(r, &mut a);
+                rows_layout.dequantize_row(r, &mut b);
+                assert_eq!(bits(&a), bits(&b), "{dtype:?} row {r}");
+            }
+            for n in [1, 2, 3, 4, 5, 9] {
+                seed += 1;
+                let x = rand_vec(n * cols, seed, [0.02f32, 1.0, 30.0][seed as usize % 3]);
+                let mut kernels = vec![Kernel::Scalar, Kernel::Auto];
+                if lwm::quant::has_avx2() {
+                    kernels.push(Kernel::Avx2);
                 }
-                Arc::from(raw)
-            },
-            Layout::Rows,
-        )
-        .unwrap();
-        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-        for r in [0, rows / 2, rows - 1] {
-            plain.dequantize_row(r, &mut a);
-            rows_layout.dequantize_row(r, &mut b);
-            assert_eq!(bits(&a), bits(&b), "row {r}");
-        }
-        for n in [1, 2, 3, 4, 5, 9] {
-            seed += 1;
-            let x = rand_vec(n * cols, seed, [0.02f32, 1.0, 30.0][seed as usize % 3]);
-            let mut kernels = vec![Kernel::Scalar, Kernel::Auto];
-            if lwm::quant::has_avx2() {
-                kernels.push(Kernel::Avx2);
-            }
-            if lwm::quant::has_avx512_vnni() {
-                kernels.push(Kernel::Avx512Vnni);
-            }
-            for &kernel in &kernels {
-                for single_thread in [true, false] {
-                    let opts = MatmulOptions {
-                        kernel,
-                        single_thread,
-                    };
-                    let want = matmul_with(&rows_layout, &x, n, &opts).unwrap();
-                    let got = matmul_with(&plain, &x, n, &opts).unwrap();
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want),
-                        "[{rows}x{cols}] n={n} {kernel:?} single_thread={single_thread}"
-                    );
+                if lwm::quant::has_avx512_vnni() {
+                    kernels.push(Kernel::Avx512Vnni);
+                }
+                for &kernel in &kernels {
+                    for single_thread in [true, false] {
+                        let opts = MatmulOptions {
+                            kernel,
+                            single_thread,
+                        };
+                        let want = matmul_with(&rows_layout, &x, n, &opts).unwrap();
+                        let got = matmul_with(&plain, &x, n, &opts).unwrap();
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{dtype:?} [{rows}x{cols}] n={n} {kernel:?} single_thread={single_thread}"
+                        );
+                    }
                 }
             }
         }
     }
-    assert!(
-        QMatrix::with_layout(
+    for (dtype, rows, bytes, layout, why) in [
+        (
             QType::Q4_1,
             12,
-            32,
-            Arc::from(vec![0u8; 240]),
-            Layout::Q4_1X8
-        )
-        .is_err(),
-        "12 rows are not whole groups of 8"
-    );
-    assert!(QMatrix::with_layout(
-        QType::Q8_0,
-        8,
-        32,
-        Arc::from(vec![0u8; 272]),
-        Layout::Q4_1X8
-    )
-    .is_err());
+            240,
+            Layout::Q4_1X8,
+            "12 rows are not whole groups of 8",
+        ),
+        (
+            QType::Q8_0,
+            12,
+            408,
+            Layout::Q8_0X8,
+            "12 rows are not whole groups of 8",
+        ),
+        (
+            QType::Q8_0,
+            8,
+            272,
+            Layout::Q4_1X8,
+            "Q8_0 blocks in the Q4_1 layout",
+        ),
+        (
+            QType::Q4_1,
+            8,
+            160,
+            Layout::Q8_0X8,
+            "Q4_1 blocks in the Q8_0 layout",
+        ),
+    ] {
+        let got = QMatrix::with_layout(dtype, rows, 32, Arc::from(vec![0u8; bytes]), layout);
+        assert!(got.is_err(), "{why}");
+    }
 }
 
 #[test]

@@ -3,16 +3,16 @@
 //! 1. Each activation row is quantized once (Q8_1 for Q4_1 weights, Q8_0 for Q8_0).
 //! 2. Weight rows are split into contiguous chunks run in parallel on the shared pool (`parallel`); inside a
 //!    chunk the kernels read each weight block once per group of activation rows (n > 1)
-//!    or share each activation block between 4 weight rows (n = 1). Q4_1 matrices stored
-//!    interleaved (`q4_1_x8`, whole groups of 8 rows per chunk) share it between 8 rows
-//!    and handle the 8 rows' scales and mins as vectors.
+//!    or share each activation block between 4 weight rows (n = 1). Matrices stored
+//!    interleaved (`q4_1_x8`, `q8_0_x8`, whole groups of 8 rows per chunk) share it
+//!    between 8 rows and handle the 8 rows' scales (and Q4_1's mins) as vectors.
 //!
 //! Every output element is one full-row dot product in llama.cpp's order (see `q4_1`,
 //! `q8_0`), computed by a single task, so the result is the same for any thread count or
 //! chunking.
 
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
-use super::{has_avx2, has_avx512_vnni, q4_1, q4_1_x8, q8_0, Layout, QMatrix, QType};
+use super::{has_avx2, has_avx512_vnni, q4_1, q4_1_x8, q8_0, q8_0_x8, Layout, QMatrix, QType};
 use anyhow::{bail, Result};
 
 /// Which kernels to run.
@@ -193,7 +193,19 @@ pub fn matmul_many_with(
                     q8::quantize_row_q8_0_scalar(xr, o)
                 }
             });
-            drive(ws, &acts, nb, n, par, |_, rows, stride, n_rows, ys, out| {
+            drive(ws, &acts, nb, n, par, |w, rows, stride, n_rows, ys, out| {
+                if w.layout == Layout::Q8_0X8 {
+                    // `rows` starts on a group boundary and n_rows is whole groups (`row_align`).
+                    let groups = n_rows / q8_0_x8::GROUP;
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: AVX2/FMA/F16C checked (`resolve`); `rows` holds `groups` groups.
+                        unsafe { q8_0_x8::avx2::groups_x_acts(rows, groups, ys, out) };
+                        return;
+                    }
+                    q8_0_x8::groups_x_acts_scalar(rows, groups, ys, out);
+                    return;
+                }
                 // Q8_0 stays on AVX2 under VNNI: `vpdpbusd` measured 0.5x (mat-vec) and 0.85x
                 // (64 rows) of `maddubs` + `madd` here on this format (`lwm bench --kernels`).
                 #[cfg(target_arch = "x86_64")]

@@ -17,12 +17,14 @@
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.
 
 pub mod ggml_cpu;
+pub mod interleave;
 pub mod kv;
 pub mod matmul;
 pub mod q4_1;
 pub mod q4_1_x8;
 pub mod q8;
 pub mod q8_0;
+pub mod q8_0_x8;
 
 pub use matmul::{
     kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
@@ -55,7 +57,12 @@ pub enum Layout {
     Rows,
     /// Q4_1 rows interleaved in groups of 8 (`q4_1_x8`), the decode layout; same bytes.
     Q4_1X8,
+    /// Q8_0 rows interleaved in groups of 8 (`q8_0_x8`), the decode layout; same bytes.
+    Q8_0X8,
 }
+
+/// A layout's copying shuffle: (row-major bytes, rows, blocks per row) -> its bytes.
+type Shuffle = fn(&[u8], usize, usize) -> Vec<u8>;
 
 /// Quantized weight matrix `[rows = out, cols = in]`: GGUF's raw blocks, in `layout`
 /// order (`new` picks the fastest layout the kernels have for the type and shape).
@@ -69,13 +76,14 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    /// From GGUF's row-major blocks; Q4_1 matrices whose row count is a multiple of 8 are
-    /// interleaved (`Layout::Q4_1X8`), which makes decode's mat-vec about twice as cheap.
+    /// From GGUF's row-major blocks; matrices whose row count is a multiple of 8 are
+    /// interleaved (`Layout::Q4_1X8`, `Layout::Q8_0X8`), which makes decode's mat-vec
+    /// cheaper (Q4_1 about twice).
     pub fn new(dtype: QType, rows: usize, cols: usize, data: Arc<[u8]>) -> Result<Self> {
-        let layout = if dtype == QType::Q4_1 && rows.is_multiple_of(q4_1_x8::GROUP) {
-            Layout::Q4_1X8
-        } else {
-            Layout::Rows
+        let layout = match dtype {
+            _ if !rows.is_multiple_of(q4_1_x8::GROUP) => Layout::Rows,
+            QType::Q4_1 => Layout::Q4_1X8,
+            QType::Q8_0 => Layout::Q8_0X8,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -103,14 +111,37 @@ impl QMatrix {
         }
         let data = match layout {
             Layout::Rows => data,
-            Layout::Q4_1X8 => {
-                if dtype != QType::Q4_1 || !rows.is_multiple_of(q4_1_x8::GROUP) {
+            Layout::Q4_1X8 | Layout::Q8_0X8 => {
+                let (wants, in_place, copied): (QType, fn(&mut [u8], usize, usize), Shuffle) =
+                    match layout {
+                        Layout::Q4_1X8 => (
+                            QType::Q4_1,
+                            q4_1_x8::interleave_in_place,
+                            q4_1_x8::interleave,
+                        ),
+                        _ => (
+                            QType::Q8_0,
+                            q8_0_x8::interleave_in_place,
+                            q8_0_x8::interleave,
+                        ),
+                    };
+                if dtype != wants || !rows.is_multiple_of(interleave::GROUP) {
                     bail!(
-                        "the interleaved Q4_1 layout needs Q4_1 rows in multiples of {}, got {dtype:?} with {rows} rows",
-                        q4_1_x8::GROUP
+                        "the interleaved {wants:?} layout needs {wants:?} rows in multiples of {}, got {dtype:?} with {rows} rows",
+                        interleave::GROUP
                     );
                 }
-                Arc::from(q4_1_x8::interleave(&data, rows, cols / q8::QK))
+                let nb = cols / q8::QK;
+                let mut data = data;
+                // A freshly loaded matrix is ours alone: shuffle it where it lies (the
+                // 30 MB output head would otherwise exist twice while loading).
+                match Arc::get_mut(&mut data) {
+                    Some(bytes) => {
+                        in_place(bytes, rows, nb);
+                        data
+                    }
+                    None => Arc::from(copied(&data, rows, nb)),
+                }
             }
         };
         Ok(Self {
@@ -127,6 +158,7 @@ impl QMatrix {
         match self.layout {
             Layout::Rows => 1,
             Layout::Q4_1X8 => q4_1_x8::GROUP,
+            Layout::Q8_0X8 => q8_0_x8::GROUP,
         }
     }
 
@@ -161,9 +193,14 @@ impl QMatrix {
         let gathered;
         let row = match self.layout {
             Layout::Rows => &self.data[r * rb..(r + 1) * rb],
-            Layout::Q4_1X8 => {
+            Layout::Q4_1X8 | Layout::Q8_0X8 => {
                 let mut g = vec![0u8; rb];
-                q4_1_x8::gather_row(&self.data, self.cols / q8::QK, r, &mut g);
+                let nb = self.cols / q8::QK;
+                if self.layout == Layout::Q4_1X8 {
+                    q4_1_x8::gather_row(&self.data, nb, r, &mut g);
+                } else {
+                    q8_0_x8::gather_row(&self.data, nb, r, &mut g);
+                }
                 gathered = g;
                 &gathered[..]
             }

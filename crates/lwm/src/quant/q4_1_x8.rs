@@ -22,57 +22,36 @@
 //! (low nibbles) and 4–7 (high nibbles) of two rows side by side, which only renames lanes:
 //! each lane still sees the same sequence of FMAs, and the final sum pairs them as ggml does.
 
+use super::interleave;
 use super::q4_1::{self, BLOCK_BYTES};
 use super::q8::{BlockQ8_1, QK};
 
 /// Rows per interleaved group.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = interleave::GROUP;
 /// Bytes of one (group, block) cell: 8 scales, 8 mins, 8 × 16 nibble bytes.
 pub const CELL_BYTES: usize = GROUP * BLOCK_BYTES;
+/// A Q4_1 block's fields: `d`, `m`, the 16 nibble bytes.
+const FIELDS: [usize; 3] = [2, 2, 16];
 
 /// GGUF row-major Q4_1 blocks (`rows` a multiple of 8) -> the interleaved layout.
 pub fn interleave(rows_data: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    debug_assert_eq!(rows % GROUP, 0);
-    debug_assert_eq!(rows_data.len(), rows * nb * BLOCK_BYTES);
-    let rb = nb * BLOCK_BYTES;
-    let mut out = vec![0u8; rows_data.len()];
-    for g in 0..rows / GROUP {
-        for b in 0..nb {
-            let cell = &mut out[(g * nb + b) * CELL_BYTES..][..CELL_BYTES];
-            for j in 0..GROUP {
-                let src = &rows_data[(g * GROUP + j) * rb + b * BLOCK_BYTES..][..BLOCK_BYTES];
-                cell[2 * j..2 * j + 2].copy_from_slice(&src[0..2]);
-                cell[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&src[2..4]);
-                cell[32 + 16 * j..32 + 16 * j + 16].copy_from_slice(&src[4..20]);
-            }
-        }
-    }
-    out
+    interleave::interleave(rows_data, rows, nb, &FIELDS)
+}
+
+/// `interleave` over the matrix's own bytes (no second copy).
+pub fn interleave_in_place(data: &mut [u8], rows: usize, nb: usize) {
+    interleave::interleave_in_place(data, rows, nb, &FIELDS)
 }
 
 /// Row `r` of an interleaved matrix back in GGUF's row layout (`out`: nb · 20 bytes).
 pub fn gather_row(data: &[u8], nb: usize, r: usize, out: &mut [u8]) {
-    let (g, j) = (r / GROUP, r % GROUP);
-    for (b, dst) in out.chunks_exact_mut(BLOCK_BYTES).enumerate().take(nb) {
-        let cell = &data[(g * nb + b) * CELL_BYTES..][..CELL_BYTES];
-        dst[0..2].copy_from_slice(&cell[2 * j..2 * j + 2]);
-        dst[2..4].copy_from_slice(&cell[16 + 2 * j..16 + 2 * j + 2]);
-        dst[4..20].copy_from_slice(&cell[32 + 16 * j..32 + 16 * j + 16]);
-    }
+    interleave::gather_row(data, nb, r, &FIELDS, out)
 }
 
 /// Scalar: `n_groups` groups (starting at `w`) against every activation row in `ys`;
 /// `out[(row) * n + a]`, as `q4_1::dot_scalar` on each gathered row.
 pub fn groups_x_acts_scalar(w: &[u8], n_groups: usize, ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-    let nb = ys.first().map_or(0, |y| y.len());
-    let n = ys.len();
-    let mut row = vec![0u8; nb * BLOCK_BYTES];
-    for r in 0..n_groups * GROUP {
-        gather_row(w, nb, r, &mut row);
-        for (a, y) in ys.iter().enumerate() {
-            out[r * n + a] = q4_1::dot_scalar(&row, y);
-        }
-    }
+    interleave::groups_x_acts_scalar(w, n_groups, ys, &FIELDS, q4_1::dot_scalar, out)
 }
 
 const _: () = assert!(QK == 32);
@@ -318,26 +297,6 @@ pub(crate) mod avx2 {
                     a += take;
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interleave_then_gather_gives_back_every_row() {
-        let (rows, nb) = (16, 3);
-        let data: Vec<u8> = (0..rows * nb * BLOCK_BYTES)
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
-        let x8 = interleave(&data, rows, nb);
-        assert_eq!(x8.len(), data.len());
-        let mut row = vec![0u8; nb * BLOCK_BYTES];
-        for r in 0..rows {
-            gather_row(&x8, nb, r, &mut row);
-            assert_eq!(row, &data[r * nb * BLOCK_BYTES..(r + 1) * nb * BLOCK_BYTES]);
         }
     }
 }

@@ -57,8 +57,9 @@ pub(crate) mod avx2 {
     use super::BLOCK_BYTES;
     use std::arch::x86_64::*;
 
+    /// ggml's `hsum_float_8`: ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).
     #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(x: __m256) -> f32 {
         let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -75,7 +76,12 @@ pub(crate) mod avx2 {
     /// 8 lanes of Σ of 4 consecutive signed products (exact), as f32.
     #[inline(always)]
     unsafe fn lane_sums(qx: __m256i, y: &BlockQ8_0) -> __m256 {
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        lane_sums_of(qx, _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i))
+    }
+
+    /// `lane_sums` with the activation quants already loaded.
+    #[inline(always)]
+    pub(crate) unsafe fn lane_sums_of(qx: __m256i, qy: __m256i) -> __m256 {
         let ax = _mm256_sign_epi8(qx, qx);
         let sy = _mm256_sign_epi8(qy, qx);
         let p16 = _mm256_maddubs_epi16(ax, sy);
