@@ -108,6 +108,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut decode = Vec::new();
     for rep in 0..a.warmup + a.reps {
         let mut cache = engine.model.new_cache();
+        // As `lwm generate` does: room for the whole run up front, so the peak RSS is the
+        // cache's size, not that of 180 per-head buffers grown by doubling as they fill.
+        cache.reserve_total(a.prompt_tokens + a.gen_tokens);
         let t0 = Instant::now();
         let mut last_report = Instant::now();
         let mut logits = engine
