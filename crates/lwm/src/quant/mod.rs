@@ -63,6 +63,8 @@ pub enum Layout {
 
 /// A layout's copying shuffle: (row-major bytes, rows, blocks per row) -> its bytes.
 type Shuffle = fn(&[u8], usize, usize) -> Vec<u8>;
+/// The same shuffle over the bytes where they lie.
+type ShuffleInPlace = fn(&mut [u8], usize, usize);
 
 /// Quantized weight matrix `[rows = out, cols = in]`: GGUF's raw blocks, in `layout`
 /// order (`new` picks the fastest layout the kernels have for the type and shape).
@@ -112,19 +114,18 @@ impl QMatrix {
         let data = match layout {
             Layout::Rows => data,
             Layout::Q4_1X8 | Layout::Q8_0X8 => {
-                let (wants, in_place, copied): (QType, fn(&mut [u8], usize, usize), Shuffle) =
-                    match layout {
-                        Layout::Q4_1X8 => (
-                            QType::Q4_1,
-                            q4_1_x8::interleave_in_place,
-                            q4_1_x8::interleave,
-                        ),
-                        _ => (
-                            QType::Q8_0,
-                            q8_0_x8::interleave_in_place,
-                            q8_0_x8::interleave,
-                        ),
-                    };
+                let (wants, in_place, copied): (QType, ShuffleInPlace, Shuffle) = match layout {
+                    Layout::Q4_1X8 => (
+                        QType::Q4_1,
+                        q4_1_x8::interleave_in_place,
+                        q4_1_x8::interleave,
+                    ),
+                    _ => (
+                        QType::Q8_0,
+                        q8_0_x8::interleave_in_place,
+                        q8_0_x8::interleave,
+                    ),
+                };
                 if dtype != wants || !rows.is_multiple_of(interleave::GROUP) {
                     bail!(
                         "the interleaved {wants:?} layout needs {wants:?} rows in multiples of {}, got {dtype:?} with {rows} rows",
