@@ -354,10 +354,13 @@ fn interleaved_layouts_equal_the_row_layout_bit_for_bit() {
                     let (nb, rb) = (cols / 32, plain.row_bytes());
                     for r in 0..rows {
                         let out = &mut raw[r * rb..(r + 1) * rb];
-                        match dtype {
-                            QType::Q4_1 => lwm::quant::q4_1_x8::gather_row(&plain.data, nb, r, out),
-                            QType::Q8_0 => lwm::quant::q8_0_x8::gather_row(&plain.data, nb, r, out),
-                        }
+                        lwm::quant::interleave::gather_row(
+                            &plain.data,
+                            nb,
+                            r,
+                            dtype.block_fields(),
+                            out,
+                        );
                     }
                     Arc::from(raw)
                 },

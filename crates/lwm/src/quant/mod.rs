@@ -61,10 +61,26 @@ pub enum Layout {
     Q8_0X8,
 }
 
-/// A layout's copying shuffle: (row-major bytes, rows, blocks per row) -> its bytes.
-type Shuffle = fn(&[u8], usize, usize) -> Vec<u8>;
-/// The same shuffle over the bytes where they lie.
-type ShuffleInPlace = fn(&mut [u8], usize, usize);
+impl Layout {
+    /// The block type an interleaved layout holds (`None` for `Rows`).
+    fn interleaved_type(self) -> Option<QType> {
+        match self {
+            Layout::Rows => None,
+            Layout::Q4_1X8 => Some(QType::Q4_1),
+            Layout::Q8_0X8 => Some(QType::Q8_0),
+        }
+    }
+}
+
+impl QType {
+    /// A block's fields in bytes, in order: what `interleave` places side by side.
+    pub fn block_fields(self) -> &'static [usize] {
+        match self {
+            QType::Q4_1 => &q4_1_x8::FIELDS,
+            QType::Q8_0 => &q8_0_x8::FIELDS,
+        }
+    }
+}
 
 /// Quantized weight matrix `[rows = out, cols = in]`: GGUF's raw blocks, in `layout`
 /// order (`new` picks the fastest layout the kernels have for the type and shape).
@@ -83,7 +99,7 @@ impl QMatrix {
     /// cheaper (Q4_1 about twice).
     pub fn new(dtype: QType, rows: usize, cols: usize, data: Arc<[u8]>) -> Result<Self> {
         let layout = match dtype {
-            _ if !rows.is_multiple_of(q4_1_x8::GROUP) => Layout::Rows,
+            _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
         };
@@ -111,37 +127,25 @@ impl QMatrix {
                 data.len()
             );
         }
-        let data = match layout {
-            Layout::Rows => data,
-            Layout::Q4_1X8 | Layout::Q8_0X8 => {
-                let (wants, in_place, copied): (QType, ShuffleInPlace, Shuffle) = match layout {
-                    Layout::Q4_1X8 => (
-                        QType::Q4_1,
-                        q4_1_x8::interleave_in_place,
-                        q4_1_x8::interleave,
-                    ),
-                    _ => (
-                        QType::Q8_0,
-                        q8_0_x8::interleave_in_place,
-                        q8_0_x8::interleave,
-                    ),
-                };
+        let data = match layout.interleaved_type() {
+            None => data,
+            Some(wants) => {
                 if dtype != wants || !rows.is_multiple_of(interleave::GROUP) {
                     bail!(
                         "the interleaved {wants:?} layout needs {wants:?} rows in multiples of {}, got {dtype:?} with {rows} rows",
                         interleave::GROUP
                     );
                 }
-                let nb = cols / q8::QK;
+                let (nb, fields) = (cols / q8::QK, dtype.block_fields());
                 let mut data = data;
                 // A freshly loaded matrix is ours alone: shuffle it where it lies (the
                 // 30 MB output head would otherwise exist twice while loading).
                 match Arc::get_mut(&mut data) {
                     Some(bytes) => {
-                        in_place(bytes, rows, nb);
+                        interleave::interleave_in_place(bytes, rows, nb, fields);
                         data
                     }
-                    None => Arc::from(copied(&data, rows, nb)),
+                    None => Arc::from(interleave::interleave(&data, rows, nb, fields)),
                 }
             }
         };
@@ -158,8 +162,7 @@ impl QMatrix {
     pub fn row_align(&self) -> usize {
         match self.layout {
             Layout::Rows => 1,
-            Layout::Q4_1X8 => q4_1_x8::GROUP,
-            Layout::Q8_0X8 => q8_0_x8::GROUP,
+            Layout::Q4_1X8 | Layout::Q8_0X8 => interleave::GROUP,
         }
     }
 
@@ -196,12 +199,8 @@ impl QMatrix {
             Layout::Rows => &self.data[r * rb..(r + 1) * rb],
             Layout::Q4_1X8 | Layout::Q8_0X8 => {
                 let mut g = vec![0u8; rb];
-                let nb = self.cols / q8::QK;
-                if self.layout == Layout::Q4_1X8 {
-                    q4_1_x8::gather_row(&self.data, nb, r, &mut g);
-                } else {
-                    q8_0_x8::gather_row(&self.data, nb, r, &mut g);
-                }
+                let (nb, fields) = (self.cols / q8::QK, self.dtype.block_fields());
+                interleave::gather_row(&self.data, nb, r, fields, &mut g);
                 gathered = g;
                 &gathered[..]
             }

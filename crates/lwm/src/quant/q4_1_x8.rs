@@ -31,22 +31,7 @@ pub const GROUP: usize = interleave::GROUP;
 /// Bytes of one (group, block) cell: 8 scales, 8 mins, 8 × 16 nibble bytes.
 pub const CELL_BYTES: usize = GROUP * BLOCK_BYTES;
 /// A Q4_1 block's fields: `d`, `m`, the 16 nibble bytes.
-const FIELDS: [usize; 3] = [2, 2, 16];
-
-/// GGUF row-major Q4_1 blocks (`rows` a multiple of 8) -> the interleaved layout.
-pub fn interleave(rows_data: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    interleave::interleave(rows_data, rows, nb, &FIELDS)
-}
-
-/// `interleave` over the matrix's own bytes (no second copy).
-pub fn interleave_in_place(data: &mut [u8], rows: usize, nb: usize) {
-    interleave::interleave_in_place(data, rows, nb, &FIELDS)
-}
-
-/// Row `r` of an interleaved matrix back in GGUF's row layout (`out`: nb · 20 bytes).
-pub fn gather_row(data: &[u8], nb: usize, r: usize, out: &mut [u8]) {
-    interleave::gather_row(data, nb, r, &FIELDS, out)
-}
+pub const FIELDS: [usize; 3] = [2, 2, 16];
 
 /// Scalar: `n_groups` groups (starting at `w`) against every activation row in `ys`;
 /// `out[(row) * n + a]`, as `q4_1::dot_scalar` on each gathered row.

@@ -27,24 +27,9 @@ pub const GROUP: usize = interleave::GROUP;
 /// Bytes of one (group, block) cell: 8 scales, 8 × 32 quants.
 pub const CELL_BYTES: usize = GROUP * BLOCK_BYTES;
 /// A Q8_0 block's fields: `d`, the 32 quants.
-const FIELDS: [usize; 2] = [2, 32];
+pub const FIELDS: [usize; 2] = [2, 32];
 /// Offset of the quants in a cell (after the 8 f16 scales).
 const QS: usize = GROUP * FIELDS[0];
-
-/// GGUF row-major Q8_0 blocks (`rows` a multiple of 8) -> the interleaved layout.
-pub fn interleave(rows_data: &[u8], rows: usize, nb: usize) -> Vec<u8> {
-    interleave::interleave(rows_data, rows, nb, &FIELDS)
-}
-
-/// `interleave` over the matrix's own bytes (no second copy).
-pub fn interleave_in_place(data: &mut [u8], rows: usize, nb: usize) {
-    interleave::interleave_in_place(data, rows, nb, &FIELDS)
-}
-
-/// Row `r` of an interleaved matrix back in GGUF's row layout (`out`: nb · 34 bytes).
-pub fn gather_row(data: &[u8], nb: usize, r: usize, out: &mut [u8]) {
-    interleave::gather_row(data, nb, r, &FIELDS, out)
-}
 
 /// Scalar: `n_groups` groups (starting at `w`) against every activation row in `ys`;
 /// `out[row * n + a]`, as `q8_0::dot_scalar` on each gathered row.
