@@ -1,7 +1,5 @@
 //! The tiled SIMD body of `attention::attend_block`, for AVX2 or AVX-512 (chosen at run
 //! time; `avx2.rs` and `avx512.rs` hold the vector code, this file the tiling they share).
-//! The AVX-512 kernel is built only with the `avx512-attention` feature until it has run
-//! on an AVX-512 machine (see that file).
 //!
 //! Same semantics as the portable row-at-a-time loop (`attention::attend_block_portable`):
 //! for query rows Q (nq × d) and one key/value block K, V (nk × d), with the causal and
@@ -35,7 +33,7 @@ use crate::attention::{BlockMask, Partial};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-#[cfg(all(target_arch = "x86_64", feature = "avx512-attention"))]
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// Query rows per micro-tile.
@@ -50,19 +48,19 @@ const DIRECT_ROWS: usize = 4;
 pub enum AttnIsa {
     /// 8-lane AVX2 + FMA + F16C.
     Avx2,
-    /// 16-lane AVX-512F (head dimension a multiple of 16; built with `avx512-attention`).
+    /// 16-lane AVX-512F (head dimension a multiple of 16).
     Avx512,
 }
 
-/// AVX-512F on top of AVX2 (checked once), and the kernel built (`avx512-attention`).
+/// AVX-512F on top of AVX2 (checked once).
 fn has_avx512f() -> bool {
-    #[cfg(all(target_arch = "x86_64", feature = "avx512-attention"))]
+    #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| crate::quant::has_avx2() && is_x86_feature_detected!("avx512f"))
     }
-    #[cfg(not(all(target_arch = "x86_64", feature = "avx512-attention")))]
+    #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
@@ -273,10 +271,7 @@ unsafe fn attend_raw<E: Elem>(isa: AttnIsa, job: &Job, states: &mut [Partial]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         AttnIsa::Avx2 => avx2::attend::<E>(job, states),
-        #[cfg(feature = "avx512-attention")]
         AttnIsa::Avx512 => avx512::attend::<E>(job, states),
-        #[cfg(not(feature = "avx512-attention"))]
-        AttnIsa::Avx512 => unreachable!("checked by supports()"),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -290,7 +285,6 @@ unsafe fn attend_raw<E: Elem>(isa: AttnIsa, job: &Job, states: &mut [Partial]) {
 trait Elem {
     const BYTES: usize;
     unsafe fn load8(p: *const u8) -> std::arch::x86_64::__m256;
-    #[cfg(feature = "avx512-attention")]
     unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512;
     unsafe fn get(p: *const u8) -> f32;
 }
@@ -313,7 +307,6 @@ impl Elem for F32 {
     unsafe fn load8(p: *const u8) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p as *const f32)
     }
-    #[cfg(feature = "avx512-attention")]
     #[inline(always)]
     unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_loadu_ps(p as *const f32)
@@ -332,7 +325,6 @@ impl Elem for F16 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
-    #[cfg(feature = "avx512-attention")]
     #[inline(always)]
     unsafe fn load16(p: *const u8) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
@@ -571,11 +563,8 @@ mod tests {
             o
         };
         assert_eq!(z, [0.0; 8]);
-        #[cfg(feature = "avx512-attention")]
         exp16_matches_libm_and_avx2(&xs, check);
     }
-
-    #[cfg(feature = "avx512-attention")]
     fn exp16_matches_libm_and_avx2(xs: &[f32], check: impl Fn(&[f32], &[f32])) {
         if !super::supports(super::AttnIsa::Avx512, 16) {
             eprintln!("no AVX-512F: its exp not tested");
@@ -593,7 +582,6 @@ mod tests {
     }
 
     /// exp of 16 values with the AVX-512 kernel, and with the AVX2 one 8 at a time.
-    #[cfg(feature = "avx512-attention")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn exp16(c: &[f32]) -> ([f32; 16], [f32; 16]) {
         let mut o = [0.0f32; 16];
