@@ -565,6 +565,7 @@ mod tests {
         assert_eq!(z, [0.0; 8]);
         exp16_matches_libm_and_avx2(&xs, check);
     }
+
     fn exp16_matches_libm_and_avx2(xs: &[f32], check: impl Fn(&[f32], &[f32])) {
         if !super::supports(super::AttnIsa::Avx512, 16) {
             eprintln!("no AVX-512F: its exp not tested");
