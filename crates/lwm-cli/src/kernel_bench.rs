@@ -10,7 +10,7 @@
 use anyhow::Result;
 use lwm::attention::{causal_attention_quant, Chunking};
 use lwm::attention_kernel::{attend_group_with, isa_for, supports, AttnIsa, KvBlock};
-use lwm::kv_cache::{KvCache, KvTypes};
+use lwm::kv::{KvCache, KvTypes};
 use std::time::Instant;
 
 #[cfg(target_arch = "x86_64")]
@@ -314,7 +314,7 @@ pub fn run(threads: usize, reps: usize) -> Result<serde_json::Value> {
         (KvTypes::F32, 512, 0),
         (KvTypes::F16, 512, 0),
         (KvTypes::F16, 512, 8192),
-        (KvTypes::same(lwm::quant::kv::KvType::Q8_0), 512, 8192),
+        (KvTypes::same(lwm::kv::KvType::Q8_0), 512, 8192),
         (KvTypes::F16, 1, 8192),
     ] {
         let g = attention_gflops(kv, q_rows, depth, reps);

@@ -169,14 +169,14 @@ impl ModelArgs {
             engine.weights_digest = !engine.weights_digest;
         }
         let mut kv = match &self.kv_type {
-            Some(t) => lwm::kv_cache::KvTypes::parse(t)?,
+            Some(t) => lwm::kv::KvTypes::parse(t)?,
             None => engine.model.options.kv_types(),
         };
         if let Some(k) = &self.kv_type_k {
-            kv.k = lwm::quant::kv::KvType::parse(k)?;
+            kv.k = lwm::kv::KvType::parse(k)?;
         }
         if let Some(v) = &self.kv_type_v {
-            kv.v = lwm::quant::kv::KvType::parse(v)?;
+            kv.v = lwm::kv::KvType::parse(v)?;
         }
         engine.model.set_kv_types(kv)?;
         Ok(engine)
@@ -375,7 +375,7 @@ fn prefill_bar(n_prompt: usize) -> Option<lwm::generate::PrefillProgress> {
 
 /// The `--prompt-cache` file's KV state when valid for this model, else an empty cache
 /// (with a warning naming why the file was not used).
-fn open_prompt_cache(engine: &Engine, path: &Option<PathBuf>) -> lwm::kv_cache::KvCache {
+fn open_prompt_cache(engine: &Engine, path: &Option<PathBuf>) -> lwm::kv::KvCache {
     let Some(p) = path else {
         return engine.model.new_cache();
     };
@@ -390,7 +390,7 @@ fn open_prompt_cache(engine: &Engine, path: &Option<PathBuf>) -> lwm::kv_cache::
 fn save_prompt_cache(
     engine: &Engine,
     path: &Option<PathBuf>,
-    cache: &lwm::kv_cache::KvCache,
+    cache: &lwm::kv::KvCache,
     out: &lwm::generate::GenerateOutput,
 ) -> Result<()> {
     let Some(p) = path else { return Ok(()) };

@@ -17,7 +17,7 @@
 //! `attend_block` + `merge`; memory stays linear in sequence length because no score
 //! matrix larger than one tile ever exists.
 
-use crate::quant::kv::KvType;
+use crate::kv::{KeyBlock, PositionRun, QuantKvView};
 
 /// Which (query, key) pairs may attend. Positions are absolute sequence positions.
 #[derive(Debug, Clone, Copy)]
@@ -297,165 +297,153 @@ impl Default for Chunking {
     }
 }
 
-/// Keys and values of one attention layer as the driver reads them: per KV head a
-/// contiguous (len × d) buffer.
-pub struct KvView<'a> {
-    pub k: Vec<&'a [f32]>,
-    pub v: Vec<&'a [f32]>,
-    pub len: usize,
+/// A query tile: `rows` consecutive rows of a step, from local row `row0`, at positions
+/// `pos0..pos0 + rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryTile {
+    pub row0: usize,
+    pub pos0: usize,
+    pub rows: usize,
 }
 
-/// Causal blockwise attention for `nq` new query rows at positions `q_pos0..q_pos0+nq`
-/// against all `kv.len` cached keys (positions 0..kv.len).
-///
-/// `q` is (nq × n_heads·d) as the projection produced it; the output has the same layout.
-/// Query heads map onto KV heads in groups (GQA). Work is split over (head, query chunk)
-/// tiles; for a single query row it is split over key chunks instead, whose partials are
-/// merged, so decode against a long cache uses every core.
-pub fn causal_attention(
-    q: &[f32],
-    nq: usize,
-    q_pos0: usize,
-    n_heads: usize,
-    d: usize,
-    kv: &KvView,
-    chunking: Chunking,
-) -> Vec<f32> {
-    let n_kv = kv.k.len();
-    let group = n_heads / n_kv;
-    let scale = 1.0 / (d as f32).sqrt();
-    let width = n_heads * d;
-    let qc = chunking.query_chunk.max(1);
-    let kc = chunking.key_chunk.max(1);
-    let mut out = vec![0.0f32; nq * width];
-
-    // Keys visible to the last query row: everything up to its position.
-    let k_end = kv.len.min(q_pos0 + nq);
-    // Later query chunks see more keys: hand them out first (see causal_attention_quant).
-    let tiles: Vec<(usize, usize)> = (0..nq)
-        .step_by(qc)
-        .rev()
-        .flat_map(|r| (0..n_heads).map(move |h| (h, r)))
-        .collect();
-
-    let run_tile = |h: usize, r0: usize, k_lo: usize, k_hi: usize| -> Partial {
-        let rows = qc.min(nq - r0);
-        let kvh = h / group;
-        let mut st = Partial::new(rows, d);
-        let q_tile = &q[r0 * width + h * d..];
-        let mut k0 = k_lo;
-        while k0 < k_hi {
-            let k1 = (k0 + kc).min(k_hi);
-            let mask = BlockMask::causal(q_pos0 + r0, k0);
-            attend_block(
-                q_tile,
-                width,
-                &kv.k[kvh][k0 * d..k1 * d],
-                &kv.v[kvh][k0 * d..k1 * d],
-                scale,
-                &mask,
-                &mut st,
-            );
-            k0 = k1;
-        }
-        st
-    };
-
-    if nq == 1 {
-        // Decode: split the cache into key ranges per head and merge their partials.
-        let splits = k_end.div_ceil(kc).max(1);
-        let parts: Vec<(usize, Option<Partial>)> = crate::parallel::map(n_heads * splits, |i| {
-            let (h, s) = (i / splits, i % splits);
-            let lo = s * kc;
-            let hi = ((s + 1) * kc).min(k_end);
-            (h, Some(run_tile(h, 0, lo, hi.max(lo))))
-        });
-        let parts = parts
-            .into_iter()
-            .map(|(h, p)| (h, p.expect("every task ran")));
-        let mut merged: Vec<Option<Partial>> = vec![None; n_heads];
-        for (h, p) in parts {
-            match &mut merged[h] {
-                Some(m) => m.merge(&p),
-                slot @ None => *slot = Some(p),
-            }
-        }
-        for (h, p) in merged.into_iter().enumerate() {
-            if let Some(p) = p {
-                p.finish_into(&mut out[h * d..(h + 1) * d]);
-            }
-        }
-        return out;
-    }
-
-    let results: Vec<(usize, usize, Vec<f32>)> = crate::parallel::map(tiles.len(), |t| {
-        let (h, r0) = tiles[t];
-        let rows = qc.min(nq - r0);
-        let hi = k_end.min(q_pos0 + r0 + rows);
-        let st = run_tile(h, r0, 0, hi);
-        let mut o = vec![0.0f32; rows * d];
-        st.finish_into(&mut o);
-        (h, r0, o)
-    });
-    for (h, r0, o) in results {
-        for (i, row) in o.chunks_exact(d).enumerate() {
-            let dst = (r0 + i) * width + h * d;
-            out[dst..dst + d].copy_from_slice(row);
+/// The query tiles of rows laid out as `runs`, cut at every multiple of `query_chunk` and
+/// of `key_chunk` positions: a tile is a function of positions only, so it is the same on
+/// one worker and on whichever ring worker owns its key block.
+pub fn query_tiles(runs: &[PositionRun], chunking: Chunking) -> Vec<QueryTile> {
+    let (qc, kc) = (chunking.query_chunk.max(1), chunking.key_chunk.max(1));
+    let mut out = Vec::new();
+    for r in runs.iter().filter(|r| r.len > 0) {
+        let mut p = r.pos0;
+        while p < r.pos0 + r.len {
+            let end = ((p / qc + 1) * qc)
+                .min((p / kc + 1) * kc)
+                .min(r.pos0 + r.len);
+            out.push(QueryTile {
+                row0: r.row0 + p - r.pos0,
+                pos0: p,
+                rows: end - p,
+            });
+            p = end;
         }
     }
     out
 }
 
-/// Keys and values of one attention layer stored in a KV element type: per KV head,
-/// `len` consecutive rows of `k_type.row_bytes(d)` / `v_type.row_bytes(d)` bytes.
-pub struct QuantKvView<'a> {
-    pub k: Vec<&'a [u8]>,
-    pub v: Vec<&'a [u8]>,
-    pub k_type: KvType,
-    pub v_type: KvType,
-    pub d: usize,
-    pub len: usize,
-}
-
-impl QuantKvView<'_> {
-    /// Decode rows `lo..hi` of KV head `h` into `k_out`, `v_out` ((hi-lo) × d each).
-    /// True when the SIMD kernel can read this cache's blocks as stored (f16 K and V).
-    fn reads_f16_directly(&self) -> bool {
-        self.k_type == KvType::F16
-            && self.v_type == KvType::F16
-            && crate::attention_kernel::available(self.d)
-    }
-
-    /// Rows `lo..hi` of KV head `h` as stored bytes (keys, values).
-    fn stored_block(&self, h: usize, lo: usize, hi: usize) -> (&[u8], &[u8]) {
-        let (kb, vb) = (self.k_type.row_bytes(self.d), self.v_type.row_bytes(self.d));
-        (&self.k[h][lo * kb..hi * kb], &self.v[h][lo * vb..hi * vb])
-    }
-
-    pub fn decode_block(
-        &self,
-        h: usize,
-        lo: usize,
-        hi: usize,
-        k_out: &mut Vec<f32>,
-        v_out: &mut Vec<f32>,
-    ) {
-        let d = self.d;
-        let (kb, vb) = (self.k_type.row_bytes(d), self.v_type.row_bytes(d));
-        k_out.resize((hi - lo) * d, 0.0);
-        v_out.resize((hi - lo) * d, 0.0);
-        self.k_type
-            .decode_rows(&self.k[h][lo * kb..hi * kb], d, k_out);
-        self.v_type
-            .decode_rows(&self.v[h][lo * vb..hi * vb], d, v_out);
+/// Reset `states` to `group` empty partials of `rows` rows.
+fn fresh(states: &mut Vec<Partial>, group: usize, rows: usize, d: usize) {
+    states.resize_with(group, || Partial::new(rows, d));
+    for st in states.iter_mut() {
+        if st.rows() == rows {
+            st.acc.fill(0.0);
+            st.m.fill(f32::NEG_INFINITY);
+            st.l.fill(0.0);
+        } else {
+            *st = Partial::new(rows, d);
+        }
     }
 }
 
-/// `causal_attention` over a typed cache. Work is tiled per (KV head, query chunk): each
-/// key block is decoded once per tile into f32 (`decode_block`, SIMD where present) and
-/// attended by every query head of the GQA group, so the cache is read at its stored
-/// width and no f32 copy larger than one block exists. Decode (one query row) splits the
-/// keys per (KV head, key chunk) and merges the partials.
+/// The unit every prefill path computes: the partials of one query tile of the `group`
+/// query heads of KV head `g` (`queries[j]`: the tile's first row of head `g·group + j`,
+/// row stride `width`) against one key block (rows `block.rows` of `kv`, causally masked),
+/// written into `out` from empty. Callers merge the blocks of a tile in ascending order.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_block_partials(
+    queries: &[&[f32]],
+    width: usize,
+    tile: QueryTile,
+    kv: &QuantKvView,
+    g: usize,
+    block: &KeyBlock,
+    scale: f32,
+    bufs: &mut (Vec<f32>, Vec<f32>),
+    out: &mut Vec<Partial>,
+) {
+    fresh(out, queries.len(), tile.rows, kv.d);
+    let (lo, hi) = (block.rows.start, block.rows.end);
+    let mask = BlockMask::causal(tile.pos0, block.pos0);
+    if mask.tile_is_masked(tile.rows, hi - lo) {
+        return;
+    }
+    if kv.reads_f16_directly() {
+        let (kb, vb) = kv.stored_block(g, lo, hi);
+        let block = crate::attention_kernel::KvBlock::F16 { k: kb, v: vb };
+        crate::attention_kernel::attend_group_simd(queries, width, block, scale, &mask, out);
+    } else {
+        let (kbuf, vbuf) = bufs;
+        kv.decode_block(g, lo, hi, kbuf, vbuf);
+        attend_group(queries, width, kbuf, vbuf, scale, &mask, out);
+    }
+}
+
+/// The unit every decode path computes: the partial of the one new query row at `q_pos`,
+/// for the `group` query heads of KV head `g` taken as `group` rows of one tile (`q_group`,
+/// row stride d), against one key block of `kv`.
+pub fn decode_block_partial(
+    q_group: &[f32],
+    group: usize,
+    q_pos: usize,
+    kv: &QuantKvView,
+    g: usize,
+    block: &KeyBlock,
+    scale: f32,
+) -> Partial {
+    thread_local! {
+        // Decoded key/value block, reused across tasks and tokens.
+        static KV_BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    let d = kv.d;
+    let mut st = Partial::new(group, d);
+    let (lo, hi) = (block.rows.start, block.rows.end);
+    if hi <= lo {
+        return st;
+    }
+    let mask = BlockMask::causal(q_pos, block.pos0);
+    if kv.reads_f16_directly() {
+        let (kb, vb) = kv.stored_block(g, lo, hi);
+        crate::attention_kernel::attend_block_f16(q_group, d, kb, vb, scale, &mask, &mut st);
+    } else {
+        KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
+            kv.decode_block(g, lo, hi, kbuf, vbuf);
+            attend_block(q_group, d, kbuf, vbuf, scale, &mask, &mut st);
+        });
+    }
+    st
+}
+
+/// Write finished partials of one tile (`states[j]` for head `g·group + j`) into `out`
+/// (rows × width).
+pub fn write_tile(
+    states: &[Partial],
+    g: usize,
+    tile: QueryTile,
+    width: usize,
+    out: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    let group = states.len();
+    for (j, st) in states.iter().enumerate() {
+        let d = st.d;
+        let h = g * group + j;
+        buf.resize(st.rows() * d, 0.0);
+        st.finish_into(buf);
+        for (i, row) in buf.chunks_exact(d).enumerate() {
+            let dst = (tile.row0 + i) * width + h * d;
+            out[dst..dst + d].copy_from_slice(row);
+        }
+    }
+}
+
+/// Causal blockwise attention for `nq` new query rows at positions `q_pos0..q_pos0+nq`
+/// against the `kv.len` cached rows (positions 0..kv.len) of a typed cache.
+///
+/// `q` is (nq × n_heads·d) as the projection produced it; the output has the same layout.
+/// Query heads map onto KV heads in groups (GQA). Per (KV head, query tile) the group's
+/// heads attend every key block (`tile_block_partials`: each block read at its stored
+/// width, decoded once for the group) and the blocks' partials are merged in ascending
+/// order. Decode (one query row) computes one partial per (KV head, key block) in parallel
+/// and merges them in the same order. That order is what the ring reproduces.
 pub fn causal_attention_quant(
     q: &[f32],
     nq: usize,
@@ -469,75 +457,27 @@ pub fn causal_attention_quant(
     let group = n_heads / n_kv;
     let scale = 1.0 / (d as f32).sqrt();
     let width = n_heads * d;
-    let qc = chunking.query_chunk.max(1);
-    let kc = chunking.key_chunk.max(1);
     let mut out = vec![0.0f32; nq * width];
     let k_end = kv.len.min(q_pos0 + nq);
-    let direct_f16 = kv.reads_f16_directly();
-
-    // Partials of the `group` query heads of KV head `g` for query rows r0.. against keys
-    // k_lo..k_hi.
-    let run_tile = |g: usize, r0: usize, rows: usize, k_lo: usize, k_hi: usize| -> Vec<Partial> {
-        let mut states: Vec<Partial> = (0..group).map(|_| Partial::new(rows, d)).collect();
-        // The group's query heads, rows r0.. (they share every key block).
-        let queries: Vec<&[f32]> = (0..group)
-            .map(|j| &q[r0 * width + (g * group + j) * d..])
-            .collect();
-        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-        let mut k0 = k_lo;
-        while k0 < k_hi {
-            let k1 = (k0 + kc).min(k_hi);
-            let mask = BlockMask::causal(q_pos0 + r0, k0);
-            if !mask.tile_is_masked(rows, k1 - k0) && direct_f16 {
-                let (kb, vb) = kv.stored_block(g, k0, k1);
-                let block = crate::attention_kernel::KvBlock::F16 { k: kb, v: vb };
-                crate::attention_kernel::attend_group_simd(
-                    &queries,
-                    width,
-                    block,
-                    scale,
-                    &mask,
-                    &mut states,
-                );
-            } else if !mask.tile_is_masked(rows, k1 - k0) {
-                kv.decode_block(g, k0, k1, &mut kbuf, &mut vbuf);
-                attend_group(&queries, width, &kbuf, &vbuf, scale, &mask, &mut states);
-            }
-            k0 = k1;
-        }
-        states
-    };
 
     if nq == 1 {
-        // Decode: the `group` query heads of KV head g are contiguous in q, so they attend
-        // as `group` rows of one tile (row stride d); every key visible to the one query
-        // is visible to all of them. Keys are split into ranges whose partials merge.
-        let splits = k_end.div_ceil(kc).max(1);
-        let parts: Vec<Option<Partial>> = crate::parallel::map(n_kv * splits, |i| {
-            let (g, s) = (i / splits, i % splits);
-            let lo = s * kc;
-            let hi = ((s + 1) * kc).min(k_end).max(lo);
-            thread_local! {
-                // Decoded key/value block, reused across tasks and tokens.
-                static KV_BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-                    const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-            }
-            let mut st = Partial::new(group, d);
-            if hi > lo && direct_f16 {
-                let (kb, vb) = kv.stored_block(g, lo, hi);
-                let mask = BlockMask::causal(q_pos0, lo);
-                let qg = &q[g * group * d..];
-                crate::attention_kernel::attend_block_f16(qg, d, kb, vb, scale, &mask, &mut st);
-            } else if hi > lo {
-                KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
-                    kv.decode_block(g, lo, hi, kbuf, vbuf);
-                    let mask = BlockMask::causal(q_pos0, lo);
-                    attend_block(&q[g * group * d..], d, kbuf, vbuf, scale, &mask, &mut st);
-                });
-            }
-            Some(st)
+        let blocks = crate::kv::key_blocks(
+            &[PositionRun {
+                row0: 0,
+                pos0: 0,
+                len: k_end,
+            }],
+            chunking.key_chunk,
+        );
+        let nb = blocks.len().max(1);
+        let parts: Vec<Option<Partial>> = crate::parallel::map(n_kv * nb, |i| {
+            let (g, b) = (i / nb, i % nb);
+            let qg = &q[g * group * d..(g + 1) * group * d];
+            blocks
+                .get(b)
+                .map(|blk| decode_block_partial(qg, group, q_pos0, kv, g, blk, scale))
         });
-        for (g, head_parts) in parts.chunks(splits).enumerate() {
+        for (g, head_parts) in parts.chunks(nb).enumerate() {
             let mut merged = Partial::new(group, d);
             for p in head_parts.iter().flatten() {
                 merged.merge(p);
@@ -547,29 +487,51 @@ pub fn causal_attention_quant(
         return out;
     }
 
-    // Later query chunks see more keys: hand them out first so the pool's dynamic
-    // schedule ends with short tiles.
-    let tiles: Vec<(usize, usize)> = (0..nq)
-        .step_by(qc)
+    let step = [PositionRun {
+        row0: 0,
+        pos0: q_pos0,
+        len: nq,
+    }];
+    // Later query tiles see more keys: hand them out first so the pool's dynamic schedule
+    // ends with short tiles.
+    let tiles: Vec<(usize, QueryTile)> = query_tiles(&step, chunking)
+        .into_iter()
         .rev()
-        .flat_map(|r| (0..n_kv).map(move |g| (g, r)))
+        .flat_map(|t| (0..n_kv).map(move |g| (g, t)))
         .collect();
-    let results: Vec<Vec<Partial>> = crate::parallel::map(tiles.len(), |t| {
-        let (g, r0) = tiles[t];
-        let rows = qc.min(nq - r0);
-        run_tile(g, r0, rows, 0, k_end.min(q_pos0 + r0 + rows))
-    });
-    let mut o = Vec::new();
-    for (&(g, r0), states) in tiles.iter().zip(&results) {
-        for (j, st) in states.iter().enumerate() {
-            let h = g * group + j;
-            o.resize(st.rows() * d, 0.0);
-            st.finish_into(&mut o);
-            for (i, row) in o.chunks_exact(d).enumerate() {
-                let dst = (r0 + i) * width + h * d;
-                out[dst..dst + d].copy_from_slice(row);
+    let results: Vec<Vec<Partial>> = crate::parallel::map(tiles.len(), |i| {
+        let (g, tile) = tiles[i];
+        let queries: Vec<&[f32]> = (0..group)
+            .map(|j| &q[tile.row0 * width + (g * group + j) * d..])
+            .collect();
+        let keys = [PositionRun {
+            row0: 0,
+            pos0: 0,
+            len: k_end.min(tile.pos0 + tile.rows),
+        }];
+        let mut states: Vec<Partial> = (0..group).map(|_| Partial::new(tile.rows, d)).collect();
+        let (mut bufs, mut block_states) = ((Vec::new(), Vec::new()), Vec::new());
+        for blk in crate::kv::key_blocks(&keys, chunking.key_chunk) {
+            tile_block_partials(
+                &queries,
+                width,
+                tile,
+                kv,
+                g,
+                &blk,
+                scale,
+                &mut bufs,
+                &mut block_states,
+            );
+            for (st, b) in states.iter_mut().zip(&block_states) {
+                st.merge(b);
             }
         }
+        states
+    });
+    let mut buf = Vec::new();
+    for (&(g, tile), states) in tiles.iter().zip(&results) {
+        write_tile(states, g, tile, width, &mut out, &mut buf);
     }
     out
 }
@@ -759,11 +721,18 @@ pub(crate) mod tests {
         let vb: Vec<Vec<f32>> = (0..kv_heads)
             .map(|h| rand_vec(n * d, 30 + h as u64))
             .collect();
-        let kv = KvView {
-            k: kb.iter().map(|x| &x[..]).collect(),
-            v: vb.iter().map(|x| &x[..]).collect(),
-            len: n,
-        };
+        // An f32 cache holding those rows (rows × kv_heads·d, as the projections give them).
+        let mut cache = crate::kv::KvCache::new(1, kv_heads, d);
+        let rows: Vec<f32> = (0..n)
+            .flat_map(|i| (0..kv_heads).map(move |h| (i, h)))
+            .flat_map(|(i, h)| kb[h][i * d..(i + 1) * d].to_vec())
+            .collect();
+        let vrows: Vec<f32> = (0..n)
+            .flat_map(|i| (0..kv_heads).map(move |h| (i, h)))
+            .flat_map(|(i, h)| vb[h][i * d..(i + 1) * d].to_vec())
+            .collect();
+        cache.append(0, &rows, &vrows, n);
+        let kv = cache.quant_view(0);
         for chunking in [
             Chunking {
                 query_chunk: 4,
@@ -774,10 +743,17 @@ pub(crate) mod tests {
                 key_chunk: 3,
             },
         ] {
-            let out = causal_attention(&q, n, 0, heads, d, &kv, chunking);
+            let out = causal_attention_quant(&q, n, 0, heads, d, &kv, chunking);
             // Decode of the last row alone, at position n-1.
-            let last =
-                causal_attention(&q[(n - 1) * heads * d..], 1, n - 1, heads, d, &kv, chunking);
+            let last = causal_attention_quant(
+                &q[(n - 1) * heads * d..],
+                1,
+                n - 1,
+                heads,
+                d,
+                &kv,
+                chunking,
+            );
             for h in 0..heads {
                 let qh: Vec<f32> = (0..n)
                     .flat_map(|i| q[i * heads * d + h * d..][..d].to_vec())

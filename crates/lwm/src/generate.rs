@@ -4,7 +4,7 @@
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{lwm_preset, ModelConfig};
 use crate::constrain::{Constraint, Grammar, GrammarCompiler};
-use crate::kv_cache::{KvCache, KvTypes};
+use crate::kv::{KvCache, KvTypes};
 use crate::memory_plan::MemoryPlan;
 use crate::model::{ForwardOptions, Model, Numerics};
 use crate::model_source::{resolve, ModelLocation};

@@ -12,7 +12,7 @@ pub mod config;
 pub mod constrain;
 pub mod convert;
 pub mod generate;
-pub mod kv_cache;
+pub mod kv;
 pub mod memory_plan;
 pub mod model;
 pub mod model_source;

@@ -4,7 +4,7 @@
 //! Runs are refused before the KV cache or activations are allocated, with the numbers.
 
 use crate::config::ModelConfig;
-use crate::kv_cache::KvTypes;
+use crate::kv::KvTypes;
 use crate::model::ForwardOptions;
 use anyhow::{bail, Result};
 
@@ -212,7 +212,7 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::kv::KvType;
+    use crate::kv::KvType;
 
     fn smollm2() -> ModelConfig {
         ModelConfig {

@@ -14,9 +14,9 @@
 
 use crate::attention::{causal_attention_quant, Chunking};
 use crate::config::ModelConfig;
-use crate::config::RopeLayout;
-use crate::kv_cache::{KvCache, KvTypes};
-use crate::quant::ggml_cpu::{self, FaOptions, Isa, RopeRounding};
+pub use crate::kv::PositionRun;
+use crate::kv::{KvCache, KvTypes};
+use crate::quant::ggml_cpu::{self, FaOptions, Isa};
 use crate::quant::QMatrix;
 use crate::rope::Rope;
 use crate::weights::{layer_name, Weight, WeightSource};
@@ -310,7 +310,7 @@ impl Model {
         } else {
             embed.clone()
         };
-        let rope = Rope::new(hd, c.theta, c.rope_layout, &c.rope_scaling);
+        let rope = Rope::for_model(c, options.numerics == Numerics::Ggml);
         let vision = crate::vision_model::VisionParts::load(src, c)?;
         Ok(Self {
             config,
@@ -454,80 +454,73 @@ impl Model {
         cache: &mut KvCache,
         all_rows: bool,
     ) -> Result<Vec<f32>> {
-        let c = &self.config;
         let n = ids.len();
-        let pos0 = cache.len();
-        let (h, hd) = (c.hidden_size, c.head_dim);
+        let h = self.config.hidden_size;
+        let runs = [PositionRun {
+            row0: 0,
+            pos0: cache.len(),
+            len: n,
+        }];
+        let mut local = LocalAttention::new(self, cache);
+        self.forward_layers(&mut x, &runs, &mut local)?;
+        cache.commit(ids);
+        let rows = if all_rows { &x[..] } else { &x[(n - 1) * h..] };
+        Ok(self.final_norm(rows))
+    }
+
+    fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let eps = self.config.rms_norm_eps as f32;
+        if self.options.numerics == Numerics::Ggml {
+            ggml_cpu::rms_norm(x, w, eps)
+        } else {
+            rms_norm(x, w, eps)
+        }
+    }
+
+    /// The final RMSNorm on hidden rows.
+    pub fn final_norm(&self, x: &[f32]) -> Vec<f32> {
+        self.norm(x, &self.norm)
+    }
+
+    /// The one transformer forward, for every driver: per layer, RMSNorm -> fused q/k/v
+    /// projection -> RoPE at the positions `runs` give the rows of `x` -> `attention`
+    /// (which stores the keys/values and attends: the local cache, a ring shard) -> output
+    /// projection -> blockwise SwiGLU feed-forward. `x` may hold no rows (a ring worker
+    /// owning none of a step's positions still takes part in every layer's attention).
+    pub fn forward_layers(
+        &self,
+        x: &mut [f32],
+        runs: &[PositionRun],
+        attention: &mut dyn AttentionBackend,
+    ) -> Result<()> {
+        let c = &self.config;
+        let h = c.hidden_size;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let eps = c.rms_norm_eps as f32;
+        let n = x.len() / h;
+        if runs.iter().map(|r| r.len).sum::<usize>() != n || runs.iter().any(|r| r.row0 + r.len > n)
+        {
+            bail!("position runs {runs:?} do not cover the {n} rows");
+        }
         let opts = &self.options;
         let ggml = opts.numerics == Numerics::Ggml;
-        let norm = |x: &[f32], w: &[f32]| {
-            if ggml {
-                ggml_cpu::rms_norm(x, w, eps)
-            } else {
-                rms_norm(x, w, eps)
-            }
-        };
-        let table = self.rope.table(pos0, n);
-        // ggml's RoPE emulation covers unscaled frequencies; scaled ones use our table.
-        let ggml_rope = ggml
-            && c.rope_layout == RopeLayout::Interleaved
-            && c.rope_scaling == crate::config::RopeScaling::None;
-        let fa = FaOptions::default();
+        let tables = self.rope.tables(runs);
         for (li, layer) in self.layers.iter().enumerate() {
-            let hn = norm(&x, &layer.attn_norm);
-            let mut qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &hn, n, opts)?;
-            let v = qkv.pop().context("fused projection")?;
-            let mut k = qkv.pop().context("fused projection")?;
-            let mut q = qkv.pop().context("fused projection")?;
-            if ggml_rope {
-                let base = c.theta as f32;
-                ggml_cpu::rope_norm(
-                    &mut q,
-                    n,
-                    pos0,
-                    nh,
-                    hd,
-                    base,
-                    RopeRounding::FirstProductFused,
-                );
-                ggml_cpu::rope_norm(
-                    &mut k,
-                    n,
-                    pos0,
-                    nkv,
-                    hd,
-                    base,
-                    RopeRounding::FirstProductFused,
-                );
+            let (mut q, mut k, v) = if n == 0 {
+                Default::default()
             } else {
-                self.rope.apply(&mut q, n, nh * hd, nh, &table);
-                self.rope.apply(&mut k, n, nkv * hd, nkv, &table);
-            }
-            cache.append(li, &k, &v, n);
-            let view = cache.quant_view(li);
-            // llama.cpp decodes one row against 512+ cells by splitting the cells over
-            // threads and merging (not emulated), so there the tiled kernel runs too.
-            let one_chunk =
-                n < GGML_TILED_ATTENTION_ROWS && !(n == 1 && view.len >= GGML_SPLIT_DECODE_CELLS);
-            let attn = if ggml && cache.types == KvTypes::F16 && one_chunk {
-                // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
-                // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
-                // emulation buys no parity there: the blockwise primitive runs instead.
-                ggml_cpu::flash_attn_ext_f16_stored(
-                    &q,
-                    n,
-                    pos0,
-                    nh,
-                    hd,
-                    &view,
-                    1.0 / (hd as f32).sqrt(),
-                    &fa,
-                )
-            } else {
-                causal_attention_quant(&q, n, pos0, nh, hd, &view, opts.chunking)
+                let hn = self.norm(x, &layer.attn_norm);
+                let mut qkv =
+                    Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &hn, n, opts)?;
+                let v = qkv.pop().context("fused projection")?;
+                let k = qkv.pop().context("fused projection")?;
+                (qkv.pop().context("fused projection")?, k, v)
             };
+            self.rope.apply_runs(&mut q, runs, nh, &tables);
+            self.rope.apply_runs(&mut k, runs, nkv, &tables);
+            let attn = attention.attend(li, &q, &k, &v)?;
+            if n == 0 {
+                continue;
+            }
             let o = layer.wo.forward(&attn, n, opts)?;
             for (xi, oi) in x.iter_mut().zip(&o) {
                 *xi += oi;
@@ -537,7 +530,7 @@ impl Model {
             for r0 in (0..n).step_by(chunk) {
                 let rows = chunk.min(n - r0);
                 let xs = &mut x[r0 * h..(r0 + rows) * h];
-                let hn = norm(xs, &layer.ffn_norm);
+                let hn = self.norm(xs, &layer.ffn_norm);
                 let mut gate_up =
                     Linear::forward_many(&[&layer.w_gate, &layer.w_up], &hn, rows, opts)?;
                 let up = gate_up.pop().context("fused projection")?;
@@ -556,9 +549,7 @@ impl Model {
                 }
             }
         }
-        cache.commit(ids);
-        let rows = if all_rows { &x[..] } else { &x[(n - 1) * h..] };
-        Ok(norm(rows, &self.norm))
+        Ok(())
     }
 
     /// A head (`lm_head` or the vision head) on normed hidden rows.
@@ -598,21 +589,71 @@ impl Model {
     }
 }
 
-/// Rows `row0..row0 + len` of a step hold the consecutive positions `pos0..pos0 + len`.
-/// A sequence-parallel worker owns non-contiguous positions (a zig-zag layout), described
-/// as a few such runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PositionRun {
-    pub row0: usize,
-    pub pos0: usize,
-    pub len: usize,
+/// Where a layer's keys and values live and how a step's queries attend them: the local
+/// KV cache (`LocalAttention`) or a ring worker's shard (`ring::worker`). `forward_layers`
+/// is the same code for both, so a ring changes no bit of the result.
+pub trait AttentionBackend {
+    /// Store the step's keys and values of layer `layer` (rows × n_kv·d, RoPE applied) and
+    /// return the attention output of its queries `q` (rows × n_heads·d).
+    fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
 }
 
-/// Per-layer steps for drivers that own the attention themselves (the sequence-parallel
-/// ring, `crate::ring`): the same arithmetic as `forward`, cut at the attention call, so
-/// a worker can run norm, projections and RoPE on its rows, exchange keys/values, and
-/// finish the layer. `forward` keeps its own fused loop; `ring` tests check that a
-/// single worker driving these steps reproduces it.
+/// One worker's attention over its own KV cache: the rows are the cache's next positions.
+pub struct LocalAttention<'a> {
+    model: &'a Model,
+    cache: &'a mut KvCache,
+    pos0: usize,
+}
+
+impl<'a> LocalAttention<'a> {
+    pub fn new(model: &'a Model, cache: &'a mut KvCache) -> Self {
+        let pos0 = cache.len();
+        Self { model, cache, pos0 }
+    }
+}
+
+impl AttentionBackend for LocalAttention<'_> {
+    fn attend(&mut self, li: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let (nh, hd) = (c.num_attention_heads, c.head_dim);
+        let opts = &self.model.options;
+        let n = q.len() / (nh * hd);
+        self.cache.append(li, k, v, n);
+        let view = self.cache.quant_view(li);
+        if ggml_one_chunk(opts, self.cache.types, n, view.len) {
+            // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
+            // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
+            // emulation buys no parity there: the blockwise primitive runs instead.
+            let fa = FaOptions::default();
+            let scale = 1.0 / (hd as f32).sqrt();
+            return Ok(ggml_cpu::flash_attn_ext_f16_stored(
+                q, n, self.pos0, nh, hd, &view, scale, &fa,
+            ));
+        }
+        Ok(causal_attention_quant(
+            q,
+            n,
+            self.pos0,
+            nh,
+            hd,
+            &view,
+            opts.chunking,
+        ))
+    }
+}
+
+/// Whether a step of `n` rows against `cells` cached rows (its own included) takes
+/// llama.cpp's one-chunk f16 flash attention (`Ggml` numerics with an f16 cache). llama.cpp
+/// decodes one row against 512+ cells by splitting the cells over threads and merging (not
+/// emulated), so there the blockwise kernel runs too.
+pub fn ggml_one_chunk(opts: &ForwardOptions, types: KvTypes, n: usize, cells: usize) -> bool {
+    opts.numerics == Numerics::Ggml
+        && types == KvTypes::F16
+        && n < GGML_TILED_ATTENTION_ROWS
+        && !(n == 1 && cells >= GGML_SPLIT_DECODE_CELLS)
+}
+
+/// Entry points for drivers that run `forward_layers` with their own attention (the ring).
 impl Model {
     pub fn n_layers(&self) -> usize {
         self.layers.len()
@@ -623,116 +664,9 @@ impl Model {
         self.embed_tokens(ids)
     }
 
-    fn step_norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let eps = self.config.rms_norm_eps as f32;
-        if self.options.numerics == Numerics::Ggml {
-            ggml_cpu::rms_norm(x, w, eps)
-        } else {
-            rms_norm(x, w, eps)
-        }
-    }
-
-    /// Queries, keys and values of layer `li` for the rows of `x`, RoPE applied at the
-    /// positions `runs` give (the runs must cover every row). Under `Ggml` numerics the
-    /// keys/values come back rounded to f16, as that cache stores them.
-    pub fn layer_qkv(
-        &self,
-        li: usize,
-        x: &[f32],
-        runs: &[PositionRun],
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let n = x.len() / h;
-        let layer = self
-            .layers
-            .get(li)
-            .with_context(|| format!("layer {li} out of range"))?;
-        let opts = &self.options;
-        let ggml = opts.numerics == Numerics::Ggml;
-        let hn = self.step_norm(x, &layer.attn_norm);
-        let mut q = layer.wq.forward(&hn, n, opts)?;
-        let mut k = layer.wk.forward(&hn, n, opts)?;
-        let mut v = layer.wv.forward(&hn, n, opts)?;
-        for run in runs.iter().filter(|r| r.len > 0) {
-            if run.row0 + run.len > n {
-                bail!("position run {run:?} exceeds the {n} rows");
-            }
-            let qs = &mut q[run.row0 * nh * hd..(run.row0 + run.len) * nh * hd];
-            let ks = &mut k[run.row0 * nkv * hd..(run.row0 + run.len) * nkv * hd];
-            if ggml && c.rope_layout == RopeLayout::Interleaved {
-                let base = c.theta as f32;
-                let r = RopeRounding::FirstProductFused;
-                ggml_cpu::rope_norm(qs, run.len, run.pos0, nh, hd, base, r);
-                ggml_cpu::rope_norm(ks, run.len, run.pos0, nkv, hd, base, r);
-            } else {
-                let table = self.rope.table(run.pos0, run.len);
-                self.rope.apply(qs, run.len, nh * hd, nh, &table);
-                self.rope.apply(ks, run.len, nkv * hd, nkv, &table);
-            }
-        }
-        if ggml {
-            ggml_cpu::round_to_f16(&mut k);
-            ggml_cpu::round_to_f16(&mut v);
-        }
-        Ok((q, k, v))
-    }
-
-    /// Finish layer `li` given its attention output `attn` (rows × heads·head_dim):
-    /// `x += attn Woᵀ`, then the blockwise feed-forward `x += FFN(RMSNorm(x))`.
-    pub fn layer_output(&self, li: usize, x: &mut [f32], attn: &[f32]) -> Result<()> {
-        let c = &self.config;
-        let h = c.hidden_size;
-        let n = x.len() / h;
-        let layer = self
-            .layers
-            .get(li)
-            .with_context(|| format!("layer {li} out of range"))?;
-        let opts = &self.options;
-        let ggml = opts.numerics == Numerics::Ggml;
-        let o = layer.wo.forward(attn, n, opts)?;
-        for (xi, oi) in x.iter_mut().zip(&o) {
-            *xi += oi;
-        }
-        let chunk = opts.mlp_chunk.max(1);
-        for r0 in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - r0);
-            let xs = &mut x[r0 * h..(r0 + rows) * h];
-            let hn = self.step_norm(xs, &layer.ffn_norm);
-            let gate = layer.w_gate.forward(&hn, rows, opts)?;
-            let up = layer.w_up.forward(&hn, rows, opts)?;
-            let act: Vec<f32> = if ggml {
-                ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
-            } else {
-                gate.iter()
-                    .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect()
-            };
-            let down = layer.w_down.forward(&act, rows, opts)?;
-            for (xi, di) in xs.iter_mut().zip(&down) {
-                *xi += di;
-            }
-        }
-        Ok(())
-    }
-
     /// Final norm and output head for the hidden rows `x` (rows × vocab logits).
     pub fn head_logits(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let h = self.config.hidden_size;
-        let m = x.len() / h;
-        let normed = self.step_norm(x, &self.norm);
-        let chunk = self.options.mlp_chunk.max(1);
-        let mut logits = Vec::with_capacity(m * self.config.vocab_size);
-        for r0 in (0..m).step_by(chunk) {
-            let r = chunk.min(m - r0);
-            logits.extend(
-                self.lm_head
-                    .forward(&normed[r0 * h..(r0 + r) * h], r, &self.options)?,
-            );
-        }
-        Ok(logits)
+        self.apply_head(&self.lm_head, &self.final_norm(x))
     }
 }
 

@@ -20,9 +20,9 @@
 //! to a temporary file in the same directory, then rename, so a reader never sees half a file.
 
 use crate::config::ModelConfig;
-use crate::kv_cache::{KvCache, KvTypes};
+use crate::kv::KvType;
+use crate::kv::{KvCache, KvTypes};
 use crate::model::Numerics;
-use crate::quant::kv::KvType;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::path::Path;

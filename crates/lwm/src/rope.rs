@@ -14,6 +14,9 @@ use crate::config::{RopeLayout, RopeScaling};
 pub struct Rope {
     pub head_dim: usize,
     pub layout: RopeLayout,
+    /// Base of ggml's RoPE cache (`rope_norm`), when that arithmetic is in force: llama.cpp
+    /// numerics, interleaved pairs and unscaled frequencies (its emulation covers no more).
+    ggml_base: Option<f32>,
     inv_freq: Vec<f64>,
     position_scale: f64,
     /// YaRN's attention factor: cos and sin are scaled by it (1 otherwise).
@@ -83,9 +86,63 @@ impl Rope {
         Self {
             head_dim,
             layout,
+            ggml_base: None,
             inv_freq,
             position_scale,
             attention_factor,
+        }
+    }
+
+    /// The model's RoPE, decided once from its config and the numerics: ggml's arithmetic
+    /// when `ggml_numerics` and the model's RoPE is one ggml's emulation reproduces
+    /// (interleaved, unscaled), LWM's table otherwise.
+    pub fn for_model(c: &crate::config::ModelConfig, ggml_numerics: bool) -> Self {
+        let mut rope = Self::new(c.head_dim, c.theta, c.rope_layout, &c.rope_scaling);
+        if ggml_numerics
+            && c.rope_layout == RopeLayout::Interleaved
+            && c.rope_scaling == RopeScaling::None
+        {
+            rope.ggml_base = Some(c.theta as f32);
+        }
+        rope
+    }
+
+    /// The angles of the positions `runs` give (one table per run; none under ggml's
+    /// arithmetic, which forms its own), computed once per step for every layer.
+    pub fn tables(&self, runs: &[crate::kv::PositionRun]) -> Vec<RopeTable> {
+        if self.ggml_base.is_some() {
+            return Vec::new();
+        }
+        runs.iter().map(|r| self.table(r.pos0, r.len)).collect()
+    }
+
+    /// Rotate the `n_heads` heads of the rows of `x` (row stride `n_heads · head_dim`) at
+    /// the positions `runs` give them; `tables` is `self.tables(runs)`.
+    pub fn apply_runs(
+        &self,
+        x: &mut [f32],
+        runs: &[crate::kv::PositionRun],
+        n_heads: usize,
+        tables: &[RopeTable],
+    ) {
+        let width = n_heads * self.head_dim;
+        for (i, run) in runs.iter().enumerate() {
+            if run.len == 0 {
+                continue;
+            }
+            let xs = &mut x[run.row0 * width..(run.row0 + run.len) * width];
+            match self.ggml_base {
+                Some(base) => crate::quant::ggml_cpu::rope_norm(
+                    xs,
+                    run.len,
+                    run.pos0,
+                    n_heads,
+                    self.head_dim,
+                    base,
+                    crate::quant::ggml_cpu::RopeRounding::FirstProductFused,
+                ),
+                None => self.apply(xs, run.len, width, n_heads, &tables[i]),
+            }
         }
     }
 

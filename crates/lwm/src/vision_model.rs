@@ -7,7 +7,7 @@
 //! 8193 end of vision. A frame is its 16×16 codes row-major plus one of those two markers.
 
 use crate::config::ModelConfig;
-use crate::kv_cache::KvCache;
+use crate::kv::KvCache;
 use crate::model::{Linear, Model};
 use crate::weights::jax::{VISION_EMBED, VISION_HEAD};
 use crate::weights::WeightSource;

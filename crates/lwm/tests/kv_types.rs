@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use lwm::attention::{causal_attention_quant, reference_attention, Chunking};
-use lwm::kv_cache::{KvCache, KvTypes};
-use lwm::quant::kv::KvType;
+use lwm::kv::KvType;
+use lwm::kv::{KvCache, KvTypes};
 
 fn fixture_json() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("kv_quant_gguf.json")).unwrap()).unwrap()

@@ -100,7 +100,7 @@ fn ten_questions_about_one_document_cost_one_prefill() {
     let mut other = Engine::load(path.to_str().unwrap(), &Default::default()).unwrap();
     other
         .model
-        .set_kv_types(lwm::kv_cache::KvTypes::parse("q8_0").unwrap())
+        .set_kv_types(lwm::kv::KvTypes::parse("q8_0").unwrap())
         .unwrap();
     refused(&other, "this run uses q8_0");
     let mut other = Engine::load(path.to_str().unwrap(), &Default::default()).unwrap();

@@ -604,7 +604,8 @@ fn attention_case(n: usize) -> (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
 
 #[test]
 fn flash_attn_ext_f16_is_close_to_plain_softmax_attention() {
-    use lwm::attention::{reference_attention, KvView};
+    use lwm::attention::reference_attention;
+    use lwm::kv::KvView;
     use lwm::quant::ggml_cpu::{flash_attn_ext_f16, FaOptions};
     let (heads, d, n) = (4, 64, 11);
     let (q, kb, vb) = attention_case(n);
@@ -647,7 +648,7 @@ fn flash_attn_ext_f16_is_close_to_plain_softmax_attention() {
 fn flash_attn_simd_equals_scalar_emulation() {
     // Reimplements ggml's one-chunk loop with the scalar `dot_f16` and checks the library
     // (AVX2 intrinsics on this CPU) bit for bit, for both lane groupings.
-    use lwm::attention::KvView;
+    use lwm::kv::KvView;
     use lwm::quant::ggml_cpu::{dot_f16, flash_attn_ext_f16, round_f16, FaOptions, Isa};
     let (heads, d, n) = (4, 64, 23);
     let (q, kb, vb) = attention_case(n);

@@ -15,7 +15,7 @@
 use super::metrics::Metrics;
 use lwm::constrain::{Grammar, GrammarState};
 use lwm::generate::{Engine, StopMatcher};
-use lwm::kv_cache::KvCache;
+use lwm::kv::KvCache;
 use lwm::sampling::{logprobs, Sampler, SamplingParams};
 use lwm::tokenizer::StreamDecoder;
 use std::collections::VecDeque;

@@ -743,7 +743,7 @@ mod equivalence {
     /// and decode row counts, causal offsets that leave early rows with nothing visible.
     #[test]
     fn group_of_heads_equals_each_head_alone() {
-        use crate::quant::kv::KvType;
+        use crate::kv::KvType;
         let (d, heads) = (64, 3);
         for isa in isas(d) {
             for (nq, nk, q_pos0) in [(1, 300, 299), (2, 70, 69), (20, 131, 100), (64, 256, 40)] {
@@ -827,7 +827,7 @@ mod f16_blocks {
     use super::equivalence::attend_one;
     use super::{supports, AttnIsa, KvBlock};
     use crate::attention::{BlockMask, Partial};
-    use crate::quant::kv::KvType;
+    use crate::kv::KvType;
 
     /// Reading an f16 block in registers gives exactly the numbers of decoding it to f32
     /// first, for decode-sized (direct scores) and prefill-sized (transposed) row counts,

@@ -30,8 +30,8 @@
 //! rotation must be contracted (first product fused) to match; `S = S·ms + vs` and
 //! Q4_1's `summs += m·s` made no observable difference either way (FMA kept).
 
-use crate::attention::{KvView, QuantKvView};
-use crate::quant::kv::KvType;
+use crate::kv::KvType;
+use crate::kv::{KvView, QuantKvView};
 use half::f16;
 
 /// Which x86 SIMD build of ggml to follow where the vector width changes the numbers:

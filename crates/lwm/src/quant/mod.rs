@@ -18,7 +18,6 @@
 
 pub mod ggml_cpu;
 pub mod interleave;
-pub mod kv;
 pub mod matmul;
 pub mod q4_1;
 pub mod q4_1_x8;

@@ -1,92 +1,102 @@
 //! A decode step across the ring: the new token's query is the same on every worker; each
-//! attends it to its own shard, and the partials (unnormalised output, running max, sum —
-//! i.e. output and log-sum-exp) are exchanged and merged exactly. Every worker merges them
-//! in rank order, so all workers end with bit-identical outputs and stay in lockstep.
+//! computes the partials of its own key blocks (`attention::decode_block_partial`, the
+//! single worker's unit), and every worker receives every block's partials and merges them
+//! in ascending block order, as one worker does. So all workers end with bit-identical
+//! outputs equal to one worker's, and stay in lockstep.
 
 use super::prefill::Heads;
-use super::shard::KvShard;
 use super::transport::{Ring, Tag};
 use super::RingTimes;
-use crate::attention::{attend_block, BlockMask, Partial};
+use crate::attention::{decode_block_partial, Partial};
+use crate::kv::{key_blocks, KvShard};
 use anyhow::{bail, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Partials of one query row per head against this worker's shard of `layer`, computed over
-/// key chunks in parallel and merged per head.
+/// Per own key block: its index and the partials of every KV head's query group.
+type BlockPartials = Vec<(usize, Vec<Partial>)>;
+
 fn own_partials(
     q: &[f32],
+    q_pos: usize,
     heads: Heads,
     shard: &KvShard,
     layer: usize,
     key_chunk: usize,
-) -> Vec<Partial> {
-    let d = heads.d;
-    let group = heads.n_heads / heads.n_kv;
+) -> BlockPartials {
+    let Heads { n_heads, n_kv, d } = heads;
+    let group = n_heads / n_kv;
     let scale = 1.0 / (d as f32).sqrt();
-    let kc = key_chunk.max(1);
-    let rows = shard.rows();
-    let splits = rows.div_ceil(kc).max(1);
-    let parts: Vec<Option<Partial>> = crate::parallel::map(heads.n_heads * splits, |i| {
-        let (h, s) = (i / splits, i % splits);
-        let (k, v) = shard.head(layer, h / group);
-        let (lo, hi) = (s * kc, ((s + 1) * kc).min(rows));
-        let mut p = Partial::new(1, d);
-        if hi > lo {
-            // Every key held precedes (or is) the new token: nothing to mask.
-            attend_block(
-                &q[h * d..],
-                d,
-                &k[lo * d..hi * d],
-                &v[lo * d..hi * d],
-                scale,
-                &BlockMask::full(),
-                &mut p,
-            );
-        }
-        Some(p)
+    let view = shard.view(layer);
+    let blocks = key_blocks(shard.runs(), key_chunk);
+    let nb = blocks.len();
+    let parts: Vec<Option<Partial>> = crate::parallel::map(n_kv * nb, |i| {
+        let (b, g) = (i / n_kv, i % n_kv);
+        let qg = &q[g * group * d..(g + 1) * group * d];
+        Some(decode_block_partial(
+            qg, group, q_pos, &view, g, &blocks[b], scale,
+        ))
     });
-    let mut merged: Vec<Partial> = (0..heads.n_heads).map(|_| Partial::new(1, d)).collect();
-    for (i, p) in parts.into_iter().enumerate() {
-        merged[i / splits].merge(&p.expect("every task ran"));
-    }
-    merged
+    let mut parts = parts.into_iter().map(|p| p.expect("every task ran"));
+    blocks
+        .iter()
+        .map(|b| (b.index, parts.by_ref().take(n_kv).collect()))
+        .collect()
 }
 
-fn pack(parts: &[Partial]) -> Vec<f32> {
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend_from_slice(&p.acc);
+/// `[n_blocks, (index, per KV head: acc, m, l)…]`, indices as u32 bits.
+fn pack(parts: &BlockPartials) -> Vec<f32> {
+    let mut out = vec![f32::from_bits(parts.len() as u32)];
+    for (index, heads) in parts {
+        out.push(f32::from_bits(*index as u32));
+        for p in heads {
+            out.extend_from_slice(&p.acc);
+            out.extend_from_slice(&p.m);
+            out.extend_from_slice(&p.l);
+        }
     }
-    out.extend(parts.iter().map(|p| p.m[0]));
-    out.extend(parts.iter().map(|p| p.l[0]));
     out
 }
 
-fn unpack(block: &[f32], heads: Heads) -> Result<Vec<Partial>> {
-    let (nh, d) = (heads.n_heads, heads.d);
-    if block.len() != nh * (d + 2) {
+fn unpack(block: &[f32], heads: Heads) -> Result<BlockPartials> {
+    let Heads { n_heads, n_kv, d } = heads;
+    let group = n_heads / n_kv;
+    let per = 1 + n_kv * group * (d + 2);
+    let Some(&n) = block.first() else {
+        bail!("empty decode partial");
+    };
+    let n = n.to_bits() as usize;
+    if block.len() != 1 + n * per {
         bail!(
-            "decode partial of {} values, expected {}",
+            "decode partial of {} values, expected {} for {n} key blocks",
             block.len(),
-            nh * (d + 2)
+            1 + n * per
         );
     }
-    Ok((0..nh)
-        .map(|h| Partial {
-            d,
-            acc: block[h * d..(h + 1) * d].to_vec(),
-            m: vec![block[nh * d + h]],
-            l: vec![block[nh * d + nh + h]],
+    Ok(block[1..]
+        .chunks_exact(per)
+        .map(|b| {
+            let index = b[0].to_bits() as usize;
+            let heads = b[1..]
+                .chunks_exact(group * (d + 2))
+                .map(|h| Partial {
+                    d,
+                    acc: h[..group * d].to_vec(),
+                    m: h[group * d..group * (d + 1)].to_vec(),
+                    l: h[group * (d + 1)..].to_vec(),
+                })
+                .collect();
+            (index, heads)
         })
         .collect())
 }
 
-/// Attention output (heads·d) of the new token's query `q` against all shards.
+/// Attention output (heads·d) of the new token's query `q` at `q_pos` against all shards.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     ring: &mut dyn Ring,
     q: &[f32],
+    q_pos: usize,
     heads: Heads,
     shard: &KvShard,
     layer: usize,
@@ -95,33 +105,33 @@ pub fn decode_attention(
     times: &mut RingTimes,
 ) -> Result<Vec<f32>> {
     let t0 = Instant::now();
-    let own = own_partials(q, heads, shard, layer, key_chunk);
+    let own = own_partials(q, q_pos, heads, shard, layer, key_chunk);
     times.compute_secs += t0.elapsed().as_secs_f64();
-    let sp = ring.size();
-    let me = ring.rank();
+    let (sp, me) = (ring.size(), ring.rank());
     let packed = Arc::new(pack(&own));
     for dst in (0..sp).filter(|&r| r != me) {
         times.bytes_sent += packed.len() * 4;
         ring.send(dst, Tag::Partial, packed.clone())?;
     }
     let t1 = Instant::now();
-    let mut merged: Vec<Partial> = (0..heads.n_heads)
-        .map(|_| Partial::new(1, heads.d))
-        .collect();
-    for src in 0..sp {
-        let parts = if src == me {
-            unpack(&packed, heads)?
-        } else {
-            unpack(&ring.recv(src, Tag::Partial, Some(timeout))?, heads)?
-        };
-        for (m, p) in merged.iter_mut().zip(&parts) {
-            m.merge(p);
-        }
+    let mut all = own;
+    for src in (0..sp).filter(|&r| r != me) {
+        all.extend(unpack(
+            &ring.recv(src, Tag::Partial, Some(timeout))?,
+            heads,
+        )?);
     }
     times.wait_secs += t1.elapsed().as_secs_f64();
-    let mut out = vec![0.0f32; heads.n_heads * heads.d];
-    for (h, p) in merged.iter().enumerate() {
-        p.finish_into(&mut out[h * heads.d..(h + 1) * heads.d]);
+    all.sort_by_key(|(index, _)| *index);
+    let Heads { n_heads, n_kv, d } = heads;
+    let group = n_heads / n_kv;
+    let mut out = vec![0.0f32; n_heads * d];
+    for g in 0..n_kv {
+        let mut merged = Partial::new(group, d);
+        for (_, parts) in &all {
+            merged.merge(&parts[g]);
+        }
+        merged.finish_into(&mut out[g * group * d..(g + 1) * group * d]);
     }
     Ok(out)
 }

@@ -1,14 +1,16 @@
 //! RingAttention: one sequence split over `sp` workers, so the context a model can hold
 //! grows with the number of workers (LWM's sequence parallelism, `mesh_dim`'s `sp` axis).
 //!
-//! Every worker holds the model weights and a shard of the KV cache. A forward step of
-//! several tokens (prefill) gives each worker a zig-zag share of the new tokens (`layout`);
-//! per layer each worker projects its rows, appends its keys/values to its shard, and runs
-//! the ring pass (`prefill`): shards rotate around the ring while every worker merges the
-//! attention partials of its queries against the shard it holds, so after `sp` steps each
+//! Every worker holds the model weights and a shard of the KV cache (`kv::KvShard`, in the
+//! cache's element types). Positions are dealt by key block (`layout`), and every worker
+//! runs the model's one forward (`Model::forward_layers`) on its rows with a ring attention
+//! backend (`worker`): per layer it appends its keys/values to its shard and runs the ring
+//! pass (`prefill`): shards rotate around the ring while every worker computes the
+//! partials of its query tiles against the key blocks it holds, so after `sp` steps each
 //! query has seen every key, never materialising more than one remote shard. A decode step
-//! (one token) runs on every worker, each attends its own shard, and the partials are
-//! merged exactly (`decode`). All of it is the blockwise primitive of `attention`.
+//! (one token) runs on every worker, each attends its own blocks, and the partials are
+//! exchanged (`decode`). Partials are merged in ascending block order on every path, so the
+//! ring's logits are one worker's, bit for bit.
 //!
 //! Transports (`transport::Ring`): threads in one process (`threads`), MPI processes
 //! (`mpi`, cargo feature `mpi`). Rank 0 drives (`session`); the others `serve` its commands.
@@ -22,7 +24,6 @@ pub mod mesh;
 pub mod mpi;
 pub mod prefill;
 pub mod session;
-pub mod shard;
 pub mod threads;
 pub mod transport;
 pub mod worker;

@@ -1,18 +1,24 @@
 //! The ring pass of one layer: every worker's queries meet every worker's key/value shard.
 //!
 //! Step s = 0..sp−1: worker r holds the shard of worker (r − s) mod sp. It first hands that
-//! shard to its right neighbour (a non-blocking send), then merges the partials of its
-//! query tiles against it with the blockwise primitive, then takes the next shard from its
-//! left neighbour. Transfer of step s+1's block overlaps step s's compute. Key chunks
-//! whose first position lies after a query tile's last position are fully masked and
-//! skipped, so with the zig-zag layout every worker does the same causal work.
+//! shard to its right neighbour (a non-blocking send), then computes the partials of its
+//! query tiles against the shard's key blocks, then takes the next shard from its left
+//! neighbour. Transfer of step s+1's block overlaps step s's compute. Key blocks whose
+//! first position lies after a tile's last query are fully masked and skipped.
+//!
+//! Each (tile, key block) partial is the one a single worker computes
+//! (`attention::tile_block_partials`), and a tile merges its blocks in ascending block order
+//! whatever order the shards arrive in (blocks that arrive early wait in `pending`), so the
+//! output is bit for bit that of one worker.
 
-use super::shard::ShardView;
 use super::transport::{Block, Ring, Tag};
 use super::RingTimes;
-use crate::attention::{attend_block, BlockMask, Chunking, Partial};
-use crate::model::PositionRun;
+use crate::attention::{
+    query_tiles, tile_block_partials, write_tile, Chunking, Partial, QueryTile,
+};
+use crate::kv::{key_blocks, KeyBlock, KvTypes, PositionRun, ShardView};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Head layout of a layer: query heads, KV heads (grouped-query), head dimension.
@@ -23,71 +29,37 @@ pub struct Heads {
     pub d: usize,
 }
 
-/// A query tile: `rows` consecutive local rows of head `h` starting at local row `row0`,
-/// at positions `pos0..`.
-#[derive(Debug, Clone, Copy)]
-struct Tile {
-    h: usize,
-    row0: usize,
-    pos0: usize,
-    rows: usize,
+/// One (KV head, query tile): its merged partials so far (blocks `0..next`) and the
+/// blocks that arrived ahead of their turn.
+struct TileMerge {
+    g: usize,
+    tile: QueryTile,
+    merged: Vec<Partial>,
+    next: usize,
+    pending: BTreeMap<usize, Vec<Partial>>,
 }
 
-fn tiles(q_runs: &[PositionRun], heads: Heads, query_chunk: usize) -> Vec<Tile> {
-    let qc = query_chunk.max(1);
-    let mut out = Vec::new();
-    for h in 0..heads.n_heads {
-        for run in q_runs {
-            for off in (0..run.len).step_by(qc) {
-                out.push(Tile {
-                    h,
-                    row0: run.row0 + off,
-                    pos0: run.pos0 + off,
-                    rows: qc.min(run.len - off),
-                });
+impl TileMerge {
+    fn add(&mut self, index: usize, parts: Vec<Partial>) {
+        self.pending.insert(index, parts);
+        while let Some(p) = self.pending.remove(&self.next) {
+            for (m, b) in self.merged.iter_mut().zip(&p) {
+                m.merge(b);
             }
+            self.next += 1;
         }
     }
-    out
 }
 
-/// Merge into each tile's partial its causally visible keys of one shard.
-fn attend_shard(
-    q: &[f32],
-    heads: Heads,
-    tiles: &[Tile],
-    partials: &mut [Partial],
-    shard: &ShardView,
-    key_chunk: usize,
-) {
-    let d = heads.d;
-    let width = heads.n_heads * d;
-    let group = heads.n_heads / heads.n_kv;
-    let scale = 1.0 / (d as f32).sqrt();
-    let kc = key_chunk.max(1);
-    crate::parallel::for_each_chunk_mut(partials, 1, |i, p| {
-        let t = tiles[i];
-        let q_last = t.pos0 + t.rows - 1;
-        let (k, v) = shard.head(t.h / group);
-        for run in &shard.runs {
-            let mut j = 0;
-            // Keys past the tile's last query are masked: skip those chunks entirely.
-            while j < run.len && run.pos0 + j <= q_last {
-                let j1 = (j + kc).min(run.len);
-                let (r0, r1) = (run.row0 + j, run.row0 + j1);
-                attend_block(
-                    &q[t.row0 * width + t.h * d..],
-                    width,
-                    &k[r0 * d..r1 * d],
-                    &v[r0 * d..r1 * d],
-                    scale,
-                    &BlockMask::causal(t.pos0, run.pos0 + j),
-                    &mut p[0],
-                );
-                j = j1;
-            }
-        }
-    });
+/// The rows of `block` a tile ending at position `end` (exclusive) may see: the single
+/// worker's blocks stop at the tile's end too.
+fn visible(block: &KeyBlock, end: usize) -> KeyBlock {
+    let len = block.rows.len().min(end.saturating_sub(block.pos0));
+    KeyBlock {
+        index: block.index,
+        pos0: block.pos0,
+        rows: block.rows.start..block.rows.start + len,
+    }
 }
 
 /// Attention output (local rows × heads·d) of this worker's queries `q` (at `q_runs`)
@@ -99,15 +71,28 @@ pub fn ring_attention(
     q_runs: &[PositionRun],
     own: Block,
     heads: Heads,
+    types: KvTypes,
     chunking: Chunking,
     timeout: Duration,
     times: &mut RingTimes,
 ) -> Result<Vec<f32>> {
-    let d = heads.d;
-    let width = heads.n_heads * d;
+    let Heads { n_heads, n_kv, d } = heads;
+    let (width, group) = (n_heads * d, n_heads / n_kv);
+    let scale = 1.0 / (d as f32).sqrt();
     let n_local: usize = q_runs.iter().map(|r| r.len).sum();
-    let tiles = tiles(q_runs, heads, chunking.query_chunk);
-    let mut partials: Vec<Partial> = tiles.iter().map(|t| Partial::new(t.rows, d)).collect();
+    let mut work: Vec<TileMerge> = query_tiles(q_runs, chunking)
+        .into_iter()
+        .rev()
+        .flat_map(|tile| {
+            (0..n_kv).map(move |g| TileMerge {
+                g,
+                tile,
+                merged: (0..group).map(|_| Partial::new(tile.rows, d)).collect(),
+                next: 0,
+                pending: BTreeMap::new(),
+            })
+        })
+        .collect();
     let sp = ring.size();
     let mut held = own;
     for step in 0..sp {
@@ -116,10 +101,26 @@ pub fn ring_attention(
             ring.send(ring.next(), Tag::KvBlock, held.clone())?;
         }
         let t0 = Instant::now();
-        let view = ShardView::parse(&held, heads.n_kv, d).with_context(|| {
+        let view = ShardView::parse(&held, n_kv, d, types).with_context(|| {
             format!("key/value block of rank {}", (ring.rank() + sp - step) % sp)
         })?;
-        attend_shard(q, heads, &tiles, &mut partials, &view, chunking.key_chunk);
+        let blocks = key_blocks(&view.runs, chunking.key_chunk);
+        crate::parallel::for_each_chunk_mut(&mut work, 1, |_, w| {
+            let w = &mut w[0];
+            let end = w.tile.pos0 + w.tile.rows;
+            let queries: Vec<&[f32]> = (0..group)
+                .map(|j| &q[w.tile.row0 * width + (w.g * group + j) * d..])
+                .collect();
+            let mut bufs = (Vec::new(), Vec::new());
+            for blk in blocks.iter().filter(|b| b.pos0 < end) {
+                let mut parts = Vec::new();
+                let blk = visible(blk, end);
+                tile_block_partials(
+                    &queries, width, w.tile, &view.kv, w.g, &blk, scale, &mut bufs, &mut parts,
+                );
+                w.add(blk.index, parts);
+            }
+        });
         times.compute_secs += t0.elapsed().as_secs_f64();
         times.blocks += 1;
         if step + 1 < sp {
@@ -129,13 +130,16 @@ pub fn ring_attention(
         }
     }
     let mut out = vec![0.0f32; n_local * width];
-    for (t, p) in tiles.iter().zip(&partials) {
-        let mut o = vec![0.0f32; t.rows * d];
-        p.finish_into(&mut o);
-        for (i, row) in o.chunks_exact(d).enumerate() {
-            let dst = (t.row0 + i) * width + t.h * d;
-            out[dst..dst + d].copy_from_slice(row);
-        }
+    let mut buf = Vec::new();
+    for w in &work {
+        let last_block = (w.tile.pos0 + w.tile.rows - 1) / chunking.key_chunk.max(1);
+        anyhow::ensure!(
+            w.next == last_block + 1,
+            "ring pass ended with key block {} missing for positions {}..",
+            w.next,
+            w.tile.pos0
+        );
+        write_tile(&w.merged, w.g, w.tile, width, &mut out, &mut buf);
     }
     Ok(out)
 }

@@ -35,7 +35,7 @@ impl<'m> RingSession<'m> {
     /// Rank 0 of a ring whose other ranks run `serve`.
     pub fn new(model: &'m Model, ring: Box<dyn Ring + 'm>, opts: RingOptions) -> Self {
         assert_eq!(ring.rank(), 0, "the session is rank 0");
-        let worker = RingWorker::new(model, ring.size(), opts);
+        let worker = RingWorker::new(model, opts);
         Self {
             model,
             worker,
@@ -226,7 +226,7 @@ fn decode_stats(rank: usize, b: &[f32]) -> Result<WorkerStats> {
 /// The loop of ranks 1..sp: run rank 0's commands until it says stop (or disappears).
 pub fn serve(model: &Model, ring: &mut dyn Ring, opts: RingOptions) -> Result<()> {
     let rank = ring.rank();
-    let mut worker = RingWorker::new(model, ring.size(), opts);
+    let mut worker = RingWorker::new(model, opts);
     loop {
         let cmd = ring.recv(0, Tag::Command, None)?;
         let Some(&kind) = cmd.first() else {

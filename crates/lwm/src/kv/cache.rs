@@ -3,62 +3,8 @@
 //! so the attention driver reads a key block as one slice of stored rows and decodes it
 //! tile by tile.
 
-use crate::attention::{KvView, QuantKvView};
-use crate::quant::kv::KvType;
-use anyhow::{bail, Result};
-
-/// Element types of keys and values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KvTypes {
-    pub k: KvType,
-    pub v: KvType,
-}
-
-impl KvTypes {
-    pub const F32: KvTypes = KvTypes::same(KvType::F32);
-    pub const F16: KvTypes = KvTypes::same(KvType::F16);
-
-    pub const fn same(t: KvType) -> Self {
-        Self { k: t, v: t }
-    }
-
-    /// `T` (both) or `K,V` (e.g. `q8_0,f16`).
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.split_once(',') {
-            None => Ok(Self::same(KvType::parse(s)?)),
-            Some((k, v)) => Ok(Self {
-                k: KvType::parse(k)?,
-                v: KvType::parse(v)?,
-            }),
-        }
-    }
-
-    pub fn name(&self) -> String {
-        if self.k == self.v {
-            self.k.name().to_string()
-        } else {
-            format!("{},{}", self.k.name(), self.v.name())
-        }
-    }
-
-    /// Bytes one token occupies in one layer's one KV head (its key row plus value row).
-    pub fn row_pair_bytes(&self, head_dim: usize) -> usize {
-        self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim)
-    }
-
-    /// Check the head dimension suits both types.
-    pub fn check_dim(&self, head_dim: usize) -> Result<()> {
-        for t in [self.k, self.v] {
-            if !t.supports_dim(head_dim) {
-                bail!(
-                    "KV cache type {} needs a head dimension that is a multiple of 32, this model has {head_dim}",
-                    t.name()
-                );
-            }
-        }
-        Ok(())
-    }
-}
+use super::types::KvTypes;
+use super::view::{KvView, QuantKvView};
 
 /// Stored f32 rows as f32 (little-endian machines, aligned buffers).
 fn as_f32(b: &[u8]) -> Option<&[f32]> {

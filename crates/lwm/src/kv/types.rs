@@ -17,9 +17,62 @@
 //! Rows are encoded once when appended and decoded per attention tile (`decode_rows`), so
 //! the cache is read at its stored width.
 
-use super::q8::{quantize_row_q8_0, BlockQ8_0, QK};
+use crate::quant::q8::{quantize_row_q8_0, BlockQ8_0, QK};
 use anyhow::{bail, Result};
 use half::{bf16, f16};
+
+/// Element types of keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+}
+
+impl KvTypes {
+    pub const F32: KvTypes = KvTypes::same(KvType::F32);
+    pub const F16: KvTypes = KvTypes::same(KvType::F16);
+
+    pub const fn same(t: KvType) -> Self {
+        Self { k: t, v: t }
+    }
+
+    /// `T` (both) or `K,V` (e.g. `q8_0,f16`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once(',') {
+            None => Ok(Self::same(KvType::parse(s)?)),
+            Some((k, v)) => Ok(Self {
+                k: KvType::parse(k)?,
+                v: KvType::parse(v)?,
+            }),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        if self.k == self.v {
+            self.k.name().to_string()
+        } else {
+            format!("{},{}", self.k.name(), self.v.name())
+        }
+    }
+
+    /// Bytes one token occupies in one layer's one KV head (its key row plus value row).
+    pub fn row_pair_bytes(&self, head_dim: usize) -> usize {
+        self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim)
+    }
+
+    /// Check the head dimension suits both types.
+    pub fn check_dim(&self, head_dim: usize) -> Result<()> {
+        for t in [self.k, self.v] {
+            if !t.supports_dim(head_dim) {
+                bail!(
+                    "KV cache type {} needs a head dimension that is a multiple of 32, this model has {head_dim}",
+                    t.name()
+                );
+            }
+        }
+        Ok(())
+    }
+}
 
 /// One KV element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,7 +167,7 @@ impl KvType {
             }
             KvType::F16 => {
                 #[cfg(target_arch = "x86_64")]
-                if super::has_avx2() {
+                if crate::quant::has_avx2() {
                     // SAFETY: F16C detected; lengths match (checked above in debug, by
                     // construction in the cache).
                     unsafe { avx2::encode_f16(x, out) };
@@ -153,7 +206,7 @@ impl KvType {
     /// Decode one stored row into `out` (length d), with AVX2 where present.
     pub fn decode_row(self, row: &[u8], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
+        if crate::quant::has_avx2() {
             // SAFETY: AVX2/FMA/F16C detected; `row` holds one row of out.len() values.
             match self {
                 KvType::F16 => return unsafe { avx2::decode_f16(row, out) },
