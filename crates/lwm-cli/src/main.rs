@@ -163,10 +163,7 @@ impl ModelArgs {
         };
         let mut engine = Engine::load(&self.model, &opts)?;
         if self.dequantize {
-            engine.model.dequantize_weights()?;
-            engine.quantization = format!("{} (dequantized to f32)", engine.quantization);
-            // Other arithmetic, other KV states: prompt-cache files must not be shared.
-            engine.weights_digest = !engine.weights_digest;
+            engine.dequantize()?;
         }
         let mut kv = match &self.kv_type {
             Some(t) => lwm::kv::KvTypes::parse(t)?,

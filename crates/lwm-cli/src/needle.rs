@@ -241,13 +241,6 @@ fn load_or_create_set(a: &RunArgs, engine: &lwm::generate::Engine) -> Result<Nee
     Ok(set)
 }
 
-fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
@@ -285,8 +278,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         // Another rank of `mpirun ... needle run --mesh-dim`: it only serves rank 0's ring
         // (rank 0 owns the run directory), for sequences up to the longest context.
         let longest = longest_context(&a)?;
-        let c = &mut engine.model.config;
-        c.max_sequence_length = c.max_sequence_length.max(longest);
+        engine.set_context_length(engine.context_length().max(longest));
         a.ring.run(&engine, |_| Ok(()))?;
         return Ok(());
     }
@@ -322,18 +314,17 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "note: context length(s) {} are beyond the model's trained context ({trained} tokens); running them anyway, marked with * in the table and heatmap",
             beyond.join(", ")
         );
-        engine.model.config.max_sequence_length = max_len;
+        engine.set_context_length(max_len);
     }
-    let need = engine.model.weight_bytes() as f64
-        + engine.config().kv_bytes_per_token(4.0) * max_len as f64;
-    if let Some(avail) = mem_available_bytes() {
-        if need > avail as f64 {
-            bail!(
-                "context length {max_len} needs about {:.1} GiB (weights + KV cache) but only {:.1} GiB of memory is available; drop the longest --context-lengths",
-                need / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
-            );
-        }
+    // The check every generation makes, made once up front for the longest cell (the
+    // weights are loaded already, so only what a run adds counts).
+    if let Some(avail) = lwm::memory_plan::available_memory() {
+        engine
+            .memory_plan(max_len, a.model.prefill_chunk)
+            .check_fits(0, &avail)
+            .with_context(|| {
+                format!("context length {max_len} does not fit; drop the longest --context-lengths")
+            })?;
     }
 
     let results_path = a.out.join(RESULTS_FILE);

@@ -3,8 +3,8 @@
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lwm::sampling::{Sampler, SamplingParams};
-use lwm::tokenizer::StreamDecoder;
+use lwm::generate::GenerateRequest;
+use lwm::sampling::SamplingParams;
 use lwm::vision_chat::{chat_prompt, video_frames};
 use lwm::vision_model::Heads;
 use lwm::vqgan::preprocess::{load_image, process_frame};
@@ -94,43 +94,36 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let (ids, mask) = chat_prompt(&engine.tokenizer, &a.question, &codes)?;
+    let mut req = GenerateRequest::new(
+        ids,
+        a.max_new_tokens,
+        SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+    );
+    req.prefill_chunk = a.model.prefill_chunk;
+    // The one generation loop; only the forward differs: prompt rows take the vision
+    // embedding where the mask says so, and the answer is text.
     let model = &engine.model;
-    if ids.len() + a.max_new_tokens > model.config.max_sequence_length {
-        eprintln!(
-            "note: {} prompt tokens + {} new exceed the model's max sequence length {}",
-            ids.len(),
-            a.max_new_tokens,
-            model.config.max_sequence_length
-        );
-    }
     let mut cache = model.new_cache();
-    let mut logits = model
-        .forward_mixed(&ids, &mask, &mut cache, Heads::Text, false)?
-        .text;
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
-        seed: a.seed,
-        ..SamplingParams::default()
-    })?;
-    let mut history = ids.clone();
-    let mut stream = StreamDecoder::new(engine.tokenizer.clone());
-    let mut out = std::io::stdout();
-    use std::io::Write;
-    for _ in 0..a.max_new_tokens {
-        let next = sampler.sample(&logits, &history);
-        if engine.tokenizer.is_end_of_generation(next) || stop.load(Ordering::SeqCst) {
-            break;
-        }
-        history.push(next);
-        let _ = out.write_all(stream.push(next).as_bytes());
-        let _ = out.flush();
-        logits = model.forward(&[next], &mut cache, false)?;
-    }
-    let _ = out.write_all(stream.flush().as_bytes());
+    engine.prepare_cache(&req, &mut cache, 0)?;
+    let mut at = 0;
+    let mut forward = |step_ids: &[u32]| -> Result<Vec<f32>> {
+        let step_mask: Vec<bool> = (at..at + step_ids.len())
+            .map(|i| mask.get(i).copied().unwrap_or(false))
+            .collect();
+        at += step_ids.len();
+        Ok(model
+            .forward_mixed(step_ids, &step_mask, &mut cache, Heads::Text, false)?
+            .text)
+    };
+    engine.generate_on(&req, 0, &mut forward, &mut crate::stream_to_stdout(stop))?;
     println!();
     Ok(())
 }

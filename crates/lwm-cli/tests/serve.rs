@@ -118,3 +118,68 @@ fn serve_rejects_a_bad_model_cleanly() {
         "{stderr}"
     );
 }
+
+/// POST `body` to `url` + `path` over a plain socket; returns (status, body).
+fn post(url: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).expect("connect to the server");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// The scheduler checks each request against the memory plan (the same check `lwm
+/// generate` makes) before its cache grows: a request whose context cannot fit gets 503
+/// `insufficient_memory` with the plan's figures, streamed or not, and the server keeps
+/// serving the requests that fit.
+#[test]
+fn a_request_beyond_memory_is_refused_by_type_and_the_server_keeps_serving() {
+    let Some(model) = default_model() else { return };
+    // 2^27 positions of this model's f16 KV (30 layers x 3 heads x 64 x 2 x 2 bytes) need
+    // about 2.8 TiB, more than any test machine has.
+    let big = (1usize << 27).to_string();
+    let (_server, url) = start_server(
+        &model,
+        &["--max-sequence-length", &big, "--max-tokens-limit", &big],
+    );
+    let huge = format!(
+        r#"{{"prompt": "The capital of France is", "max_tokens": {}}}"#,
+        (1usize << 27) - 100
+    );
+    for body in [
+        huge.clone(),
+        huge.replace("{\"prompt\"", "{\"stream\": true, \"prompt\""),
+    ] {
+        let (status, reply) = post(&url, "/v1/completions", &body);
+        assert_eq!(status, 503, "{reply}");
+        let v: serde_json::Value = serde_json::from_str(&reply).expect("an error object");
+        assert_eq!(v["error"]["code"], "insufficient_memory", "{reply}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("not enough memory"), "{msg}");
+    }
+    let (status, reply) = post(
+        &url,
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert!(
+        !v["choices"][0]["text"].as_str().unwrap().is_empty(),
+        "{reply}"
+    );
+}

@@ -1,14 +1,15 @@
-//! The engine: a loaded model with its tokenizer and chat template, and the generation
-//! loop (prefill, sample, stream text, stop on end-of-generation or stop strings).
+//! The engine: a loaded model with its tokenizer and chat template, and the one generation
+//! state machine (`Generation`: prefill in pieces, sample under an optional grammar, stream
+//! text, stop on end-of-generation, stop strings or the budget) every front end drives.
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::config::{lwm_preset, ModelConfig};
-use crate::constrain::{Constraint, Grammar, GrammarCompiler};
+use crate::constrain::{Constraint, Grammar, GrammarCompiler, GrammarState};
 use crate::kv::{KvCache, KvTypes};
 use crate::memory_plan::MemoryPlan;
 use crate::model::{ForwardOptions, Model, Numerics};
 use crate::model_source::{resolve, ModelLocation};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{logprobs, Sampler, SamplingParams};
 use crate::tokenizer::{GgufVocab, StreamDecoder, Tokenizer};
 use crate::weights::gguf::GgufFile;
 use crate::weights::hf::{load_hf_config, HfWeights};
@@ -284,6 +285,21 @@ impl Engine {
         self.model.config.max_sequence_length
     }
 
+    /// Accept sequences up to `tokens` (a needle run beyond the trained context, a ring
+    /// rank serving rank 0's longest sequence).
+    pub fn set_context_length(&mut self, tokens: usize) {
+        self.model.config.max_sequence_length = tokens;
+    }
+
+    /// Run on f32 copies of the weights (`--dequantize`). Other arithmetic gives other KV
+    /// states, so prompt-cache files of the quantized model no longer apply.
+    pub fn dequantize(&mut self) -> Result<()> {
+        self.model.dequantize_weights()?;
+        self.quantization = format!("{} (dequantized to f32)", self.quantization);
+        self.weights_digest = !self.weights_digest;
+        Ok(())
+    }
+
     /// Generate a continuation of `req.prompt_ids` in a fresh KV cache.
     pub fn generate(
         &self,
@@ -302,36 +318,47 @@ impl Engine {
         cache: &mut KvCache,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerateOutput> {
-        let ctx = self.context_length();
-        let n_prompt = req.prompt_ids.len();
-        if n_prompt == 0 {
-            bail!("the prompt is empty (no tokens)");
-        }
-        if n_prompt >= ctx {
-            bail!(
-                "the prompt has {n_prompt} tokens but the context is {ctx}; shorten it or raise --max-sequence-length"
-            );
-        }
-        // Keep the cached tokens the prompt starts with (checked id by id); at least one
-        // prompt token must run to produce logits.
-        let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
-        cache.truncate(reuse);
-        // Refuse before the cache grows or activations exist when the run cannot fit.
-        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
-        if let Some(avail) = crate::memory_plan::available_memory() {
-            self.memory_plan_for(total, req.prefill_chunk, cache.types)
-                .check_fits(cache.bytes() as u64, &avail)?;
-        }
-        cache.reserve_total(total);
+        let reuse = self.prepare_cache(req, cache, 0)?;
         let mut step = |ids: &[u32]| self.model.forward(ids, cache, false);
         self.generate_on(req, reuse, &mut step, on_text)
     }
 
-    /// The generation loop over any forward pass: `step(ids)` runs tokens after those
-    /// already held and returns the last one's logits. The first `reuse` prompt tokens are
-    /// held already; the rest are run in pieces of `req.prefill_chunk`. The engine's own
-    /// model + KV cache (`generate_with_cache`) and a sequence-parallel ring session
-    /// (`crate::ring`) both drive it.
+    /// Make `cache` ready for `req`: check the prompt, keep the longest prefix of it the
+    /// cache holds (checked id by id; at least one prompt token must run to produce
+    /// logits), refuse before anything grows when the run cannot fit beside
+    /// `pending_bytes` already promised elsewhere (other requests' caches), and reserve
+    /// the cache's room. Returns how many prompt tokens are held.
+    pub fn prepare_cache(
+        &self,
+        req: &GenerateRequest,
+        cache: &mut KvCache,
+        pending_bytes: u64,
+    ) -> Result<usize> {
+        let ctx = self.context_length();
+        let n_prompt = req.prompt_ids.len();
+        check_prompt(n_prompt, ctx)?;
+        let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
+        cache.truncate(reuse);
+        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
+        if let Some(mut avail) = crate::memory_plan::available_memory() {
+            avail.bytes = avail.bytes.saturating_sub(pending_bytes);
+            self.memory_plan_for(total, req.prefill_chunk, cache.types)
+                .check_fits(cache.bytes() as u64, &avail)?;
+        }
+        cache.reserve_total(total);
+        Ok(reuse)
+    }
+
+    /// Start a generation whose first `reuse` prompt tokens the forward pass holds.
+    pub fn start(&self, req: &GenerateRequest, reuse: usize) -> Result<Generation> {
+        Generation::new(&self.tokenizer, self.context_length(), req, reuse)
+    }
+
+    /// Run a generation to its end over any forward pass, streaming text to `on_text`
+    /// (return false to stop). `step(ids)` runs tokens after those already held and
+    /// returns the last one's logits; the first `reuse` prompt tokens are held already.
+    /// The engine's model + KV cache (`generate_with_cache`) and a sequence-parallel
+    /// ring session (`crate::ring`) both drive it.
     pub fn generate_on(
         &self,
         req: &GenerateRequest,
@@ -339,87 +366,283 @@ impl Engine {
         step: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerateOutput> {
-        let ctx = self.context_length();
-        let n_prompt = req.prompt_ids.len();
-        if n_prompt == 0 || reuse >= n_prompt {
-            bail!("the prompt is empty (no tokens)");
-        }
-        if n_prompt >= ctx {
-            bail!(
-                "the prompt has {n_prompt} tokens but the context is {ctx}; shorten it or raise --max-sequence-length"
-            );
-        }
-        let mut sampler = Sampler::new(req.sampling.clone())?;
-        let t0 = Instant::now();
-        let mut logits = Vec::new();
-        for piece in req.prompt_ids[reuse..].chunks(req.prefill_chunk.max(1)) {
-            logits = step(piece).context("prefill failed")?;
-        }
-        let prefill_secs = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let mut history = req.prompt_ids.clone();
-        let mut ids = Vec::new();
-        let mut stream = StreamDecoder::new(&self.tokenizer);
-        let mut stops = StopMatcher::new(&req.stop);
-        let mut finish = FinishReason::Length;
-        let budget = req.max_tokens.min(ctx - n_prompt);
-        let mut text = String::new();
-        let mut grammar = req.grammar.as_ref().map(Grammar::start);
-        while ids.len() < budget {
-            let id = match grammar.as_mut() {
-                Some(g) => {
-                    let allowed = g.allowed(logits.len())?;
-                    sampler.sample_masked(&logits, &history, Some(allowed))
+        let mut generation = self.start(req, reuse)?;
+        loop {
+            match generation.step(step)? {
+                Step::Prefilled { .. } => {}
+                Step::Token { text, .. } => {
+                    if !text.is_empty() && !on_text(&text) {
+                        generation.cancel();
+                        break;
+                    }
                 }
-                None => sampler.sample(&logits, &history),
-            };
-            if let Some(g) = grammar.as_mut() {
-                // The grammar allows its end token only once the output is complete.
-                if id == g.eos_id() {
-                    finish = FinishReason::Stop;
+                Step::Finished { text, .. } => {
+                    if !text.is_empty() {
+                        on_text(&text);
+                    }
                     break;
                 }
-                g.consume(id)?;
-            } else if !req.ignore_eos && self.tokenizer.is_end_of_generation(id) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            ids.push(id);
-            history.push(id);
-            let piece = stream.push(id);
-            let (emit, hit) = stops.push(&piece);
-            text.push_str(&emit);
-            if !emit.is_empty() && !on_text(&emit) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if hit || grammar.as_ref().is_some_and(|g| g.is_finished()) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if ids.len() == budget {
-                break;
-            }
-            logits = step(&[id])?;
-        }
-        if finish != FinishReason::Stop || !stops.hit {
-            let rest = stops.flush(&stream.flush());
-            if !rest.is_empty() {
-                text.push_str(&rest);
-                on_text(&rest);
             }
         }
-        Ok(GenerateOutput {
-            ids,
-            text,
-            finish_reason: finish,
-            prompt_tokens: n_prompt,
-            reused_tokens: reuse,
-            prefill_secs,
-            decode_secs: t1.elapsed().as_secs_f64(),
+        Ok(generation.into_output())
+    }
+}
+
+/// One token's log-probability and its most likely alternatives (the OpenAI `logprobs`).
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// What one [`Generation::step`] did.
+#[derive(Debug)]
+pub enum Step {
+    /// A piece of `tokens` prompt tokens ran; `done` of the `total` to prefill are in.
+    Prefilled {
+        tokens: usize,
+        done: usize,
+        total: usize,
+    },
+    /// A token was sampled. `text` is what became printable (empty while a stop string
+    /// or a UTF-8 character is still pending).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The generation ended; `text` is what was held back until now.
+    Finished { reason: FinishReason, text: String },
+}
+
+/// One generation in progress: the state machine every front end drives (`generate`,
+/// `chat`, the server's scheduler, vision chat, needle runs, the ring). Each `step` runs
+/// one prompt piece or samples one token, so a caller may interleave many generations or
+/// stop between any two steps. The forward pass is the caller's: `forward(ids)` runs
+/// tokens after those already held and returns the last one's logits.
+pub struct Generation {
+    tok: Tokenizer,
+    n_prompt: usize,
+    reused: usize,
+    prefilled: usize,
+    prefill_chunk: usize,
+    on_prefill: Option<PrefillProgress>,
+    budget: usize,
+    ignore_eos: bool,
+    top_logprobs: Option<usize>,
+    sampler: Sampler,
+    grammar: Option<GrammarState>,
+    /// Prompt and generated ids (the repetition penalties read it).
+    history: Vec<u32>,
+    /// The last sampled token, not yet run (it runs at the start of the next step, so
+    /// its text reaches the caller before the forward pass and a cancel wastes none).
+    unrun: Option<u32>,
+    ending: Option<FinishReason>,
+    finished: Option<FinishReason>,
+    logits: Vec<f32>,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    text: String,
+    started: Instant,
+    prefill_secs: f64,
+    decode_started: Option<Instant>,
+}
+
+impl Generation {
+    /// Check `req` against a context of `context_length` tokens and set it up; the first
+    /// `reused` prompt tokens are already held by the forward pass.
+    pub fn new(
+        tok: &Tokenizer,
+        context_length: usize,
+        req: &GenerateRequest,
+        reused: usize,
+    ) -> Result<Self> {
+        let n_prompt = req.prompt_ids.len();
+        check_prompt(n_prompt, context_length)?;
+        if reused >= n_prompt {
+            bail!("{reused} of {n_prompt} prompt tokens are held already: at least one must run");
+        }
+        Ok(Self {
+            tok: tok.clone(),
+            n_prompt,
+            reused,
+            prefilled: reused,
+            prefill_chunk: req.prefill_chunk.max(1),
+            on_prefill: req.on_prefill.clone(),
+            budget: req.max_tokens.min(context_length - n_prompt),
+            ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            sampler: Sampler::new(req.sampling.clone())
+                .map_err(|e| crate::Error::InvalidRequest(format!("{e:#}")))?,
+            grammar: req.grammar.as_ref().map(Grammar::start),
+            history: req.prompt_ids.clone(),
+            unrun: None,
+            ending: None,
+            finished: None,
+            logits: Vec::new(),
+            decoder: StreamDecoder::new(tok),
+            stops: StopMatcher::new(&req.stop),
+            text: String::new(),
+            started: Instant::now(),
+            prefill_secs: 0.0,
+            decode_started: None,
         })
     }
+
+    /// Advance by one prompt piece or one token.
+    pub fn step(&mut self, forward: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Step> {
+        if let Some(reason) = self.finished {
+            bail!("the generation has finished ({})", reason.as_str());
+        }
+        if self.prefilled < self.n_prompt {
+            let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
+            self.logits = forward(&self.history[self.prefilled..end]).context("prefill failed")?;
+            let tokens = end - self.prefilled;
+            self.prefilled = end;
+            let (done, total) = (end - self.reused, self.n_prompt - self.reused);
+            if let Some(progress) = &self.on_prefill {
+                progress(done, total);
+            }
+            if end == self.n_prompt {
+                self.prefill_secs = self.started.elapsed().as_secs_f64();
+                self.decode_started = Some(Instant::now());
+            }
+            return Ok(Step::Prefilled {
+                tokens,
+                done,
+                total,
+            });
+        }
+        if let Some(reason) = self.ending {
+            return Ok(self.finish(reason));
+        }
+        if let Some(id) = self.unrun.take() {
+            self.logits = forward(&[id]).context("decode failed")?;
+        }
+        if self.generated() >= self.budget {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let id = match self.grammar.as_mut() {
+            Some(g) => {
+                let allowed = g.allowed(self.logits.len())?;
+                self.sampler
+                    .sample_masked(&self.logits, &self.history, Some(allowed))
+            }
+            None => self.sampler.sample(&self.logits, &self.history),
+        };
+        match self.grammar.as_mut() {
+            // The grammar allows its end token only once the output is complete.
+            Some(g) if id == g.eos_id() => return Ok(self.finish(FinishReason::Stop)),
+            Some(g) => g.consume(id)?,
+            None if !self.ignore_eos && self.tok.is_end_of_generation(id) => {
+                return Ok(self.finish(FinishReason::Stop))
+            }
+            None => {}
+        }
+        let logprob = self.top_logprobs.map(|n| self.logprob(id, n));
+        self.history.push(id);
+        let piece = self.decoder.push(id);
+        let (text, hit) = self.stops.push(&piece);
+        self.text.push_str(&text);
+        if hit || self.grammar.as_ref().is_some_and(|g| g.is_finished()) {
+            self.ending = Some(FinishReason::Stop);
+        } else if self.generated() >= self.budget {
+            self.ending = Some(FinishReason::Length);
+        } else {
+            self.unrun = Some(id);
+        }
+        Ok(Step::Token { id, text, logprob })
+    }
+
+    /// Stop here (the client went away, Ctrl-C): the output keeps what was generated.
+    pub fn cancel(&mut self) {
+        if self.finished.is_none() {
+            self.finish(FinishReason::Cancelled);
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Step {
+        // After a stop string nothing held back belongs to the output.
+        let text = if self.stops.hit {
+            String::new()
+        } else {
+            self.stops.flush(&self.decoder.flush())
+        };
+        self.text.push_str(&text);
+        self.finished = Some(reason);
+        Step::Finished { reason, text }
+    }
+
+    fn logprob(&self, id: u32, top_n: usize) -> TokenLogprob {
+        let (logprob, top) = logprobs(&self.logits, id, top_n);
+        let piece = |t: u32| {
+            let b = self.tok.token_bytes(t);
+            (String::from_utf8_lossy(&b).into_owned(), b)
+        };
+        let (token, bytes) = piece(id);
+        TokenLogprob {
+            token,
+            bytes,
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(t, l)| {
+                    let (s, b) = piece(t);
+                    (s, b, l)
+                })
+                .collect(),
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.history.len() - self.n_prompt
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.n_prompt
+    }
+
+    /// Prompt tokens whose KV was held before this generation started.
+    pub fn reused_tokens(&self) -> usize {
+        self.reused
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// The result (the finish reason is `Length` if it never finished).
+    pub fn into_output(self) -> GenerateOutput {
+        GenerateOutput {
+            ids: self.history[self.n_prompt..].to_vec(),
+            text: self.text,
+            finish_reason: self.finished.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.n_prompt,
+            reused_tokens: self.reused,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self
+                .decode_started
+                .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        }
+    }
+}
+
+/// The checks every prompt gets before anything runs.
+fn check_prompt(n_prompt: usize, context: usize) -> Result<()> {
+    if n_prompt == 0 {
+        return Err(crate::Error::EmptyPrompt.into());
+    }
+    if n_prompt >= context {
+        return Err(crate::Error::ContextExceeded {
+            prompt: n_prompt,
+            context,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -435,6 +658,8 @@ pub struct GenerateRequest {
     pub on_prefill: Option<PrefillProgress>,
     /// Structured output: every sampled token must keep the text inside this grammar.
     pub grammar: Option<Grammar>,
+    /// Report each token's log-probability with this many alternatives.
+    pub top_logprobs: Option<usize>,
 }
 
 /// Progress callback of a long prefill.
@@ -451,6 +676,7 @@ impl GenerateRequest {
             prefill_chunk: 512,
             on_prefill: None,
             grammar: None,
+            top_logprobs: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Layers (imports only go downward): `config` and `weights` describe a model, `tokenizer`
 //! and `chat_template` turn text into ids, `attention` holds the one blockwise primitive,
-//! `model` runs the transformer with its `kv_cache`, `sampling` and `generate` produce text.
+//! `model` runs the transformer over its `kv` store, `sampling` and `generate` produce text.
 
 pub mod attention;
 pub mod attention_kernel;
@@ -11,6 +11,7 @@ pub mod chat_template;
 pub mod config;
 pub mod constrain;
 pub mod convert;
+pub mod error;
 pub mod generate;
 pub mod kv;
 pub mod memory_plan;
@@ -31,6 +32,8 @@ pub mod vision_generate;
 pub mod vision_model;
 pub mod vqgan;
 pub mod weights;
+
+pub use error::Error;
 
 /// Use `n` worker threads for every parallel kernel (rayon and candle's GEMM); 0 keeps the
 /// default (all cores). Call once, before loading a model.

@@ -6,7 +6,7 @@
 use crate::config::ModelConfig;
 use crate::kv::KvTypes;
 use crate::model::ForwardOptions;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Bytes a run needs, by part.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,14 +95,15 @@ impl MemoryPlan {
             + self.activation_bytes
             + self.scratch_bytes;
         if needed > available.bytes {
-            bail!(
+            return Err(crate::Error::OutOfMemory(format!(
                 "not enough memory for {} tokens of context: it needs {} more ({}), but only {} is available ({}); use a shorter context, fewer --max-tokens, a smaller --kv-type (q8_0, q4_0) or a smaller --prefill-chunk",
                 self.context,
                 human_bytes(needed),
                 self.describe(),
                 human_bytes(available.bytes),
                 available.source
-            );
+            ))
+            .into());
         }
         Ok(())
     }

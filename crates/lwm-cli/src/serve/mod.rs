@@ -12,7 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lwm::generate::Engine;
+use lwm::generate::{Engine, GenerateRequest};
 use lwm::sampling::SamplingParams;
 use metrics::Metrics;
 use openai::{ApiError, Params, Prompt};
@@ -64,6 +64,7 @@ struct AppState {
     max_prompt_tokens: usize,
     max_tokens_limit: usize,
     max_queue: usize,
+    prefill_chunk: usize,
     created: u64,
     next_id: AtomicU64,
 }
@@ -93,7 +94,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let limits = SchedulerLimits {
         max_active: a.max_active,
         prompt_cache: a.prompt_cache,
-        prefill_chunk: a.model.prefill_chunk,
     };
     let engine_thread = {
         let engine = engine.clone();
@@ -112,6 +112,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_prompt_tokens: a.max_prompt_tokens.unwrap_or(ctx - 1).min(ctx - 1),
         max_tokens_limit: a.max_tokens_limit.max(1),
         max_queue: a.max_queue,
+        prefill_chunk: a.model.prefill_chunk,
         created: unix_now(),
         next_id: AtomicU64::new(1),
     });
@@ -347,13 +348,13 @@ async fn start(
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let n_prompt = ids.len();
+    let mut request = GenerateRequest::new(ids, max_tokens, sampling);
+    request.stop = stop;
+    request.grammar = grammar;
+    request.top_logprobs = params.top_logprobs;
+    request.prefill_chunk = st.prefill_chunk;
     let job = Job {
-        prompt_ids: ids,
-        max_tokens,
-        sampling,
-        stop,
-        grammar,
-        top_logprobs: params.top_logprobs,
+        request,
         events: tx,
         received: Instant::now(),
     };
@@ -372,6 +373,26 @@ async fn start(
             )
         })?;
     Ok((params, n_prompt, rx))
+}
+
+/// The HTTP error for an engine error: by its type, the request's fault (400), the
+/// machine's (503: not enough memory beside the requests in flight), or ours (500).
+fn engine_error(e: &anyhow::Error) -> ApiError {
+    let message = format!("{e:#}");
+    match lwm::Error::of(e) {
+        Some(lwm::Error::ContextExceeded { .. }) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+                .code("context_length_exceeded")
+        }
+        Some(lwm::Error::EmptyPrompt | lwm::Error::InvalidRequest(_)) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+        Some(lwm::Error::OutOfMemory(_)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                .code("insufficient_memory")
+        }
+        None => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message),
+    }
 }
 
 fn usage(f: &Finished) -> Value {
@@ -424,6 +445,7 @@ async fn respond(
         let mut lps: Vec<(usize, TokenLogprob)> = Vec::new();
         let finished = loop {
             match events.recv().await {
+                Some(Event::Admitted) => {}
                 Some(Event::Token { text: t, logprob }) => {
                     if let Some(lp) = logprob {
                         lps.push((text.chars().count(), lp));
@@ -431,10 +453,7 @@ async fn respond(
                     text.push_str(&t);
                 }
                 Some(Event::Done(f)) => break f,
-                Some(Event::Error(e)) => {
-                    return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)
-                        .into_response()
-                }
+                Some(Event::Error(e)) => return engine_error(&e).into_response(),
                 None => {
                     return ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -476,8 +495,21 @@ async fn respond(
         return Json(body).into_response();
     }
 
-    // Streaming: one SSE event per token. Dropping this stream (client gone) drops the
-    // receiver, which the engine sees as cancellation.
+    // Streaming: one SSE event per token, once the engine has admitted the request (a
+    // request it refuses gets its HTTP status, not a 200 stream). Dropping this stream
+    // (client gone) drops the receiver, which the engine sees as cancellation.
+    match events.recv().await {
+        Some(Event::Admitted) => {}
+        Some(Event::Error(e)) => return engine_error(&e).into_response(),
+        _ => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the engine dropped the request",
+            )
+            .into_response()
+        }
+    }
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -512,6 +544,7 @@ async fn respond(
                     return None;
                 }
                 let out = match ev {
+                    Event::Admitted => Bytes::new(),
                     Event::Token { text, logprob } => {
                         if text.is_empty() && logprob.is_none() {
                             Bytes::new()
@@ -556,8 +589,7 @@ async fn respond(
                     }
                     Event::Error(e) => {
                         done = true;
-                        let err =
-                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                        let err = engine_error(&e);
                         Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", err.body()))
                     }
                 };

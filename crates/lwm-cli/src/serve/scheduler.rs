@@ -8,16 +8,16 @@
 //! prefill. A request whose client went away (its event channel is closed) is dropped at
 //! its next turn.
 //!
+//! Each request is one `lwm::generate::Generation` (the state machine `lwm generate`, chat,
+//! vision chat and needle runs drive too); this thread only decides whose step is next.
+//!
 //! Prompt cache: finished requests hand their KV cache (which records its token ids) back
 //! to a small pool; a new request takes the cache sharing the longest prefix with its
 //! prompt and only prefills the rest.
 
 use super::metrics::Metrics;
-use lwm::constrain::{Grammar, GrammarState};
-use lwm::generate::{Engine, StopMatcher};
+use lwm::generate::{Engine, GenerateRequest, Generation, Step};
 use lwm::kv::KvCache;
-use lwm::sampling::{logprobs, Sampler, SamplingParams};
-use lwm::tokenizer::StreamDecoder;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -27,34 +27,27 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// One generation to run.
 pub struct Job {
-    pub prompt_ids: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub grammar: Option<Grammar>,
-    /// Report log-probabilities with this many alternatives (None: no logprobs).
-    pub top_logprobs: Option<usize>,
+    /// What to generate (its `prefill_chunk` is the server's).
+    pub request: GenerateRequest,
     pub events: UnboundedSender<Event>,
     pub received: Instant,
 }
 
-#[derive(Debug, Clone)]
-pub struct TokenLogprob {
-    pub token: String,
-    pub bytes: Vec<u8>,
-    pub logprob: f32,
-    pub top: Vec<(String, Vec<u8>, f32)>,
-}
+pub use lwm::generate::TokenLogprob;
 
 #[derive(Debug)]
 pub enum Event {
+    /// The request passed admission (prompt, sampling, memory) and runs now: a stream may
+    /// commit to 200 OK.
+    Admitted,
     /// New text (possibly empty while a stop string is pending) for one token.
     Token {
         text: String,
         logprob: Option<TokenLogprob>,
     },
     Done(Finished),
-    Error(String),
+    /// The request cannot run or failed; the error's type (`lwm::Error`) says whose fault.
+    Error(anyhow::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -69,31 +62,21 @@ pub struct Finished {
 pub struct SchedulerLimits {
     pub max_active: usize,
     pub prompt_cache: usize,
-    pub prefill_chunk: usize,
 }
 
-/// A request in flight.
+/// A request in flight: its KV cache and its generation.
 struct Active {
     job: Job,
     cache: KvCache,
-    /// Prompt tokens already in the cache.
-    prefilled: usize,
-    cached_tokens: usize,
-    logits: Vec<f32>,
-    sampler: Sampler,
-    history: Vec<u32>,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
-    grammar: Option<GrammarState>,
-    generated: usize,
-    first_token: Option<Instant>,
+    generation: Generation,
+    first_token: bool,
 }
 
 enum Outcome {
     Continue,
     Finished(&'static str),
     Cancelled,
-    Failed(String),
+    Failed(anyhow::Error),
 }
 
 pub fn run(
@@ -129,7 +112,7 @@ pub fn run(
             metrics
                 .queue_wait
                 .observe(job.received.elapsed().as_secs_f64());
-            if let Some(a) = admit(&engine, job, &mut pool) {
+            if let Some(a) = admit(&engine, job, &mut pool, &active) {
                 active.push(a);
             }
         }
@@ -141,7 +124,7 @@ pub fn run(
         // One round: every active request advances by one step.
         let mut i = 0;
         while i < active.len() {
-            let outcome = step(&engine, &mut active[i], limits.prefill_chunk, &metrics);
+            let outcome = step(&engine, &mut active[i], &metrics);
             match outcome {
                 Outcome::Continue => {
                     i += 1;
@@ -151,9 +134,9 @@ pub fn run(
                     let a = &active[i];
                     let _ = a.job.events.send(Event::Done(Finished {
                         finish_reason: reason,
-                        prompt_tokens: a.job.prompt_ids.len(),
-                        completion_tokens: a.generated,
-                        cached_tokens: a.cached_tokens,
+                        prompt_tokens: a.generation.prompt_tokens(),
+                        completion_tokens: a.generation.generated(),
+                        cached_tokens: a.generation.reused_tokens(),
                     }));
                     metrics
                         .generation_seconds
@@ -169,7 +152,7 @@ pub fn run(
             let done = active.swap_remove(i);
             metrics
                 .completion_tokens
-                .fetch_add(done.generated as u64, Ordering::Relaxed);
+                .fetch_add(done.generation.generated() as u64, Ordering::Relaxed);
             give_back(&mut pool, done.cache, limits.prompt_cache);
         }
         metrics
@@ -195,158 +178,85 @@ fn give_back(pool: &mut Vec<KvCache>, cache: KvCache, cap: usize) {
     }
 }
 
-/// Set a job up for generation; a job that cannot start gets its error event instead.
-fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>) -> Option<Active> {
-    let sampler = match Sampler::new(job.sampling.clone()) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = job.events.send(Event::Error(format!("{e:#}")));
-            return None;
-        }
-    };
+/// Set a job up for generation; a job that cannot start (a bad request, or more memory
+/// than is left beside the requests in flight) gets its error event instead.
+fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>, active: &[Active]) -> Option<Active> {
     // The pooled cache sharing the longest prefix with this prompt, or a fresh one.
+    let prompt = &job.request.prompt_ids;
     let best = pool
         .iter()
         .enumerate()
-        .map(|(i, c)| (i, c.common_prefix(&job.prompt_ids)))
+        .map(|(i, c)| (i, c.common_prefix(prompt)))
         .max_by_key(|&(_, n)| n);
     let mut cache = match best {
         Some((i, n)) if n > 0 => pool.swap_remove(i),
         _ => engine.model.new_cache(),
     };
-    // At least the last prompt token runs, to produce the first logits.
-    let reuse = cache
-        .common_prefix(&job.prompt_ids)
-        .min(job.prompt_ids.len().saturating_sub(1));
-    cache.truncate(reuse);
-    let grammar = job.grammar.as_ref().map(Grammar::start);
-    Some(Active {
-        cache,
-        prefilled: reuse,
-        cached_tokens: reuse,
-        logits: Vec::new(),
-        sampler,
-        history: job.prompt_ids.clone(),
-        decoder: StreamDecoder::new(&engine.tokenizer),
-        stops: StopMatcher::new(&job.stop),
-        grammar,
-        generated: 0,
-        first_token: None,
-        job,
-    })
-}
-
-fn step(engine: &Engine, a: &mut Active, prefill_chunk: usize, metrics: &Metrics) -> Outcome {
-    if a.job.events.is_closed() {
-        return Outcome::Cancelled;
-    }
-    let n_prompt = a.job.prompt_ids.len();
-    if a.prefilled < n_prompt {
-        let end = (a.prefilled + prefill_chunk.max(1)).min(n_prompt);
-        match engine
-            .model
-            .forward(&a.job.prompt_ids[a.prefilled..end], &mut a.cache, false)
-        {
-            Ok(l) => a.logits = l,
-            Err(e) => return Outcome::Failed(format!("prefill failed: {e:#}")),
-        }
-        metrics
-            .prefill_tokens
-            .fetch_add((end - a.prefilled) as u64, Ordering::Relaxed);
-        a.prefilled = end;
-        return Outcome::Continue;
-    }
-    let budget = a
-        .job
-        .max_tokens
-        .min(engine.context_length().saturating_sub(n_prompt));
-    if a.generated >= budget {
-        return finish_length(a);
-    }
-    let id = match a.grammar.as_mut() {
-        Some(g) => match g.allowed(a.logits.len()) {
-            Ok(allowed) => a
-                .sampler
-                .sample_masked(&a.logits, &a.history, Some(allowed)),
-            Err(e) => return Outcome::Failed(format!("{e:#}")),
-        },
-        None => a.sampler.sample(&a.logits, &a.history),
-    };
-    if a.first_token.is_none() {
-        a.first_token = Some(Instant::now());
-        metrics
-            .time_to_first_token
-            .observe(a.job.received.elapsed().as_secs_f64());
-    }
-    let end_of_output = match a.grammar.as_mut() {
-        Some(g) if id == g.eos_id() => true,
-        Some(g) => {
-            if let Err(e) = g.consume(id) {
-                return Outcome::Failed(format!("{e:#}"));
-            }
-            false
-        }
-        None => engine.tokenizer.is_end_of_generation(id),
-    };
-    if end_of_output {
-        return finish_stop(a);
-    }
-    let logprob = a.job.top_logprobs.map(|n| {
-        let (lp, top) = logprobs(&a.logits, id, n);
-        let bytes = engine.tokenizer.token_bytes(id);
-        TokenLogprob {
-            token: String::from_utf8_lossy(&bytes).into_owned(),
-            bytes,
-            logprob: lp,
-            top: top
-                .into_iter()
-                .map(|(t, l)| {
-                    let b = engine.tokenizer.token_bytes(t);
-                    (String::from_utf8_lossy(&b).into_owned(), b, l)
-                })
-                .collect(),
-        }
-    });
-    a.generated += 1;
-    a.history.push(id);
-    let piece = a.decoder.push(id);
-    let (text, hit) = a.stops.push(&piece);
-    if a.job.events.send(Event::Token { text, logprob }).is_err() {
-        return Outcome::Cancelled;
-    }
-    if hit || a.grammar.as_ref().is_some_and(|g| g.is_finished()) {
-        return finish_stop(a);
-    }
-    if a.generated >= budget {
-        return finish_length(a);
-    }
-    match engine.model.forward(&[id], &mut a.cache, false) {
-        Ok(l) => a.logits = l,
-        Err(e) => return Outcome::Failed(format!("decode failed: {e:#}")),
-    }
-    Outcome::Continue
-}
-
-/// Release text held back for stop strings or incomplete UTF-8.
-fn flush(a: &mut Active) {
-    if a.stops.hit {
-        return;
-    }
-    let rest = a.stops.flush(&a.decoder.flush());
-    if !rest.is_empty() {
-        let _ = a.job.events.send(Event::Token {
-            text: rest,
-            logprob: None,
+    // The caches in flight grow up to their reservation: count what they may still take.
+    let growing: u64 = active.iter().map(|a| a.cache.unfilled_bytes() as u64).sum();
+    let started = engine
+        .prepare_cache(&job.request, &mut cache, growing)
+        .and_then(|reuse| {
+            Generation::new(
+                &engine.tokenizer,
+                engine.context_length(),
+                &job.request,
+                reuse,
+            )
         });
+    match started {
+        Ok(generation) if job.events.send(Event::Admitted).is_ok() => Some(Active {
+            job,
+            cache,
+            generation,
+            first_token: false,
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            let _ = job.events.send(Event::Error(e));
+            None
+        }
     }
 }
 
-fn finish_stop(a: &mut Active) -> Outcome {
-    flush(a);
-    Outcome::Finished("stop")
-}
-
-fn finish_length(a: &mut Active) -> Outcome {
-    flush(a);
-    Outcome::Finished("length")
+fn step(engine: &Engine, a: &mut Active, metrics: &Metrics) -> Outcome {
+    if a.job.events.is_closed() {
+        a.generation.cancel();
+        return Outcome::Cancelled;
+    }
+    let cache = &mut a.cache;
+    let stepped = a
+        .generation
+        .step(&mut |ids| engine.model.forward(ids, cache, false));
+    match stepped {
+        Ok(Step::Prefilled { tokens, .. }) => {
+            metrics
+                .prefill_tokens
+                .fetch_add(tokens as u64, Ordering::Relaxed);
+            Outcome::Continue
+        }
+        Ok(Step::Token { text, logprob, .. }) => {
+            if !a.first_token {
+                a.first_token = true;
+                metrics
+                    .time_to_first_token
+                    .observe(a.job.received.elapsed().as_secs_f64());
+            }
+            if a.job.events.send(Event::Token { text, logprob }).is_err() {
+                a.generation.cancel();
+                return Outcome::Cancelled;
+            }
+            Outcome::Continue
+        }
+        Ok(Step::Finished { reason, text }) => {
+            if !text.is_empty() {
+                let _ = a.job.events.send(Event::Token {
+                    text,
+                    logprob: None,
+                });
+            }
+            Outcome::Finished(reason.as_str())
+        }
+        Err(e) => Outcome::Failed(e),
+    }
 }

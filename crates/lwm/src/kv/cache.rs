@@ -178,6 +178,16 @@ impl KvCache {
         self.truncate(0);
     }
 
+    /// Bytes reserved (by `reserve_total`) and not yet written: what the cache may still
+    /// take before it reaches its reservation.
+    pub fn unfilled_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.k.iter().chain(&l.v))
+            .map(|b| b.capacity() - b.len())
+            .sum()
+    }
+
     /// Bytes held by keys and values.
     pub fn bytes(&self) -> usize {
         self.layers
