@@ -125,7 +125,8 @@ impl Engine {
                 };
                 let q = file.quantization_summary();
                 let bytes = file.file_bytes();
-                digest = crate::prompt_cache::file_digest(path, file.content().tensor_data_offset)?;
+                digest =
+                    crate::weights::digest::file_digest(path, file.content().tensor_data_offset)?;
                 (config, Box::new(file), Some(tok), template, q, bytes)
             }
             ModelLocation::JaxParams(params) => {
@@ -134,7 +135,7 @@ impl Engine {
                 let dtype = crate::weights::jax::dtype_name(weights.dtype).to_string();
                 let bytes = std::fs::metadata(params).map(|m| m.len()).unwrap_or(0);
                 // msgpack has no header: the first MiB holds the first layers' arrays.
-                digest = crate::prompt_cache::file_digest(params, 1 << 20)?;
+                digest = crate::weights::digest::file_digest(params, 1 << 20)?;
                 (config, Box::new(weights), tok, template, dtype, bytes)
             }
             ModelLocation::HfDir(dir) => {
@@ -150,10 +151,10 @@ impl Engine {
                     Some(t) => hf_chat_template(dir, t)?,
                     None => None,
                 };
-                let mut sum = crate::prompt_cache::Checksum::default();
+                let mut sum = crate::weights::digest::Checksum::default();
                 for f in weights.files().iter().chain([&dir.join("config.json")]) {
                     if f.exists() {
-                        sum.write(&crate::prompt_cache::file_digest(f, 1 << 20)?.to_le_bytes());
+                        sum.write(&crate::weights::digest::file_digest(f, 1 << 20)?.to_le_bytes());
                     }
                 }
                 digest = sum.finish();

@@ -240,7 +240,7 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: Linear,
     /// LWM vision-language models: `vte` and `vision_head` (see `vision_model`).
-    pub(crate) vision: Option<crate::vision_model::VisionParts>,
+    pub(crate) vision: Option<VisionParts>,
     rope: Rope,
     pub options: ForwardOptions,
 }
@@ -311,7 +311,7 @@ impl Model {
             embed.clone()
         };
         let rope = Rope::for_model(c, options.numerics == Numerics::Ggml);
-        let vision = crate::vision_model::VisionParts::load(src, c)?;
+        let vision = VisionParts::load(src, c)?;
         Ok(Self {
             config,
             embed,
@@ -586,6 +586,41 @@ impl Model {
             progress(done);
         }
         Ok(logits)
+    }
+}
+
+/// LWM vision-language models' second embedding table `vte` and second head
+/// `vision_head` (`vision_model` runs them).
+pub(crate) struct VisionParts {
+    pub(crate) embed: Linear,
+    pub(crate) head: Linear,
+}
+
+impl VisionParts {
+    /// Load `vte`/`vision_head` when the config has a vision vocabulary.
+    pub(crate) fn load(src: &dyn WeightSource, c: &ModelConfig) -> Result<Option<Self>> {
+        if c.vision_vocab_size == 0 {
+            return Ok(None);
+        }
+        let origin = src.origin();
+        let get = |name: &str| -> Result<Linear> {
+            if !src.contains(name) {
+                bail!(
+                    "{origin}: the config has a vision vocabulary but there is no '{name}' tensor"
+                );
+            }
+            Linear::from_weight(
+                src.load(name)?,
+                name,
+                c.vision_vocab_size,
+                c.hidden_size,
+                &origin,
+            )
+        };
+        Ok(Some(Self {
+            embed: get(crate::weights::jax::VISION_EMBED)?,
+            head: get(crate::weights::jax::VISION_HEAD)?,
+        }))
     }
 }
 

@@ -8,9 +8,7 @@
 
 use crate::config::ModelConfig;
 use crate::kv::KvCache;
-use crate::model::{Linear, Model};
-use crate::weights::jax::{VISION_EMBED, VISION_HEAD};
-use crate::weights::WeightSource;
+use crate::model::Model;
 use anyhow::{bail, Context, Result};
 
 /// End of frame (`eof_token` in data.py).
@@ -20,39 +18,6 @@ pub const END_OF_VISION: u32 = 8193;
 /// Codes in a frame (16×16) and tokens per frame (codes + end marker).
 pub const FRAME_CODES: usize = 256;
 pub const FRAME_TOKENS: usize = FRAME_CODES + 1;
-
-pub(crate) struct VisionParts {
-    embed: Linear,
-    head: Linear,
-}
-
-impl VisionParts {
-    /// Load `vte`/`vision_head` when the config has a vision vocabulary.
-    pub(crate) fn load(src: &dyn WeightSource, c: &ModelConfig) -> Result<Option<Self>> {
-        if c.vision_vocab_size == 0 {
-            return Ok(None);
-        }
-        let origin = src.origin();
-        let get = |name: &str| -> Result<Linear> {
-            if !src.contains(name) {
-                bail!(
-                    "{origin}: the config has a vision vocabulary but there is no '{name}' tensor"
-                );
-            }
-            Linear::from_weight(
-                src.load(name)?,
-                name,
-                c.vision_vocab_size,
-                c.hidden_size,
-                &origin,
-            )
-        };
-        Ok(Some(Self {
-            embed: get(VISION_EMBED)?,
-            head: get(VISION_HEAD)?,
-        }))
-    }
-}
 
 /// Which heads to evaluate (the original's `sample_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

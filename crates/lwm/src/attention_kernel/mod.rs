@@ -29,7 +29,7 @@
 //! Both instruction sets compute the same polynomial per lane; only the order of the
 //! horizontal sums differs (results agree to ~1e-6 relative).
 
-use crate::attention::{BlockMask, Partial};
+use crate::attention::partial::{BlockMask, Partial};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -602,8 +602,10 @@ mod tests {
 #[cfg(test)]
 mod equivalence {
     use super::{attend_group_with, supports, AttnIsa, KvBlock};
-    use crate::attention::tests::{max_diff, rand_vec};
-    use crate::attention::{attend_block_portable, reference_attention, BlockMask, Partial};
+    use crate::attention::partial::test_util::{max_diff, rand_vec};
+    use crate::attention::partial::{
+        attend_block_portable, reference_attention, BlockMask, Partial,
+    };
 
     /// One head's rows against one block on `isa`.
     #[allow(clippy::too_many_arguments)]
@@ -826,7 +828,7 @@ mod equivalence {
 mod f16_blocks {
     use super::equivalence::attend_one;
     use super::{supports, AttnIsa, KvBlock};
-    use crate::attention::{BlockMask, Partial};
+    use crate::attention::partial::{BlockMask, Partial};
     use crate::kv::KvType;
 
     /// Reading an f16 block in registers gives exactly the numbers of decoding it to f32

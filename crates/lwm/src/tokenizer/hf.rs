@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
-use super::bpe::byte_level_decode;
+use super::byte_level::byte_level_decode;
 use super::vocab::{parse_byte_token, EOG_TEXTS};
 
 const BOS_NAMES: &[&str] = &[

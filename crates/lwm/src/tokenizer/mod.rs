@@ -29,6 +29,7 @@
 //!   (llama.cpp would fall back to id 11).
 
 mod bpe;
+mod byte_level;
 mod hf;
 pub mod sentencepiece_model;
 mod spm;
@@ -475,10 +476,7 @@ impl Tokenizer {
             .unwrap_or_default();
         let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
         if head.starts_with(b"GGUF") {
-            let mut f =
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let content = gguf_file::Content::read(&mut f)
-                .map_err(|e| anyhow!("reading GGUF file {}: {e}", path.display()))?;
+            let (content, _, _) = crate::weights::gguf::read_content(path)?;
             let v = GgufVocab::from_gguf(&content)
                 .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
             return Self::from_gguf_vocab(v)

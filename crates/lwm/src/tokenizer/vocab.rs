@@ -337,7 +337,7 @@ fn piece_bytes(text: &str, attr: u16, style: PieceStyle) -> Vec<u8> {
     if attr & ATTR_NORMAL != 0 {
         return match style {
             PieceStyle::Spm => text.replace('\u{2581}', " ").into_bytes(),
-            PieceStyle::ByteLevel => super::bpe::byte_level_decode(text),
+            PieceStyle::ByteLevel => super::byte_level::byte_level_decode(text),
         };
     }
     if attr & ATTR_BYTE != 0 {

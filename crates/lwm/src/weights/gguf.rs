@@ -73,16 +73,23 @@ pub const SUPPORTED_TYPES: &[GgmlDType] = &[
     GgmlDType::Q8K,
 ];
 
+/// The metadata and tensor table of a GGUF file (the one place they are parsed; a
+/// tokenizer taken from a `.gguf` reads them here too, without the tensor checks).
+pub fn read_content(path: &Path) -> Result<(Content, std::fs::File, u64)> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open model file {}", path.display()))?;
+    let file_len = file
+        .metadata()
+        .with_context(|| format!("cannot stat model file {}", path.display()))?
+        .len();
+    let content = Content::read(&mut std::io::BufReader::new(&file))
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+    Ok((content, file, file_len))
+}
+
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open model file {}", path.display()))?;
-        let file_len = file
-            .metadata()
-            .with_context(|| format!("cannot stat model file {}", path.display()))?
-            .len();
-        let content = Content::read(&mut std::io::BufReader::new(&file))
-            .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+        let (content, file, file_len) = read_content(path)?;
         let mut names = HashMap::new();
         for (name, info) in &content.tensor_infos {
             let dtype = info.ggml_dtype;

@@ -2,6 +2,7 @@
 //! LLaMA names (`model.layers.{i}.self_attn.q_proj.weight`, ...) and hands out tensors with
 //! PyTorch's `[out, in]` orientation, quantized (GGUF) or dense (f32).
 
+pub mod digest;
 pub mod gguf;
 pub mod hf;
 pub mod jax;
