@@ -22,55 +22,15 @@
 //! Masks: causal by index in the sequence, and segment ids (packing): query i sees key j
 //! only when `seg_i == seg_j`. Fully masked rows give zero output and zero gradients.
 
+pub use super::attention_rows::{AttnDims, AttnMasking};
+
 use super::attention_kernel::{
     backward_group, forward_rows, transpose, GroupGrads, QueryHead, RowMask,
 };
-use super::ring_grad::KvBlock;
+use super::attention_rows::{dot, gather_rows, scatter_rows, KvBlock};
 use super::seq_parallel::SeqComm;
-use crate::attention::Chunking;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
-
-/// Sizes of one attention call: q is (batch, len, heads, d), k and v (batch, len, kv_heads, d).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnDims {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub d: usize,
-}
-
-impl AttnDims {
-    fn scale(&self) -> f32 {
-        1.0 / (self.d as f32).sqrt()
-    }
-}
-
-/// Which pairs attend, and the tile sizes.
-#[derive(Debug, Clone)]
-pub struct AttnMasking {
-    pub causal: bool,
-    /// (batch × len) segment ids, or none (one segment per row).
-    pub segment_ids: Option<Arc<Vec<u32>>>,
-    pub chunking: Chunking,
-}
-
-impl AttnMasking {
-    pub fn causal(chunking: Chunking) -> Self {
-        Self {
-            causal: true,
-            segment_ids: None,
-            chunking,
-        }
-    }
-
-    fn segments(&self, dims: &AttnDims, b: usize) -> Option<&[u32]> {
-        self.segment_ids
-            .as_deref()
-            .map(|s| &s[b * dims.len..(b + 1) * dims.len])
-    }
-}
 
 /// One head of a (batch, len, n_heads, d) buffer as contiguous (len × d) rows.
 fn gather_head(x: &[f32], dims: &AttnDims, n_heads: usize, b: usize, h: usize) -> Vec<f32> {
@@ -81,39 +41,6 @@ fn gather_head(x: &[f32], dims: &AttnDims, n_heads: usize, b: usize, h: usize) -
         out.extend_from_slice(&x[base..base + d]);
     }
     out
-}
-
-pub(super) fn scatter_rows(
-    dst: &mut [f32],
-    dims: &AttnDims,
-    n_heads: usize,
-    b: usize,
-    h: usize,
-    r0: usize,
-    rows: &[f32],
-) {
-    let d = dims.d;
-    for (i, row) in rows.chunks_exact(d).enumerate() {
-        let base = ((b * dims.len + r0 + i) * n_heads + h) * d;
-        dst[base..base + d].copy_from_slice(row);
-    }
-}
-
-#[inline]
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for t in 0..8 {
-            acc[t] += x[t] * y[t];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for t in chunks * 8..a.len() {
-        s += a[t] * b[t];
-    }
-    s
 }
 
 /// Forward: `out` (batch, len, heads, d) and `lse` (batch, heads, len).
@@ -169,25 +96,6 @@ pub fn blockwise_forward(
         lse[bh * len + r0..bh * len + r0 + l.len()].copy_from_slice(&l);
     }
     (out, lse)
-}
-
-/// Rows r0..r0+rows of one head as a contiguous (rows × d) buffer.
-pub(super) fn gather_rows(
-    x: &[f32],
-    dims: &AttnDims,
-    n_heads: usize,
-    b: usize,
-    h: usize,
-    r0: usize,
-    rows: usize,
-) -> Vec<f32> {
-    let d = dims.d;
-    let mut out = Vec::with_capacity(rows * d);
-    for t in r0..r0 + rows {
-        let base = ((b * dims.len + t) * n_heads + h) * d;
-        out.extend_from_slice(&x[base..base + d]);
-    }
-    out
 }
 
 /// Gradients of the attention output w.r.t. q, k, v, from `out`, `lse` and `dout`.

@@ -5,6 +5,8 @@
 
 pub mod attention_grad;
 pub mod attention_kernel;
+pub mod attention_rows;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

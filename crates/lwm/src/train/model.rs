@@ -10,9 +10,12 @@
 //! init: every matrix normal(0, 0.02), norms ones. `compute` sets the precision of the
 //! matrix products (`precision`: f32, or bf16 with f32 master weights).
 
-use super::attention_grad::{ring_attention, shard_attention, AttnMasking};
+pub use super::batch::BatchInput;
+
+use super::attention_grad::{ring_attention, shard_attention};
+use super::attention_rows::AttnMasking;
 use super::precision::ComputeDType;
-use super::seq_parallel::{SeqComm, SeqShard};
+use super::seq_parallel::SeqComm;
 use crate::attention::Chunking;
 use crate::config::{ModelConfig, RopeLayout};
 use crate::rope::Rope;
@@ -25,36 +28,6 @@ use std::sync::Arc;
 /// Tensor names of the vision-language extension (LWM's `vte` and `vision_head`).
 pub const VISION_EMBED: &str = "model.vision_embed_tokens.weight";
 pub const VISION_HEAD: &str = "vision_head.weight";
-
-/// One training batch row-major (batch × len): tokens, their positions and segment ids,
-/// and which input tokens are vision codes (ids in the vision vocabulary).
-#[derive(Debug, Clone)]
-pub struct BatchInput {
-    pub batch: usize,
-    pub len: usize,
-    pub tokens: Vec<u32>,
-    pub positions: Vec<u32>,
-    pub segment_ids: Option<Vec<u32>>,
-    pub vision_mask: Option<Vec<bool>>,
-    /// Set when these are one rank's columns of longer rows (`seq_parallel::shard_batch`).
-    pub shard: Option<SeqShard>,
-}
-
-impl BatchInput {
-    /// One unpacked sequence per row: positions 0..len, one segment.
-    pub fn plain(batch: usize, len: usize, tokens: Vec<u32>) -> Self {
-        let positions = (0..batch * len).map(|i| (i % len) as u32).collect();
-        Self {
-            batch,
-            len,
-            tokens,
-            positions,
-            segment_ids: None,
-            vision_mask: None,
-            shard: None,
-        }
-    }
-}
 
 /// Output logits of one forward: text (batch, len, vocab) and, for vision models, vision
 /// (batch, len, vision_vocab).

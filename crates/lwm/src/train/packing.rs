@@ -7,27 +7,16 @@
 //! segment (positions restart); without it the rest of the row is padding (loss 0, its own
 //! segment) and the document starts the next row (cut to one row if longer).
 
+pub use super::batch::Batch;
+
+use super::batch::BatchInput;
 use super::data::{DataPosition, Document, DocumentReader};
 use super::loss::Targets;
-use super::model::BatchInput;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 /// Segment id of padding slots.
 pub const PAD_SEGMENT: u32 = u32::MAX;
-
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub input: BatchInput,
-    pub targets: Targets,
-}
-
-impl Batch {
-    /// Positions with a non-zero loss weight.
-    pub fn loss_tokens(&self) -> usize {
-        self.targets.loss_mask.iter().filter(|&&w| w > 0.0).count()
-    }
-}
 
 /// Packer state beyond the reader's position: the unfinished document (saved in checkpoints).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -16,79 +16,18 @@
 //! process holding only its own rows (`seq_parallel`: `mpirun -n SP lwm train`), passing
 //! blocks with whatever `pass` the caller gives (the MPI transport there).
 
-use super::attention_grad::{dot, gather_rows, scatter_rows, AttnDims, AttnMasking};
+pub use super::attention_rows::KvBlock;
+
 use super::attention_kernel::{backward_group_at, forward_rows_at, transpose, QueryHead, RowMask};
-use crate::ring::transport::{f32_to_u32, u32_to_f32};
+use super::attention_rows::{dot, gather_rows, scatter_rows, AttnDims, AttnMasking};
 use anyhow::{bail, Result};
 use std::sync::mpsc;
-
-/// The key/value block travelling round the ring: per (b, kv head) contiguous rows.
-pub struct KvBlock {
-    pub owner: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    dk: Vec<Vec<f32>>,
-    dv: Vec<Vec<f32>>,
-}
 
 /// Hand the held block to the right neighbour and take the left one's.
 pub type Pass<'a> = dyn FnMut(KvBlock) -> Result<KvBlock> + 'a;
 
 /// One buffer per (b, head) of a worker's rows.
 type HeadRows = Vec<Vec<f32>>;
-
-impl KvBlock {
-    /// The block as one message: owner, entries, values per entry, whether the gradients
-    /// come along (u32s in f32 bits), then every k, v (and dk, dv) entry.
-    pub fn to_message(&self) -> Vec<f32> {
-        let per = self.k.first().map_or(0, Vec::len);
-        let grads = !self.dk.is_empty();
-        let mut m = Vec::with_capacity(4 + self.k.len() * per * if grads { 4 } else { 2 });
-        for x in [self.owner, self.k.len(), per, grads as usize] {
-            m.push(u32_to_f32(x as u32));
-        }
-        for part in [&self.k, &self.v, &self.dk, &self.dv] {
-            for e in part.iter() {
-                m.extend_from_slice(e);
-            }
-        }
-        m
-    }
-
-    /// Read a message of `to_message`, checking it has the shape this worker expects.
-    pub fn from_message(m: &[f32], entries: usize, per: usize, grads: bool) -> Result<Self> {
-        let head: Vec<usize> = m.iter().take(4).map(|&x| f32_to_u32(x) as usize).collect();
-        let want = 4 + entries * per * if grads { 4 } else { 2 };
-        if head.len() != 4
-            || head[1] != entries
-            || head[2] != per
-            || head[3] != grads as usize
-            || m.len() != want
-        {
-            bail!(
-                "ring protocol error: a key/value block of {} values (header {head:?}) where {want} values of {entries} entries × {per} were expected",
-                m.len()
-            );
-        }
-        let mut parts = m[4..].chunks_exact(per.max(1)).map(<[f32]>::to_vec);
-        let mut take = |n: usize| -> Vec<Vec<f32>> {
-            (0..n).map(|_| parts.next().unwrap_or_default()).collect()
-        };
-        let (k, v) = (take(entries), take(entries));
-        let (dk, dv) = if grads {
-            (take(entries), take(entries))
-        } else {
-            (vec![], vec![])
-        };
-        Ok(Self {
-            owner: head[0],
-            k,
-            v,
-            dk,
-            dv,
-        })
-    }
-}
 
 /// Run `work(worker, block, pass)` on sp threads connected in a ring.
 fn ring<R: Send>(

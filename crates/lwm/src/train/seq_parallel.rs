@@ -19,8 +19,10 @@
 //!   update:  g = Σ_r ∇loss_r   (= ∇ of the full batch's loss),  same AdamW step on every rank
 //! ```
 
-use super::packing::Batch;
-use super::ring_grad::KvBlock;
+pub use super::batch::SeqShard;
+
+use super::attention_rows::KvBlock;
+use super::batch::Batch;
 use crate::ring::transport::{Ring, Tag};
 use anyhow::{bail, Context, Result};
 use std::sync::{Arc, Mutex};
@@ -114,18 +116,6 @@ impl SeqComm {
             Ok(total.as_ref().clone())
         }
     }
-}
-
-/// Where a sharded batch's columns sit in the whole rows, and what attention needs of them.
-#[derive(Debug, Clone)]
-pub struct SeqShard {
-    /// First column of this shard (rank · S).
-    pub offset: usize,
-    /// Columns of the whole rows (S · sp).
-    pub full_len: usize,
-    /// Segment ids of the whole rows (batch × full_len): key blocks from other ranks are
-    /// masked by them.
-    pub full_segment_ids: Option<Arc<Vec<u32>>>,
 }
 
 /// Columns [rank·S, (rank+1)·S) of every row of `b` (S = b.input.len / size), with a
