@@ -2,12 +2,12 @@
 """Long-context benchmark suite: lwm vs llama.cpp (llama-cpp-python) measured in the same
 run on the same GGUF with the same threads, written as Markdown and JSON.
 
-Cases (each one `lwm bench --compare --json` call, so both engines run back to back):
+Cases (each one `lwm-bench compare --json` call, so both engines run back to back):
   prefill at 512 / 8192 / 32768 prompt tokens, and decode of 128 tokens at depth 0 (a
   1-token prompt) / 8192 / 32768 (the decode figures of the long-prefill runs), plus peak
   RSS of each engine and ratios lwm / llama.cpp. /proc/pressure/cpu is recorded before and
   after every case, and each figure carries min-max over the repetitions. Then the kernel
-  figures (`lwm bench --kernels`: FMA peak vs the attention kernel).
+  figures (`lwm-bench kernels`: FMA peak vs the attention kernel).
 
     python3 scripts/bench_suite.py --lwm target/release/lwm --threads 2 --reps 3 \\
         --sizes 512,8192,32768 --kv-type f16 --out bench-results
@@ -29,12 +29,11 @@ def pressure():
 
 
 def run_case(args, prompt, gen):
-    cmd = [args.lwm, "bench", "--compare", "--json", "-t", str(args.threads),
-           "--reps", str(args.reps), "--warmup", str(args.warmup), "-p", str(prompt), "-n", str(gen),
-           "--kv-type", args.kv_type,
-           "--max-sequence-length", str(max(prompt + gen + 16, 8192))]
+    cmd = [args.lwm_bench, "compare", "--json", "--lwm", args.lwm, "-t", str(args.threads),
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "-p", str(prompt), "-n", str(gen)]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += ["--", "--kv-type", args.kv_type, "--max-sequence-length", str(max(prompt + gen + 16, 8192))]
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
     before = pressure()
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -52,6 +51,7 @@ def fmt(s):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lwm", default="target/release/lwm")
+    ap.add_argument("--lwm-bench", default="target/release/lwm-bench")
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
@@ -66,7 +66,7 @@ def main():
     cases = [run_case(args, 1, args.gen)]  # decode at depth 0
     for n in [int(x) for x in args.sizes.split(",") if x]:
         cases.append(run_case(args, n, args.gen))
-    kernels = subprocess.run([args.lwm, "bench", "--kernels", "--json", "-t", str(args.threads),
+    kernels = subprocess.run([args.lwm_bench, "kernels", "--json", "-t", str(args.threads),
                               "--reps", str(args.reps)], capture_output=True, text=True)
     kernel_json = None
     if kernels.returncode == 0:

@@ -1,5 +1,5 @@
-//! `lwm bench`: prefill and decode throughput and peak RSS, optionally next to llama.cpp
-//! (through `scripts/llamacpp_peer.py`) measured in the same run.
+//! `lwm bench`: prefill and decode throughput and peak RSS (`lwm-bench compare` runs it
+//! next to llama.cpp on the same file; `lwm-bench kernels` probes the kernels).
 //!
 //! Method (same as the peer script): a prompt of exactly `--prompt-tokens` seeded random
 //! ids is prefilled into an empty cache; then `--gen-tokens` greedy steps decode one token
@@ -7,9 +7,8 @@
 //! min and max. Prompts of 16384 tokens or more print their prefill progress.
 
 use crate::ModelArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -27,17 +26,8 @@ pub struct BenchArgs {
     /// Untimed runs before the timed ones (0 for a single very long run).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Also run llama.cpp (llama-cpp-python) on the same GGUF and print ratios.
-    #[arg(long)]
-    compare: bool,
-    /// The peer script.
-    #[arg(long, default_value = "scripts/llamacpp_peer.py")]
-    peer_script: PathBuf,
     #[arg(long)]
     json: bool,
-    /// Only measure kernels: the FP32 FMA peak and the attention kernel's FLOP/s.
-    #[arg(long)]
-    kernels: bool,
 }
 
 fn stats(v: &[f64]) -> serde_json::Value {
@@ -80,16 +70,6 @@ fn argmax(x: &[f32]) -> u32 {
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
-    }
-    if a.kernels {
-        lwm::set_threads(a.model.threads);
-        let threads = lwm::memory_plan::worker_threads();
-        println!("cpu pressure: {}", cpu_pressure());
-        let v = crate::kernel_bench::run(threads, a.reps)?;
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        return Ok(());
     }
     let pressure_before = cpu_pressure();
     let t_load = Instant::now();
@@ -167,18 +147,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "cpu_pressure_before": pressure_before,
         "cpu_pressure_after": cpu_pressure(),
     });
-    let peer = if a.compare {
-        Some(run_peer(&a, &engine.location.path().to_path_buf())?)
-    } else {
-        None
-    };
     if a.json {
-        let mut v = serde_json::json!({"lwm": ours});
-        if let Some(p) = &peer {
-            v["llama_cpp"] = p.clone();
-            v["ratio"] = ratios(&ours, p);
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "lwm": ours }))?
+        );
         return Ok(());
     }
     let med = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
@@ -200,60 +173,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )
     };
     row("lwm", &ours);
-    if let Some(p) = &peer {
-        row("llama.cpp", p);
-        let r = ratios(&ours, p);
-        println!(
-            "| lwm / llama.cpp | {:.2}x | {:.2}x | {:.2}x |",
-            r["prefill"], r["decode"], r["peak_rss"]
-        );
-    }
     println!(
         "cpu pressure before: {}; after: {}",
         ours["cpu_pressure_before"], ours["cpu_pressure_after"]
     );
     Ok(())
-}
-
-fn ratios(ours: &serde_json::Value, peer: &serde_json::Value) -> serde_json::Value {
-    let med = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
-    let r = |x: f64| (x * 100.0).round() / 100.0;
-    serde_json::json!({
-        "prefill": r(med(ours, "prefill_tok_s") / med(peer, "prefill_tok_s")),
-        "decode": r(med(ours, "decode_tok_s") / med(peer, "decode_tok_s")),
-        "peak_rss": r(ours["peak_rss_mb"].as_f64().unwrap_or(f64::NAN) / peer["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)),
-    })
-}
-
-fn run_peer(a: &BenchArgs, model: &PathBuf) -> Result<serde_json::Value> {
-    if !a.peer_script.exists() {
-        bail!(
-            "peer script {} not found (run from the repository root or pass --peer-script)",
-            a.peer_script.display()
-        );
-    }
-    let threads = if a.model.threads == 0 {
-        2
-    } else {
-        a.model.threads
-    };
-    eprintln!("running llama.cpp peer ...");
-    let out = std::process::Command::new("python3")
-        .arg(&a.peer_script)
-        .arg("--model")
-        .arg(model)
-        .args(["--threads", &threads.to_string()])
-        .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
-        .args(["--gen-tokens", &a.gen_tokens.to_string()])
-        .args(["--reps", &a.reps.to_string(), "--json"])
-        .output()
-        .context("cannot run python3 for the llama.cpp peer")?;
-    if !out.status.success() {
-        bail!(
-            "llama.cpp peer failed ({}): {} (install it with `pip install llama-cpp-python`)",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout).context("llama.cpp peer printed no JSON")
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 mod bench;
 mod convert;
-mod kernel_bench;
 mod needle;
 mod ring;
 mod serve;

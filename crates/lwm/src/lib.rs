@@ -1,57 +1,19 @@
 //! `lwm`: the Large World Model engine — long-context LLaMA-architecture models with
-//! blockwise attention, in Rust on candle.
+//! blockwise attention, in Rust on candle. This crate only gathers the layers under one
+//! name; each lives in its own crate and imports only the ones below it:
 //!
-//! Layers (imports only go downward): `config` and `weights` describe a model, `tokenizer`
-//! and `chat_template` turn text into ids, `attention` holds the one blockwise primitive,
-//! `model` runs the transformer over its `kv` store, `sampling` and `generate` produce text.
+//! - `lwm-core`: config, weights, tokenizer, quant, attention, kv, rope, model
+//! - `lwm-engine`: generation, sampling, constraints, chat templates, prompt cache, ring
+//! - `lwm-eval` (needle), `lwm-train` (training), `lwm-vision` (VQGAN, vision chat and
+//!   generation) on top.
 
-pub mod attention;
-pub mod attention_kernel;
-pub mod chat_template;
-pub mod config;
-pub mod constrain;
-pub mod convert;
-pub mod error;
-pub mod generate;
-pub mod kv;
-pub mod memory_plan;
-pub mod model;
-pub mod model_source;
-pub mod needle;
-pub mod parallel;
-pub mod prompt_cache;
-pub mod quant;
-pub mod ring;
-pub mod rng;
-pub mod rope;
-pub mod sampling;
-pub mod tokenizer;
-pub mod train;
-pub mod vision_chat;
-pub mod vision_generate;
-pub mod vision_model;
-pub mod vqgan;
-pub mod weights;
-
-pub use error::Error;
-
-/// Use `n` worker threads for every parallel kernel (rayon and candle's GEMM); 0 keeps the
-/// default (all cores). Call once, before loading a model.
-pub fn set_threads(n: usize) {
-    if n == 0 {
-        return;
-    }
-    // candle reads RAYON_NUM_THREADS for its GEMM; rayon's global pool is ours.
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-}
-
-/// Peak resident set size of this process in bytes (`VmHWM`), if the OS reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use lwm_core::{
+    attention, attention_kernel, config, convert, error, kv, memory_plan, model, parallel,
+    peak_rss_bytes, quant, rng, rope, set_threads, tokenizer, vision_model, weights, Error,
+};
+pub use lwm_engine::{
+    chat_template, constrain, generate, model_source, prompt_cache, ring, sampling,
+};
+pub use lwm_eval::needle;
+pub use lwm_train as train;
+pub use lwm_vision::{vision_chat, vision_generate, vqgan};

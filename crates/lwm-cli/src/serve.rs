@@ -1,0 +1,51 @@
+//! `lwm serve`: the flags of `lwm-server`, the model loaded, then `lwm_server::run`.
+
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// The model id clients must use (default: the model file's name without extension).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest prompt accepted, in tokens (default: the context length minus one).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest max_tokens a request may ask for (also the default when it asks for none).
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens_limit: usize,
+    /// Requests generated at once (round-robin, one token each per round).
+    #[arg(long, default_value_t = 8)]
+    pub max_active: usize,
+    /// Requests waiting beyond the active ones; more are refused with 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Idle KV caches kept for prompt-prefix reuse.
+    #[arg(long, default_value_t = 4)]
+    pub prompt_cache: usize,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let options = lwm_server::ServerOptions {
+        host: a.host,
+        port: a.port,
+        served_model_name: a.served_model_name,
+        max_body_bytes: a.max_body_bytes,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_tokens_limit: a.max_tokens_limit,
+        max_active: a.max_active,
+        max_queue: a.max_queue,
+        prompt_cache: a.prompt_cache,
+        prefill_chunk: a.model.prefill_chunk,
+    };
+    lwm_server::run(engine, options)
+}

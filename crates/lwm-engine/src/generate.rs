@@ -1,0 +1,807 @@
+//! The engine: a loaded model with its tokenizer and chat template, and the one generation
+//! state machine (`Generation`: prefill in pieces, sample under an optional grammar, stream
+//! text, stop on end-of-generation, stop strings or the budget) every front end drives.
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::constrain::{Constraint, Grammar, GrammarCompiler, GrammarState};
+use crate::model_source::{resolve, ModelLocation};
+use crate::sampling::{logprobs, Sampler, SamplingParams};
+use anyhow::{bail, Context, Result};
+use lwm_core::config::{lwm_preset, ModelConfig};
+use lwm_core::kv::{KvCache, KvTypes};
+use lwm_core::memory_plan::MemoryPlan;
+use lwm_core::model::{ForwardOptions, Model, Numerics};
+use lwm_core::tokenizer::{GgufVocab, StreamDecoder, Tokenizer};
+use lwm_core::weights::gguf::GgufFile;
+use lwm_core::weights::hf::{load_hf_config, HfWeights};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to load a model (the `--model`, `--preset`, `--theta` ... flags).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// An LWM preset name (`lwm-text-1m`, ...): sets theta and max_sequence_length and
+    /// selects LWM's chat format.
+    pub preset: Option<String>,
+    pub theta: Option<f64>,
+    pub max_sequence_length: Option<usize>,
+    /// Override the tokenizer (a tokenizer.json / tokenizer.model / .gguf file).
+    pub tokenizer: Option<PathBuf>,
+    /// Force a chat format: "lwm" or "model" (the model's own Jinja template).
+    pub chat_format: Option<String>,
+    /// Arithmetic of the forward pass; `None` picks `Ggml` for GGUF files (llama.cpp parity)
+    /// and `Exact` otherwise.
+    pub numerics: Option<Numerics>,
+    pub forward: ForwardOptions,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub location: ModelLocation,
+    /// Storage types of the weights, for `lwm info`.
+    pub quantization: String,
+    pub file_bytes: u64,
+    /// Digest of the weight files' metadata (part of the prompt-cache model identity).
+    pub weights_digest: u64,
+    /// The vocabulary indexed for structured output, built on first use.
+    pub(crate) grammar_compiler: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>>,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The chat template of a Hugging Face directory (`tokenizer_config.json`), if any.
+fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    let p = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    let source = match &v["chat_template"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(list) => match list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+        {
+            Some(s) => s.to_string(),
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let piece = |id: Option<u32>| id.and_then(|i| tok.id_to_piece(i)).unwrap_or_default();
+    Ok(Some(ChatTemplate::jinja(
+        source,
+        piece(tok.bos_id()),
+        piece(tok.eos_id()),
+    )?))
+}
+
+impl Engine {
+    /// Load `spec` (a `--model` value) with `opts`.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let location = resolve(spec)?;
+        let digest;
+        let (mut config, weights, mut tokenizer, mut template, quantization, file_bytes): (
+            ModelConfig,
+            Box<dyn lwm_core::weights::WeightSource>,
+            Option<Tokenizer>,
+            Option<ChatTemplate>,
+            String,
+            u64,
+        ) = match &location {
+            ModelLocation::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                let config = file.config()?;
+                let tok = Tokenizer::from_gguf_vocab(
+                    GgufVocab::from_gguf(file.content())
+                        .with_context(|| format!("{}: tokenizer metadata", path.display()))?,
+                )
+                .with_context(|| format!("{}: tokenizer", path.display()))?;
+                let template = match file.meta_str("tokenizer.chat_template") {
+                    Some(src) => {
+                        let piece = |id: Option<u32>| {
+                            id.and_then(|i| tok.id_to_piece(i)).unwrap_or_default()
+                        };
+                        Some(
+                            ChatTemplate::jinja(src, piece(tok.bos_id()), piece(tok.eos_id()))
+                                .with_context(|| {
+                                    format!("{}: tokenizer.chat_template", path.display())
+                                })?,
+                        )
+                    }
+                    None => None,
+                };
+                let q = file.quantization_summary();
+                let bytes = file.file_bytes();
+                digest = lwm_core::weights::digest::file_digest(
+                    path,
+                    file.content().tensor_data_offset,
+                )?;
+                (config, Box::new(file), Some(tok), template, q, bytes)
+            }
+            ModelLocation::JaxParams(params) => {
+                let (config, weights, tok) = lwm_core::weights::jax::open_model(params)?;
+                let template = tok.as_ref().map(|_| ChatTemplate::Lwm);
+                let dtype = lwm_core::weights::jax::dtype_name(weights.dtype).to_string();
+                let bytes = std::fs::metadata(params).map(|m| m.len()).unwrap_or(0);
+                // msgpack has no header: the first MiB holds the first layers' arrays.
+                digest = lwm_core::weights::digest::file_digest(params, 1 << 20)?;
+                (config, Box::new(weights), tok, template, dtype, bytes)
+            }
+            ModelLocation::HfDir(dir) => {
+                let config = load_hf_config(dir)?;
+                let weights = HfWeights::open(dir)?;
+                let tok = ["tokenizer.json", "tokenizer.model"]
+                    .iter()
+                    .map(|f| dir.join(f))
+                    .find(|p| p.exists())
+                    .map(|p| Tokenizer::from_file(&p))
+                    .transpose()?;
+                let template = match &tok {
+                    Some(t) => hf_chat_template(dir, t)?,
+                    None => None,
+                };
+                let mut sum = lwm_core::weights::digest::Checksum::default();
+                for f in weights.files().iter().chain([&dir.join("config.json")]) {
+                    if f.exists() {
+                        sum.write(
+                            &lwm_core::weights::digest::file_digest(f, 1 << 20)?.to_le_bytes(),
+                        );
+                    }
+                }
+                digest = sum.finish();
+                let dtypes = weights
+                    .stored_dtype("model.embed_tokens.weight")
+                    .unwrap_or_else(|| "f32".into());
+                (
+                    config,
+                    Box::new(weights),
+                    tok,
+                    template,
+                    dtypes,
+                    dir_bytes(dir),
+                )
+            }
+        };
+        if let Some(p) = &opts.tokenizer {
+            tokenizer = Some(Tokenizer::from_file(p)?);
+        }
+        let tokenizer = tokenizer.with_context(|| {
+            format!(
+                "{}: no tokenizer found (tokenizer.json or tokenizer.model); pass --tokenizer FILE",
+                location.path().display()
+            )
+        })?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            bail!(
+                "tokenizer has {} tokens but the model's vocabulary is {} ({}): they do not belong together",
+                tokenizer.vocab_size(),
+                config.vocab_size,
+                location.path().display()
+            );
+        }
+        let mut lwm_format = false;
+        if let Some(name) = &opts.preset {
+            config.apply_preset(lwm_preset(name)?);
+            lwm_format = true;
+        }
+        if let Some(t) = opts.theta {
+            config.theta = t;
+        }
+        if let Some(m) = opts.max_sequence_length {
+            config.max_sequence_length = m;
+        }
+        match opts.chat_format.as_deref() {
+            None => {}
+            Some("lwm") => lwm_format = true,
+            Some("model") => lwm_format = false,
+            Some(other) => bail!("unknown chat format '{other}' (use lwm or model)"),
+        }
+        if lwm_format {
+            template = Some(ChatTemplate::Lwm);
+        }
+        let mut forward = opts.forward;
+        forward.numerics = opts.numerics.unwrap_or(match location {
+            ModelLocation::Gguf(_) => Numerics::Ggml,
+            ModelLocation::HfDir(_) | ModelLocation::JaxParams(_) => Numerics::Exact,
+        });
+        let model = Model::load(weights.as_ref(), config, forward)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template: template,
+            location,
+            quantization,
+            file_bytes,
+            weights_digest: digest,
+            grammar_compiler: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// Tokenize a plain prompt (BOS as the tokenizer's default, special tokens parsed).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, self.tokenizer.add_bos_by_default(), true)
+    }
+
+    /// Render a conversation with the chat template and tokenize it.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<(String, Vec<u32>)> {
+        let template = self.chat_template.as_ref().context(
+            "this model has no chat template; use `lwm generate`, or --chat-format lwm for LWM models",
+        )?;
+        let text = template.render(messages, true)?;
+        // Jinja templates write BOS themselves when they want it; LWM's format relies on the
+        // tokenizer's BOS (the trained layout has exactly one).
+        let add_bos = matches!(template, ChatTemplate::Lwm) && self.tokenizer.bos_id().is_some();
+        let ids = self.tokenizer.encode(&text, add_bos, true)?;
+        Ok((text, ids))
+    }
+
+    /// Memory a run of `context` tokens needs with this model (`lwm info`, and the check
+    /// every generation makes before it allocates).
+    pub fn memory_plan(&self, context: usize, prefill_chunk: usize) -> MemoryPlan {
+        self.memory_plan_for(context, prefill_chunk, self.model.options.kv_types())
+    }
+
+    fn memory_plan_for(&self, context: usize, prefill_chunk: usize, kv: KvTypes) -> MemoryPlan {
+        MemoryPlan::new(
+            &self.model.config,
+            self.model.weight_bytes() as u64,
+            context,
+            kv,
+            &self.model.options,
+            prefill_chunk,
+            lwm_core::memory_plan::worker_threads(),
+        )
+    }
+
+    /// Compile a structured-output constraint against this model's vocabulary (the
+    /// vocabulary index is built once, on the first call).
+    pub fn compile_constraint(&self, constraint: &Constraint) -> Result<Grammar> {
+        let compiler = self
+            .grammar_compiler
+            .get_or_init(|| {
+                GrammarCompiler::new(&self.tokenizer, self.model.config.vocab_size)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        compiler.compile(constraint)
+    }
+
+    /// Context length in effect.
+    pub fn context_length(&self) -> usize {
+        self.model.config.max_sequence_length
+    }
+
+    /// Accept sequences up to `tokens` (a needle run beyond the trained context, a ring
+    /// rank serving rank 0's longest sequence).
+    pub fn set_context_length(&mut self, tokens: usize) {
+        self.model.config.max_sequence_length = tokens;
+    }
+
+    /// Run on f32 copies of the weights (`--dequantize`). Other arithmetic gives other KV
+    /// states, so prompt-cache files of the quantized model no longer apply.
+    pub fn dequantize(&mut self) -> Result<()> {
+        self.model.dequantize_weights()?;
+        self.quantization = format!("{} (dequantized to f32)", self.quantization);
+        self.weights_digest = !self.weights_digest;
+        Ok(())
+    }
+
+    /// Generate a continuation of `req.prompt_ids` in a fresh KV cache.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let mut cache = self.model.new_cache();
+        self.generate_with_cache(req, &mut cache, on_text)
+    }
+
+    /// Generate, reusing the longest prefix of the prompt that `cache` already holds (the
+    /// cache is cut back to that prefix first, so a cache from any earlier request is safe).
+    pub fn generate_with_cache(
+        &self,
+        req: &GenerateRequest,
+        cache: &mut KvCache,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let reuse = self.prepare_cache(req, cache, 0)?;
+        let mut step = |ids: &[u32]| self.model.forward(ids, cache, false);
+        self.generate_on(req, reuse, &mut step, on_text)
+    }
+
+    /// Make `cache` ready for `req`: check the prompt, keep the longest prefix of it the
+    /// cache holds (checked id by id; at least one prompt token must run to produce
+    /// logits), refuse before anything grows when the run cannot fit beside
+    /// `pending_bytes` already promised elsewhere (other requests' caches), and reserve
+    /// the cache's room. Returns how many prompt tokens are held.
+    pub fn prepare_cache(
+        &self,
+        req: &GenerateRequest,
+        cache: &mut KvCache,
+        pending_bytes: u64,
+    ) -> Result<usize> {
+        let ctx = self.context_length();
+        let n_prompt = req.prompt_ids.len();
+        check_prompt(n_prompt, ctx)?;
+        let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
+        cache.truncate(reuse);
+        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
+        if let Some(mut avail) = lwm_core::memory_plan::available_memory() {
+            avail.bytes = avail.bytes.saturating_sub(pending_bytes);
+            self.memory_plan_for(total, req.prefill_chunk, cache.types)
+                .check_fits(cache.bytes() as u64, &avail)?;
+        }
+        cache.reserve_total(total);
+        Ok(reuse)
+    }
+
+    /// Start a generation whose first `reuse` prompt tokens the forward pass holds.
+    pub fn start(&self, req: &GenerateRequest, reuse: usize) -> Result<Generation> {
+        Generation::new(&self.tokenizer, self.context_length(), req, reuse)
+    }
+
+    /// Run a generation to its end over any forward pass, streaming text to `on_text`
+    /// (return false to stop). `step(ids)` runs tokens after those already held and
+    /// returns the last one's logits; the first `reuse` prompt tokens are held already.
+    /// The engine's model + KV cache (`generate_with_cache`) and a sequence-parallel
+    /// ring session (`crate::ring`) both drive it.
+    pub fn generate_on(
+        &self,
+        req: &GenerateRequest,
+        reuse: usize,
+        step: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let mut generation = self.start(req, reuse)?;
+        loop {
+            match generation.step(step)? {
+                Step::Prefilled { .. } => {}
+                Step::Token { text, .. } => {
+                    if !text.is_empty() && !on_text(&text) {
+                        generation.cancel();
+                        break;
+                    }
+                }
+                Step::Finished { text, .. } => {
+                    if !text.is_empty() {
+                        on_text(&text);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(generation.into_output())
+    }
+}
+
+/// One token's log-probability and its most likely alternatives (the OpenAI `logprobs`).
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, Vec<u8>, f32)>,
+}
+
+/// What one [`Generation::step`] did.
+#[derive(Debug)]
+pub enum Step {
+    /// A piece of `tokens` prompt tokens ran; `done` of the `total` to prefill are in.
+    Prefilled {
+        tokens: usize,
+        done: usize,
+        total: usize,
+    },
+    /// A token was sampled. `text` is what became printable (empty while a stop string
+    /// or a UTF-8 character is still pending).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The generation ended; `text` is what was held back until now.
+    Finished { reason: FinishReason, text: String },
+}
+
+/// One generation in progress: the state machine every front end drives (`generate`,
+/// `chat`, the server's scheduler, vision chat, needle runs, the ring). Each `step` runs
+/// one prompt piece or samples one token, so a caller may interleave many generations or
+/// stop between any two steps. The forward pass is the caller's: `forward(ids)` runs
+/// tokens after those already held and returns the last one's logits.
+pub struct Generation {
+    tok: Tokenizer,
+    n_prompt: usize,
+    reused: usize,
+    prefilled: usize,
+    prefill_chunk: usize,
+    on_prefill: Option<PrefillProgress>,
+    budget: usize,
+    ignore_eos: bool,
+    top_logprobs: Option<usize>,
+    sampler: Sampler,
+    grammar: Option<GrammarState>,
+    /// Prompt and generated ids (the repetition penalties read it).
+    history: Vec<u32>,
+    /// The last sampled token, not yet run (it runs at the start of the next step, so
+    /// its text reaches the caller before the forward pass and a cancel wastes none).
+    unrun: Option<u32>,
+    ending: Option<FinishReason>,
+    finished: Option<FinishReason>,
+    logits: Vec<f32>,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    text: String,
+    started: Instant,
+    prefill_secs: f64,
+    decode_started: Option<Instant>,
+}
+
+impl Generation {
+    /// Check `req` against a context of `context_length` tokens and set it up; the first
+    /// `reused` prompt tokens are already held by the forward pass.
+    pub fn new(
+        tok: &Tokenizer,
+        context_length: usize,
+        req: &GenerateRequest,
+        reused: usize,
+    ) -> Result<Self> {
+        let n_prompt = req.prompt_ids.len();
+        check_prompt(n_prompt, context_length)?;
+        if reused >= n_prompt {
+            bail!("{reused} of {n_prompt} prompt tokens are held already: at least one must run");
+        }
+        Ok(Self {
+            tok: tok.clone(),
+            n_prompt,
+            reused,
+            prefilled: reused,
+            prefill_chunk: req.prefill_chunk.max(1),
+            on_prefill: req.on_prefill.clone(),
+            budget: req.max_tokens.min(context_length - n_prompt),
+            ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            sampler: Sampler::new(req.sampling.clone())
+                .map_err(|e| lwm_core::Error::InvalidRequest(format!("{e:#}")))?,
+            grammar: req.grammar.as_ref().map(Grammar::start),
+            history: req.prompt_ids.clone(),
+            unrun: None,
+            ending: None,
+            finished: None,
+            logits: Vec::new(),
+            decoder: StreamDecoder::new(tok),
+            stops: StopMatcher::new(&req.stop),
+            text: String::new(),
+            started: Instant::now(),
+            prefill_secs: 0.0,
+            decode_started: None,
+        })
+    }
+
+    /// Advance by one prompt piece or one token.
+    pub fn step(&mut self, forward: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Step> {
+        if let Some(reason) = self.finished {
+            bail!("the generation has finished ({})", reason.as_str());
+        }
+        if self.prefilled < self.n_prompt {
+            let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
+            self.logits = forward(&self.history[self.prefilled..end]).context("prefill failed")?;
+            let tokens = end - self.prefilled;
+            self.prefilled = end;
+            let (done, total) = (end - self.reused, self.n_prompt - self.reused);
+            if let Some(progress) = &self.on_prefill {
+                progress(done, total);
+            }
+            if end == self.n_prompt {
+                self.prefill_secs = self.started.elapsed().as_secs_f64();
+                self.decode_started = Some(Instant::now());
+            }
+            return Ok(Step::Prefilled {
+                tokens,
+                done,
+                total,
+            });
+        }
+        if let Some(reason) = self.ending {
+            return Ok(self.finish(reason));
+        }
+        if let Some(id) = self.unrun.take() {
+            self.logits = forward(&[id]).context("decode failed")?;
+        }
+        if self.generated() >= self.budget {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let id = match self.grammar.as_mut() {
+            Some(g) => {
+                let allowed = g.allowed(self.logits.len())?;
+                self.sampler
+                    .sample_masked(&self.logits, &self.history, Some(allowed))
+            }
+            None => self.sampler.sample(&self.logits, &self.history),
+        };
+        match self.grammar.as_mut() {
+            // The grammar allows its end token only once the output is complete.
+            Some(g) if id == g.eos_id() => return Ok(self.finish(FinishReason::Stop)),
+            Some(g) => g.consume(id)?,
+            None if !self.ignore_eos && self.tok.is_end_of_generation(id) => {
+                return Ok(self.finish(FinishReason::Stop))
+            }
+            None => {}
+        }
+        let logprob = self.top_logprobs.map(|n| self.logprob(id, n));
+        self.history.push(id);
+        let piece = self.decoder.push(id);
+        let (text, hit) = self.stops.push(&piece);
+        self.text.push_str(&text);
+        if hit || self.grammar.as_ref().is_some_and(|g| g.is_finished()) {
+            self.ending = Some(FinishReason::Stop);
+        } else if self.generated() >= self.budget {
+            self.ending = Some(FinishReason::Length);
+        } else {
+            self.unrun = Some(id);
+        }
+        Ok(Step::Token { id, text, logprob })
+    }
+
+    /// Stop here (the client went away, Ctrl-C): the output keeps what was generated.
+    pub fn cancel(&mut self) {
+        if self.finished.is_none() {
+            self.finish(FinishReason::Cancelled);
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Step {
+        // After a stop string nothing held back belongs to the output.
+        let text = if self.stops.hit {
+            String::new()
+        } else {
+            self.stops.flush(&self.decoder.flush())
+        };
+        self.text.push_str(&text);
+        self.finished = Some(reason);
+        Step::Finished { reason, text }
+    }
+
+    fn logprob(&self, id: u32, top_n: usize) -> TokenLogprob {
+        let (logprob, top) = logprobs(&self.logits, id, top_n);
+        let piece = |t: u32| {
+            let b = self.tok.token_bytes(t);
+            (String::from_utf8_lossy(&b).into_owned(), b)
+        };
+        let (token, bytes) = piece(id);
+        TokenLogprob {
+            token,
+            bytes,
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(t, l)| {
+                    let (s, b) = piece(t);
+                    (s, b, l)
+                })
+                .collect(),
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.history.len() - self.n_prompt
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.n_prompt
+    }
+
+    /// Prompt tokens whose KV was held before this generation started.
+    pub fn reused_tokens(&self) -> usize {
+        self.reused
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// The result (the finish reason is `Length` if it never finished).
+    pub fn into_output(self) -> GenerateOutput {
+        GenerateOutput {
+            ids: self.history[self.n_prompt..].to_vec(),
+            text: self.text,
+            finish_reason: self.finished.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.n_prompt,
+            reused_tokens: self.reused,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self
+                .decode_started
+                .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        }
+    }
+}
+
+/// The checks every prompt gets before anything runs.
+fn check_prompt(n_prompt: usize, context: usize) -> Result<()> {
+    if n_prompt == 0 {
+        return Err(lwm_core::Error::EmptyPrompt.into());
+    }
+    if n_prompt >= context {
+        return Err(lwm_core::Error::ContextExceeded {
+            prompt: n_prompt,
+            context,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Tokens per prefill forward (bounds activation memory).
+    pub prefill_chunk: usize,
+    /// Called with (prompt tokens done, prompt tokens to prefill) after each prefill chunk.
+    pub on_prefill: Option<PrefillProgress>,
+    /// Structured output: every sampled token must keep the text inside this grammar.
+    pub grammar: Option<Grammar>,
+    /// Report each token's log-probability with this many alternatives.
+    pub top_logprobs: Option<usize>,
+}
+
+/// Progress callback of a long prefill.
+pub type PrefillProgress = std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>;
+
+impl GenerateRequest {
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            ignore_eos: false,
+            prefill_chunk: 512,
+            on_prefill: None,
+            grammar: None,
+            top_logprobs: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context ran out.
+    Length,
+    /// The caller's callback asked to stop (client gone, Ctrl-C).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the cache instead of a prefill.
+    pub reused_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+/// Streams text while watching for stop strings: text that could still turn into a stop
+/// string is held back until it can't; on a match, everything from the stop string on is
+/// dropped.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    pub hit: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            hit: false,
+        }
+    }
+
+    /// Add new text; returns (text safe to emit, whether a stop string matched).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.hit = true;
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Longest suffix of `held` that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.held.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// End of generation: release what was held (plus a final piece).
+    pub fn flush(&mut self, piece: &str) -> String {
+        let (mut out, hit) = self.push(piece);
+        if !hit {
+            out.push_str(&self.held);
+        }
+        self.held.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_split_across_pieces_are_caught_and_cut() {
+        let mut m = StopMatcher::new(&["USER:".to_string()]);
+        let mut out = String::new();
+        for piece in ["Paris", " is it. U", "SE", "R: more"] {
+            let (e, hit) = m.push(piece);
+            out.push_str(&e);
+            if hit {
+                break;
+            }
+        }
+        assert!(m.hit);
+        assert_eq!(out, "Paris is it. ");
+    }
+
+    #[test]
+    fn held_back_prefix_is_released_when_it_stops_matching() {
+        let mut m = StopMatcher::new(&["</s>".to_string()]);
+        let (a, _) = m.push("a <");
+        assert_eq!(a, "a ");
+        let (b, _) = m.push("b");
+        assert_eq!(b, "<b");
+        assert_eq!(m.flush("!"), "!");
+    }
+}
