@@ -147,7 +147,7 @@ fn post(url: &str, path: &str, body: &str) -> (u16, String) {
 /// `insufficient_memory` with the plan's figures, streamed or not, and the server keeps
 /// serving the requests that fit.
 #[test]
-fn a_request_beyond_memory_is_refused_by_type_and_the_server_keeps_serving() {
+fn a_request_beyond_memory_is_refused_by_type_and_the_server_keeps_serving_like_lwm_generate() {
     let Some(model) = default_model() else { return };
     // 2^27 positions of this model's f16 KV (30 layers x 3 heads x 64 x 2 x 2 bytes) need
     // about 2.8 TiB, more than any test machine has.
@@ -171,15 +171,26 @@ fn a_request_beyond_memory_is_refused_by_type_and_the_server_keeps_serving() {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("not enough memory"), "{msg}");
     }
+    // One generation loop: the server's greedy answer is `lwm generate`'s, token for token.
     let (status, reply) = post(
         &url,
         "/v1/completions",
-        r#"{"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#,
+        r#"{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}"#,
     );
     assert_eq!(status, 200, "{reply}");
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let served = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_lwm"))
+        .args(["generate", "-m", &model, "--temperature", "0", "-n", "16"])
+        .args(["-p", "The capital of France is"])
+        .output()
+        .unwrap();
     assert!(
-        !v["choices"][0]["text"].as_str().unwrap().is_empty(),
-        "{reply}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let generated = String::from_utf8_lossy(&out.stdout);
+    assert!(!served.is_empty());
+    assert_eq!(generated.strip_suffix('\n').unwrap_or(&generated), served);
 }

@@ -573,20 +573,31 @@ impl Model {
         ids: &[u32],
         cache: &mut KvCache,
         chunk: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let chunk = chunk.max(1);
-        let mut logits = Vec::new();
-        let mut done = 0;
-        for piece in ids.chunks(chunk) {
-            logits = self
-                .forward(piece, cache, false)
-                .context("prefill failed")?;
-            done += piece.len();
-            progress(done);
-        }
-        Ok(logits)
+        prefill_in_pieces(ids, chunk, progress, |piece| {
+            self.forward(piece, cache, false)
+        })
     }
+}
+
+/// Run `ids` through `forward` in pieces of `chunk` tokens (bounded activation memory),
+/// calling `progress(done)` after each; returns the last piece's logits. One worker's
+/// model and a ring session both prefill through this.
+pub fn prefill_in_pieces(
+    ids: &[u32],
+    chunk: usize,
+    mut progress: impl FnMut(usize),
+    mut forward: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    let mut done = 0;
+    for piece in ids.chunks(chunk.max(1)) {
+        logits = forward(piece).context("prefill failed")?;
+        done += piece.len();
+        progress(done);
+    }
+    Ok(logits)
 }
 
 /// LWM vision-language models' second embedding table `vte` and second head

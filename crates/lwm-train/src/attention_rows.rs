@@ -65,22 +65,7 @@ pub(super) fn scatter_rows(
     }
 }
 
-#[inline]
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for t in 0..8 {
-            acc[t] += x[t] * y[t];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for t in chunks * 8..a.len() {
-        s += a[t] * b[t];
-    }
-    s
-}
+pub(super) use lwm_core::attention::partial::dot;
 
 /// Rows r0..r0+rows of one head as a contiguous (rows × d) buffer.
 pub(super) fn gather_rows(

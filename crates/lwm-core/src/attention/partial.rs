@@ -138,8 +138,10 @@ impl Partial {
     }
 }
 
+/// `a · b` with eight independent accumulators (the portable primitive's and training's
+/// order of summation).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators so the compiler emits wide FMAs without a serial chain.
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;

@@ -103,16 +103,10 @@ impl<'m> RingSession<'m> {
         &mut self,
         ids: &[u32],
         chunk: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let mut logits = Vec::new();
-        let mut done = 0;
-        for piece in ids.chunks(chunk.max(1)) {
-            logits = self.forward(piece).context("ring prefill failed")?;
-            done += piece.len();
-            progress(done);
-        }
-        Ok(logits)
+        lwm_core::model::prefill_in_pieces(ids, chunk, progress, |piece| self.forward(piece))
+            .context("ring prefill failed")
     }
 
     /// The token ids the ring holds.
