@@ -152,6 +152,8 @@ pub fn tile_block_partials(
         let (kb, vb) = kv.stored_block(g, lo, hi);
         let block = crate::attention_kernel::KvBlock::F16 { k: kb, v: vb };
         crate::attention_kernel::attend_group_simd(queries, width, block, scale, &mask, out);
+    } else if let Some((k, v)) = kv.f32_block(g, lo, hi) {
+        attend_group(queries, width, k, v, scale, &mask, out);
     } else {
         let (kbuf, vbuf) = bufs;
         kv.decode_block(g, lo, hi, kbuf, vbuf);
@@ -186,6 +188,8 @@ pub fn decode_block_partial(
     if kv.reads_f16_directly() {
         let (kb, vb) = kv.stored_block(g, lo, hi);
         crate::attention_kernel::attend_block_f16(q_group, d, kb, vb, scale, &mask, &mut st);
+    } else if let Some((k, v)) = kv.f32_block(g, lo, hi) {
+        attend_block(q_group, d, k, v, scale, &mask, &mut st);
     } else {
         KV_BLOCK.with_borrow_mut(|(kbuf, vbuf)| {
             kv.decode_block(g, lo, hi, kbuf, vbuf);

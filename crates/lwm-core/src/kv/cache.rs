@@ -4,14 +4,7 @@
 //! tile by tile.
 
 use super::types::KvTypes;
-use super::view::{KvView, QuantKvView};
-
-/// Stored f32 rows as f32 (little-endian machines, aligned buffers).
-fn as_f32(b: &[u8]) -> Option<&[f32]> {
-    // SAFETY: every bit pattern is a valid f32; alignment and length are checked.
-    let (pre, mid, post) = unsafe { b.align_to::<f32>() };
-    (pre.is_empty() && post.is_empty() && cfg!(target_endian = "little")).then_some(mid)
-}
+use super::view::{as_f32, KvView, QuantKvView};
 
 #[derive(Debug, Clone)]
 pub struct LayerKv {

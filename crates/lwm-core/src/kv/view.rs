@@ -2,6 +2,13 @@
 
 use super::types::KvType;
 
+/// Stored f32 rows as f32 (little-endian machines, aligned buffers).
+pub(crate) fn as_f32(b: &[u8]) -> Option<&[f32]> {
+    // SAFETY: every bit pattern is a valid f32; alignment and length are checked.
+    let (pre, mid, post) = unsafe { b.align_to::<f32>() };
+    (pre.is_empty() && post.is_empty() && cfg!(target_endian = "little")).then_some(mid)
+}
+
 /// Keys and values of one attention layer as the driver reads them: per KV head a
 /// contiguous (len × d) buffer.
 pub struct KvView<'a> {
@@ -33,6 +40,16 @@ impl QuantKvView<'_> {
     pub fn stored_block(&self, h: usize, lo: usize, hi: usize) -> (&[u8], &[u8]) {
         let (kb, vb) = (self.k_type.row_bytes(self.d), self.v_type.row_bytes(self.d));
         (&self.k[h][lo * kb..hi * kb], &self.v[h][lo * vb..hi * vb])
+    }
+
+    /// Rows `lo..hi` of KV head `h` as f32 slices when both types are f32 (no copy: an f32
+    /// block is read where it is stored, as the decode would copy it unchanged).
+    pub fn f32_block(&self, h: usize, lo: usize, hi: usize) -> Option<(&[f32], &[f32])> {
+        if self.k_type != KvType::F32 || self.v_type != KvType::F32 {
+            return None;
+        }
+        let (kb, vb) = self.stored_block(h, lo, hi);
+        Some((as_f32(kb)?, as_f32(vb)?))
     }
 
     /// Decode rows `lo..hi` of KV head `h` into `k_out`, `v_out` ((hi-lo) × d each).
