@@ -411,8 +411,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.grammar = a.structured.grammar(&engine)?;
     let stop = interrupt_flag();
     let on_ring = |s: &mut lwm::ring::RingSession| {
-        let mut step = |ids: &[u32]| s.forward(ids);
-        engine.generate_on(&req, 0, &mut step, &mut stream_to_stdout(stop.clone()))
+        engine.generate_on_ring(&req, s, &mut stream_to_stdout(stop.clone()))
     };
     let mut cache = open_prompt_cache(&engine, &a.prompt_cache);
     let mut cache_used = true;
@@ -511,10 +510,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let mut run = |g: &mut Generator| conversation.take().expect("runs once")(g);
     let on_ring = |s: &mut lwm::ring::RingSession| {
         // The ring keeps earlier turns when the new prompt extends them.
-        run(&mut |req, on_text| {
-            let reuse = s.reuse_prefix(&req.prompt_ids)?;
-            engine.generate_on(req, reuse, &mut |ids| s.forward(ids), on_text)
-        })
+        run(&mut |req, on_text| engine.generate_on_ring(req, s, on_text))
     };
     match a.ring.run(&engine, on_ring)? {
         ring::Role::Single => {

@@ -384,8 +384,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let on_ring = |s: &mut lwm::ring::RingSession| {
         let mut generate = |req: &lwm::generate::GenerateRequest,
                             on_text: &mut dyn FnMut(&str) -> bool| {
-            let reuse = s.reuse_prefix(&req.prompt_ids)?;
-            engine.generate_on(req, reuse, &mut |ids: &[u32]| s.forward(ids), on_text)
+            engine.generate_on_ring(req, s, on_text)
         };
         run_cells_on(&mut generate, &ordered, &opts, &interrupt, &mut on_result)
     };

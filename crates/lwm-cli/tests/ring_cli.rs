@@ -111,6 +111,35 @@ fn threads_ring_prints_one_workers_logits_bit_for_bit() {
     assert_eq!(ring, one, "greedy text, sp=3");
 }
 
+/// The ring checks this process's share of the memory plan (here: both workers' shards of a
+/// 2^27-token f16 cache, ~2.8 TiB) before anything grows, and says so.
+#[test]
+fn a_ring_run_beyond_memory_is_refused_before_it_starts() {
+    let Some(model) = default_model() else { return };
+    let big = (1usize << 27).to_string();
+    let n = ((1usize << 27) - 100).to_string();
+    let out = lwm(&[
+        "generate",
+        "-m",
+        &model,
+        "--mesh-dim",
+        "1,1,1,2",
+        "--max-sequence-length",
+        &big,
+        "-n",
+        &n,
+        "-p",
+        PROMPT,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not enough memory") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "partial output");
+}
+
 #[test]
 fn bad_meshes_are_refused_with_the_reason() {
     let Some(model) = default_model() else { return };

@@ -90,6 +90,19 @@ impl MemoryPlan {
 
     /// Refuse when the part still to be allocated (everything but the loaded weights and
     /// `held_kv_bytes` of cache already held) exceeds what the process may still use.
+    /// The part of this plan one process of a ring of `sp` workers carries when `here` of
+    /// them run in it: their shards of the KV cache (1/sp each) and their own activations
+    /// and attention scratch.
+    pub fn ring_share(&self, sp: usize, here: usize) -> MemoryPlan {
+        let (sp, here) = (sp.max(1) as u64, here.max(1) as u64);
+        MemoryPlan {
+            kv_bytes: (self.kv_bytes * here).div_ceil(sp),
+            activation_bytes: self.activation_bytes * here,
+            scratch_bytes: self.scratch_bytes * here,
+            ..*self
+        }
+    }
+
     pub fn check_fits(&self, held_kv_bytes: u64, available: &Available) -> Result<()> {
         let needed = self.kv_bytes.saturating_sub(held_kv_bytes)
             + self.activation_bytes
@@ -282,5 +295,22 @@ mod tests {
             parse_meminfo_available("MemTotal: 10 kB\nMemAvailable:   2048 kB\n"),
             Some(2 << 20)
         );
+    }
+
+    #[test]
+    fn a_ring_process_carries_its_workers_shards() {
+        let c = smollm2();
+        let o = ForwardOptions::default();
+        let whole = MemoryPlan::new(&c, 0, 131072, KvTypes::F16, &o, 512, 2);
+        // One MPI rank of four: a quarter of the cache (30 · 3 · 131072 · 256 bytes / 4),
+        // its own activations.
+        let rank = whole.ring_share(4, 1);
+        assert_eq!(rank.kv_bytes, 30 * 3 * 131072 * 256 / 4);
+        assert_eq!(rank.activation_bytes, whole.activation_bytes);
+        // Four threads in one process: the whole cache, four workers' activations.
+        let threads = whole.ring_share(4, 4);
+        assert_eq!(threads.kv_bytes, whole.kv_bytes);
+        assert_eq!(threads.activation_bytes, 4 * whole.activation_bytes);
+        assert_eq!(whole.ring_share(1, 1), whole);
     }
 }

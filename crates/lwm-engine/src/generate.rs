@@ -354,6 +354,31 @@ impl Engine {
         Ok(reuse)
     }
 
+    /// Generate over a sequence-parallel ring session: keep the prompt prefix the ring
+    /// holds (a chat's earlier turns), check this process's share of the memory plan (its
+    /// workers' KV shards and activations) before anything grows, then run the one
+    /// generation loop with the ring as the forward pass.
+    pub fn generate_on_ring(
+        &self,
+        req: &GenerateRequest,
+        ring: &mut crate::ring::RingSession,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerateOutput> {
+        let ctx = self.context_length();
+        let n_prompt = req.prompt_ids.len();
+        check_prompt(n_prompt, ctx)?;
+        let reuse = ring.reuse_prefix(&req.prompt_ids)?;
+        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
+        if let Some(avail) = lwm_core::memory_plan::available_memory() {
+            let share = self
+                .memory_plan(total, req.prefill_chunk)
+                .ring_share(ring.sp(), ring.workers_in_process());
+            let held = share.kv_bytes * reuse as u64 / total.max(1) as u64;
+            share.check_fits(held, &avail)?;
+        }
+        self.generate_on(req, reuse, &mut |ids| ring.forward(ids), on_text)
+    }
+
     /// Start a generation whose first `reuse` prompt tokens the forward pass holds.
     pub fn start(&self, req: &GenerateRequest, reuse: usize) -> Result<Generation> {
         Generation::new(&self.tokenizer, self.context_length(), req, reuse)

@@ -49,6 +49,11 @@ impl<'m> RingSession<'m> {
         self.ring.size()
     }
 
+    /// How many workers share this process's memory (`Ring::workers_in_process`).
+    pub fn workers_in_process(&self) -> usize {
+        self.ring.workers_in_process()
+    }
+
     /// Tokens held by the ring.
     pub fn len(&self) -> usize {
         self.worker.len()

@@ -57,6 +57,10 @@ impl Ring for ThreadRing {
         self.to.len()
     }
 
+    fn workers_in_process(&self) -> usize {
+        self.size()
+    }
+
     fn send(&mut self, dst: usize, tag: Tag, data: Block) -> Result<()> {
         let Some(Some(tx)) = self.to.get(dst) else {
             bail!("rank {} cannot send to rank {dst}", self.rank);

@@ -39,6 +39,11 @@ pub trait Ring: Send {
     /// as it takes (an idle worker waiting for rank 0's next command); otherwise a silent
     /// `src` is an error naming it.
     fn recv(&mut self, src: usize, tag: Tag, timeout: Option<Duration>) -> Result<Block>;
+    /// How many of the ring's workers share this process's memory (all of them for the
+    /// threads ring, one per process under MPI).
+    fn workers_in_process(&self) -> usize {
+        1
+    }
     /// Ask every worker blocked on this transport to give up (after an error).
     fn shut_down(&mut self) {}
     /// True once the ring is being torn down.
