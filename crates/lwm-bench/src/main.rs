@@ -68,13 +68,6 @@ struct CompareArgs {
     lwm_args: Vec<String>,
 }
 
-fn cpu_pressure() -> String {
-    std::fs::read_to_string("/proc/pressure/cpu")
-        .ok()
-        .and_then(|s| s.lines().next().map(String::from))
-        .unwrap_or_default()
-}
-
 fn run_json(cmd: &mut Command, what: &str) -> Result<Value> {
     let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
     if !out.status.success() {
@@ -171,7 +164,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         "cpu pressure during lwm: {} -> {}; now: {}",
         ours["cpu_pressure_before"],
         ours["cpu_pressure_after"],
-        cpu_pressure()
+        lwm_core::cpu_pressure()
     );
     Ok(())
 }
@@ -198,7 +191,7 @@ fn main() {
             }
             lwm_core::set_threads(threads);
             let threads = lwm_core::memory_plan::worker_threads();
-            println!("cpu pressure: {}", cpu_pressure());
+            println!("cpu pressure: {}", lwm_core::cpu_pressure());
             let v = kernels::run(threads, reps)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

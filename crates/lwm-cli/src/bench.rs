@@ -42,13 +42,6 @@ fn stats(v: &[f64]) -> serde_json::Value {
     serde_json::json!({"median": r2(median), "min": r2(s[0]), "max": r2(s[s.len() - 1]), "runs": s.iter().map(|&x| r2(x)).collect::<Vec<_>>()})
 }
 
-fn cpu_pressure() -> String {
-    std::fs::read_to_string("/proc/pressure/cpu")
-        .ok()
-        .and_then(|s| s.lines().next().map(String::from))
-        .unwrap_or_default()
-}
-
 fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut rng = lwm::rng::XorShift::new(seed);
     // Skip the first 256 ids (special and byte tokens in most vocabularies).
@@ -71,7 +64,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
     }
-    let pressure_before = cpu_pressure();
+    let pressure_before = lwm::cpu_pressure();
     let t_load = Instant::now();
     let engine = a.model.load()?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -145,7 +138,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "peak_rss_mb": (rss_mb * 10.0).round() / 10.0,
         "load_s": (load_s * 100.0).round() / 100.0,
         "cpu_pressure_before": pressure_before,
-        "cpu_pressure_after": cpu_pressure(),
+        "cpu_pressure_after": lwm::cpu_pressure(),
     });
     if a.json {
         println!(

@@ -43,3 +43,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The first line of `/proc/pressure/cpu` (`some avg10=… avg60=…`), empty where the OS has
+/// none: benchmarks print it so a busy machine shows in their figures.
+pub fn cpu_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| s.lines().next().map(String::from))
+        .unwrap_or_default()
+}

@@ -339,12 +339,11 @@ impl Engine {
         cache: &mut KvCache,
         pending_bytes: u64,
     ) -> Result<usize> {
-        let ctx = self.context_length();
-        let n_prompt = req.prompt_ids.len();
-        check_prompt(n_prompt, ctx)?;
-        let reuse = cache.common_prefix(&req.prompt_ids).min(n_prompt - 1);
+        let total = req.run_tokens(self.context_length())?;
+        let reuse = cache
+            .common_prefix(&req.prompt_ids)
+            .min(req.prompt_ids.len() - 1);
         cache.truncate(reuse);
-        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
         if let Some(mut avail) = lwm_core::memory_plan::available_memory() {
             avail.bytes = avail.bytes.saturating_sub(pending_bytes);
             self.memory_plan_for(total, req.prefill_chunk, cache.types)
@@ -364,11 +363,8 @@ impl Engine {
         ring: &mut crate::ring::RingSession,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerateOutput> {
-        let ctx = self.context_length();
-        let n_prompt = req.prompt_ids.len();
-        check_prompt(n_prompt, ctx)?;
+        let total = req.run_tokens(self.context_length())?;
         let reuse = ring.reuse_prefix(&req.prompt_ids)?;
-        let total = n_prompt + req.max_tokens.min(ctx - n_prompt);
         if let Some(avail) = lwm_core::memory_plan::available_memory() {
             let share = self
                 .memory_plan(total, req.prefill_chunk)
@@ -490,7 +486,7 @@ impl Generation {
         reused: usize,
     ) -> Result<Self> {
         let n_prompt = req.prompt_ids.len();
-        check_prompt(n_prompt, context_length)?;
+        let budget = req.run_tokens(context_length)? - n_prompt;
         if reused >= n_prompt {
             bail!("{reused} of {n_prompt} prompt tokens are held already: at least one must run");
         }
@@ -501,7 +497,7 @@ impl Generation {
             prefilled: reused,
             prefill_chunk: req.prefill_chunk.max(1),
             on_prefill: req.on_prefill.clone(),
-            budget: req.max_tokens.min(context_length - n_prompt),
+            budget,
             ignore_eos: req.ignore_eos,
             top_logprobs: req.top_logprobs,
             sampler: Sampler::new(req.sampling.clone())
@@ -696,6 +692,14 @@ pub struct GenerateRequest {
 pub type PrefillProgress = std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 impl GenerateRequest {
+    /// Positions the run takes in a context of `context` tokens: the prompt plus as many
+    /// new tokens as `max_tokens` and the context allow (after the checks every prompt gets).
+    pub fn run_tokens(&self, context: usize) -> Result<usize> {
+        let n_prompt = self.prompt_ids.len();
+        check_prompt(n_prompt, context)?;
+        Ok(n_prompt + self.max_tokens.min(context - n_prompt))
+    }
+
     pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
         Self {
             prompt_ids,

@@ -8,8 +8,9 @@
 //!   generation) on top.
 
 pub use lwm_core::{
-    attention, attention_kernel, config, convert, error, kv, memory_plan, model, parallel,
-    peak_rss_bytes, quant, rng, rope, set_threads, tokenizer, vision_model, weights, Error,
+    attention, attention_kernel, config, convert, cpu_pressure, error, kv, memory_plan, model,
+    parallel, peak_rss_bytes, quant, rng, rope, set_threads, tokenizer, vision_model, weights,
+    Error,
 };
 pub use lwm_engine::{
     chat_template, constrain, generate, model_source, prompt_cache, ring, sampling,
