@@ -21,11 +21,13 @@ pub struct BenchArgs {
     /// Tokens decoded after the prompt.
     #[arg(short = 'n', long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Timed repetitions of each case (the spread is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Untimed runs before the timed ones (0 for a single very long run).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Print JSON.
     #[arg(long)]
     json: bool,
 }

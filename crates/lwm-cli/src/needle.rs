@@ -49,6 +49,7 @@ struct GridArgs {
     /// Prompts per cell, each over a different stretch of the haystack.
     #[arg(long, default_value_t = 1)]
     samples: usize,
+    /// Seed of the needles and their positions (the same seed gives the same set).
     #[arg(long, default_value_t = 1234)]
     seed: u64,
     /// Tokens the answer may take (each prompt is context length minus this).
@@ -172,7 +173,7 @@ fn cmd_create(a: CreateArgs) -> Result<()> {
         &params,
         &haystack,
         &engine.tokenizer,
-        engine.chat_template.as_ref(),
+        engine.own_chat_template(),
         &model,
     )?;
     set.write(&a.out)?;
@@ -232,7 +233,7 @@ fn load_or_create_set(a: &RunArgs, engine: &lwm::generate::Engine) -> Result<Nee
                 &params,
                 &haystack,
                 &engine.tokenizer,
-                engine.chat_template.as_ref(),
+                engine.own_chat_template(),
                 &engine.location.path().display().to_string(),
             )?
         }
@@ -285,7 +286,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create run directory {}", a.out.display()))?;
     let set = load_or_create_set(&a, &engine)?;
-    let format = PromptFormat::new(engine.chat_template.as_ref(), &engine.tokenizer)?;
+    let format = PromptFormat::new(engine.own_chat_template(), &engine.tokenizer)?;
     set.check_compatible(&engine.tokenizer, &format)?;
     let stop_strings = engine
         .chat_template

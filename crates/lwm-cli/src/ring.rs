@@ -10,6 +10,7 @@ use lwm::ring::{MeshDim, RingOptions, RingSession};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Ring")]
 pub struct RingArgs {
     /// Device mesh `dp,fsdp,tp,sp` (the original's --mesh_dim; one axis may be -1 under
     /// mpirun). sp > 1 splits the sequence over a ring of sp workers: threads here, or the
@@ -174,6 +175,7 @@ pub struct RingBenchArgs {
     /// Runs per ring size (the spread is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }

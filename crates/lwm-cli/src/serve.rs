@@ -6,8 +6,10 @@ use anyhow::Result;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: crate::ModelArgs,
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// The model id clients must use (default: the model file's name without extension).

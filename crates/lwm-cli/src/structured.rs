@@ -7,6 +7,7 @@ use lwm::generate::Engine;
 use std::path::PathBuf;
 
 #[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Structured output")]
 pub struct StructuredArgs {
     /// Answer with JSON valid under the JSON schema in this file (every token is masked by
     /// the grammar, so the output always parses and validates).

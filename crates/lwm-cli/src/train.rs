@@ -231,16 +231,22 @@ pub struct TrainBenchArgs {
     /// Timed training steps per length (after one warm-up step).
     #[arg(long, default_value_t = 2)]
     steps: usize,
+    /// Hidden size of the synthetic model.
     #[arg(long, default_value_t = 256)]
     hidden: usize,
+    /// Transformer layers.
     #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Attention heads.
     #[arg(long, default_value_t = 4)]
     heads: usize,
+    /// Vocabulary size.
     #[arg(long, default_value_t = 259)]
     vocab: usize,
+    /// Query and key rows per attention block.
     #[arg(long, default_value_t = 256)]
     chunk: usize,
+    /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Ring attention over this many threads (1: no ring).

@@ -22,6 +22,7 @@ pub struct VisionChatArgs {
     /// A video file (decoded with ffmpeg) or a directory of PNG/JPEG frames.
     #[arg(long)]
     pub video: Option<PathBuf>,
+    /// The question about the image or video.
     #[arg(long)]
     pub question: String,
     /// Frames sampled uniformly from a video (the original's max_n_frames).
@@ -39,9 +40,17 @@ pub struct VisionChatArgs {
     /// Top-k (HF generate's implicit 50).
     #[arg(long, default_value_t = 50)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 128)]
+    /// Tokens to generate at most (also --max-new-tokens, the original's name).
+    #[arg(
+        short = 'n',
+        long = "max-tokens",
+        visible_alias = "n-predict",
+        alias = "max-new-tokens",
+        default_value_t = 128
+    )]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Random seed of the sampler.
+    #[arg(short = 's', long, default_value_t = 0)]
     pub seed: u64,
     /// Frame size fed to the VQGAN (256 for LWM's).
     #[arg(long, default_value_t = 256)]
@@ -123,7 +132,12 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
             .forward_mixed(step_ids, &step_mask, &mut cache, Heads::Text, false)?
             .text)
     };
-    engine.generate_on(&req, 0, &mut forward, &mut crate::stream_to_stdout(stop))?;
+    engine.generate_on(
+        &req,
+        0,
+        &mut forward,
+        &mut crate::stream_to_stdout(stop, false),
+    )?;
     println!();
     Ok(())
 }
@@ -138,6 +152,7 @@ pub struct VisionGenerateArgs {
     /// Output file: .png (one frame), .gif, or .mp4 (feature `mp4`).
     #[arg(long)]
     pub output: PathBuf,
+    /// Frames to generate (1 = an image).
     #[arg(long, default_value_t = 1)]
     pub n_frames: usize,
     /// VQGAN weights; default: `vqgan` next to the params file.
@@ -146,15 +161,19 @@ pub struct VisionGenerateArgs {
     /// First frame (image): temperature, top-k, guidance scale (defaults: the original's scripts).
     #[arg(long, default_value_t = 1.0)]
     pub temperature_image: f32,
+    /// Top-k of the first frame.
     #[arg(long, default_value_t = 8192)]
     pub top_k_image: usize,
+    /// Guidance scale of the first frame.
     #[arg(long, default_value_t = 5.0)]
     pub cfg_scale_image: f32,
     /// Later frames (video).
     #[arg(long, default_value_t = 1.0)]
     pub temperature_video: f32,
+    /// Top-k of later frames.
     #[arg(long, default_value_t = 1000)]
     pub top_k_video: usize,
+    /// Guidance scale of later frames.
     #[arg(long, default_value_t = 1.0)]
     pub cfg_scale_video: f32,
     /// The original's default seed.

@@ -86,6 +86,34 @@ pub enum ChatTemplate {
     Lwm,
 }
 
+/// The template a model without one gets (ChatML, llama-server's fallback too), so that
+/// `lwm chat` and `/v1/chat/completions` still work; a warning names it at load.
+pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Where an engine's chat template came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateOrigin {
+    /// The model file's own (GGUF `tokenizer.chat_template`, `tokenizer_config.json`).
+    Model,
+    /// LWM's format (`--chat-format lwm`, an LWM preset, or a JAX checkpoint).
+    Lwm,
+    /// `--chat-template`.
+    Override,
+    /// [`DEFAULT_CHAT_TEMPLATE`]: the model has none.
+    Default,
+}
+
+impl TemplateOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateOrigin::Model => "model",
+            TemplateOrigin::Lwm => "lwm",
+            TemplateOrigin::Override => "--chat-template",
+            TemplateOrigin::Default => "default (ChatML)",
+        }
+    }
+}
+
 /// minijinja error → readable text, with its cause chain.
 fn describe(e: &Error) -> String {
     let mut s = e.to_string();
@@ -166,6 +194,9 @@ impl ChatTemplate {
     /// (they end turns with an EOS / end-of-turn token).
     pub fn stop_strings(&self) -> Vec<String> {
         match self {
+            Self::Jinja { source, .. } if source == DEFAULT_CHAT_TEMPLATE => {
+                vec!["<|im_end|>".to_string()]
+            }
             Self::Jinja { .. } => Vec::new(),
             Self::Lwm => vec!["USER:".to_string()],
         }

@@ -2,7 +2,7 @@
 //! state machine (`Generation`: prefill in pieces, sample under an optional grammar, stream
 //! text, stop on end-of-generation, stop strings or the budget) every front end drives.
 
-use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::chat_template::{ChatMessage, ChatTemplate, TemplateOrigin, DEFAULT_CHAT_TEMPLATE};
 use crate::constrain::{Constraint, Grammar, GrammarCompiler, GrammarState};
 use crate::model_source::{resolve, ModelLocation};
 use crate::sampling::{logprobs, Sampler, SamplingParams};
@@ -29,6 +29,8 @@ pub struct LoadOptions {
     pub tokenizer: Option<PathBuf>,
     /// Force a chat format: "lwm" or "model" (the model's own Jinja template).
     pub chat_format: Option<String>,
+    /// A Jinja chat template's source, used instead of the model's (`--chat-template`).
+    pub chat_template: Option<String>,
     /// Arithmetic of the forward pass; `None` picks `Ggml` for GGUF files (llama.cpp parity)
     /// and `Exact` otherwise.
     pub numerics: Option<Numerics>,
@@ -38,7 +40,10 @@ pub struct LoadOptions {
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
+    /// The template chats are rendered with: the model's, LWM's, `--chat-template`, or
+    /// [`crate::chat_template::DEFAULT_CHAT_TEMPLATE`] for a model without one.
     pub chat_template: Option<ChatTemplate>,
+    pub chat_template_origin: TemplateOrigin,
     pub location: ModelLocation,
     /// Storage types of the weights, for `lwm info`.
     pub quantization: String,
@@ -89,6 +94,36 @@ fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> Result<Option<ChatTemplate>>
 }
 
 impl Engine {
+    /// Only the tokenizer of `spec` (a `--model` value), or the `tokenizer` file when given:
+    /// no weights are read, so a vocab-only GGUF or a bare tokenizer.json is enough.
+    pub fn load_tokenizer(spec: &str, tokenizer: Option<&Path>) -> Result<Tokenizer> {
+        if let Some(p) = tokenizer {
+            return Tokenizer::from_file(p);
+        }
+        let location = resolve(spec)?;
+        let found = match &location {
+            ModelLocation::Gguf(p) => Some(p.clone()),
+            ModelLocation::HfDir(dir) => ["tokenizer.json", "tokenizer.model"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.exists()),
+            ModelLocation::JaxParams(params) => Some(
+                params
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("tokenizer.model"),
+            )
+            .filter(|p| p.is_file()),
+        };
+        let p = found.with_context(|| {
+            format!(
+                "{}: no tokenizer found (tokenizer.json or tokenizer.model); pass --tokenizer FILE",
+                location.path().display()
+            )
+        })?;
+        Tokenizer::from_file(&p)
+    }
+
     /// Load `spec` (a `--model` value) with `opts`.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let location = resolve(spec)?;
@@ -104,11 +139,15 @@ impl Engine {
             ModelLocation::Gguf(path) => {
                 let file = GgufFile::open(path)?;
                 let config = file.config()?;
-                let tok = Tokenizer::from_gguf_vocab(
-                    GgufVocab::from_gguf(file.content())
-                        .with_context(|| format!("{}: tokenizer metadata", path.display()))?,
-                )
-                .with_context(|| format!("{}: tokenizer", path.display()))?;
+                // With --tokenizer the file's vocabulary is not needed (it may have none).
+                let tok = match &opts.tokenizer {
+                    Some(p) => Tokenizer::from_file(p)?,
+                    None => Tokenizer::from_gguf_vocab(
+                        GgufVocab::from_gguf(file.content())
+                            .with_context(|| format!("{}: tokenizer metadata", path.display()))?,
+                    )
+                    .with_context(|| format!("{}: tokenizer", path.display()))?,
+                };
                 let template = match file.meta_str("tokenizer.chat_template") {
                     Some(src) => {
                         let piece = |id: Option<u32>| {
@@ -209,8 +248,34 @@ impl Engine {
             Some("model") => lwm_format = false,
             Some(other) => bail!("unknown chat format '{other}' (use lwm or model)"),
         }
+        let mut origin = if matches!(template, Some(ChatTemplate::Lwm)) {
+            TemplateOrigin::Lwm
+        } else {
+            TemplateOrigin::Model
+        };
         if lwm_format {
             template = Some(ChatTemplate::Lwm);
+            origin = TemplateOrigin::Lwm;
+        }
+        let piece = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_piece(i))
+                .unwrap_or_default()
+        };
+        let (bos, eos) = (piece(tokenizer.bos_id()), piece(tokenizer.eos_id()));
+        if let Some(src) = &opts.chat_template {
+            template = Some(ChatTemplate::jinja(src.clone(), bos, eos).context("--chat-template")?);
+            origin = TemplateOrigin::Override;
+        } else if template.is_none() {
+            tracing::warn!(
+                "{} has no chat template: chats use the default (ChatML); pass --chat-template FILE or --chat-format lwm",
+                location.path().display()
+            );
+            template = Some(ChatTemplate::jinja(
+                DEFAULT_CHAT_TEMPLATE.to_string(),
+                bos,
+                eos,
+            )?);
+            origin = TemplateOrigin::Default;
         }
         let mut forward = opts.forward;
         forward.numerics = opts.numerics.unwrap_or(match location {
@@ -222,6 +287,7 @@ impl Engine {
             model,
             tokenizer,
             chat_template: template,
+            chat_template_origin: origin,
             location,
             quantization,
             file_bytes,
@@ -232,6 +298,15 @@ impl Engine {
 
     pub fn config(&self) -> &ModelConfig {
         &self.model.config
+    }
+
+    /// The model's own chat template (or LWM's, or `--chat-template`): `None` when chats
+    /// would fall back to the default, which a needle evaluation should not silently use.
+    pub fn own_chat_template(&self) -> Option<&ChatTemplate> {
+        match self.chat_template_origin {
+            TemplateOrigin::Default => None,
+            _ => self.chat_template.as_ref(),
+        }
     }
 
     /// Tokenize a plain prompt (BOS as the tokenizer's default, special tokens parsed).

@@ -275,6 +275,62 @@ impl GgufFile {
     }
 }
 
+/// Every metadata key of a GGUF file with its value as JSON, sorted by key (`lwm info
+/// --metadata`). Arrays longer than `max_items` keep their first items and their length.
+pub fn metadata_json(content: &Content, max_items: usize) -> Vec<(String, serde_json::Value)> {
+    let mut v: Vec<_> = content
+        .metadata
+        .iter()
+        .map(|(k, val)| (k.clone(), value_json(val, max_items)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Every tensor of a GGUF file: (name, type, shape, offset in the data section), in file
+/// order.
+pub fn tensor_table(content: &Content) -> Vec<(String, String, Vec<usize>, u64)> {
+    let mut v: Vec<_> = content
+        .tensor_infos
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                format!("{:?}", t.ggml_dtype),
+                t.shape.dims().to_vec(),
+                t.offset,
+            )
+        })
+        .collect();
+    v.sort_by_key(|t| t.3);
+    v
+}
+
+fn value_json(v: &Value, max_items: usize) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::F32(x) => json!(x),
+        Value::F64(x) => json!(x),
+        Value::Bool(x) => json!(x),
+        Value::String(x) => json!(x),
+        Value::Array(items) if items.len() > max_items => json!({
+            "len": items.len(),
+            "first": items.iter().take(max_items).map(|i| value_json(i, max_items)).collect::<Vec<_>>(),
+        }),
+        Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(|i| value_json(i, max_items)).collect())
+        }
+    }
+}
+
 impl WeightSource for GgufFile {
     fn origin(&self) -> String {
         self.path.display().to_string()
