@@ -15,6 +15,7 @@ use std::sync::Arc;
 mod bench;
 mod convert;
 mod needle;
+mod pull;
 mod ring;
 mod serve;
 mod structured;
@@ -62,16 +63,18 @@ enum Command {
     VisionChat(vision::VisionChatArgs),
     /// Generate an image or a video (classifier-free guidance, VQGAN-decoded).
     VisionGenerate(vision::VisionGenerateArgs),
-    /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
-    Fetch {
-        #[arg(default_value = "default")]
-        name: String,
-    },
+    /// Download a model into its cache: `default` (SmolLM2-135M-Instruct Q4_1) or hf:ORG/NAME[:QUANT].
+    #[command(alias = "fetch")]
+    Pull(pull::PullArgs),
+    /// The cached models: the default model, the hub cache's repos (files, sizes, quants).
+    List(pull::ListArgs),
+    /// Remove a cached model: `default`, hf:ORG/NAME, or one quant hf:ORG/NAME:QUANT.
+    Rm(pull::RmArgs),
 }
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// A .gguf file, a Hugging Face directory, `default`, or hf:ORG/NAME (local hub cache).
+    /// A .gguf file, a Hugging Face directory, `default`, or hf:ORG/NAME[:QUANT] (hub cache; pulled when missing).
     #[arg(short, long, default_value = "default")]
     pub model: String,
     /// LWM preset (theta and context of a released LWM model), e.g. lwm-text-1m.
@@ -717,12 +720,9 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::VisionChat(a) => vision::run(a),
         Command::VisionGenerate(a) => vision::run_generate(a),
-        Command::Fetch { name } => match name.as_str() {
-            "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
-            other => Err(anyhow::anyhow!(
-                "unknown model '{other}' (only `default` can be fetched here)"
-            )),
-        },
+        Command::Pull(a) => pull::run_pull(a),
+        Command::List(a) => pull::run_list(a),
+        Command::Rm(a) => pull::run_rm(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
