@@ -92,7 +92,11 @@ pub fn run_pull(a: PullArgs) -> Result<()> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping (the partial download is kept; Ctrl-C again quits at once)");
+        eprintln!("\nstopping; the partial download is kept for the next `lwm pull` to resume");
+        // A transfer blocked on a stalled connection does not see the flag: quit anyway
+        // (every byte received is already in the partial file).
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        std::process::exit(130);
     });
     let client = Client::new(progress_bars()).with_cancel(cancel);
     let loc = pull::pull(&client, &spec)?;

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 #[path = "../../lwm-engine/src/pull/test_server.rs"]
 mod test_server;
-use test_server::{serve_repo, HubFile, TestServer};
+use test_server::{serve_repo, sha256_hex, Fault, HubFile, TestServer};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lwm/tests/fixtures")
@@ -290,4 +290,71 @@ fn pull_cli_bad_input_and_the_default_model() {
     assert!(list.contains("default"), "{list}");
     assert!(ok(&env.run(&["rm", "default"])).contains("removed"));
     assert!(!models.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn pull_cli_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes() {
+    let env = Env::new("ctrlc");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    serve_repo(
+        &env.server,
+        "Org/Big-GGUF",
+        "3333cccc",
+        &[HubFile::new("big-Q8_0.gguf", &big, true)],
+    );
+    let sha = sha256_hex(&big);
+    let cdn = format!("/cdn/{sha}");
+    env.server.set_fault(&cdn, Fault::StallOnceAfter(1_000_000));
+    let blobs = env.hub().join("models--Org--Big-GGUF/blobs");
+    let incomplete = blobs.join(format!("{sha}.incomplete"));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lwm"));
+    c.args(["pull", "hf:Org/Big-GGUF:Q8_0"])
+        .env("HF_ENDPOINT", &env.server.url)
+        .env("HF_HUB_CACHE", env.hub())
+        .env("LWM_HOME", env.home())
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN")
+        .env("HF_TOKEN_PATH", env.root.join("no-token"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&incomplete).map(|m| m.len()).unwrap_or(0) < 1_000_000 {
+        if t0.elapsed().as_secs() > 60 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the transfer never started");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    if !kill.is_ok_and(|s| s.success()) {
+        eprintln!("note: no `kill` to send SIGINT with; skipping");
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(t0.elapsed().as_secs() < 20, "Ctrl-C took too long");
+    assert_eq!(std::fs::metadata(&incomplete).unwrap().len(), 1_000_000);
+    assert!(!blobs.join(&sha).exists());
+    // The next pull resumes at the kept byte and ends with the right file.
+    let path = ok(&env.run(&["pull", "hf:Org/Big-GGUF:Q8_0"]));
+    assert_eq!(read(Path::new(path.trim())), big);
+    assert!(!incomplete.exists());
+    let reqs = env.server.requests_for(&cdn);
+    assert_eq!(
+        reqs.last()
+            .unwrap()
+            .headers
+            .get("range")
+            .map(String::as_str),
+        Some("bytes=1000000-")
+    );
 }

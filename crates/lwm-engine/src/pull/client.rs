@@ -273,6 +273,52 @@ impl Client {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
+        // One process at a time per file: a second one waits, then finds the file done.
+        let lock_path = {
+            let mut s = part.as_os_str().to_os_string();
+            s.push(".lock");
+            PathBuf::from(s)
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                self.note(&format!(
+                    "{}: another download of it is under way; waiting for it",
+                    d.label
+                ));
+                lock.lock()
+                    .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+                let done = std::fs::metadata(d.dest)
+                    .is_ok_and(|m| m.is_file() && d.size.is_none_or(|s| m.len() == s));
+                if done {
+                    let sha256 = match d.sha256 {
+                        Some(s) => s.trim().to_ascii_lowercase(),
+                        None => hash_file(d.dest)?,
+                    };
+                    return Ok(Downloaded {
+                        path: d.dest.to_path_buf(),
+                        bytes: file_len(d.dest),
+                        sha256,
+                    });
+                }
+            }
+            // A file system without locks: go on unlocked.
+            Err(std::fs::TryLockError::Error(_)) => {}
+        }
+        let result = self.download_locked(d, &part);
+        let _ = std::fs::remove_file(&lock_path);
+        drop(lock);
+        result
+    }
+
+    fn download_locked(&self, d: &Download<'_>, part: &Path) -> Result<Downloaded> {
+        let part = part.to_path_buf();
         let mut attempt = 0;
         let sha256 = loop {
             match self.transfer(d, &part) {
@@ -289,7 +335,18 @@ impl Client {
                     ));
                     std::thread::sleep(self.retry_wait * attempt);
                 }
-                Err(Failure::Retry(e)) | Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(e)) => {
+                    let have = file_len(&part);
+                    if have == 0 {
+                        return Err(e);
+                    }
+                    return Err(e.context(format!(
+                        "{}: stopped; {have} bytes are kept in {} and the next pull resumes there",
+                        d.label,
+                        part.display()
+                    )));
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
             }
         };
         let bytes = file_len(&part);

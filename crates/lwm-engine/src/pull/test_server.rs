@@ -19,6 +19,9 @@ pub enum Fault {
     /// The first request gets the headers of the whole answer and only this many body
     /// bytes, then the connection closes; later requests are served normally.
     DropOnceAfter(usize),
+    /// The first request gets this many body bytes, then nothing for 30 s (a stalled
+    /// transfer); later requests are served normally.
+    StallOnceAfter(usize),
     /// Every request gets the body with its middle byte changed.
     Corrupt,
     /// `Range` headers are ignored (a 200 with the whole body).
@@ -232,6 +235,11 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             let _ = conn.write_all(&body[..n.min(body.len())]);
             let _ = conn.flush();
             let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        Fault::StallOnceAfter(n) if hit == 1 => {
+            let _ = conn.write_all(&body[..n.min(body.len())]);
+            let _ = conn.flush();
+            std::thread::sleep(std::time::Duration::from_secs(30));
         }
         _ => {
             let _ = conn.write_all(&body);

@@ -82,11 +82,12 @@ fn pull_download_resumes_an_interrupted_transfer_with_range() {
     };
     // No retries: the cut transfer fails, its bytes stay in f.bin.part, nothing is at f.bin.
     let (c0, _) = client(0);
-    let err = c0.download(&d).unwrap_err().to_string();
+    let err = format!("{:#}", c0.download(&d).unwrap_err());
     assert!(
         err.contains("broke off") || err.contains("ended after"),
         "{err}"
     );
+    assert!(err.contains("120000 bytes are kept"), "{err}");
     assert!(!dest.exists());
     let part = d.partial_path();
     assert_eq!(std::fs::read(&part).unwrap(), data[..120_000]);
@@ -127,6 +128,45 @@ fn pull_download_resumes_an_interrupted_transfer_with_range() {
         notes.lock().unwrap().iter().any(|n| n.contains("resuming")),
         "{notes:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pull_download_of_one_file_by_several_at_once_is_serialized() {
+    let server = TestServer::start();
+    let data = blob(1_500_000, 5);
+    server.bytes("/f.bin", &data);
+    let dir = temp("together");
+    let dest = dir.join("f.bin");
+    let url = format!("{}/f.bin", server.url);
+    let sha = sha256_hex(&data);
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, dest, sha) = (url.clone(), dest.clone(), sha.clone());
+            std::thread::spawn(move || {
+                let (c, _) = client(0);
+                c.download(&Download {
+                    url: &url,
+                    dest: &dest,
+                    partial: None,
+                    size: Some(1_500_000),
+                    sha256: Some(&sha),
+                    label: "f.bin",
+                })
+                .map(|d| d.sha256)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap().unwrap(), sha);
+    }
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
