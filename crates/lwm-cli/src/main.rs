@@ -16,6 +16,7 @@ mod bench;
 mod chat;
 mod convert;
 mod needle;
+mod pull;
 mod ring;
 mod serve;
 mod structured;
@@ -82,12 +83,13 @@ enum Command {
     VisionChat(vision::VisionChatArgs),
     /// Generate an image or a video (classifier-free guidance, VQGAN-decoded).
     VisionGenerate(vision::VisionGenerateArgs),
-    /// Download a model into the cache (`default`: SmolLM2-135M-Instruct Q4_1).
-    Fetch {
-        /// Which model: `default`.
-        #[arg(default_value = "default")]
-        name: String,
-    },
+    /// Download a model into its cache: `default` (SmolLM2-135M-Instruct Q4_1) or hf:ORG/NAME[:QUANT].
+    #[command(alias = "fetch")]
+    Pull(pull::PullArgs),
+    /// The cached models: the default model, the hub cache's repos (files, sizes, quants).
+    List(pull::ListArgs),
+    /// Remove a cached model: `default`, hf:ORG/NAME, or one quant hf:ORG/NAME:QUANT.
+    Rm(pull::RmArgs),
     /// Print a shell completion script: `lwm completions bash > ~/.local/share/bash-completion/completions/lwm`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -943,12 +945,9 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::VisionChat(a) => vision::run(a),
         Command::VisionGenerate(a) => vision::run_generate(a),
-        Command::Fetch { name } => match name.as_str() {
-            "default" => lwm::model_source::fetch_default().map(|p| println!("{}", p.display())),
-            other => Err(anyhow::anyhow!(
-                "unknown model '{other}' (only `default` can be fetched here)"
-            )),
-        },
+        Command::Pull(a) => pull::run_pull(a),
+        Command::List(a) => pull::run_list(a),
+        Command::Rm(a) => pull::run_rm(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "lwm", &mut std::io::stdout());

@@ -13,7 +13,7 @@ pub use lwm_core::{
     Error,
 };
 pub use lwm_engine::{
-    chat_template, constrain, generate, model_source, prompt_cache, ring, sampling,
+    chat_template, constrain, generate, model_source, prompt_cache, pull, ring, sampling,
 };
 pub use lwm_eval::needle;
 pub use lwm_train as train;

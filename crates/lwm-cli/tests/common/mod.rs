@@ -21,7 +21,7 @@ pub fn default_model() -> Option<String> {
     if p.exists() {
         Some(p.display().to_string())
     } else {
-        eprintln!("note: default model missing (run `lwm fetch default`); skipping");
+        eprintln!("note: default model missing (run `lwm pull default`); skipping");
         None
     }
 }

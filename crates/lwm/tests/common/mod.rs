@@ -9,7 +9,7 @@ pub mod train;
 pub use prompts::records;
 
 /// The default model (SmolLM2-135M-Instruct Q4_1): `$LWM_DEFAULT_MODEL`, else the cache
-/// `lwm fetch default` fills. CI always fetches it first; a bare `cargo test` without it
+/// `lwm pull default` fills. CI always fetches it first; a bare `cargo test` without it
 /// skips these tests with a note instead of failing.
 pub fn default_model() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("LWM_DEFAULT_MODEL") {
@@ -20,7 +20,7 @@ pub fn default_model() -> Option<PathBuf> {
         Some(p)
     } else {
         eprintln!(
-            "note: default model not found at {} (run `lwm fetch default`); skipping",
+            "note: default model not found at {} (run `lwm pull default`); skipping",
             p.display()
         );
         None
