@@ -52,14 +52,7 @@ fn progress_bars() -> Observer {
                 pb.set_message(label.to_string());
                 pb.set_position(from);
                 if pb.is_hidden() {
-                    let size = total
-                        .map(|t| format!(" ({})", human_bytes(t)))
-                        .unwrap_or_default();
-                    if from > 0 {
-                        eprintln!("resuming {label}{size} at {}", human_bytes(from));
-                    } else {
-                        eprintln!("downloading {label}{size}");
-                    }
+                    eprintln!("{}", lwm::pull::client::start_line(label, total, from));
                 }
                 *b = Some(pb);
             }

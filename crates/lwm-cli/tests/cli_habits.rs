@@ -111,20 +111,16 @@ fn a_model_without_a_template_gets_the_default_and_a_warning() {
         return;
     };
     let tiny = tiny.to_str().unwrap();
-    let o = lwm(&[
-        "chat",
-        "--model",
-        tiny,
-        "--message",
-        "hi",
-        "-n",
-        "3",
-        "--temp",
-        "0",
-        "--show-prompt",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    // The rendered prompt of a one-word chat (on stderr), with `extra` flags.
+    let prompt_of = |extra: &[&str]| {
+        let mut args = vec!["chat", "--model", tiny, "--message", "hi", "-n", "3"];
+        args.extend(["--temp", "0", "--show-prompt"]);
+        args.extend(extra);
+        let o = lwm(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let err = prompt_of(&[]);
     assert!(err.contains("no chat template"), "{err}");
     assert!(
         err.contains("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
@@ -136,22 +132,7 @@ fn a_model_without_a_template_gets_the_default_and_a_warning() {
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]",
     )
     .unwrap();
-    let o = lwm(&[
-        "chat",
-        "--model",
-        tiny,
-        "--message",
-        "hi",
-        "-n",
-        "3",
-        "--temp",
-        "0",
-        "--show-prompt",
-        "--chat-template",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    let err = prompt_of(&["--chat-template", t.to_str().unwrap()]);
     assert!(!err.contains("no chat template"), "{err}");
     assert!(err.contains("[user] hi\n[assistant]"), "{err}");
     let o = lwm(&[

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod attention_kernel;
 pub mod config;
 pub mod convert;
+pub mod decoder;
 pub mod error;
 pub mod kv;
 pub mod memory_plan;

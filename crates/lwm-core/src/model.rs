@@ -14,6 +14,7 @@
 
 use crate::attention::{causal_attention_quant, Chunking};
 use crate::config::ModelConfig;
+use crate::decoder::{decoder_layer, DecoderOps, NormSite, RowBlock};
 pub use crate::kv::PositionRun;
 use crate::kv::{KvCache, KvTypes};
 use crate::quant::ggml_cpu::{self, FaOptions, Isa};
@@ -449,7 +450,7 @@ impl Model {
     /// returns the final-normed hidden rows (the last one, or all when `all_rows`).
     pub(crate) fn run_layers(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         ids: &[u32],
         cache: &mut KvCache,
         all_rows: bool,
@@ -462,7 +463,7 @@ impl Model {
             len: n,
         }];
         let mut local = LocalAttention::new(self, cache);
-        self.forward_layers(&mut x, &runs, &mut local)?;
+        let x = self.forward_layers(x, &runs, &mut local)?;
         cache.commit(ids);
         let rows = if all_rows { &x[..] } else { &x[(n - 1) * h..] };
         Ok(self.final_norm(rows))
@@ -482,74 +483,33 @@ impl Model {
         self.norm(x, &self.norm)
     }
 
-    /// The one transformer forward, for every driver: per layer, RMSNorm -> fused q/k/v
-    /// projection -> RoPE at the positions `runs` give the rows of `x` -> `attention`
-    /// (which stores the keys/values and attends: the local cache, a ring shard) -> output
-    /// projection -> blockwise SwiGLU feed-forward. `x` may hold no rows (a ring worker
-    /// owning none of a step's positions still takes part in every layer's attention).
+    /// The one transformer forward for inference: `decoder::decoder_layer` per layer, on
+    /// f32 rows over the stored weights, RoPE at the positions `runs` give the rows of `x`,
+    /// and `attention` storing the keys/values and attending (the local cache, a ring
+    /// shard). `x` may hold no rows (a ring worker owning none of a step's positions still
+    /// takes part in every layer's attention). Returns the last layer's hidden rows.
     pub fn forward_layers(
         &self,
-        x: &mut [f32],
+        x: Vec<f32>,
         runs: &[PositionRun],
         attention: &mut dyn AttentionBackend,
-    ) -> Result<()> {
-        let c = &self.config;
-        let h = c.hidden_size;
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let n = x.len() / h;
+    ) -> Result<Vec<f32>> {
+        let n = x.len() / self.config.hidden_size;
         if runs.iter().map(|r| r.len).sum::<usize>() != n || runs.iter().any(|r| r.row0 + r.len > n)
         {
             bail!("position runs {runs:?} do not cover the {n} rows");
         }
-        let opts = &self.options;
-        let ggml = opts.numerics == Numerics::Ggml;
-        let tables = self.rope.tables(runs);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let (mut q, mut k, v) = if n == 0 {
-                Default::default()
-            } else {
-                let hn = self.norm(x, &layer.attn_norm);
-                let mut qkv =
-                    Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &hn, n, opts)?;
-                let v = qkv.pop().context("fused projection")?;
-                let k = qkv.pop().context("fused projection")?;
-                (qkv.pop().context("fused projection")?, k, v)
-            };
-            self.rope.apply_runs(&mut q, runs, nh, &tables);
-            self.rope.apply_runs(&mut k, runs, nkv, &tables);
-            let attn = attention.attend(li, &q, &k, &v)?;
-            if n == 0 {
-                continue;
-            }
-            let o = layer.wo.forward(&attn, n, opts)?;
-            for (xi, oi) in x.iter_mut().zip(&o) {
-                *xi += oi;
-            }
-            // Blockwise feed-forward: the FFN is per token, so chunks are independent.
-            let chunk = opts.mlp_chunk.max(1);
-            for r0 in (0..n).step_by(chunk) {
-                let rows = chunk.min(n - r0);
-                let xs = &mut x[r0 * h..(r0 + rows) * h];
-                let hn = self.norm(xs, &layer.ffn_norm);
-                let mut gate_up =
-                    Linear::forward_many(&[&layer.w_gate, &layer.w_up], &hn, rows, opts)?;
-                let up = gate_up.pop().context("fused projection")?;
-                let gate = gate_up.pop().context("fused projection")?;
-                let act: Vec<f32> = if ggml {
-                    ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
-                } else {
-                    gate.iter()
-                        .zip(&up)
-                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                        .collect()
-                };
-                let down = layer.w_down.forward(&act, rows, opts)?;
-                for (xi, di) in xs.iter_mut().zip(&down) {
-                    *xi += di;
-                }
-            }
+        let mut ops = RowOps {
+            model: self,
+            runs,
+            tables: self.rope.tables(runs),
+            attention,
+        };
+        let mut x = x;
+        for li in 0..self.layers.len() {
+            x = decoder_layer(&mut ops, li, x)?;
         }
-        Ok(())
+        Ok(x)
     }
 
     /// A head (`lm_head` or the vision head) on normed hidden rows.
@@ -632,6 +592,117 @@ impl VisionParts {
             embed: get(crate::weights::jax::VISION_EMBED)?,
             head: get(crate::weights::jax::VISION_HEAD)?,
         }))
+    }
+}
+
+/// Inference's arithmetic for [`decoder_layer`]: f32 rows (row-major, `n × width`) over the
+/// stored weights, in the model's numerics.
+struct RowOps<'a> {
+    model: &'a Model,
+    runs: &'a [PositionRun],
+    tables: Vec<crate::rope::RopeTable>,
+    attention: &'a mut dyn AttentionBackend,
+}
+
+impl RowOps<'_> {
+    fn layer(&self, li: usize) -> &Layer {
+        &self.model.layers[li]
+    }
+}
+
+impl DecoderOps for RowOps<'_> {
+    type Rows = Vec<f32>;
+
+    fn norm(&mut self, li: usize, site: NormSite, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let l = self.layer(li);
+        let w = match site {
+            NormSite::Attention => &l.attn_norm,
+            NormSite::FeedForward => &l.ffn_norm,
+        };
+        Ok(self.model.norm(x, w))
+    }
+
+    fn qkv(&mut self, li: usize, x: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        if x.is_empty() {
+            return Ok(Default::default());
+        }
+        let n = x.len() / self.model.config.hidden_size;
+        let l = self.layer(li);
+        let mut qkv = Linear::forward_many(&[&l.wq, &l.wk, &l.wv], x, n, &self.model.options)?;
+        let v = qkv.pop().context("fused projection")?;
+        let k = qkv.pop().context("fused projection")?;
+        Ok((qkv.pop().context("fused projection")?, k, v))
+    }
+
+    fn rope(&mut self, mut q: Vec<f32>, mut k: Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = &self.model.config;
+        let rope = &self.model.rope;
+        rope.apply_runs(&mut q, self.runs, c.num_attention_heads, &self.tables);
+        rope.apply_runs(&mut k, self.runs, c.num_key_value_heads, &self.tables);
+        Ok((q, k))
+    }
+
+    fn attend(&mut self, li: usize, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> Result<Vec<f32>> {
+        self.attention.attend(li, &q, &k, &v)
+    }
+
+    fn out_proj(&mut self, li: usize, attn: &Vec<f32>) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let n = attn.len() / (c.num_attention_heads * c.head_dim);
+        self.layer(li).wo.forward(attn, n, &self.model.options)
+    }
+
+    fn gate_up(&mut self, li: usize, x: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = x.len() / self.model.config.hidden_size;
+        let l = self.layer(li);
+        let mut gate_up = Linear::forward_many(&[&l.w_gate, &l.w_up], x, n, &self.model.options)?;
+        let up = gate_up.pop().context("fused projection")?;
+        Ok((gate_up.pop().context("fused projection")?, up))
+    }
+
+    fn swiglu(&mut self, gate: Vec<f32>, up: Vec<f32>) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        Ok(if self.model.options.numerics == Numerics::Ggml {
+            ggml_cpu::swiglu(&gate, &up, c.intermediate_size, Isa::REFERENCE)
+        } else {
+            gate.iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect()
+        })
+    }
+
+    fn down(&mut self, li: usize, act: &Vec<f32>) -> Result<Vec<f32>> {
+        let n = act.len() / self.model.config.intermediate_size;
+        self.layer(li).w_down.forward(act, n, &self.model.options)
+    }
+
+    fn residual(&mut self, mut x: Vec<f32>, y: Vec<f32>) -> Result<Vec<f32>> {
+        for (xi, yi) in x.iter_mut().zip(&y) {
+            *xi += yi;
+        }
+        Ok(x)
+    }
+
+    fn is_empty(&self, x: &Vec<f32>) -> bool {
+        x.is_empty()
+    }
+
+    /// Blockwise feed-forward: `--scan-mlp-chunk-size` rows at a time.
+    fn per_token_blocks(
+        &mut self,
+        x: Vec<f32>,
+        block: &mut RowBlock<'_, Self>,
+    ) -> Result<Vec<f32>> {
+        let piece = self.model.options.mlp_chunk.max(1) * self.model.config.hidden_size;
+        if x.len() <= piece {
+            return block(self, x);
+        }
+        let mut out = Vec::with_capacity(x.len());
+        for rows in x.chunks(piece) {
+            out.extend(block(self, rows.to_vec())?);
+        }
+        Ok(out)
     }
 }
 

@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use lwm_core::attention::Chunking;
 use lwm_core::config::{ModelConfig, RopeLayout};
+use lwm_core::decoder::{decoder_layer, DecoderOps, NormSite, RowBlock};
 use lwm_core::rope::Rope;
 use lwm_core::weights::{layer_name, WeightSource};
 use std::collections::BTreeMap;
@@ -360,7 +361,6 @@ impl TrainModel {
                 input.positions.len()
             );
         }
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // A shard's attention runs over the ring with the whole rows' segment ids.
         let (segment_ids, dist) = match (&input.shard, &self.comm) {
             (None, _) => (input.segment_ids.clone().map(Arc::new), None),
@@ -385,29 +385,20 @@ impl TrainModel {
             chunking: self.chunking,
         };
         let (cos, sin) = self.rope_tables(&input.positions)?;
-        let dt = self.compute;
+        let mut ops = TapeOps {
+            model: self,
+            batch: b,
+            len: l,
+            masking,
+            dist,
+            cos,
+            sin,
+        };
         let mut x = self.embed(input)?;
-        let eps = c.rms_norm_eps;
-        for i in 0..c.num_hidden_layers {
-            let p = |s: &str| self.param(&layer_name(i, s));
-            let hn = rms_norm(&x, p("input_layernorm.weight")?, eps)?;
-            let q = linear(&hn, p("self_attn.q_proj.weight")?, dt)?.reshape((b, l, nh, hd))?;
-            let k = linear(&hn, p("self_attn.k_proj.weight")?, dt)?.reshape((b, l, nkv, hd))?;
-            let v = linear(&hn, p("self_attn.v_proj.weight")?, dt)?.reshape((b, l, nkv, hd))?;
-            let q = self.apply_rope(&q, &cos, &sin)?;
-            let k = self.apply_rope(&k, &cos, &sin)?;
-            let attn = match &dist {
-                None => ring_attention(&q, &k, &v, &masking, self.sp)?,
-                Some(c) => shard_attention(&q, &k, &v, &masking, c)?,
-            }
-            .reshape((b, l, nh * hd))?;
-            x = (x + linear(&attn, p("self_attn.o_proj.weight")?, dt)?)?;
-            let hn = rms_norm(&x, p("post_attention_layernorm.weight")?, eps)?;
-            let gate = linear(&hn, p("mlp.gate_proj.weight")?, dt)?;
-            let up = linear(&hn, p("mlp.up_proj.weight")?, dt)?;
-            x = (x + linear(&(gate.silu()? * up)?, p("mlp.down_proj.weight")?, dt)?)?;
+        for li in 0..c.num_hidden_layers {
+            x = decoder_layer(&mut ops, li, x)?;
         }
-        rms_norm(&x, self.param("model.norm.weight")?, eps)
+        rms_norm(&x, self.param("model.norm.weight")?, c.rms_norm_eps)
     }
 
     /// Logits of every position.
@@ -426,6 +417,102 @@ impl TrainModel {
             None
         };
         Ok(Logits { text, vision })
+    }
+}
+
+/// Training's arithmetic for [`decoder_layer`]: candle autograd tensors (batch, len, ·), the
+/// matrix products in the model's compute precision, attention through the blockwise tape
+/// (`attention_grad`: over `sp` threads, or this rank's shard of the MPI ring).
+struct TapeOps<'a> {
+    model: &'a TrainModel,
+    batch: usize,
+    len: usize,
+    masking: AttnMasking,
+    dist: Option<Arc<SeqComm>>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl TapeOps<'_> {
+    fn weight(&self, layer: usize, name: &str) -> Result<&Tensor> {
+        self.model.param(&layer_name(layer, name))
+    }
+
+    fn project(&self, layer: usize, name: &str, x: &Tensor) -> Result<Tensor> {
+        linear(x, self.weight(layer, name)?, self.model.compute)
+    }
+
+    fn heads(&self, x: Tensor, heads: usize) -> Result<Tensor> {
+        Ok(x.reshape((self.batch, self.len, heads, self.model.config.head_dim))?)
+    }
+}
+
+impl DecoderOps for TapeOps<'_> {
+    type Rows = Tensor;
+
+    fn norm(&mut self, layer: usize, site: NormSite, x: &Tensor) -> Result<Tensor> {
+        let name = match site {
+            NormSite::Attention => "input_layernorm.weight",
+            NormSite::FeedForward => "post_attention_layernorm.weight",
+        };
+        rms_norm(x, self.weight(layer, name)?, self.model.config.rms_norm_eps)
+    }
+
+    fn qkv(&mut self, layer: usize, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.model.config;
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let q = self.heads(self.project(layer, "self_attn.q_proj.weight", x)?, nh)?;
+        let k = self.heads(self.project(layer, "self_attn.k_proj.weight", x)?, nkv)?;
+        let v = self.heads(self.project(layer, "self_attn.v_proj.weight", x)?, nkv)?;
+        Ok((q, k, v))
+    }
+
+    fn rope(&mut self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.model.apply_rope(&q, &self.cos, &self.sin)?,
+            self.model.apply_rope(&k, &self.cos, &self.sin)?,
+        ))
+    }
+
+    fn attend(&mut self, _layer: usize, q: Tensor, k: Tensor, v: Tensor) -> Result<Tensor> {
+        let c = &self.model.config;
+        let attn = match &self.dist {
+            None => ring_attention(&q, &k, &v, &self.masking, self.model.sp)?,
+            Some(comm) => shard_attention(&q, &k, &v, &self.masking, comm)?,
+        };
+        Ok(attn.reshape((self.batch, self.len, c.num_attention_heads * c.head_dim))?)
+    }
+
+    fn out_proj(&mut self, layer: usize, attn: &Tensor) -> Result<Tensor> {
+        self.project(layer, "self_attn.o_proj.weight", attn)
+    }
+
+    fn gate_up(&mut self, layer: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.project(layer, "mlp.gate_proj.weight", x)?,
+            self.project(layer, "mlp.up_proj.weight", x)?,
+        ))
+    }
+
+    fn swiglu(&mut self, gate: Tensor, up: Tensor) -> Result<Tensor> {
+        Ok((gate.silu()? * up)?)
+    }
+
+    fn down(&mut self, layer: usize, act: &Tensor) -> Result<Tensor> {
+        self.project(layer, "mlp.down_proj.weight", act)
+    }
+
+    fn residual(&mut self, x: Tensor, y: Tensor) -> Result<Tensor> {
+        Ok((x + y)?)
+    }
+
+    fn is_empty(&self, x: &Tensor) -> bool {
+        x.elem_count() == 0
+    }
+
+    /// The tape keeps every activation for the backward anyway: one block.
+    fn per_token_blocks(&mut self, x: Tensor, block: &mut RowBlock<'_, Self>) -> Result<Tensor> {
+        block(self, x)
     }
 }
 

@@ -157,14 +157,7 @@ impl Client {
             match *e {
                 PullEvent::Start { label, total, from } => {
                     *st = (total, total.map(|t| from * 10 / t.max(1)).unwrap_or(0));
-                    let size = total
-                        .map(|t| format!(" ({})", human_bytes(t)))
-                        .unwrap_or_default();
-                    if from > 0 {
-                        eprintln!("resuming {label}{size} at {}", human_bytes(from));
-                    } else {
-                        eprintln!("downloading {label}{size}");
-                    }
+                    eprintln!("{}", start_line(label, total, from));
                 }
                 PullEvent::Progress { label, done } => {
                     if let Some(t) = st.0.filter(|&t| t > 0) {
@@ -700,6 +693,19 @@ pub fn encode_path(p: &str) -> String {
         }
     }
     s
+}
+
+/// "downloading LABEL (SIZE)" or "resuming LABEL (SIZE) at BYTES": a transfer's first line
+/// where no progress bar is drawn.
+pub fn start_line(label: &str, total: Option<u64>, from: u64) -> String {
+    let size = total
+        .map(|t| format!(" ({})", human_bytes(t)))
+        .unwrap_or_default();
+    if from > 0 {
+        format!("resuming {label}{size} at {}", human_bytes(from))
+    } else {
+        format!("downloading {label}{size}")
+    }
 }
 
 /// `1.5 GiB`, `94 MiB`, `812 B`.

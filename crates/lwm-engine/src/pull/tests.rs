@@ -40,6 +40,52 @@ fn blob(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// `data` served at `/f.bin` (with `fault`), and a fresh folder to download it into.
+struct Served {
+    server: TestServer,
+    data: Vec<u8>,
+    dir: PathBuf,
+    dest: PathBuf,
+    url: String,
+    sha: String,
+}
+
+fn served(name: &str, data: Vec<u8>, fault: Fault) -> Served {
+    let server = TestServer::start();
+    server.route(
+        "/f.bin",
+        Route {
+            status: 200,
+            body: data.clone(),
+            fault,
+            ..Default::default()
+        },
+    );
+    let dir = temp(name);
+    Served {
+        url: format!("{}/f.bin", server.url),
+        sha: sha256_hex(&data),
+        dest: dir.join("f.bin"),
+        dir,
+        data,
+        server,
+    }
+}
+
+impl Served {
+    /// A download of the whole file, checked by its size and sha256.
+    fn download(&self) -> Download<'_> {
+        Download {
+            url: &self.url,
+            dest: &self.dest,
+            partial: None,
+            size: Some(self.data.len() as u64),
+            sha256: Some(&self.sha),
+            label: "f.bin",
+        }
+    }
+}
+
 fn hub_cfg(server: &TestServer, cache: &Path) -> HubConfig {
     HubConfig {
         endpoint: server.url.clone(),
@@ -172,34 +218,12 @@ fn pull_download_of_one_file_by_several_at_once_is_serialized() {
 
 #[test]
 fn pull_download_restarts_when_the_server_ignores_range() {
-    let server = TestServer::start();
-    let data = blob(50_000, 2);
-    server.route(
-        "/f.bin",
-        Route {
-            status: 200,
-            body: data.clone(),
-            fault: Fault::IgnoreRange,
-            ..Default::default()
-        },
-    );
-    let dir = temp("norange");
-    let dest = dir.join("f.bin");
-    std::fs::write(dir.join("f.bin.part"), &data[..20_000]).unwrap();
-    let url = format!("{}/f.bin", server.url);
-    let sha = sha256_hex(&data);
+    let f = served("norange", blob(50_000, 2), Fault::IgnoreRange);
+    std::fs::write(f.dir.join("f.bin.part"), &f.data[..20_000]).unwrap();
     let (c, notes) = client(0);
-    c.download(&Download {
-        url: &url,
-        dest: &dest,
-        partial: None,
-        size: Some(data.len() as u64),
-        sha256: Some(&sha),
-        label: "f.bin",
-    })
-    .unwrap();
-    assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert!(server.requests_for("/f.bin")[0]
+    c.download(&f.download()).unwrap();
+    assert_eq!(std::fs::read(&f.dest).unwrap(), f.data);
+    assert!(f.server.requests_for("/f.bin")[0]
         .headers
         .contains_key("range"));
     assert!(notes
@@ -207,69 +231,41 @@ fn pull_download_restarts_when_the_server_ignores_range() {
         .unwrap()
         .iter()
         .any(|n| n.contains("starting over")));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&f.dir);
 }
 
 #[test]
 fn pull_download_rejects_a_corrupt_file_by_checksum_and_size() {
-    let server = TestServer::start();
-    let data = blob(40_000, 3);
-    server.route(
-        "/f.bin",
-        Route {
-            status: 200,
-            body: data.clone(),
-            fault: Fault::Corrupt,
-            ..Default::default()
-        },
-    );
-    let dir = temp("corrupt");
-    let dest = dir.join("f.bin");
-    let url = format!("{}/f.bin", server.url);
-    let sha = sha256_hex(&data);
+    let f = served("corrupt", blob(40_000, 3), Fault::Corrupt);
     let (c, _) = client(0);
-    let d = Download {
-        url: &url,
-        dest: &dest,
-        partial: None,
-        size: Some(data.len() as u64),
-        sha256: Some(&sha),
-        label: "f.bin",
-    };
+    let d = f.download();
     let err = c.download(&d).unwrap_err().to_string();
-    let mut bad = data.clone();
-    bad[data.len() / 2] ^= 0xff;
+    let mut bad = f.data.clone();
+    bad[f.data.len() / 2] ^= 0xff;
     assert!(err.contains("checksum mismatch"), "{err}");
     assert!(
-        err.contains(&sha) && err.contains(&sha256_hex(&bad)),
+        err.contains(&f.sha) && err.contains(&sha256_hex(&bad)),
         "{err}"
     );
-    assert!(err.contains(&url), "{err}");
-    assert!(!dest.exists() && !d.partial_path().exists());
+    assert!(err.contains(&f.url), "{err}");
+    assert!(!f.dest.exists() && !d.partial_path().exists());
     // A size that differs from the expected one.
-    server.set_fault("/f.bin", Fault::None);
-    let err = c
-        .download(&Download {
-            size: Some(1000),
-            ..d.clone()
-        })
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("size mismatch"), "{err}");
-    assert!(!dest.exists() && !d.partial_path().exists());
-    let err = c
-        .download(&Download {
-            size: Some(50_000),
-            ..d.clone()
-        })
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("size mismatch") && err.contains("50000"),
-        "{err}"
-    );
-    assert!(!dest.exists() && !d.partial_path().exists());
-    let _ = std::fs::remove_dir_all(&dir);
+    f.server.set_fault("/f.bin", Fault::None);
+    for (size, needle) in [(1000, "size mismatch"), (50_000, "50000")] {
+        let err = c
+            .download(&Download {
+                size: Some(size),
+                ..d.clone()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("size mismatch") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!f.dest.exists() && !d.partial_path().exists());
+    }
+    let _ = std::fs::remove_dir_all(&f.dir);
 }
 
 #[test]

@@ -248,7 +248,7 @@ impl<'m> RingWorker<'m> {
             &runs
         };
         self.shard.add_positions(stored);
-        let mut x = if local.is_empty() {
+        let x = if local.is_empty() {
             Vec::new()
         } else {
             self.model.embed(&local)?
@@ -264,8 +264,9 @@ impl<'m> RingWorker<'m> {
             n_step: n,
             decode_owner: owner_of_last == me,
         };
-        self.model
-            .forward_layers(&mut x, &runs, &mut attention)
+        let x = self
+            .model
+            .forward_layers(x, &runs, &mut attention)
             .with_context(|| format!("positions {pos0}..{}", pos0 + n))?;
         let stored_ids: Vec<u32> = if stored.is_empty() { Vec::new() } else { local };
         self.shard.commit(&stored_ids);
