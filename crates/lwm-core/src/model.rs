@@ -4,8 +4,9 @@
 //! Attention goes through the blockwise primitive (`attention`), the FFN runs over chunks of
 //! `mlp_chunk` tokens, so activation memory is bounded by the chunk sizes, not the prompt.
 //! Activations are plain f32 row-major buffers. Q4_1 and Q8_0 weights run through our own
-//! kernels (`quant`, llama.cpp's activation quantization and summation order); other
-//! quantizations and dense weights go through candle.
+//! kernels (`quant`, llama.cpp's activation quantization and summation order), f16 / bf16
+//! weights stay 2 bytes each and run through `quant::half`; other quantizations and f32
+//! weights go through candle.
 //!
 //! Two numerics (`Numerics`): `Exact` keeps everything in f32 with LWM's RoPE table and the
 //! blockwise attention primitive; `Ggml` reproduces llama.cpp's CPU results on the same GGUF
@@ -17,6 +18,7 @@ use crate::config::ModelConfig;
 pub use crate::kv::PositionRun;
 use crate::kv::{KvCache, KvTypes};
 use crate::quant::ggml_cpu::{self, FaOptions, Isa};
+use crate::quant::half::{matmul_half, HalfMatrix};
 use crate::quant::QMatrix;
 use crate::rope::Rope;
 use crate::weights::{layer_name, Weight, WeightSource};
@@ -89,6 +91,10 @@ pub enum Linear {
     Native(Arc<QMatrix>),
     /// Other GGUF quantizations: candle's kernels.
     Quant(Arc<QTensor>),
+    /// f16 / bf16 weights (GGUF F16/BF16, safetensors, JAX), kept at 2 bytes per weight:
+    /// `quant::half`'s kernels.
+    Half(Arc<HalfMatrix>),
+    /// f32 weights.
     Dense(Tensor),
 }
 
@@ -105,11 +111,19 @@ impl Linear {
             bail!("{origin}: tensor '{name}' has shape {dims:?}, expected [{out_dim}, {in_dim}] for this model config");
         }
         Ok(match w {
-            Weight::Quant(q) => match QMatrix::from_qtensor(&q)? {
-                Some(m) => Linear::Native(Arc::new(m)),
-                None => Linear::Quant(q),
+            Weight::Quant(q) => {
+                if let Some(m) = QMatrix::from_qtensor(&q)? {
+                    Linear::Native(Arc::new(m))
+                } else if let Some(m) = HalfMatrix::from_qtensor(&q)? {
+                    Linear::Half(Arc::new(m))
+                } else {
+                    Linear::Quant(q)
+                }
+            }
+            Weight::Dense(t) => match HalfMatrix::from_tensor(&t)? {
+                Some(m) => Linear::Half(Arc::new(m)),
+                None => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
             },
-            Weight::Dense(t) => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
         })
     }
 
@@ -117,6 +131,7 @@ impl Linear {
         match self {
             Linear::Native(m) => m.rows,
             Linear::Quant(q) => q.shape().dims()[0],
+            Linear::Half(m) => m.rows,
             Linear::Dense(t) => t.dims()[0],
         }
     }
@@ -128,6 +143,13 @@ impl Linear {
                 let mut out = vec![0.0f32; ids.len() * m.cols];
                 for (o, &id) in out.chunks_exact_mut(m.cols).zip(ids) {
                     m.dequantize_row(id as usize, o);
+                }
+                Ok(out)
+            }
+            Linear::Half(m) => {
+                let mut out = vec![0.0f32; ids.len() * m.cols];
+                for (o, &id) in out.chunks_exact_mut(m.cols).zip(ids) {
+                    m.row_to_f32(id as usize, o);
                 }
                 Ok(out)
             }
@@ -147,13 +169,16 @@ impl Linear {
 
     /// x: n rows of `in` features -> n rows of `out` features.
     pub fn forward(&self, x: &[f32], n: usize, opts: &ForwardOptions) -> Result<Vec<f32>> {
-        if let Linear::Native(m) = self {
-            return crate::quant::matmul(m, x, n);
+        match self {
+            Linear::Native(m) => return crate::quant::matmul(m, x, n),
+            // llama.cpp's f16 / bf16 dots take the activations rounded to the weight's type.
+            Linear::Half(m) => return matmul_half(m, x, n, opts.numerics == Numerics::Ggml),
+            _ => {}
         }
         let in_dim = x.len() / n.max(1);
         let xt = Tensor::from_slice(x, (n, in_dim), &Device::Cpu)?;
         let y = match self {
-            Linear::Native(_) => unreachable!("handled above"),
+            Linear::Native(_) | Linear::Half(_) => unreachable!("handled above"),
             Linear::Quant(q) if n < opts.dense_min_rows => xt.apply_op1_no_bwd(q.as_ref())?,
             Linear::Quant(q) => {
                 let w = q.dequantize(&Device::Cpu)?;
@@ -180,6 +205,9 @@ impl Linear {
                     .to_dtype(candle_core::DType::F32)?
                     .contiguous()?,
             ),
+            Linear::Half(m) => {
+                Linear::Dense(Tensor::from_vec(m.to_f32(), (m.rows, m.cols), &Device::Cpu)?)
+            }
             Linear::Dense(t) => Linear::Dense(t.clone()),
         })
     }
@@ -215,6 +243,7 @@ impl Linear {
         match self {
             Linear::Native(m) => m.data.len(),
             Linear::Quant(q) => q.storage_size_in_bytes(),
+            Linear::Half(m) => m.storage_bytes(),
             Linear::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
@@ -383,6 +412,7 @@ impl Model {
         match (&self.embed, &self.lm_head) {
             (Linear::Native(a), Linear::Native(b)) => !Arc::ptr_eq(a, b),
             (Linear::Quant(a), Linear::Quant(b)) => !Arc::ptr_eq(a, b),
+            (Linear::Half(a), Linear::Half(b)) => !Arc::ptr_eq(a, b),
             (Linear::Dense(a), Linear::Dense(b)) => a.id() != b.id(),
             _ => true,
         }
