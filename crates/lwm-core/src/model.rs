@@ -418,6 +418,20 @@ impl Model {
         }
     }
 
+    /// Every weight matrix: the embedding, each layer's seven projections, the head (the
+    /// embedding again when tied), the vision embedding and head when present.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        }
+        v.push(&self.lm_head);
+        if let Some(vp) = &self.vision {
+            v.extend([&vp.embed, &vp.head]);
+        }
+        v
+    }
+
     /// Bytes of weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
         let embed = self.embed.storage_bytes();
@@ -777,13 +791,12 @@ mod tests {
         let opts = ForwardOptions::default();
         for (dtype, tol) in cases {
             let q = QTensor::quantize(&wt, dtype).unwrap();
-            let weight = match dtype {
-                GgmlDType::F16 | GgmlDType::BF16 => {
-                    Weight::Dense(q.dequantize(&Device::Cpu).unwrap())
-                }
-                _ => Weight::Quant(Arc::new(q)),
-            };
+            let weight = Weight::Quant(Arc::new(q));
             let lin = Linear::from_weight(weight, "w", out_dim, in_dim, "test").unwrap();
+            if matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) {
+                assert!(matches!(lin, Linear::Half(_)), "{dtype:?}");
+                assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
+            }
             for n in [1, 40] {
                 let x = rand_vec(n * in_dim, 7 + n as u64);
                 let y = lin.forward(&x, n, &opts).unwrap();
@@ -800,6 +813,34 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// f16 / bf16 candle tensors (safetensors, JAX) become `Linear::Half` at 2 bytes per
+    /// weight; their rows, products and `to_dense` agree with the widened f32 matrix.
+    #[test]
+    fn half_dense_tensors_stay_half() {
+        let (out_dim, in_dim) = (37, 77);
+        let w = Tensor::from_slice(&rand_vec(out_dim * in_dim, 3), (out_dim, in_dim), &Device::Cpu)
+            .unwrap();
+        for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
+            let t = w.to_dtype(dt).unwrap();
+            let lin = Linear::from_weight(Weight::Dense(t.clone()), "w", out_dim, in_dim, "t")
+                .unwrap();
+            assert!(matches!(lin, Linear::Half(_)), "{dt:?}");
+            assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
+            let dense = lin.to_dense().unwrap();
+            assert!(matches!(dense, Linear::Dense(_)));
+            assert_eq!(dense.storage_bytes(), 4 * out_dim * in_dim);
+            assert_eq!(lin.rows(&[0, 36, 5]).unwrap(), dense.rows(&[0, 36, 5]).unwrap());
+            let opts = ForwardOptions::default();
+            for n in [1, 3, 40] {
+                let x = rand_vec(n * in_dim, n as u64);
+                let a = lin.forward(&x, n, &opts).unwrap();
+                let b = dense.forward(&x, n, &opts).unwrap();
+                let d = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4, "{dt:?} n={n}: {d}");
             }
         }
     }

@@ -73,12 +73,18 @@ impl HalfKind {
 }
 
 /// A weight matrix `[rows = out, cols = in]` of f16 or bf16 values, row-major.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HalfMatrix {
     pub kind: HalfKind,
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u16>,
+}
+
+impl std::fmt::Debug for HalfMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HalfMatrix({} [{}, {}])", self.kind.name(), self.rows, self.cols)
+    }
 }
 
 impl HalfMatrix {
