@@ -205,9 +205,11 @@ impl Linear {
                     .to_dtype(candle_core::DType::F32)?
                     .contiguous()?,
             ),
-            Linear::Half(m) => {
-                Linear::Dense(Tensor::from_vec(m.to_f32(), (m.rows, m.cols), &Device::Cpu)?)
-            }
+            Linear::Half(m) => Linear::Dense(Tensor::from_vec(
+                m.to_f32(),
+                (m.rows, m.cols),
+                &Device::Cpu,
+            )?),
             Linear::Dense(t) => Linear::Dense(t.clone()),
         })
     }
@@ -822,24 +824,35 @@ mod tests {
     #[test]
     fn half_dense_tensors_stay_half() {
         let (out_dim, in_dim) = (37, 77);
-        let w = Tensor::from_slice(&rand_vec(out_dim * in_dim, 3), (out_dim, in_dim), &Device::Cpu)
-            .unwrap();
+        let w = Tensor::from_slice(
+            &rand_vec(out_dim * in_dim, 3),
+            (out_dim, in_dim),
+            &Device::Cpu,
+        )
+        .unwrap();
         for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
             let t = w.to_dtype(dt).unwrap();
-            let lin = Linear::from_weight(Weight::Dense(t.clone()), "w", out_dim, in_dim, "t")
-                .unwrap();
+            let lin =
+                Linear::from_weight(Weight::Dense(t.clone()), "w", out_dim, in_dim, "t").unwrap();
             assert!(matches!(lin, Linear::Half(_)), "{dt:?}");
             assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
             let dense = lin.to_dense().unwrap();
             assert!(matches!(dense, Linear::Dense(_)));
             assert_eq!(dense.storage_bytes(), 4 * out_dim * in_dim);
-            assert_eq!(lin.rows(&[0, 36, 5]).unwrap(), dense.rows(&[0, 36, 5]).unwrap());
+            assert_eq!(
+                lin.rows(&[0, 36, 5]).unwrap(),
+                dense.rows(&[0, 36, 5]).unwrap()
+            );
             let opts = ForwardOptions::default();
             for n in [1, 3, 40] {
                 let x = rand_vec(n * in_dim, n as u64);
                 let a = lin.forward(&x, n, &opts).unwrap();
                 let b = dense.forward(&x, n, &opts).unwrap();
-                let d = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
                 assert!(d < 1e-4, "{dt:?} n={n}: {d}");
             }
         }

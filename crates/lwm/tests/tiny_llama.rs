@@ -7,9 +7,9 @@ use common::fixture;
 use lwm::attention::Chunking;
 use lwm::config::RopeLayout;
 use lwm::model::{ForwardOptions, Linear, Model, Numerics};
-use lwm::weights::WeightSource;
 use lwm::weights::gguf::GgufFile;
 use lwm::weights::hf::{load_hf_config, HfWeights};
+use lwm::weights::WeightSource;
 
 fn input_ids() -> Vec<u32> {
     serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/input_ids.json")).unwrap())

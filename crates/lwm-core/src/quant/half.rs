@@ -83,7 +83,13 @@ pub struct HalfMatrix {
 
 impl std::fmt::Debug for HalfMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HalfMatrix({} [{}, {}])", self.kind.name(), self.rows, self.cols)
+        write!(
+            f,
+            "HalfMatrix({} [{}, {}])",
+            self.kind.name(),
+            self.rows,
+            self.cols
+        )
     }
 }
 
@@ -320,11 +326,7 @@ pub fn matmul_half_with(
     if opts.single_thread || threads == 1 || macs < PAR_MIN_MACS {
         run(0, w.rows);
     } else {
-        let chunk = w
-            .rows
-            .div_ceil(threads * 4)
-            .next_multiple_of(RB)
-            .max(RB);
+        let chunk = w.rows.div_ceil(threads * 4).next_multiple_of(RB).max(RB);
         let tasks = w.rows.div_ceil(chunk);
         crate::parallel::for_each(tasks, |t| {
             let r0 = t * chunk;
@@ -780,7 +782,8 @@ mod tests {
                         for a in 0..n {
                             for r in 0..rows {
                                 let xs = &x[a * cols..(a + 1) * cols];
-                                let xs = xs.iter().map(|&v| if round_x { kind.round(v) } else { v });
+                                let xs =
+                                    xs.iter().map(|&v| if round_x { kind.round(v) } else { v });
                                 let terms: Vec<f64> = xs
                                     .zip(&w.data[r * cols..(r + 1) * cols])
                                     .map(|(v, &b)| v as f64 * kind.to_f32(b) as f64)
@@ -832,6 +835,69 @@ mod tests {
             for a in [0, 5, 16] {
                 let one = matmul_half_with(&w, &x[a * 1031..(a + 1) * 1031], 1, &opts).unwrap();
                 assert_eq!(one, all[a * 45..(a + 1) * 45], "{isa:?} row {a}");
+            }
+        }
+    }
+
+    /// Rough speed of the f16 / bf16 kernels next to the f32 dense path they replace
+    /// (candle's matmul on the widened matrix, `Linear::Dense`): a decode mat-vec and a
+    /// 512-row prefill GEMM on LLaMA-7B shapes. Prints GFLOP/s and weight GB/s; asserts
+    /// nothing about time. `cargo test -p lwm-core --lib half_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn half_speed() {
+        use std::time::Instant;
+        let best = |reps: usize, f: &mut dyn FnMut()| {
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        eprintln!(
+            "threads {}, ISA {:?}",
+            candle_core::utils::get_num_threads(),
+            HalfIsa::auto()
+        );
+        for (rows, cols) in [(4096, 4096), (11008, 4096)] {
+            let f16m = matrix(HalfKind::F16, rows, cols, 1);
+            let mut bf = f16m.clone();
+            bf.kind = HalfKind::Bf16;
+            for v in bf.data.iter_mut() {
+                *v = half::bf16::from_f32(HalfKind::F16.to_f32(*v)).to_bits();
+            }
+            let wt =
+                Tensor::from_vec(f16m.to_f32(), (rows, cols), &candle_core::Device::Cpu).unwrap();
+            for n in [1usize, 512] {
+                let x = rand_vec(n * cols, 5);
+                let reps = if n == 1 { 20 } else { 3 };
+                let flop = 2.0 * (rows * cols * n) as f64;
+                let report = |what: &str, t: f64, wbytes: usize| {
+                    eprintln!(
+                        "[{rows}x{cols}] n={n:3} {what:14} {:8.3} ms {:7.1} GFLOP/s {:6.1} GB/s (weights)",
+                        t * 1e3,
+                        flop / t / 1e9,
+                        wbytes as f64 / t / 1e9
+                    );
+                };
+                for (name, m) in [("f16", &f16m), ("bf16", &bf)] {
+                    let t = best(reps, &mut || {
+                        std::hint::black_box(matmul_half(m, &x, n, false).unwrap());
+                    });
+                    report(name, t, m.storage_bytes());
+                }
+                let t = best(reps, &mut || {
+                    std::hint::black_box(matmul_half(&f16m, &x, n, true).unwrap());
+                });
+                report("f16 (ggml x)", t, f16m.storage_bytes());
+                let xt = Tensor::from_slice(&x, (n, cols), &candle_core::Device::Cpu).unwrap();
+                let t = best(reps, &mut || {
+                    let y = xt.matmul(&wt.t().unwrap()).unwrap();
+                    std::hint::black_box(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                });
+                report("f32 candle", t, rows * cols * 4);
             }
         }
     }

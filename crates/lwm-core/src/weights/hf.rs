@@ -455,11 +455,11 @@ impl PthFile {
             tensor.to_dtype(DType::F32)
         })
         .and_then(|t| t.contiguous())
-            .map_err(|e| {
-                anyhow!(
-                    "cannot convert tensor '{name}' from {}: {e}",
-                    self.path.display()
-                )
-            })
+        .map_err(|e| {
+            anyhow!(
+                "cannot convert tensor '{name}' from {}: {e}",
+                self.path.display()
+            )
+        })
     }
 }
