@@ -241,7 +241,7 @@ impl HalfIsa {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct HalfOptions {
     /// `None`: `HalfIsa::auto()`.
     pub isa: Option<HalfIsa>,
@@ -249,16 +249,6 @@ pub struct HalfOptions {
     pub round_x: bool,
     /// Run on the calling thread only.
     pub single_thread: bool,
-}
-
-impl Default for HalfOptions {
-    fn default() -> Self {
-        Self {
-            isa: None,
-            round_x: false,
-            single_thread: false,
-        }
-    }
 }
 
 /// Columns per block (the unit of the accumulation order).
