@@ -4,8 +4,9 @@
 //! Attention goes through the blockwise primitive (`attention`), the FFN runs over chunks of
 //! `mlp_chunk` tokens, so activation memory is bounded by the chunk sizes, not the prompt.
 //! Activations are plain f32 row-major buffers. Q4_1 and Q8_0 weights run through our own
-//! kernels (`quant`, llama.cpp's activation quantization and summation order); other
-//! quantizations and dense weights go through candle.
+//! kernels (`quant`, llama.cpp's activation quantization and summation order), f16 / bf16
+//! weights stay 2 bytes each and run through `quant::half`; other quantizations and f32
+//! weights go through candle.
 //!
 //! Two numerics (`Numerics`): `Exact` keeps everything in f32 with LWM's RoPE table and the
 //! blockwise attention primitive; `Ggml` reproduces llama.cpp's CPU results on the same GGUF
@@ -18,6 +19,7 @@ use crate::decoder::{decoder_layer, DecoderOps, NormSite, RowBlock};
 pub use crate::kv::PositionRun;
 use crate::kv::{KvCache, KvTypes};
 use crate::quant::ggml_cpu::{self, FaOptions, Isa};
+use crate::quant::half::{matmul_half, HalfMatrix};
 use crate::quant::QMatrix;
 use crate::rope::Rope;
 use crate::weights::{layer_name, Weight, WeightSource};
@@ -90,6 +92,10 @@ pub enum Linear {
     Native(Arc<QMatrix>),
     /// Other GGUF quantizations: candle's kernels.
     Quant(Arc<QTensor>),
+    /// f16 / bf16 weights (GGUF F16/BF16, safetensors, JAX), kept at 2 bytes per weight:
+    /// `quant::half`'s kernels.
+    Half(Arc<HalfMatrix>),
+    /// f32 weights.
     Dense(Tensor),
 }
 
@@ -106,11 +112,19 @@ impl Linear {
             bail!("{origin}: tensor '{name}' has shape {dims:?}, expected [{out_dim}, {in_dim}] for this model config");
         }
         Ok(match w {
-            Weight::Quant(q) => match QMatrix::from_qtensor(&q)? {
-                Some(m) => Linear::Native(Arc::new(m)),
-                None => Linear::Quant(q),
+            Weight::Quant(q) => {
+                if let Some(m) = QMatrix::from_qtensor(&q)? {
+                    Linear::Native(Arc::new(m))
+                } else if let Some(m) = HalfMatrix::from_qtensor(&q)? {
+                    Linear::Half(Arc::new(m))
+                } else {
+                    Linear::Quant(q)
+                }
+            }
+            Weight::Dense(t) => match HalfMatrix::from_tensor(&t)? {
+                Some(m) => Linear::Half(Arc::new(m)),
+                None => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
             },
-            Weight::Dense(t) => Linear::Dense(t.to_dtype(candle_core::DType::F32)?.contiguous()?),
         })
     }
 
@@ -118,6 +132,7 @@ impl Linear {
         match self {
             Linear::Native(m) => m.rows,
             Linear::Quant(q) => q.shape().dims()[0],
+            Linear::Half(m) => m.rows,
             Linear::Dense(t) => t.dims()[0],
         }
     }
@@ -129,6 +144,13 @@ impl Linear {
                 let mut out = vec![0.0f32; ids.len() * m.cols];
                 for (o, &id) in out.chunks_exact_mut(m.cols).zip(ids) {
                     m.dequantize_row(id as usize, o);
+                }
+                Ok(out)
+            }
+            Linear::Half(m) => {
+                let mut out = vec![0.0f32; ids.len() * m.cols];
+                for (o, &id) in out.chunks_exact_mut(m.cols).zip(ids) {
+                    m.row_to_f32(id as usize, o);
                 }
                 Ok(out)
             }
@@ -148,13 +170,16 @@ impl Linear {
 
     /// x: n rows of `in` features -> n rows of `out` features.
     pub fn forward(&self, x: &[f32], n: usize, opts: &ForwardOptions) -> Result<Vec<f32>> {
-        if let Linear::Native(m) = self {
-            return crate::quant::matmul(m, x, n);
+        match self {
+            Linear::Native(m) => return crate::quant::matmul(m, x, n),
+            // llama.cpp's f16 / bf16 dots take the activations rounded to the weight's type.
+            Linear::Half(m) => return matmul_half(m, x, n, opts.numerics == Numerics::Ggml),
+            _ => {}
         }
         let in_dim = x.len() / n.max(1);
         let xt = Tensor::from_slice(x, (n, in_dim), &Device::Cpu)?;
         let y = match self {
-            Linear::Native(_) => unreachable!("handled above"),
+            Linear::Native(_) | Linear::Half(_) => unreachable!("handled above"),
             Linear::Quant(q) if n < opts.dense_min_rows => xt.apply_op1_no_bwd(q.as_ref())?,
             Linear::Quant(q) => {
                 let w = q.dequantize(&Device::Cpu)?;
@@ -181,6 +206,11 @@ impl Linear {
                     .to_dtype(candle_core::DType::F32)?
                     .contiguous()?,
             ),
+            Linear::Half(m) => Linear::Dense(Tensor::from_vec(
+                m.to_f32(),
+                (m.rows, m.cols),
+                &Device::Cpu,
+            )?),
             Linear::Dense(t) => Linear::Dense(t.clone()),
         })
     }
@@ -216,6 +246,7 @@ impl Linear {
         match self {
             Linear::Native(m) => m.data.len(),
             Linear::Quant(q) => q.storage_size_in_bytes(),
+            Linear::Half(m) => m.storage_bytes(),
             Linear::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
@@ -384,9 +415,24 @@ impl Model {
         match (&self.embed, &self.lm_head) {
             (Linear::Native(a), Linear::Native(b)) => !Arc::ptr_eq(a, b),
             (Linear::Quant(a), Linear::Quant(b)) => !Arc::ptr_eq(a, b),
+            (Linear::Half(a), Linear::Half(b)) => !Arc::ptr_eq(a, b),
             (Linear::Dense(a), Linear::Dense(b)) => a.id() != b.id(),
             _ => true,
         }
+    }
+
+    /// Every weight matrix: the embedding, each layer's seven projections, the head (the
+    /// embedding again when tied), the vision embedding and head when present.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        }
+        v.push(&self.lm_head);
+        if let Some(vp) = &self.vision {
+            v.extend([&vp.embed, &vp.head]);
+        }
+        v
     }
 
     /// Bytes of weights as held in memory.
@@ -818,13 +864,12 @@ mod tests {
         let opts = ForwardOptions::default();
         for (dtype, tol) in cases {
             let q = QTensor::quantize(&wt, dtype).unwrap();
-            let weight = match dtype {
-                GgmlDType::F16 | GgmlDType::BF16 => {
-                    Weight::Dense(q.dequantize(&Device::Cpu).unwrap())
-                }
-                _ => Weight::Quant(Arc::new(q)),
-            };
+            let weight = Weight::Quant(Arc::new(q));
             let lin = Linear::from_weight(weight, "w", out_dim, in_dim, "test").unwrap();
+            if matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) {
+                assert!(matches!(lin, Linear::Half(_)), "{dtype:?}");
+                assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
+            }
             for n in [1, 40] {
                 let x = rand_vec(n * in_dim, 7 + n as u64);
                 let y = lin.forward(&x, n, &opts).unwrap();
@@ -841,6 +886,45 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// f16 / bf16 candle tensors (safetensors, JAX) become `Linear::Half` at 2 bytes per
+    /// weight; their rows, products and `to_dense` agree with the widened f32 matrix.
+    #[test]
+    fn half_dense_tensors_stay_half() {
+        let (out_dim, in_dim) = (37, 77);
+        let w = Tensor::from_slice(
+            &rand_vec(out_dim * in_dim, 3),
+            (out_dim, in_dim),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dt in [candle_core::DType::F16, candle_core::DType::BF16] {
+            let t = w.to_dtype(dt).unwrap();
+            let lin =
+                Linear::from_weight(Weight::Dense(t.clone()), "w", out_dim, in_dim, "t").unwrap();
+            assert!(matches!(lin, Linear::Half(_)), "{dt:?}");
+            assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
+            let dense = lin.to_dense().unwrap();
+            assert!(matches!(dense, Linear::Dense(_)));
+            assert_eq!(dense.storage_bytes(), 4 * out_dim * in_dim);
+            assert_eq!(
+                lin.rows(&[0, 36, 5]).unwrap(),
+                dense.rows(&[0, 36, 5]).unwrap()
+            );
+            let opts = ForwardOptions::default();
+            for n in [1, 3, 40] {
+                let x = rand_vec(n * in_dim, n as u64);
+                let a = lin.forward(&x, n, &opts).unwrap();
+                let b = dense.forward(&x, n, &opts).unwrap();
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-4, "{dt:?} n={n}: {d}");
             }
         }
     }

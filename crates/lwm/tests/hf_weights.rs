@@ -110,17 +110,22 @@ const EMB: [f32; 12] = [
 ];
 const NORM: [f32; 4] = [1.0, 0.5, -0.25, 2.0];
 
+/// The tensor widened to f32 (HF weights load dense, in the file's float type).
 fn dense(w: Weight) -> candle_core::Tensor {
     match w {
-        Weight::Dense(t) => t,
+        Weight::Dense(t) => t.to_dtype(DType::F32).unwrap(),
         Weight::Quant(_) => panic!("HF weights must load dense"),
     }
 }
 
+/// Shape, stored dtype and values (widened to f32).
 fn values(w: Weight) -> (Vec<usize>, DType, Vec<f32>) {
+    let dtype = match &w {
+        Weight::Dense(t) => t.dtype(),
+        Weight::Quant(_) => panic!("HF weights must load dense"),
+    };
     let t = dense(w);
     let dims = t.dims().to_vec();
-    let dtype = t.dtype();
     (
         dims,
         dtype,
@@ -155,7 +160,7 @@ fn basic_model(dir: &Path) {
 // ------------------------------------------------------------------------------- good paths
 
 #[test]
-fn single_safetensors_loads_f32_f16_bf16_as_dense_f32() {
+fn single_safetensors_loads_f32_f16_bf16_dense_in_their_own_type() {
     let dir = temp_dir("single");
     let _c = Cleanup(dir.clone());
     basic_model(&dir);
@@ -178,12 +183,12 @@ fn single_safetensors_loads_f32_f16_bf16_as_dense_f32() {
     assert_eq!((dims, dtype), (vec![3, 4], DType::F32));
     assert_eq!(v, EMB);
     let (dims, dtype, v) = values(w.load("model.norm.weight").unwrap());
-    assert_eq!((dims, dtype), (vec![4], DType::F32));
+    assert_eq!((dims, dtype), (vec![4], DType::F16));
     assert_eq!(v, NORM); // exactly representable in f16
     let (dims, dtype, v) = values(w.load("lm_head.weight").unwrap());
-    assert_eq!((dims, dtype), (vec![3, 4], DType::F32));
+    assert_eq!((dims, dtype), (vec![3, 4], DType::BF16));
     assert_eq!(v, EMB); // exactly representable in bf16
-    assert_eq!(w.load("lm_head.weight").unwrap().type_name(), "F32");
+    assert_eq!(w.load("lm_head.weight").unwrap().type_name(), "BF16");
 }
 
 #[test]
@@ -243,7 +248,7 @@ fn sharded_safetensors_follow_the_index() {
     );
     assert_eq!(values(w.load("model.norm.weight").unwrap()).2, NORM);
     let (dims, dtype, v) = values(w.load("lm_head.weight").unwrap());
-    assert_eq!((dims, dtype, v), (vec![3, 4], DType::F32, EMB.to_vec()));
+    assert_eq!((dims, dtype, v), (vec![3, 4], DType::F16, EMB.to_vec()));
 }
 
 // --- PyTorch zip pickles, assembled by hand (protocol 2, as torch.save writes state dicts)

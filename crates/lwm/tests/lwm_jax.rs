@@ -141,6 +141,14 @@ fn theta_50m_matches_jax_logits_and_greedy_tokens() {
 #[test]
 fn bf16_checkpoint_matches_jax_logits_from_the_same_file() {
     let (model, _) = load("params_scanned_bf16.msgpack", 1e4);
+    // The bf16 matrices stay bf16: `Linear::Half`, 2 bytes per weight.
+    for l in model.linears() {
+        let lwm::model::Linear::Half(m) = l else {
+            panic!("not half: {l:?}")
+        };
+        assert_eq!(m.kind, lwm::quant::half::HalfKind::Bf16);
+        assert_eq!(l.storage_bytes(), 2 * m.rows * m.cols);
+    }
     let ids = input_ids();
     let logits = model.forward(&ids, &mut model.new_cache(), true).unwrap();
     let d = max_diff(&logits, &npy("text/logits_bf16params.npy"));

@@ -17,6 +17,7 @@
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.
 
 pub mod ggml_cpu;
+pub mod half;
 pub mod interleave;
 pub mod matmul;
 pub mod q4_1;
@@ -256,7 +257,7 @@ pub fn has_avx512_vnni() -> bool {
 /// IEEE half bits -> f32 (exact).
 #[inline]
 pub(crate) fn f16_bits_to_f32(b: u16) -> f32 {
-    half::f16::from_bits(b).to_f32()
+    ::half::f16::from_bits(b).to_f32()
 }
 
 /// ggml's `hsum_float_8`: ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)).

@@ -355,10 +355,10 @@ impl WeightSource for GgufFile {
             .content
             .tensor(&mut *file, gguf_name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor '{gguf_name}': {e}", self.path.display()))?;
+        // F16 / BF16 stay as the file's 2-byte values (`Linear::Half` takes their bytes);
+        // `Weight::to_dense` widens them where f32 is wanted.
         Ok(match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Weight::Dense(q.dequantize(&Device::Cpu)?)
-            }
+            GgmlDType::F32 => Weight::Dense(q.dequantize(&Device::Cpu)?),
             _ => Weight::Quant(Arc::new(q)),
         })
     }

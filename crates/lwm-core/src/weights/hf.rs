@@ -395,8 +395,13 @@ impl StFile {
         let dtype =
             float_dtype(&t.dtype).ok_or_else(|| unsupported_dtype(name, &t.dtype, &self.path))?;
         let bytes = &self.mmap[t.start..t.end];
+        // f32 / f16 / bf16 keep the file's type (f16 / bf16 weights stay 2 bytes each in
+        // `Linear::Half`); only f64 is narrowed to f32.
         let tensor = Tensor::from_raw_buffer(bytes, dtype, &t.shape, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| match dtype {
+                DType::F64 => t.to_dtype(DType::F32),
+                _ => Ok(t),
+            })
             .with_context(|| format!("cannot read tensor '{name}' from {}", self.path.display()))?;
         Ok(tensor)
     }
@@ -443,14 +448,18 @@ impl PthFile {
                 )
             })?
             .ok_or_else(|| anyhow!("tensor '{name}' not found in {}", self.path.display()))?;
-        tensor
-            .to_dtype(DType::F32)
-            .and_then(|t| t.contiguous())
-            .map_err(|e| {
-                anyhow!(
-                    "cannot convert tensor '{name}' from {}: {e}",
-                    self.path.display()
-                )
-            })
+        let keep = matches!(tensor.dtype(), DType::F16 | DType::BF16 | DType::F32);
+        (if keep {
+            Ok(tensor)
+        } else {
+            tensor.to_dtype(DType::F32)
+        })
+        .and_then(|t| t.contiguous())
+        .map_err(|e| {
+            anyhow!(
+                "cannot convert tensor '{name}' from {}: {e}",
+                self.path.display()
+            )
+        })
     }
 }

@@ -1,6 +1,7 @@
 //! Weight sources. Every loader maps its file's tensor names to the canonical Hugging Face
 //! LLaMA names (`model.layers.{i}.self_attn.q_proj.weight`, ...) and hands out tensors with
-//! PyTorch's `[out, in]` orientation, quantized (GGUF) or dense (f32).
+//! PyTorch's `[out, in]` orientation, quantized (GGUF, its F16/BF16 included) or dense in
+//! the file's float type (f32, f16 or bf16; `Weight::to_dense` widens to f32).
 
 pub mod digest;
 pub mod gguf;
@@ -13,7 +14,7 @@ use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 use std::sync::Arc;
 
-/// One weight tensor as stored: kept quantized for GGUF, dense f32 otherwise.
+/// One weight tensor as stored: kept quantized for GGUF, dense (f32, f16 or bf16) otherwise.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Quant(Arc<QTensor>),

@@ -1,0 +1,914 @@
+//! Half-precision weight matrices (IEEE f16 or bf16, 2 bytes per weight) and their products
+//! `y (n × rows) = x (n × cols) · Wᵀ` with f32 accumulation.
+//!
+//! The weights stay as their 16-bit patterns (`HalfMatrix::data`, the GGUF / safetensors /
+//! JAX bytes as `u16`); a kernel widens them to f32 as it reads them (f16: `vcvtph2ps`;
+//! bf16: the bits shifted left by 16, which is exact) and multiplies with f32 FMAs.
+//!
+//! Accumulation order of one output element (`y[a][r] = Σ_k x[a][k]·w[r][k]`), the same in
+//! the mat-vec and the tiled GEMM, so a row's result depends on neither `n`, the thread
+//! split nor the tiling (only on the ISA):
+//!
+//! ```text
+//!   y = 0
+//!   for each block of KC = 512 columns, in order:
+//!       acc[l] = Σ_{k ≡ l mod L, k in the block's whole L-chunks} w_k·x_k   (lane l, in k order;
+//!                FMA in the SIMD kernels, mul + add in the portable one)
+//!       s = tree sum of acc (L = 16 on AVX-512: low half + high half first; then for L = 8
+//!           ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)))
+//!       s += w_k·x_k for the block's last cols % L columns (only the last block has them), in order
+//!       y += s
+//! ```
+//!
+//! L is 16 on AVX-512F, 8 on AVX2+FMA+F16C and in the portable code, so the ISAs agree to
+//! float reordering (AVX2 vs portable: FMA vs separate rounding of the products).
+//!
+//! The mat-vec (n < `GEMM_MIN_ROWS`) streams each weight row once per activation row,
+//! widening 4 rows at a time in registers. The GEMM blocks over output rows (`RB`), columns
+//! (`KC`) and activation rows (`NB`): a tile of `RB × KC` weights is widened into an f32
+//! scratch buffer once and reused by every activation row of the block, 4 × 4 outputs per
+//! register tile.
+//!
+//! `Numerics::Ggml` (llama.cpp parity) first rounds the activations to the weight's type,
+//! as `ggml_vec_dot_f16` / `ggml_vec_dot_bf16` take f16 / bf16 operands (`round_x`).
+
+use super::matmul::kernel_cap;
+use super::{has_avx2, Kernel};
+use anyhow::{bail, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
+
+/// The 16-bit float format of a `HalfMatrix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfKind {
+    F16,
+    Bf16,
+}
+
+impl HalfKind {
+    /// The value of a stored bit pattern (exact).
+    #[inline]
+    pub fn to_f32(self, b: u16) -> f32 {
+        match self {
+            HalfKind::F16 => half::f16::from_bits(b).to_f32(),
+            HalfKind::Bf16 => f32::from_bits((b as u32) << 16),
+        }
+    }
+
+    /// `x` rounded to this format (nearest even), as f32.
+    #[inline]
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            HalfKind::F16 => half::f16::from_f32(x).to_f32(),
+            HalfKind::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HalfKind::F16 => "F16",
+            HalfKind::Bf16 => "BF16",
+        }
+    }
+}
+
+/// A weight matrix `[rows = out, cols = in]` of f16 or bf16 values, row-major.
+#[derive(Clone)]
+pub struct HalfMatrix {
+    pub kind: HalfKind,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<u16>,
+}
+
+impl std::fmt::Debug for HalfMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HalfMatrix({} [{}, {}])",
+            self.kind.name(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+impl HalfMatrix {
+    pub fn new(kind: HalfKind, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self> {
+        if data.len() != rows * cols {
+            bail!(
+                "{} matrix [{rows}, {cols}] needs {} values, got {}",
+                kind.name(),
+                rows * cols,
+                data.len()
+            );
+        }
+        Ok(Self {
+            kind,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// `Some` for 2-D GGUF F16 / BF16 tensors (their bytes, copied once), `None` otherwise.
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let kind = match q.dtype() {
+            GgmlDType::F16 => HalfKind::F16,
+            GgmlDType::BF16 => HalfKind::Bf16,
+            _ => return Ok(None),
+        };
+        let dims = q.shape().dims();
+        if dims.len() != 2 {
+            return Ok(None);
+        }
+        let bytes = q.data()?;
+        let data = bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        Ok(Some(Self::new(kind, dims[0], dims[1], data)?))
+    }
+
+    /// `Some` for 2-D candle tensors of dtype F16 / BF16 (their values, never widened),
+    /// `None` for other dtypes.
+    pub fn from_tensor(t: &Tensor) -> Result<Option<Self>> {
+        let dims = t.dims();
+        if dims.len() != 2 {
+            return Ok(None);
+        }
+        let flat = t.flatten_all()?;
+        // `into_iter().map().collect()` into a type of the same layout reuses the buffer.
+        let (kind, data): (HalfKind, Vec<u16>) = match t.dtype() {
+            DType::F16 => (
+                HalfKind::F16,
+                flat.to_vec1::<half::f16>()?
+                    .into_iter()
+                    .map(|h| h.to_bits())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                HalfKind::Bf16,
+                flat.to_vec1::<half::bf16>()?
+                    .into_iter()
+                    .map(|h| h.to_bits())
+                    .collect(),
+            ),
+            _ => return Ok(None),
+        };
+        Ok(Some(Self::new(kind, dims[0], dims[1], data)?))
+    }
+
+    /// Bytes the weights occupy (2 per weight).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// Row `r` widened to f32 (exact).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let row = &self.data[r * self.cols..(r + 1) * self.cols];
+        for (o, &b) in out.iter_mut().zip(row) {
+            *o = self.kind.to_f32(b);
+        }
+    }
+
+    /// The whole matrix widened to f32 (`--dequantize`).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let k = self.kind;
+        self.data.iter().map(|&b| k.to_f32(b)).collect()
+    }
+}
+
+/// Instruction sets of the half kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfIsa {
+    /// Portable scalar code (8 lane sums, separate multiply and add).
+    Scalar,
+    /// AVX2 + FMA + F16C, 8 lanes.
+    Avx2,
+    /// AVX-512F, 16 lanes.
+    Avx512,
+}
+
+/// AVX-512F present (checked once).
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl HalfIsa {
+    /// Every ISA this CPU runs (for comparisons).
+    pub fn available() -> Vec<HalfIsa> {
+        let mut v = vec![HalfIsa::Scalar];
+        if has_avx2() {
+            v.push(HalfIsa::Avx2);
+        }
+        if has_avx512f() {
+            v.push(HalfIsa::Avx512);
+        }
+        v
+    }
+
+    /// The fastest this CPU has, capped by `LWM_KERNEL` (`scalar`, `avx2`).
+    pub fn auto() -> HalfIsa {
+        match kernel_cap() {
+            Kernel::Scalar => HalfIsa::Scalar,
+            Kernel::Avx2 if has_avx2() => HalfIsa::Avx2,
+            _ if has_avx512f() => HalfIsa::Avx512,
+            _ if has_avx2() => HalfIsa::Avx2,
+            _ => HalfIsa::Scalar,
+        }
+    }
+
+    fn check(self) -> Result<()> {
+        match self {
+            HalfIsa::Avx2 if !has_avx2() => {
+                bail!("half matmul: AVX2 kernel requested but this CPU lacks AVX2/FMA/F16C")
+            }
+            HalfIsa::Avx512 if !has_avx512f() => {
+                bail!("half matmul: AVX-512 kernel requested but this CPU lacks AVX-512F")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HalfOptions {
+    /// `None`: `HalfIsa::auto()`.
+    pub isa: Option<HalfIsa>,
+    /// Round the activations to the weight's format first (llama.cpp's f16 / bf16 dots).
+    pub round_x: bool,
+    /// Run on the calling thread only.
+    pub single_thread: bool,
+}
+
+/// Columns per block (the unit of the accumulation order).
+pub const KC: usize = 512;
+/// Weight rows per widened scratch tile.
+const RB: usize = 8;
+/// Activation rows per GEMM block (their KC-column slice stays in L2: 128 KB).
+const NB: usize = 64;
+/// Activation rows from which the tiled GEMM runs instead of the mat-vec.
+pub const GEMM_MIN_ROWS: usize = 4;
+/// Multiply-adds below which one thread is faster than waking the pool.
+const PAR_MIN_MACS: usize = 1 << 17;
+
+/// `y = x · Wᵀ` for n rows of `x` (n × w.cols, row-major); returns n × w.rows.
+pub fn matmul_half(w: &HalfMatrix, x: &[f32], n: usize, round_x: bool) -> Result<Vec<f32>> {
+    matmul_half_with(
+        w,
+        x,
+        n,
+        &HalfOptions {
+            round_x,
+            ..Default::default()
+        },
+    )
+}
+
+pub fn matmul_half_with(
+    w: &HalfMatrix,
+    x: &[f32],
+    n: usize,
+    opts: &HalfOptions,
+) -> Result<Vec<f32>> {
+    if x.len() != n * w.cols {
+        bail!(
+            "half matmul: activations have {} values, expected {n} rows × {} columns",
+            x.len(),
+            w.cols
+        );
+    }
+    let isa = opts.isa.unwrap_or_else(HalfIsa::auto);
+    isa.check()?;
+    let mut y = vec![0.0f32; n * w.rows];
+    if n == 0 || w.rows == 0 {
+        return Ok(y);
+    }
+    let rounded;
+    let x = if opts.round_x {
+        rounded = x.iter().map(|&v| w.kind.round(v)).collect::<Vec<f32>>();
+        &rounded[..]
+    } else {
+        x
+    };
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let macs = w.rows * w.cols * n;
+    let yp = y.as_mut_ptr() as usize;
+    let run = |r0: usize, nr: usize| {
+        // SAFETY: every task writes only columns r0..r0+nr of y's rows (disjoint between
+        // tasks), and y outlives the parallel region.
+        let out = OutPtr {
+            p: yp as *mut f32,
+            stride: w.rows,
+        };
+        unsafe { rows_task(isa, w, x, n, r0, nr, out) };
+    };
+    if opts.single_thread || threads == 1 || macs < PAR_MIN_MACS {
+        run(0, w.rows);
+    } else {
+        let chunk = w.rows.div_ceil(threads * 4).next_multiple_of(RB).max(RB);
+        let tasks = w.rows.div_ceil(chunk);
+        crate::parallel::for_each(tasks, |t| {
+            let r0 = t * chunk;
+            run(r0, chunk.min(w.rows - r0));
+        });
+    }
+    Ok(y)
+}
+
+/// Where outputs go: `y[a][r]` at `p + a·stride + r`.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    p: *mut f32,
+    stride: usize,
+}
+
+impl OutPtr {
+    /// SAFETY: (a, r) inside the output, and no other thread writes it.
+    #[inline(always)]
+    unsafe fn add(self, a: usize, r: usize, v: f32) {
+        *self.p.add(a * self.stride + r) += v;
+    }
+}
+
+/// Outputs of weight rows r0..r0+nr for all n activation rows.
+///
+/// SAFETY: `isa` is available; `out` as `OutPtr::add` requires for those rows.
+unsafe fn rows_task(
+    isa: HalfIsa,
+    w: &HalfMatrix,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    nr: usize,
+    out: OutPtr,
+) {
+    let bf = w.kind == HalfKind::Bf16;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        HalfIsa::Avx512 => {
+            if bf {
+                simd::run_avx512::<true>(w, x, n, r0, nr, out)
+            } else {
+                simd::run_avx512::<false>(w, x, n, r0, nr, out)
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        HalfIsa::Avx2 => {
+            if bf {
+                simd::run_avx2::<true>(w, x, n, r0, nr, out)
+            } else {
+                simd::run_avx2::<false>(w, x, n, r0, nr, out)
+            }
+        }
+        _ => scalar_task(w, x, n, r0, nr, out),
+    }
+}
+
+/// The portable kernel: every output by itself, in the order of the module comment (L = 8).
+///
+/// SAFETY: as `rows_task`.
+unsafe fn scalar_task(w: &HalfMatrix, x: &[f32], n: usize, r0: usize, nr: usize, out: OutPtr) {
+    let (cols, kind) = (w.cols, w.kind);
+    for a in 0..n {
+        let xr = &x[a * cols..(a + 1) * cols];
+        for r in r0..r0 + nr {
+            let wr = &w.data[r * cols..(r + 1) * cols];
+            let mut y = 0.0f32;
+            for k0 in (0..cols).step_by(KC) {
+                let kc = KC.min(cols - k0);
+                let full = kc / 8 * 8;
+                let mut acc = [0.0f32; 8];
+                for k in (0..full).step_by(8) {
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        *a += kind.to_f32(wr[k0 + k + l]) * xr[k0 + k + l];
+                    }
+                }
+                let mut s = super::hsum8(&acc);
+                for k in k0 + full..k0 + kc {
+                    s += kind.to_f32(wr[k]) * xr[k];
+                }
+                y += s;
+            }
+            out.add(a, r, y);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{HalfMatrix, OutPtr, GEMM_MIN_ROWS, KC, NB, RB};
+    use std::arch::x86_64::*;
+
+    /// One vector width's operations (`BF`: the weights are bf16, else f16).
+    pub(super) trait Vec32: Copy {
+        const L: usize;
+        unsafe fn zero() -> Self;
+        /// L weights at `p`, widened.
+        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn store(self, p: *mut f32);
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+        /// The tree sum of the module comment.
+        unsafe fn hsum(self) -> f32;
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct V8(__m256);
+    #[derive(Clone, Copy)]
+    pub(super) struct V16(__m512);
+
+    impl Vec32 for V8 {
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            V8(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            if BF {
+                V8(_mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(h),
+                    16,
+                )))
+            } else {
+                V8(_mm256_cvtph_ps(h))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            V8(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            V8(_mm256_fmadd_ps(a.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn hsum(self) -> f32 {
+            super::super::q8_0::avx2::hsum(self.0)
+        }
+    }
+
+    impl Vec32 for V16 {
+        const L: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            V16(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            if BF {
+                V16(_mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(h),
+                    16,
+                )))
+            } else {
+                V16(_mm512_cvtph_ps(h))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            V16(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            V16(_mm512_fmadd_ps(a.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn hsum(self) -> f32 {
+            let lo = _mm512_castps512_ps256(self.0);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(self.0), 1));
+            super::super::q8_0::avx2::hsum(_mm256_add_ps(lo, hi))
+        }
+    }
+
+    #[inline(always)]
+    fn to_f32<const BF: bool>(b: u16) -> f32 {
+        if BF {
+            f32::from_bits((b as u32) << 16)
+        } else {
+            half::f16::from_bits(b).to_f32()
+        }
+    }
+
+    /// SAFETY: AVX-512F available; `out` as `rows_task` requires.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn run_avx512<const BF: bool>(
+        w: &HalfMatrix,
+        x: &[f32],
+        n: usize,
+        r0: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
+        run::<V16, BF>(w, x, n, r0, nr, out)
+    }
+
+    /// SAFETY: AVX2/FMA/F16C available; `out` as `rows_task` requires.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn run_avx2<const BF: bool>(
+        w: &HalfMatrix,
+        x: &[f32],
+        n: usize,
+        r0: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
+        run::<V8, BF>(w, x, n, r0, nr, out)
+    }
+
+    #[inline(always)]
+    unsafe fn run<V: Vec32, const BF: bool>(
+        w: &HalfMatrix,
+        x: &[f32],
+        n: usize,
+        r0: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
+        if n < GEMM_MIN_ROWS {
+            for a in 0..n {
+                matvec::<V, BF>(w, &x[a * w.cols..(a + 1) * w.cols], a, r0, nr, out);
+            }
+        } else {
+            gemm::<V, BF>(w, x, n, r0, nr, out);
+        }
+    }
+
+    /// One activation row against weight rows r0..r0+nr, widening in registers, 4 rows at
+    /// a time (4 independent FMA chains sharing each activation load).
+    #[inline(always)]
+    unsafe fn matvec<V: Vec32, const BF: bool>(
+        w: &HalfMatrix,
+        x: &[f32],
+        a: usize,
+        r0: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
+        let mut r = r0;
+        while r + 4 <= r0 + nr {
+            let y = rows_dot::<V, BF, 4>(w, x, r);
+            for (i, v) in y.iter().enumerate() {
+                out.add(a, r + i, *v);
+            }
+            r += 4;
+        }
+        while r < r0 + nr {
+            out.add(a, r, rows_dot::<V, BF, 1>(w, x, r)[0]);
+            r += 1;
+        }
+    }
+
+    /// Rows r..r+WR of w dotted with x, in the module's order.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn rows_dot<V: Vec32, const BF: bool, const WR: usize>(
+        w: &HalfMatrix,
+        x: &[f32],
+        r: usize,
+    ) -> [f32; WR] {
+        let cols = w.cols;
+        let wp = w.data.as_ptr().add(r * cols);
+        let xp = x.as_ptr();
+        let mut y = [0.0f32; WR];
+        for k0 in (0..cols).step_by(KC) {
+            let kc = KC.min(cols - k0);
+            let full = kc / V::L * V::L;
+            let mut acc = [V::zero(); WR];
+            let mut k = k0;
+            while k < k0 + full {
+                let xv = V::load(xp.add(k));
+                for i in 0..WR {
+                    acc[i] = V::fma(V::load_w::<BF>(wp.add(i * cols + k)), xv, acc[i]);
+                }
+                k += V::L;
+            }
+            for i in 0..WR {
+                let mut s = acc[i].hsum();
+                for k in k0 + full..k0 + kc {
+                    s += to_f32::<BF>(*wp.add(i * cols + k)) * *xp.add(k);
+                }
+                y[i] += s;
+            }
+        }
+        y
+    }
+
+    /// The tiled GEMM: for each block of NB activation rows and KC columns, widen RB weight
+    /// rows × KC columns into `scratch` once, then run 4 × 4 register tiles of
+    /// (weight rows × activation rows) over it.
+    #[inline(always)]
+    unsafe fn gemm<V: Vec32, const BF: bool>(
+        w: &HalfMatrix,
+        x: &[f32],
+        n: usize,
+        r0: usize,
+        nr: usize,
+        out: OutPtr,
+    ) {
+        let cols = w.cols;
+        let mut scratch = vec![0.0f32; RB * KC];
+        let sp = scratch.as_mut_ptr();
+        for a0 in (0..n).step_by(NB) {
+            let na = NB.min(n - a0);
+            for k0 in (0..cols).step_by(KC) {
+                let kc = KC.min(cols - k0);
+                let full = kc / V::L * V::L;
+                for rb0 in (r0..r0 + nr).step_by(RB) {
+                    let rb = RB.min(r0 + nr - rb0);
+                    // Widen the tile (whole L-chunks by vector, the tail by scalar).
+                    for i in 0..rb {
+                        let src = w.data.as_ptr().add((rb0 + i) * cols + k0);
+                        let dst = sp.add(i * KC);
+                        let mut k = 0;
+                        while k < full {
+                            V::load_w::<BF>(src.add(k)).store(dst.add(k));
+                            k += V::L;
+                        }
+                        for k in full..kc {
+                            *dst.add(k) = to_f32::<BF>(*src.add(k));
+                        }
+                    }
+                    let tile = Tile {
+                        s: sp,
+                        x: x.as_ptr().add(k0),
+                        cols,
+                        full,
+                        kc,
+                        out,
+                    };
+                    let mut i = 0;
+                    while i < rb {
+                        let wr = if i + 4 <= rb { 4 } else { 1 };
+                        let mut a = a0;
+                        while a < a0 + na {
+                            let ar = if a + 4 <= a0 + na { 4 } else { 1 };
+                            match (wr, ar) {
+                                (4, 4) => tile.run::<V, 4, 4>(i, rb0 + i, a),
+                                (4, _) => tile.run::<V, 4, 1>(i, rb0 + i, a),
+                                (_, 4) => tile.run::<V, 1, 4>(i, rb0 + i, a),
+                                _ => tile.run::<V, 1, 1>(i, rb0 + i, a),
+                            }
+                            a += ar;
+                        }
+                        i += wr;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One widened scratch tile (rows KC apart) and the activations' current column block.
+    struct Tile {
+        s: *const f32,
+        /// x at column k0 of row 0 (rows `cols` apart).
+        x: *const f32,
+        cols: usize,
+        full: usize,
+        kc: usize,
+        out: OutPtr,
+    }
+
+    impl Tile {
+        /// Scratch rows i..i+WR (weight rows r..r+WR) × activation rows a..a+AR: adds this
+        /// block's sums to the outputs.
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn run<V: Vec32, const WR: usize, const AR: usize>(
+            &self,
+            i: usize,
+            r: usize,
+            a: usize,
+        ) {
+            let mut acc = [[V::zero(); AR]; WR];
+            let mut k = 0;
+            while k < self.full {
+                let mut xv = [V::zero(); AR];
+                for j in 0..AR {
+                    xv[j] = V::load(self.x.add((a + j) * self.cols + k));
+                }
+                for ii in 0..WR {
+                    let wv = V::load(self.s.add((i + ii) * KC + k));
+                    for j in 0..AR {
+                        acc[ii][j] = V::fma(wv, xv[j], acc[ii][j]);
+                    }
+                }
+                k += V::L;
+            }
+            for ii in 0..WR {
+                for j in 0..AR {
+                    let mut s = acc[ii][j].hsum();
+                    for k in self.full..self.kc {
+                        s += *self.s.add((i + ii) * KC + k) * *self.x.add((a + j) * self.cols + k);
+                    }
+                    self.out.add(a + j, r + ii, s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        crate::rng::XorShift::new(seed).vec(n, -1.0, 1.0)
+    }
+
+    fn matrix(kind: HalfKind, rows: usize, cols: usize, seed: u64) -> HalfMatrix {
+        let data = rand_vec(rows * cols, seed)
+            .into_iter()
+            .map(|v| match kind {
+                HalfKind::F16 => half::f16::from_f32(v).to_bits(),
+                HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+            })
+            .collect();
+        HalfMatrix::new(kind, rows, cols, data).unwrap()
+    }
+
+    /// Every ISA on this CPU against the portable path, on shapes that are not multiples
+    /// of the vector width or the blocks, for the mat-vec and the GEMM row counts, single
+    /// and multi-threaded, with and without rounding the activations.
+    #[test]
+    fn every_isa_matches_the_portable_kernel_on_odd_shapes() {
+        let isas = HalfIsa::available();
+        eprintln!("half ISAs on this CPU: {isas:?}");
+        for kind in [HalfKind::F16, HalfKind::Bf16] {
+            for (rows, cols) in [(1, 1), (7, 13), (37, 77), (19, 1031), (45, 600)] {
+                let w = matrix(kind, rows, cols, (rows * 31 + cols) as u64);
+                for n in [1, 3, 17, 64, 70] {
+                    let x = rand_vec(n * cols, (n * 7 + cols) as u64);
+                    for round_x in [false, true] {
+                        let opts = |isa, single_thread| HalfOptions {
+                            isa: Some(isa),
+                            round_x,
+                            single_thread,
+                        };
+                        let reference =
+                            matmul_half_with(&w, &x, n, &opts(HalfIsa::Scalar, true)).unwrap();
+                        // And the portable path is x·Wᵀ in f64 within f32 rounding.
+                        for a in 0..n {
+                            for r in 0..rows {
+                                let xs = &x[a * cols..(a + 1) * cols];
+                                let xs =
+                                    xs.iter().map(|&v| if round_x { kind.round(v) } else { v });
+                                let terms: Vec<f64> = xs
+                                    .zip(&w.data[r * cols..(r + 1) * cols])
+                                    .map(|(v, &b)| v as f64 * kind.to_f32(b) as f64)
+                                    .collect();
+                                let exact: f64 = terms.iter().sum();
+                                let scale: f64 = terms.iter().map(|t| t.abs()).sum::<f64>() + 1e-30;
+                                let got = reference[a * rows + r] as f64;
+                                assert!(
+                                    (got - exact).abs() <= 1e-5 * scale,
+                                    "{kind:?} [{rows},{cols}] n={n}: {got} vs {exact}"
+                                );
+                            }
+                        }
+                        for &isa in &isas {
+                            for single in [true, false] {
+                                let y = matmul_half_with(&w, &x, n, &opts(isa, single)).unwrap();
+                                for (i, (g, e)) in y.iter().zip(&reference).enumerate() {
+                                    let (a, r) = (i / rows, i % rows);
+                                    let scale: f32 = x[a * cols..(a + 1) * cols]
+                                        .iter()
+                                        .zip(&w.data[r * cols..(r + 1) * cols])
+                                        .map(|(v, &b)| (v * kind.to_f32(b)).abs())
+                                        .sum();
+                                    assert!(
+                                        (g - e).abs() <= 1e-5 * scale + 1e-30,
+                                        "{isa:?} {kind:?} [{rows},{cols}] n={n} round={round_x} single={single} at {i}: {g} vs {e}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on how many rows are multiplied with it (the mat-vec
+    /// and the GEMM sum in the same order) nor on the thread split.
+    #[test]
+    fn results_do_not_depend_on_the_batch() {
+        let w = matrix(HalfKind::F16, 45, 1031, 3);
+        let x = rand_vec(17 * 1031, 4);
+        for isa in HalfIsa::available() {
+            let opts = HalfOptions {
+                isa: Some(isa),
+                ..Default::default()
+            };
+            let all = matmul_half_with(&w, &x, 17, &opts).unwrap();
+            for a in [0, 5, 16] {
+                let one = matmul_half_with(&w, &x[a * 1031..(a + 1) * 1031], 1, &opts).unwrap();
+                assert_eq!(one, all[a * 45..(a + 1) * 45], "{isa:?} row {a}");
+            }
+        }
+    }
+
+    /// Rough speed of the f16 / bf16 kernels next to the f32 dense path they replace
+    /// (candle's matmul on the widened matrix, `Linear::Dense`): a decode mat-vec and a
+    /// 512-row prefill GEMM on LLaMA-7B shapes. Prints GFLOP/s and weight GB/s; asserts
+    /// nothing about time. `cargo test -p lwm-core --lib half_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn half_speed() {
+        use std::time::Instant;
+        let best = |reps: usize, f: &mut dyn FnMut()| {
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        eprintln!(
+            "threads {}, ISA {:?}",
+            candle_core::utils::get_num_threads(),
+            HalfIsa::auto()
+        );
+        for (rows, cols) in [(4096, 4096), (11008, 4096)] {
+            let f16m = matrix(HalfKind::F16, rows, cols, 1);
+            let mut bf = f16m.clone();
+            bf.kind = HalfKind::Bf16;
+            for v in bf.data.iter_mut() {
+                *v = half::bf16::from_f32(HalfKind::F16.to_f32(*v)).to_bits();
+            }
+            let wt =
+                Tensor::from_vec(f16m.to_f32(), (rows, cols), &candle_core::Device::Cpu).unwrap();
+            for n in [1usize, 512] {
+                let x = rand_vec(n * cols, 5);
+                let reps = if n == 1 { 20 } else { 3 };
+                let flop = 2.0 * (rows * cols * n) as f64;
+                let report = |what: &str, t: f64, wbytes: usize| {
+                    eprintln!(
+                        "[{rows}x{cols}] n={n:3} {what:14} {:8.3} ms {:7.1} GFLOP/s {:6.1} GB/s (weights)",
+                        t * 1e3,
+                        flop / t / 1e9,
+                        wbytes as f64 / t / 1e9
+                    );
+                };
+                for (name, m) in [("f16", &f16m), ("bf16", &bf)] {
+                    let t = best(reps, &mut || {
+                        std::hint::black_box(matmul_half(m, &x, n, false).unwrap());
+                    });
+                    report(name, t, m.storage_bytes());
+                }
+                let t = best(reps, &mut || {
+                    std::hint::black_box(matmul_half(&f16m, &x, n, true).unwrap());
+                });
+                report("f16 (ggml x)", t, f16m.storage_bytes());
+                let xt = Tensor::from_slice(&x, (n, cols), &candle_core::Device::Cpu).unwrap();
+                let t = best(reps, &mut || {
+                    let y = xt.matmul(&wt.t().unwrap()).unwrap();
+                    std::hint::black_box(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                });
+                report("f32 candle", t, rows * cols * 4);
+            }
+        }
+    }
+
+    #[test]
+    fn conversions_are_exact_and_rows_widen_alone() {
+        let w = matrix(HalfKind::Bf16, 3, 5, 9);
+        let mut row = vec![0.0f32; 5];
+        w.row_to_f32(1, &mut row);
+        assert_eq!(row, w.to_f32()[5..10]);
+        assert_eq!(w.storage_bytes(), 30);
+        assert_eq!(HalfKind::Bf16.to_f32(0x3f80), 1.0);
+        assert_eq!(HalfKind::F16.to_f32(0x3c00), 1.0);
+        let t = Tensor::from_vec(
+            vec![half::bf16::from_f32(0.5); 6],
+            (2, 3),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let m = HalfMatrix::from_tensor(&t).unwrap().unwrap();
+        assert_eq!((m.kind, m.rows, m.cols), (HalfKind::Bf16, 2, 3));
+        assert_eq!(m.to_f32(), vec![0.5; 6]);
+    }
+}
