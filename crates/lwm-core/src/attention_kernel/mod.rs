@@ -30,6 +30,7 @@
 //! horizontal sums differs (results agree to ~1e-6 relative).
 
 use crate::attention::partial::{BlockMask, Partial};
+use crate::quant::has_avx512f;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -50,20 +51,6 @@ pub enum AttnIsa {
     Avx2,
     /// 16-lane AVX-512F (head dimension a multiple of 16).
     Avx512,
-}
-
-/// AVX-512F on top of AVX2 (checked once).
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| crate::quant::has_avx2() && is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The kernel `attend_block` uses for head dimension `d` on this CPU: AVX-512 when present

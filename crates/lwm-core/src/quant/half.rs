@@ -33,7 +33,7 @@
 //! as `ggml_vec_dot_f16` / `ggml_vec_dot_bf16` take f16 / bf16 operands (`round_x`).
 
 use super::matmul::kernel_cap;
-use super::{has_avx2, Kernel};
+use super::{has_avx2, has_avx512f, Kernel};
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
@@ -188,20 +188,6 @@ pub enum HalfIsa {
     Avx2,
     /// AVX-512F, 16 lanes.
     Avx512,
-}
-
-/// AVX-512F present (checked once).
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 impl HalfIsa {

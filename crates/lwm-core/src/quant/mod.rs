@@ -231,6 +231,21 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// AVX-512F on top of AVX2 + FMA + F16C (checked once).
+#[inline]
+pub fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// AVX-512 VNNI (with VL, on 256-bit vectors) on top of AVX2 (checked once): `vpdpbusd`
 /// forms the 4-element u8×i8 sums in one instruction, the same integers as AVX2's
 /// `maddubs` + `madd` pair (no i16 saturation is possible with these block formats), so
