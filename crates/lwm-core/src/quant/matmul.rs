@@ -12,6 +12,7 @@
 //! chunking.
 
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
+use super::row_kernels::{rows_x_acts_scalar, RowFormat};
 use super::{has_avx2, has_avx512_vnni, q4_1, q4_1_x8, q8_0, q8_0_x8, Layout, QMatrix, QType};
 use anyhow::{bail, Result};
 
@@ -140,11 +141,11 @@ pub fn matmul_many_with(
     }
     let isa = resolve(opts.kernel)?;
     let avx2 = isa != Isa::Scalar;
-    let nb = w0.cols / QK;
+    let nb = w0.row_blocks();
     let par = !opts.single_thread;
     Ok(match w0.dtype {
         QType::Q4_1 => {
-            let acts = quantize_rows(x, n, nb, par, BlockQ8_1::ZERO, |xr, o| {
+            let acts = quantize_rows(x, n, nb, QK, par, BlockQ8_1::ZERO, |xr, o| {
                 if avx2 {
                     q8::quantize_row_q8_1(xr, o)
                 } else {
@@ -186,7 +187,7 @@ pub fn matmul_many_with(
             })
         }
         QType::Q8_0 => {
-            let acts = quantize_rows(x, n, nb, par, BlockQ8_0::ZERO, |xr, o| {
+            let acts = quantize_rows(x, n, nb, QK, par, BlockQ8_0::ZERO, |xr, o| {
                 if avx2 {
                     q8::quantize_row_q8_0(xr, o)
                 } else {
@@ -225,15 +226,45 @@ pub fn matmul_many_with(
     })
 }
 
+/// `y_i = x · W_iᵀ` for a `RowFormat` (GGUF's row-major blocks).
+fn run_rows<F: RowFormat>(
+    ws: &[&QMatrix],
+    x: &[f32],
+    n: usize,
+    isa: Isa,
+    par: bool,
+) -> Vec<Vec<f32>> {
+    let nb = ws[0].cols / F::BLOCK_ELEMS;
+    let simd = isa != Isa::Scalar;
+    let acts = quantize_rows(x, n, nb, F::BLOCK_ELEMS, par, F::ACT_ZERO, |xr, o| {
+        F::quantize_acts(xr, o, simd)
+    });
+    drive(ws, &acts, nb, n, par, |_, rows, stride, n_rows, ys, out| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `resolve` checked the ISA; `drive` passes whole rows and an output
+            // of n_rows × ys.len().
+            if isa == Isa::Vnni && unsafe { F::rows_x_acts_vnni(rows, stride, n_rows, ys, out) } {
+                return;
+            }
+            if simd && unsafe { F::rows_x_acts_avx2(rows, stride, n_rows, ys, out) } {
+                return;
+            }
+        }
+        rows_x_acts_scalar::<F>(rows, stride, n_rows, ys, out)
+    })
+}
+
 fn quantize_rows<B: Copy + Send + Sync>(
     x: &[f32],
     n: usize,
     nb: usize,
+    block_elems: usize,
     par: bool,
     zero: B,
     f: impl Fn(&[f32], &mut [B]) + Sync,
 ) -> Vec<B> {
-    let cols = nb * QK;
+    let cols = nb * block_elems;
     let mut acts = vec![zero; n * nb];
     if par && n >= 8 {
         crate::parallel::for_each_chunk_mut(&mut acts, nb, |i, o| {
@@ -262,7 +293,7 @@ fn drive<B: Sync>(
     // out_t[i] is rows_i × n (row-major by weight row); transposed to n × rows_i at the end.
     let mut outs_t: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; w.rows * n]).collect();
     let threads = candle_core::utils::get_num_threads().max(1);
-    let macs: usize = ws.iter().map(|w| w.rows).sum::<usize>() * nb * QK * n;
+    let macs: usize = ws.iter().map(|w| w.rows * w.cols).sum::<usize>() * n;
     if !par || threads == 1 || macs < PAR_MIN_MACS {
         for (w, o) in ws.iter().zip(outs_t.iter_mut()) {
             kernel(w, &w.data[..], w.row_bytes(), w.rows, &ys, o);

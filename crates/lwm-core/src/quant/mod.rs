@@ -25,6 +25,7 @@ pub mod q4_1_x8;
 pub mod q8;
 pub mod q8_0;
 pub mod q8_0_x8;
+pub mod row_kernels;
 
 pub use matmul::{
     kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
@@ -42,11 +43,36 @@ pub enum QType {
 }
 
 impl QType {
+    /// Bytes of one block.
     pub fn block_bytes(self) -> usize {
         match self {
             QType::Q4_1 => q4_1::BLOCK_BYTES,
             QType::Q8_0 => q8_0::BLOCK_BYTES,
         }
+    }
+
+    /// Weights in one block: 32, or 256 for the K-quants' super-blocks.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QType::Q4_1 | QType::Q8_0 => q8::QK,
+        }
+    }
+
+    /// The GGUF type this is.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QType::Q4_1 => GgmlDType::Q4_1,
+            QType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// The native type for a GGUF type, if there is one.
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q4_1 => QType::Q4_1,
+            GgmlDType::Q8_0 => QType::Q8_0,
+            _ => return None,
+        })
     }
 }
 
@@ -114,13 +140,11 @@ impl QMatrix {
         data: Arc<[u8]>,
         layout: Layout,
     ) -> Result<Self> {
-        if !cols.is_multiple_of(q8::QK) {
-            bail!(
-                "quantized matrix: {cols} columns is not a multiple of {}",
-                q8::QK
-            );
+        let qk = dtype.block_elems();
+        if !cols.is_multiple_of(qk) {
+            bail!("quantized {dtype:?} matrix: {cols} columns is not a multiple of {qk}");
         }
-        let want = rows * (cols / q8::QK) * dtype.block_bytes();
+        let want = rows * (cols / qk) * dtype.block_bytes();
         if data.len() != want {
             bail!(
                 "quantized {dtype:?} matrix [{rows}, {cols}] needs {want} bytes, got {}",
@@ -168,10 +192,8 @@ impl QMatrix {
 
     /// `Some` for Q4_1 / Q8_0 2-D tensors (copying their blocks), `None` for other types.
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let dtype = match q.dtype() {
-            GgmlDType::Q4_1 => QType::Q4_1,
-            GgmlDType::Q8_0 => QType::Q8_0,
-            _ => return Ok(None),
+        let Some(dtype) = QType::from_ggml(q.dtype()) else {
+            return Ok(None);
         };
         let dims = q.shape().dims();
         if dims.len() != 2 {
@@ -188,7 +210,12 @@ impl QMatrix {
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / q8::QK * self.dtype.block_bytes()
+        self.cols / self.dtype.block_elems() * self.dtype.block_bytes()
+    }
+
+    /// Blocks in one row.
+    pub fn row_blocks(&self) -> usize {
+        self.cols / self.dtype.block_elems()
     }
 
     /// Row `r` dequantized to f32.

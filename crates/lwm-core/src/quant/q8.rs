@@ -212,3 +212,90 @@ mod avx2 {
         }
     }
 }
+
+/// Values in one K-quant super-block (and in one Q8_K activation block).
+pub const QK_K: usize = 256;
+
+/// One Q8_K activation block (ggml's `block_q8_K`): `x_i ≈ d · qs_i`, and the sums of
+/// each 16 consecutive quants, which the K-quant dot products use for the weights' mins.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C, align(32))]
+pub struct BlockQ8K {
+    /// An f32 scale (not rounded to f16, unlike Q8_0's).
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl BlockQ8K {
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
+/// Quantize a row (length a multiple of 256) to Q8_K, as ggml's `quantize_row_q8_K_ref`
+/// (which its x86 build runs):
+///
+/// ```text
+///   max   = the first x_i of largest |x_i|        (signed)
+///   iscale = -127 / max;  q_i = min(127, round_half_even(iscale · x_i));  d = 1 / iscale
+///   bsums[j] = Σ_{i=16j}^{16j+15} q_i
+/// ```
+///
+/// (The sign flip makes the largest value -127, so no quant is -128.) An all-zero block
+/// has `d = 0` and zero quants.
+pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(out.len(), x.len() / QK_K);
+    for (xb, o) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *o = BlockQ8K::ZERO;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in o.qs.iter_mut().zip(xb) {
+            // ggml's `nearest_int` (the 1.5·2^23 trick) rounds half to even.
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, q) in o.bsums.iter_mut().zip(o.qs.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i16).sum();
+        }
+        o.d = 1.0 / iscale;
+    }
+}
+
+#[cfg(test)]
+mod q8_k_tests {
+    use super::*;
+
+    #[test]
+    fn q8_k_matches_ggml_reference_rules() {
+        // Hand-checked: max is the first value of largest magnitude, signed; quants are
+        // round-half-even of -127/max · x, capped at 127.
+        let mut x = vec![0.0f32; QK_K];
+        x[3] = -2.0;
+        x[7] = 2.0; // same magnitude, later: not the max
+        x[10] = 1.0; // -127/-2 · 1 = 63.5 -> 64 (even)
+        x[11] = 0.0125; // 0.79375 -> 1
+        let mut o = [BlockQ8K::ZERO];
+        quantize_row_q8_k(&x, &mut o);
+        assert_eq!(o[0].d, 1.0 / (127.0 / 2.0));
+        assert_eq!(
+            (o[0].qs[3], o[0].qs[7], o[0].qs[10], o[0].qs[11]),
+            (-127, 127, 64, 1)
+        );
+        assert_eq!(o[0].bsums[0], -127 + 127 + 64 + 1);
+        assert!(o[0].bsums[1..].iter().all(|&s| s == 0));
+        quantize_row_q8_k(&[0.0; QK_K], &mut o);
+        assert_eq!(o[0], BlockQ8K::ZERO);
+    }
+}

@@ -1,0 +1,80 @@
+//! The common shape of the kernels of a weight format stored as GGUF lays it out (row-major
+//! blocks, no interleaving): Q4_0 and Q5_0 (multiplied with Q8_0 activations) and the
+//! K-quants Q4_K, Q5_K and Q6_K (with Q8_K activations). `matmul` drives any `RowFormat`:
+//! it quantizes each activation row once, splits the weight rows over the pool and calls
+//! the widest kernel the CPU has.
+//!
+//! Every output element is one full-row dot product in ggml's float order for that format
+//! (`ggml_vec_dot_*` of ggml-cpu's x86 build), computed by one task, so the result is the
+//! same for any thread count, row grouping or ISA.
+
+/// One weight block format's kernels.
+pub trait RowFormat {
+    /// The activation block its dot products take (`q8::BlockQ8_0`, `q8::BlockQ8K`).
+    type Act: Copy + Send + Sync;
+    const ACT_ZERO: Self::Act;
+    /// Weights in one block, also the values in one activation block.
+    const BLOCK_ELEMS: usize;
+    /// Bytes of one weight block.
+    const BLOCK_BYTES: usize;
+
+    /// Quantizes one activation row (length a multiple of `BLOCK_ELEMS`) as ggml's x86
+    /// build does for this format; `simd` may pick a faster path with the same bits.
+    fn quantize_acts(x: &[f32], out: &mut [Self::Act], simd: bool);
+
+    /// One row of blocks to f32 (ggml's `dequantize_row_*`).
+    fn dequantize_row(row: &[u8], out: &mut [f32]);
+
+    /// One full-row dot product, portable, in the float order of ggml's AVX2 `vec_dot`.
+    fn dot_scalar(w: &[u8], y: &[Self::Act]) -> f32;
+
+    /// `out[r * ys.len() + a] = dot(row r, ys[a])` for `n_rows` rows `stride` bytes apart,
+    /// bit-identical to `dot_scalar`; `false` where the format has no AVX2 kernel (the
+    /// caller then runs `dot_scalar`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w` holds `n_rows` rows, `out` is `n_rows ×
+    /// ys.len()`, every `ys[a]` has `stride / BLOCK_BYTES` blocks.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_x_acts_avx2(
+        _w: &[u8],
+        _stride: usize,
+        _n_rows: usize,
+        _ys: &[&[Self::Act]],
+        _out: &mut [f32],
+    ) -> bool {
+        false
+    }
+
+    /// As `rows_x_acts_avx2`, with AVX-512 (F, BW, VL, VNNI) where the format gains from
+    /// it; `false` falls back to AVX2.
+    ///
+    /// # Safety
+    /// As `rows_x_acts_avx2`, and the CPU must have AVX-512 F/VL/VNNI.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_x_acts_vnni(
+        _w: &[u8],
+        _stride: usize,
+        _n_rows: usize,
+        _ys: &[&[Self::Act]],
+        _out: &mut [f32],
+    ) -> bool {
+        false
+    }
+}
+
+/// The portable loop over rows and activation rows.
+pub fn rows_x_acts_scalar<F: RowFormat>(
+    w: &[u8],
+    stride: usize,
+    n_rows: usize,
+    ys: &[&[F::Act]],
+    out: &mut [f32],
+) {
+    for r in 0..n_rows {
+        let wr = &w[r * stride..(r + 1) * stride];
+        for (a, y) in ys.iter().enumerate() {
+            out[r * ys.len() + a] = F::dot_scalar(wr, y);
+        }
+    }
+}
