@@ -22,6 +22,7 @@ pub mod interleave;
 pub mod matmul;
 pub mod q4_1;
 pub mod q4_1_x8;
+pub mod q4_k;
 pub mod q8;
 pub mod q8_0;
 pub mod q8_0_x8;
@@ -40,6 +41,8 @@ use std::sync::Arc;
 pub enum QType {
     Q4_1,
     Q8_0,
+    /// K-quant, 4.5 bits a weight (most of a Q4_K_M file).
+    Q4K,
 }
 
 impl QType {
@@ -48,6 +51,7 @@ impl QType {
         match self {
             QType::Q4_1 => q4_1::BLOCK_BYTES,
             QType::Q8_0 => q8_0::BLOCK_BYTES,
+            QType::Q4K => q4_k::BLOCK_BYTES,
         }
     }
 
@@ -55,6 +59,7 @@ impl QType {
     pub fn block_elems(self) -> usize {
         match self {
             QType::Q4_1 | QType::Q8_0 => q8::QK,
+            QType::Q4K => q8::QK_K,
         }
     }
 
@@ -63,6 +68,7 @@ impl QType {
         match self {
             QType::Q4_1 => GgmlDType::Q4_1,
             QType::Q8_0 => GgmlDType::Q8_0,
+            QType::Q4K => GgmlDType::Q4K,
         }
     }
 
@@ -71,6 +77,7 @@ impl QType {
         Some(match t {
             GgmlDType::Q4_1 => QType::Q4_1,
             GgmlDType::Q8_0 => QType::Q8_0,
+            GgmlDType::Q4K => QType::Q4K,
             _ => return None,
         })
     }
@@ -104,6 +111,7 @@ impl QType {
         match self {
             QType::Q4_1 => &q4_1_x8::FIELDS,
             QType::Q8_0 => &q8_0_x8::FIELDS,
+            QType::Q4K => &[],
         }
     }
 }
@@ -128,6 +136,7 @@ impl QMatrix {
             _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
+            QType::Q4K => Layout::Rows,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -235,6 +244,7 @@ impl QMatrix {
         match self.dtype {
             QType::Q4_1 => q4_1::dequantize_row(row, out),
             QType::Q8_0 => q8_0::dequantize_row(row, out),
+            QType::Q4K => <q4_k::Q4K as row_kernels::RowFormat>::dequantize_row(row, out),
         }
     }
 }
