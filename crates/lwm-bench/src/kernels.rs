@@ -163,7 +163,7 @@ fn random_qmatrix(
                 16
             }
             QType::Q8_0 => 32,
-            QType::Q4K => return None,
+            QType::Q4K | QType::Q6K => return None,
         };
         data.extend((0..qs).map(|_| rng.uniform(0.0, 255.0) as u8));
     }

@@ -46,7 +46,11 @@ fn q8_0_bytes(b: &BlockQ8_0) -> Vec<u8> {
 }
 
 /// The formats with our own kernels, as the fixture names them.
-const NATIVE: [(&str, QType); 2] = [("q8_0", QType::Q8_0), ("q4_k", QType::Q4K)];
+const NATIVE: [(&str, QType); 3] = [
+    ("q8_0", QType::Q8_0),
+    ("q4_k", QType::Q4K),
+    ("q6_k", QType::Q6K),
+];
 
 #[test]
 fn activation_blocks_equal_ggml() {

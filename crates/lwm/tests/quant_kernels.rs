@@ -58,7 +58,7 @@ fn rand_matrix(dtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
                 }
             }
             // Q4_K's own tests (lwm-core quant::q4_k, ggml_kernels.rs) cover it.
-            QType::Q4K => unreachable!("rand_matrix makes 32-wide block types only"),
+            QType::Q4K | QType::Q6K => unreachable!("rand_matrix makes 32-wide block types only"),
         }
     }
     QMatrix::new(dtype, rows, cols, Arc::from(data)).unwrap()

@@ -23,6 +23,7 @@ pub mod matmul;
 pub mod q4_1;
 pub mod q4_1_x8;
 pub mod q4_k;
+pub mod q6_k;
 pub mod q8;
 pub mod q8_0;
 pub mod q8_0_x8;
@@ -43,6 +44,8 @@ pub enum QType {
     Q8_0,
     /// K-quant, 4.5 bits a weight (most of a Q4_K_M file).
     Q4K,
+    /// K-quant, 6.56 bits a weight (Q6_K files; the head and some layers of Q4_K_M).
+    Q6K,
 }
 
 impl QType {
@@ -52,6 +55,7 @@ impl QType {
             QType::Q4_1 => q4_1::BLOCK_BYTES,
             QType::Q8_0 => q8_0::BLOCK_BYTES,
             QType::Q4K => q4_k::BLOCK_BYTES,
+            QType::Q6K => q6_k::BLOCK_BYTES,
         }
     }
 
@@ -59,7 +63,7 @@ impl QType {
     pub fn block_elems(self) -> usize {
         match self {
             QType::Q4_1 | QType::Q8_0 => q8::QK,
-            QType::Q4K => q8::QK_K,
+            QType::Q4K | QType::Q6K => q8::QK_K,
         }
     }
 
@@ -69,6 +73,7 @@ impl QType {
             QType::Q4_1 => GgmlDType::Q4_1,
             QType::Q8_0 => GgmlDType::Q8_0,
             QType::Q4K => GgmlDType::Q4K,
+            QType::Q6K => GgmlDType::Q6K,
         }
     }
 
@@ -78,6 +83,7 @@ impl QType {
             GgmlDType::Q4_1 => QType::Q4_1,
             GgmlDType::Q8_0 => QType::Q8_0,
             GgmlDType::Q4K => QType::Q4K,
+            GgmlDType::Q6K => QType::Q6K,
             _ => return None,
         })
     }
@@ -111,7 +117,7 @@ impl QType {
         match self {
             QType::Q4_1 => &q4_1_x8::FIELDS,
             QType::Q8_0 => &q8_0_x8::FIELDS,
-            QType::Q4K => &[],
+            QType::Q4K | QType::Q6K => &[],
         }
     }
 }
@@ -136,7 +142,7 @@ impl QMatrix {
             _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
-            QType::Q4K => Layout::Rows,
+            QType::Q4K | QType::Q6K => Layout::Rows,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -245,6 +251,7 @@ impl QMatrix {
             QType::Q4_1 => q4_1::dequantize_row(row, out),
             QType::Q8_0 => q8_0::dequantize_row(row, out),
             QType::Q4K => <q4_k::Q4K as row_kernels::RowFormat>::dequantize_row(row, out),
+            QType::Q6K => <q6_k::Q6K as row_kernels::RowFormat>::dequantize_row(row, out),
         }
     }
 }
