@@ -67,16 +67,6 @@ impl QType {
         }
     }
 
-    /// The GGUF type this is.
-    pub fn ggml(self) -> GgmlDType {
-        match self {
-            QType::Q4_1 => GgmlDType::Q4_1,
-            QType::Q8_0 => GgmlDType::Q8_0,
-            QType::Q4K => GgmlDType::Q4K,
-            QType::Q6K => GgmlDType::Q6K,
-        }
-    }
-
     /// The native type for a GGUF type, if there is one.
     pub fn from_ggml(t: GgmlDType) -> Option<Self> {
         Some(match t {
