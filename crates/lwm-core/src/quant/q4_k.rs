@@ -140,9 +140,28 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// The 8 scales then the 8 mins of the super-block at `b` as 16 bytes (the vector form
-    /// of `scales_mins`). Reads `b[4..20]`, inside the block.
+    /// of `scales_mins`), unpacked in general-purpose registers (ggml's `utmp` masks) so
+    /// that the vector pipes stay free for the products.
     #[inline(always)]
-    pub(super) unsafe fn scales_mins(b: *const u8) -> __m128i {
+    pub(super) unsafe fn scales_mins_gpr(b: *const u8) -> __m128i {
+        let q = b.add(4);
+        // l = bytes 0..8 (sc0..3 and m0..3 in their low 6 bits, the top 2 bits of sc4..7 and
+        // m4..7 above); h = bytes 8..12 (the low 4 bits of sc4..7 and m4..7 as nibbles).
+        let l = (q as *const u64).read_unaligned();
+        let h = (q.add(8) as *const u32).read_unaligned() as u64;
+        let low = l & 0x3f3f_3f3f_3f3f_3f3f; // [sc0..3 | m0..3]
+        let nib = (h & 0x0f0f_0f0f) | ((h << 28) & 0x0f0f_0f0f_0000_0000);
+        let high = nib | ((l >> 2) & 0x3030_3030_3030_3030); // [sc4..7 | m4..7]
+        _mm_unpacklo_epi32(
+            _mm_cvtsi64_si128(low as i64),
+            _mm_cvtsi64_si128(high as i64),
+        )
+    }
+
+    /// `scales_mins_gpr` in vector registers, for the GEMM (whose integer registers hold
+    /// the activation rows' pointers). Reads `b[4..20]`, inside the block.
+    #[inline(always)]
+    pub(super) unsafe fn scales_mins_simd(b: *const u8) -> __m128i {
         let v = _mm_loadu_si128(b.add(4) as *const __m128i);
         // Bytes 0..4: sc0..3 = q[0..4] & 63; 4..8: sc4..7 = q[8..12] & 15 | q[0..4] >> 6 << 4;
         // 8..12: m0..3 = q[4..8] & 63; 12..16: m4..7 = q[8..12] >> 4 | q[4..8] >> 6 << 4.
@@ -165,10 +184,21 @@ mod avx2 {
     }
 
     /// `pshufb` controls that spread scale `s` (a byte of the scales vector, both lanes) to
-    /// every i16 of a 256-bit vector, zero-extended.
+    /// every i16 of a 256-bit vector, zero-extended: a table, so that a rolled loop reads
+    /// them instead of building them.
+    static SCALE_CTRL: [[u16; 16]; 8] = {
+        let mut t = [[0u16; 16]; 8];
+        let mut s = 0;
+        while s < 8 {
+            t[s] = [0x8000 | s as u16; 16];
+            s += 1;
+        }
+        t
+    };
+
     #[inline(always)]
     unsafe fn scale_ctrl(s: i8) -> __m256i {
-        _mm256_set1_epi16(((0x80u16 << 8) | s as u16) as i16)
+        _mm256_loadu_si256(SCALE_CTRL.as_ptr().add(s as usize) as *const __m256i)
     }
 
     /// The two f16 scales of the block at `b` as f32: `[d, dmin, 0, 0]`.
@@ -212,51 +242,37 @@ mod avx2 {
         sumi
     }
 
-    /// Mat-vec: `R` weight rows `stride` bytes apart times one activation row, sharing its
-    /// loads; `q8s[i]` = `q8sums(&y[i])`.
-    #[inline(always)]
-    unsafe fn rows_x_act<const R: usize>(
-        w: *const u8,
-        stride: usize,
-        y: &[BlockQ8K],
-        q8s: &[__m128i],
-    ) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut acc_m = [_mm_setzero_ps(); R];
-        for (i, yb) in y.iter().enumerate() {
-            let yd = _mm_setr_ps(yb.d, -yb.d, 0.0, 0.0);
-            let q8 = yb.qs.as_ptr();
-            let q8s = *q8s.get_unchecked(i);
-            for r in 0..R {
-                let b = w.add(r * stride + i * BLOCK_BYTES);
-                // [d, dmin] = [y.d · x.d, -y.d · x.dmin], as ggml's two f32 products.
-                let dd = _mm_mul_ps(yd, d_dmin(b));
-                let sm = scales_mins(b);
-                let sc = _mm256_broadcastsi128_si256(sm);
-                let mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
-                let prod = _mm_madd_epi16(mins, q8s);
-                acc_m[r] = _mm_fmadd_ps(
-                    _mm_shuffle_ps(dd, dd, 0x55),
-                    _mm_cvtepi32_ps(prod),
-                    acc_m[r],
-                );
-                let sumi = block_sumi(b.add(16), sc, q8);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_broadcastss_ps(dd),
-                    _mm256_cvtepi32_ps(sumi),
-                    acc[r],
-                );
-            }
-        }
-        let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + hsum4(acc_m[r]);
-        }
-        out
+    /// The activation side of the mat-vec, per block: `[y.d, -y.d, 0, 0]` and `q8sums`.
+    #[derive(Clone, Copy)]
+    struct ActBlock {
+        yd: __m128,
+        q8s: __m128i,
     }
 
-    /// Activation rows per GEMM tile.
+    /// Mat-vec: one weight row times one activation row (`y` its blocks, `pre` their
+    /// `ActBlock`s), ggml's loop.
+    #[inline(always)]
+    unsafe fn row_x_act(w: *const u8, y: &[BlockQ8K], pre: &[ActBlock]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_m = _mm_setzero_ps();
+        // Zero-extends the mins (bytes 8..16 of `scales_mins`) to i16.
+        let mins_ctrl = _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1);
+        for (i, (yb, p)) in y.iter().zip(pre).enumerate() {
+            let b = w.add(i * BLOCK_BYTES);
+            // [d, dmin] = [y.d · x.d, -y.d · x.dmin], as ggml's two f32 products.
+            let dd = _mm_mul_ps(p.yd, d_dmin(b));
+            let sm = scales_mins_gpr(b);
+            let prod = _mm_madd_epi16(_mm_shuffle_epi8(sm, mins_ctrl), p.q8s);
+            acc_m = _mm_fmadd_ps(_mm_shuffle_ps(dd, dd, 0x55), _mm_cvtepi32_ps(prod), acc_m);
+            let sumi = block_sumi(b.add(16), _mm256_broadcastsi128_si256(sm), yb.qs.as_ptr());
+            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum(acc) + hsum4(acc_m)
+    }
+
+    /// Activation rows per GEMM tile, and weight rows sharing their loads.
     const TILE: usize = 8;
+    const GEMM_ROWS: usize = 1;
 
     /// The activation side of a GEMM tile, per block `i`: `yd[i]` the `TILE` rows' `d`,
     /// `nyd[i][p]` = `[-d_{2p} ×4, -d_{2p+1} ×4]` and `q8s[i][p]` = `[q8sums_{2p}, q8sums_{2p+1}]`
@@ -301,80 +317,95 @@ mod avx2 {
         }
     }
 
-    /// GEMM tile: one weight row times `A` activation rows (`A` ≤ `TILE`), each weight
-    /// block unpacked once for the tile and kept in registers while the rows' quants
-    /// stream past it.
+    /// GEMM tile: `R` weight rows `stride` bytes apart times `A` activation rows (`A` ≤
+    /// `TILE`): each weight block is unpacked once for the tile and kept in registers while
+    /// the activation rows' quants stream past it (each load shared by the `R` rows).
     #[inline(always)]
-    unsafe fn row_x_tile<const A: usize>(
+    unsafe fn rows_x_tile<const R: usize, const A: usize>(
         w: *const u8,
+        stride: usize,
         ys: &[*const BlockQ8K; TILE],
         t: &TileActs,
-    ) -> [f32; A] {
+    ) -> [[f32; A]; R] {
         let m4 = _mm256_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); A];
-        let mut acc_m = [_mm256_setzero_ps(); TILE / 2];
-        let mut dv = [0.0f32; TILE];
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        let mut acc_m = [[_mm256_setzero_ps(); TILE / 2]; R];
+        let mut dv = [[0.0f32; TILE]; R];
         for i in 0..t.yd.len() {
-            let b = w.add(i * BLOCK_BYTES);
-            let x = d_dmin(b);
-            let sm = scales_mins(b);
-            let sc = _mm256_broadcastsi128_si256(sm);
-            let q4 = b.add(16);
+            let b: [*const u8; R] = std::array::from_fn(|r| w.add(r * stride + i * BLOCK_BYTES));
+            let sm: [__m128i; R] = std::array::from_fn(|r| scales_mins_simd(b[r]));
+            let sc: [__m256i; R] = std::array::from_fn(|r| _mm256_broadcastsi128_si256(sm[r]));
             let q8: [*const i8; A] = std::array::from_fn(|a| (*ys[a].add(i)).qs.as_ptr());
-            let mut sumi = [_mm256_setzero_si256(); A];
+            let mut sumi = [[_mm256_setzero_si256(); A]; R];
             for j in 0..4 {
                 // Sub-block 2j (low nibbles of qs[32j..32j+32]), then 2j+1 (high nibbles).
-                let bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-                let q4l = _mm256_and_si256(bits, m4);
-                let sl = _mm256_shuffle_epi8(sc, scale_ctrl(2 * j as i8));
+                let bits: [__m256i; R] = std::array::from_fn(|r| {
+                    _mm256_loadu_si256(b[r].add(16 + 32 * j) as *const __m256i)
+                });
+                let q4: [__m256i; R] = std::array::from_fn(|r| _mm256_and_si256(bits[r], m4));
+                let s: [__m256i; R] =
+                    std::array::from_fn(|r| _mm256_shuffle_epi8(sc[r], scale_ctrl(2 * j as i8)));
                 for a in 0..A {
                     let y = _mm256_loadu_si256(q8[a].add(64 * j) as *const __m256i);
-                    let p = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, y));
-                    sumi[a] = _mm256_add_epi32(sumi[a], p);
+                    for r in 0..R {
+                        let p = _mm256_madd_epi16(s[r], _mm256_maddubs_epi16(q4[r], y));
+                        sumi[r][a] = _mm256_add_epi32(sumi[r][a], p);
+                    }
                 }
-                let q4h = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                let sh = _mm256_shuffle_epi8(sc, scale_ctrl(2 * j as i8 + 1));
+                let q4: [__m256i; R] = std::array::from_fn(|r| {
+                    _mm256_and_si256(_mm256_srli_epi16(bits[r], 4), m4)
+                });
+                let s: [__m256i; R] = std::array::from_fn(|r| {
+                    _mm256_shuffle_epi8(sc[r], scale_ctrl(2 * j as i8 + 1))
+                });
                 for a in 0..A {
                     let y = _mm256_loadu_si256(q8[a].add(64 * j + 32) as *const __m256i);
-                    let p = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, y));
-                    sumi[a] = _mm256_add_epi32(sumi[a], p);
+                    for r in 0..R {
+                        let p = _mm256_madd_epi16(s[r], _mm256_maddubs_epi16(q4[r], y));
+                        sumi[r][a] = _mm256_add_epi32(sumi[r][a], p);
+                    }
                 }
             }
-            // d = y.d · x.d for the tile's rows at once; dmin = (−y.d) · x.dmin.
-            _mm256_storeu_ps(
-                dv.as_mut_ptr(),
-                _mm256_mul_ps(*t.yd.get_unchecked(i), _mm256_broadcastss_ps(x)),
-            );
-            for a in 0..A {
-                acc[a] = _mm256_fmadd_ps(
-                    _mm256_broadcast_ss(&dv[a]),
-                    _mm256_cvtepi32_ps(sumi[a]),
-                    acc[a],
-                );
-            }
-            let xmin = _mm256_broadcastss_ps(_mm_movehdup_ps(x));
-            let mins = _mm256_cvtepu8_epi16(_mm_srli_si128(sm, 8));
-            let mins = _mm256_permute2x128_si256(mins, mins, 0);
             let nyd = t.nyd.get_unchecked(i);
             let q8s = t.q8s.get_unchecked(i);
-            for p in 0..A.div_ceil(2) {
-                let prod = _mm256_madd_epi16(mins, q8s[p]);
-                acc_m[p] = _mm256_fmadd_ps(
-                    _mm256_mul_ps(nyd[p], xmin),
-                    _mm256_cvtepi32_ps(prod),
-                    acc_m[p],
+            for r in 0..R {
+                let x = d_dmin(b[r]);
+                // d = y.d · x.d for the tile's rows at once; dmin = (−y.d) · x.dmin.
+                _mm256_storeu_ps(
+                    dv[r].as_mut_ptr(),
+                    _mm256_mul_ps(*t.yd.get_unchecked(i), _mm256_broadcastss_ps(x)),
                 );
+                for a in 0..A {
+                    acc[r][a] = _mm256_fmadd_ps(
+                        _mm256_broadcast_ss(&dv[r][a]),
+                        _mm256_cvtepi32_ps(sumi[r][a]),
+                        acc[r][a],
+                    );
+                }
+                let xmin = _mm256_broadcastss_ps(_mm_movehdup_ps(x));
+                let mins = _mm256_cvtepu8_epi16(_mm_srli_si128(sm[r], 8));
+                let mins = _mm256_permute2x128_si256(mins, mins, 0);
+                for p in 0..A.div_ceil(2) {
+                    let prod = _mm256_madd_epi16(mins, q8s[p]);
+                    acc_m[r][p] = _mm256_fmadd_ps(
+                        _mm256_mul_ps(nyd[p], xmin),
+                        _mm256_cvtepi32_ps(prod),
+                        acc_m[r][p],
+                    );
+                }
             }
         }
-        let mut out = [0.0f32; A];
-        for a in 0..A {
-            let m = acc_m[a / 2];
-            let m = if a % 2 == 0 {
-                _mm256_castps256_ps128(m)
-            } else {
-                _mm256_extractf128_ps(m, 1)
-            };
-            out[a] = hsum(acc[a]) + hsum4(m);
+        let mut out = [[0.0f32; A]; R];
+        for r in 0..R {
+            for a in 0..A {
+                let m = acc_m[r][a / 2];
+                let m = if a % 2 == 0 {
+                    _mm256_castps256_ps128(m)
+                } else {
+                    _mm256_extractf128_ps(m, 1)
+                };
+                out[r][a] = hsum(acc[r][a]) + hsum4(m);
+            }
         }
         out
     }
@@ -396,17 +427,15 @@ mod avx2 {
         let wp = w.as_ptr();
         if n == 1 {
             let y = ys[0];
-            let q8s: Vec<__m128i> = y.iter().map(|b| q8sums(b)).collect();
-            const R: usize = 4;
-            let mut r = 0;
-            while r + R <= n_rows {
-                let o = rows_x_act::<R>(wp.add(r * stride), stride, y, &q8s);
-                out[r..r + R].copy_from_slice(&o);
-                r += R;
-            }
-            while r < n_rows {
-                out[r] = rows_x_act::<1>(wp.add(r * stride), stride, y, &q8s)[0];
-                r += 1;
+            let pre: Vec<ActBlock> = y
+                .iter()
+                .map(|b| ActBlock {
+                    yd: _mm_setr_ps(b.d, -b.d, 0.0, 0.0),
+                    q8s: q8sums(b),
+                })
+                .collect();
+            for (r, o) in out.iter_mut().enumerate().take(n_rows) {
+                *o = row_x_act(wp.add(r * stride), y, &pre);
             }
             return;
         }
@@ -418,12 +447,21 @@ mod avx2 {
             let p: [*const BlockQ8K; TILE] =
                 std::array::from_fn(|a| ys[a0 + a.min(t - 1)].as_ptr());
             macro_rules! tile {
-                ($a:literal) => {
-                    for r in 0..n_rows {
-                        let o = row_x_tile::<$a>(wp.add(r * stride), &p, &tile);
-                        out[r * n + a0..r * n + a0 + $a].copy_from_slice(&o);
+                ($a:literal) => {{
+                    let mut r = 0;
+                    while r + GEMM_ROWS <= n_rows {
+                        let o = rows_x_tile::<GEMM_ROWS, $a>(wp.add(r * stride), stride, &p, &tile);
+                        for (k, o) in o.iter().enumerate() {
+                            out[(r + k) * n + a0..(r + k) * n + a0 + $a].copy_from_slice(o);
+                        }
+                        r += GEMM_ROWS;
                     }
-                };
+                    while r < n_rows {
+                        let o = rows_x_tile::<1, $a>(wp.add(r * stride), stride, &p, &tile);
+                        out[r * n + a0..r * n + a0 + $a].copy_from_slice(&o[0]);
+                        r += 1;
+                    }
+                }};
             }
             match t {
                 8 => tile!(8),
@@ -475,93 +513,138 @@ mod tests {
     }
 
     #[test]
+    fn simd_scale_unpacking_equals_scalar() {
+        if !crate::quant::has_avx2() {
+            return;
+        }
+        let mut rng = crate::rng::XorShift::new(3);
+        for _ in 0..2000 {
+            let b: Vec<u8> = (0..BLOCK_BYTES).map(|_| rng.next_u64() as u8).collect();
+            let want = scales_mins(&b[4..16]);
+            let mut got = [[0u8; 16]; 2];
+            // SAFETY: AVX2 checked above; `b` is one whole block.
+            unsafe {
+                use std::arch::x86_64::*;
+                let g = avx2::scales_mins_gpr(b.as_ptr());
+                _mm_storeu_si128(got[0].as_mut_ptr() as *mut __m128i, g);
+                let s = avx2::scales_mins_simd(b.as_ptr());
+                _mm_storeu_si128(got[1].as_mut_ptr() as *mut __m128i, s);
+            }
+            assert_eq!(got[0], want, "{b:?}");
+            assert_eq!(got[1], want, "{b:?}");
+        }
+    }
+
+    /// Every mat-vec and GEMM tile width (n = 1..9, 16, 17), odd row counts and widths.
+    #[test]
     fn avx2_equals_scalar_on_odd_shapes() {
         if !crate::quant::has_avx2() {
             return;
         }
-        for (rows, k, n) in [
-            (1, 1, 1),
-            (3, 2, 2),
-            (5, 3, 3),
-            (13, 2, 5),
-            (4, 4, 7),
-            (2, 1, 9),
-        ] {
-            let cols = 256 * k;
-            let (w, _) = q4k_bytes(rows, cols, rows as u64 * 7 + n as u64);
-            let x = random(n * cols, 99 + n as u64);
-            let mut acts = vec![BlockQ8K::ZERO; n * k];
-            for (o, xr) in acts.chunks_mut(k).zip(x.chunks(cols)) {
-                q8::quantize_row_q8_k(xr, o);
+        for rows in [1, 3, 5, 13] {
+            for k in [1, 2, 3, 5] {
+                let cols = 256 * k;
+                let (w, _) = q4k_bytes(rows, cols, rows as u64 * 7 + k as u64);
+                let stride = k * BLOCK_BYTES;
+                for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17] {
+                    let x = random(n * cols, 99 + n as u64);
+                    let mut acts = vec![BlockQ8K::ZERO; n * k];
+                    for (o, xr) in acts.chunks_mut(k).zip(x.chunks(cols)) {
+                        q8::quantize_row_q8_k(xr, o);
+                    }
+                    let ys: Vec<&[BlockQ8K]> = acts.chunks(k).collect();
+                    let mut want = vec![0.0; rows * n];
+                    rows_x_acts_scalar::<Q4K>(&w, stride, rows, &ys, &mut want);
+                    let mut got = vec![0.0; rows * n];
+                    // SAFETY: AVX2 checked above; shapes as documented.
+                    assert!(unsafe { Q4K::rows_x_acts_avx2(&w, stride, rows, &ys, &mut got) });
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "rows {rows} cols {cols} n {n}"
+                    );
+                }
             }
-            let ys: Vec<&[BlockQ8K]> = acts.chunks(k).collect();
-            let stride = k * BLOCK_BYTES;
-            let mut want = vec![0.0; rows * n];
-            rows_x_acts_scalar::<Q4K>(&w, stride, rows, &ys, &mut want);
-            let mut got = vec![0.0; rows * n];
-            // SAFETY: AVX2 checked above; shapes as documented.
-            assert!(unsafe { Q4K::rows_x_acts_avx2(&w, stride, rows, &ys, &mut got) });
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "rows {rows} cols {cols} n {n}"
-            );
         }
     }
 
+    /// (c) and (d): `quant::matmul` against f64 math on the dequantized weights and
+    /// activations (tight) and candle's QMatMul (loose); threads and chunking change no bit.
     #[test]
     fn matmul_is_close_to_f32_math_and_candle() {
-        let (rows, cols, n) = (37, 1024, 3);
+        // 137 rows: even the mat-vec is past the size `drive` runs on one thread.
+        let (rows, cols) = (137, 1024);
         let (bytes, q) = q4k_bytes(rows, cols, 5);
         let m =
             crate::quant::QMatrix::new(crate::quant::QType::Q4K, rows, cols, bytes.into()).unwrap();
-        let x = random(n * cols, 6);
-        let got = crate::quant::matmul(&m, &x, n).unwrap();
-        let single = crate::quant::matmul_with(
-            &m,
-            &x,
-            n,
-            &crate::quant::MatmulOptions {
-                single_thread: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert_eq!(got, single, "threads change bits");
-        // f32 math on the dequantized weights and the dequantized Q8_K activations.
         let mut wd = vec![0.0f32; rows * cols];
         for r in 0..rows {
             m.dequantize_row(r, &mut wd[r * cols..(r + 1) * cols]);
         }
-        let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
-        let candle: Vec<f32> = xt
-            .apply_op1_no_bwd(&q)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+        for n in [1, 3, 17] {
+            let x = random(n * cols, 6 + n as u64);
+            let got = crate::quant::matmul(&m, &x, n).unwrap();
+            let single = crate::quant::matmul_with(
+                &m,
+                &x,
+                n,
+                &crate::quant::MatmulOptions {
+                    single_thread: true,
+                    ..Default::default()
+                },
+            )
             .unwrap();
-        for a in 0..n {
-            let mut acts = vec![BlockQ8K::ZERO; cols / QK_K];
-            q8::quantize_row_q8_k(&x[a * cols..(a + 1) * cols], &mut acts);
-            for r in 0..rows {
-                let mut exact = 0.0f64;
-                for (bi, yb) in acts.iter().enumerate() {
-                    for e in 0..QK_K {
-                        let c = bi * QK_K + e;
-                        exact += wd[r * cols + c] as f64 * (yb.d * yb.qs[e] as f32) as f64;
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                single.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "threads change bits (n = {n})"
+            );
+            let scalar = crate::quant::matmul_with(
+                &m,
+                &x,
+                n,
+                &crate::quant::MatmulOptions {
+                    kernel: crate::quant::Kernel::Scalar,
+                    single_thread: true,
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "SIMD and portable paths differ (n = {n})"
+            );
+            let xt = Tensor::from_vec(x.clone(), (n, cols), &Device::Cpu).unwrap();
+            let candle: Vec<f32> = xt
+                .apply_op1_no_bwd(&q)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for a in 0..n {
+                let mut acts = vec![BlockQ8K::ZERO; cols / QK_K];
+                q8::quantize_row_q8_k(&x[a * cols..(a + 1) * cols], &mut acts);
+                for r in 0..rows {
+                    let mut exact = 0.0f64;
+                    for (bi, yb) in acts.iter().enumerate() {
+                        for e in 0..QK_K {
+                            let c = bi * QK_K + e;
+                            exact += wd[r * cols + c] as f64 * (yb.d * yb.qs[e] as f32) as f64;
+                        }
                     }
+                    let g = got[a * rows + r] as f64;
+                    assert!(
+                        (g - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                        "{g} vs {exact}"
+                    );
+                    let c = candle[a * rows + r] as f64;
+                    assert!((g - c).abs() < 2e-3 * (1.0 + c.abs()), "{g} vs candle {c}");
                 }
-                let g = got[a * rows + r] as f64;
-                assert!(
-                    (g - exact).abs() < 1e-4 * (1.0 + exact.abs()),
-                    "{g} vs {exact}"
-                );
-                let c = candle[a * rows + r] as f64;
-                assert!((g - c).abs() < 2e-3 * (1.0 + c.abs()), "{g} vs candle {c}");
             }
         }
     }
+
     /// Single-thread speed of the Q4_K kernels next to candle's QMatMul on the same
     /// tensor: a 4096×4096 mat-vec (weight GB/s) and 64- and 512-row GEMMs (GFLOP/s).
     /// Asserts nothing about time; other agents share the CPU (see /proc/pressure/cpu).
@@ -647,6 +730,19 @@ mod tests {
                 std::hint::black_box(&acts);
             });
             report("(acts)", t);
+            if crate::quant::has_avx2() {
+                let ys: Vec<&[BlockQ8K]> = acts.chunks(cols / QK_K).collect();
+                let data = m.data.clone();
+                let mut out = vec![0.0f32; rows * n];
+                let t = best(reps, &mut || {
+                    // SAFETY: AVX2 checked; `data` holds `rows` rows of `cols` values.
+                    unsafe {
+                        Q4K::rows_x_acts_avx2(&data, m.row_bytes(), rows, &ys, &mut out);
+                    }
+                    std::hint::black_box(&out);
+                });
+                report("(kernel)", t);
+            }
             let t = best(reps, &mut || {
                 std::hint::black_box(crate::quant::matmul(&m, &x, n).unwrap());
             });
