@@ -26,12 +26,12 @@
 //! AVX2 kernels (`rows_x_acts_avx2`): for one activation row (decode) each weight row runs
 //! ggml's loop, the 6-bit scales unpacked in general-purpose registers so the vector pipes
 //! only multiply; the activation side (`y.d`, the bsum pairs) is prepared once per call.
-//! For several rows (prefill) tiles of up to 6 activation rows share each weight super-
+//! For several rows (prefill) tiles of up to 8 activation rows share each weight super-
 //! block: its nibbles and scale broadcasts are made once and stay in registers while the
 //! tile's quants stream past; `d` for the tile's rows is one vector product and two rows'
-//! mins one 256-bit `madd`. (6 rows measured 15-20% faster than 8 here: the tile's sums
-//! fit the 16 vector registers; 2 weight rows per tile, sharing the activation loads, were
-//! slower, as were mat-vecs of several rows.) Activations are quantized by `q8::quantize_row_q8_k`.
+//! mins one 256-bit `madd`. (Measured here: tiles of 4 or 6 rows, or 2 weight rows per
+//! tile sharing the activation loads, were slower; so were mat-vecs of several rows.)
+//! Activations are quantized by `q8::quantize_row_q8_k` (AVX2, same bits as ggml's).
 //!
 //! llama.cpp may instead repack Q4_K matrices (`repack.cpp`, `ggml_gemv/gemm_q4_K_8x8_q8_K`
 //! on AVX2), which sum in another order; the order above is `ggml_vec_dot_q4_K_q8_K`'s, what
@@ -182,7 +182,10 @@ mod avx2 {
         let v = _mm_loadu_si128(b.add(4) as *const __m128i);
         // Bytes 0..4: sc0..3 = q[0..4] & 63; 4..8: sc4..7 = q[8..12] & 15 | q[0..4] >> 6 << 4;
         // 8..12: m0..3 = q[4..8] & 63; 12..16: m4..7 = q[8..12] >> 4 | q[4..8] >> 6 << 4.
-        let a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+        let a = _mm_shuffle_epi8(
+            v,
+            _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11),
+        );
         let h = _mm_shuffle_epi8(
             v,
             _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7),
@@ -288,7 +291,7 @@ mod avx2 {
     }
 
     /// Activation rows per GEMM tile, and weight rows sharing their loads.
-    const TILE: usize = 6;
+    const TILE: usize = 8;
     const GEMM_ROWS: usize = 1;
     // Row pairs share a mins vector; `d` for the tile is one 8-lane vector.
     const _: () = assert!(TILE % 2 == 0 && TILE <= 8);
@@ -349,7 +352,6 @@ mod avx2 {
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = [[_mm256_setzero_ps(); A]; R];
         let mut acc_m = [[_mm256_setzero_ps(); TILE / 2]; R];
-        let mut dv = [[0.0f32; 8]; R];
         for i in 0..t.yd.len() {
             let b: [*const u8; R] = std::array::from_fn(|r| w.add(r * stride + i * BLOCK_BYTES));
             let sm: [__m128i; R] = std::array::from_fn(|r| scales_mins_simd(b[r]));
@@ -371,9 +373,8 @@ mod avx2 {
                         sumi[r][a] = _mm256_add_epi32(sumi[r][a], p);
                     }
                 }
-                let q4: [__m256i; R] = std::array::from_fn(|r| {
-                    _mm256_and_si256(_mm256_srli_epi16(bits[r], 4), m4)
-                });
+                let q4: [__m256i; R] =
+                    std::array::from_fn(|r| _mm256_and_si256(_mm256_srli_epi16(bits[r], 4), m4));
                 let s: [__m256i; R] = std::array::from_fn(|r| {
                     _mm256_shuffle_epi8(sc[r], scale_ctrl(2 * j as i8 + 1))
                 });
@@ -390,16 +391,10 @@ mod avx2 {
             for r in 0..R {
                 let x = d_dmin(b[r]);
                 // d = y.d · x.d for the tile's rows at once; dmin = (−y.d) · x.dmin.
-                _mm256_storeu_ps(
-                    dv[r].as_mut_ptr(),
-                    _mm256_mul_ps(*t.yd.get_unchecked(i), _mm256_broadcastss_ps(x)),
-                );
+                let dv = _mm256_mul_ps(*t.yd.get_unchecked(i), _mm256_broadcastss_ps(x));
                 for a in 0..A {
-                    acc[r][a] = _mm256_fmadd_ps(
-                        _mm256_broadcast_ss(&dv[r][a]),
-                        _mm256_cvtepi32_ps(sumi[r][a]),
-                        acc[r][a],
-                    );
+                    let d = _mm256_permutevar8x32_ps(dv, _mm256_set1_epi32(a as i32));
+                    acc[r][a] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][a]), acc[r][a]);
                 }
                 let xmin = _mm256_broadcastss_ps(_mm_movehdup_ps(x));
                 let mins = _mm256_cvtepu8_epi16(_mm_srli_si128(sm[r], 8));
@@ -483,6 +478,8 @@ mod avx2 {
                 }};
             }
             match t {
+                8 => tile!(8),
+                7 => tile!(7),
                 6 => tile!(6),
                 5 => tile!(5),
                 4 => tile!(4),
@@ -552,7 +549,7 @@ mod tests {
         }
     }
 
-    /// Every mat-vec and GEMM tile width (n = 1..9, 16, 17: tiles of 6 and every remainder), odd row counts and widths.
+    /// Every mat-vec and GEMM tile width (n = 1..9, 16, 17: tiles of 8 and every remainder), odd row counts and widths.
     #[test]
     fn avx2_equals_scalar_on_odd_shapes() {
         if !crate::quant::has_avx2() {

@@ -317,10 +317,8 @@ mod avx2_k {
             let mut max = 0.0f32;
             for k in 0..QK_K / 8 {
                 let v = _mm256_loadu_ps(xb.add(8 * k));
-                let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
-                    _mm256_andnot_ps(sign, v),
-                    am,
-                ));
+                let hit =
+                    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), am));
                 if hit != 0 {
                     max = *xb.add(8 * k + hit.trailing_zeros() as usize);
                     break;
@@ -337,12 +335,13 @@ mod avx2_k {
                     _mm256_and_si256(q, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(v, v)))
                 });
                 // bsums of quants 32g..32g+16 and 32g+16..32g+32 (exact).
-                let s = _mm256_hadd_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let s =
+                    _mm256_hadd_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
                 let s = _mm256_hadd_epi32(s, s);
-                o.bsums[2 * g] = _mm256_extract_epi32::<0>(s) as i16
-                    + _mm256_extract_epi32::<4>(s) as i16;
-                o.bsums[2 * g + 1] = _mm256_extract_epi32::<1>(s) as i16
-                    + _mm256_extract_epi32::<5>(s) as i16;
+                o.bsums[2 * g] =
+                    _mm256_extract_epi32::<0>(s) as i16 + _mm256_extract_epi32::<4>(s) as i16;
+                o.bsums[2 * g + 1] =
+                    _mm256_extract_epi32::<1>(s) as i16 + _mm256_extract_epi32::<5>(s) as i16;
                 // Saturating packs to i8 (values are in [-128, 127]); undo the lane interleave.
                 let p = _mm256_packs_epi16(
                     _mm256_packs_epi32(q[0], q[1]),
