@@ -294,7 +294,7 @@ mod avx2 {
     const TILE: usize = 8;
     const GEMM_ROWS: usize = 1;
     // Row pairs share a mins vector; `d` for the tile is one 8-lane vector.
-    const _: () = assert!(TILE % 2 == 0 && TILE <= 8);
+    const _: () = assert!(TILE.is_multiple_of(2) && TILE <= 8);
 
     /// The activation side of a GEMM tile, per block `i`: `yd[i]` the `TILE` rows' `d`,
     /// `nyd[i][p]` = `[-d_{2p} ×4, -d_{2p+1} ×4]` and `q8s[i][p]` = `[q8sums_{2p}, q8sums_{2p+1}]`
