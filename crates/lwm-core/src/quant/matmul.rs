@@ -346,9 +346,18 @@ fn drive<B: Sync>(
         .map(|(w, out_t)| {
             let rows = w.rows;
             let mut out = vec![0.0f32; n * rows];
-            for (r, row) in out_t.chunks_exact(n).enumerate() {
-                for (a, v) in row.iter().enumerate() {
-                    out[a * rows + r] = *v;
+            // In tiles of 16 weight rows: each activation row's 16 outputs are one cache
+            // line, and the tile's inputs (16 × n) stay in L1 (the row-at-a-time scatter
+            // cost ~10% of a 512-row prefill GEMM).
+            const T: usize = 16;
+            for (rt, tile) in out_t.chunks(T * n).enumerate() {
+                let r0 = rt * T;
+                let tr = tile.len() / n;
+                for a in 0..n {
+                    let o = &mut out[a * rows + r0..a * rows + r0 + tr];
+                    for (k, v) in o.iter_mut().enumerate() {
+                        *v = tile[k * n + a];
+                    }
                 }
             }
             out

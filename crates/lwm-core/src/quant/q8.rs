@@ -245,8 +245,22 @@ impl BlockQ8K {
 /// ```
 ///
 /// (The sign flip makes the largest value -127, so no quant is -128.) An all-zero block
-/// has `d = 0` and zero quants.
+/// has `d = 0` and zero quants. Runs the AVX2 path where the CPU has it (same bits as
+/// `quantize_row_q8_k_scalar`).
 pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(out.len(), x.len() / QK_K);
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2/FMA/F16C were detected at runtime; lengths checked above.
+        unsafe { avx2_k::quantize_row_q8_k(x, out) };
+        return;
+    }
+    quantize_row_q8_k_scalar(x, out)
+}
+
+/// The portable `quantize_row_q8_k`, line for line ggml's `quantize_row_q8_K_ref`.
+pub fn quantize_row_q8_k_scalar(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len() % QK_K, 0);
     assert_eq!(out.len(), x.len() / QK_K);
     for (xb, o) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
@@ -276,6 +290,74 @@ pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
 #[inline(always)]
 fn nearest_int(x: f32) -> i32 {
     ((x + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2_k {
+    use super::{BlockQ8K, QK_K};
+    use std::arch::x86_64::*;
+
+    /// `quantize_row_q8_k_scalar`, 8 lanes at a time: the same f32 products, rounded half
+    /// to even by `cvtps_epi32` (the default MXCSR mode), as ggml's `nearest_int` does
+    /// (which also turns a NaN product into 0).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+        let sign = _mm256_set1_ps(-0.0);
+        for (b, o) in out.iter_mut().enumerate() {
+            let xb = x.as_ptr().add(b * QK_K);
+            // amax; `max_ps(|v|, m)` keeps m where v is NaN, as ggml's `ax > amax` skips it.
+            let mut m = _mm256_setzero_ps();
+            for k in 0..QK_K / 8 {
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb.add(8 * k))), m);
+            }
+            let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+            let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            if amax == 0.0 {
+                *o = BlockQ8K::ZERO;
+                continue;
+            }
+            // max: the first value of that magnitude, with its sign.
+            let am = _mm256_set1_ps(amax);
+            let mut max = 0.0f32;
+            for k in 0..QK_K / 8 {
+                let v = _mm256_loadu_ps(xb.add(8 * k));
+                let hit =
+                    _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), am));
+                if hit != 0 {
+                    max = *xb.add(8 * k + hit.trailing_zeros() as usize);
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            let mul = _mm256_set1_ps(iscale);
+            let cap = _mm256_set1_epi32(127);
+            for g in 0..QK_K / 32 {
+                let q: [__m256i; 4] = std::array::from_fn(|k| {
+                    let v = _mm256_mul_ps(_mm256_loadu_ps(xb.add(32 * g + 8 * k)), mul);
+                    let q = _mm256_min_epi32(_mm256_cvtps_epi32(v), cap);
+                    // NaN: `cvtps` gives i32::MIN, ggml's `nearest_int` 0.
+                    _mm256_and_si256(q, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(v, v)))
+                });
+                // bsums of quants 32g..32g+16 and 32g+16..32g+32 (exact).
+                let s =
+                    _mm256_hadd_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let s = _mm256_hadd_epi32(s, s);
+                o.bsums[2 * g] =
+                    _mm256_extract_epi32::<0>(s) as i16 + _mm256_extract_epi32::<4>(s) as i16;
+                o.bsums[2 * g + 1] =
+                    _mm256_extract_epi32::<1>(s) as i16 + _mm256_extract_epi32::<5>(s) as i16;
+                // Saturating packs to i8 (values are in [-128, 127]); undo the lane interleave.
+                let p = _mm256_packs_epi16(
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                );
+                let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(o.qs.as_mut_ptr().add(32 * g) as *mut __m256i, p);
+            }
+            o.d = 1.0 / iscale;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +394,40 @@ mod q8_k_tests {
         }
         for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 127.49999] {
             assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+        }
+    }
+
+    #[test]
+    fn q8_k_simd_equals_scalar() {
+        let mut rng = crate::rng::XorShift::new(17);
+        let mut x = rng.vec(QK_K * 12, -3.0, 3.0);
+        // Ties of magnitude (first one wins, whatever its sign), exact halves, zero blocks,
+        // a block whose largest value is negative, NaNs (skipped, as ggml's `>` skips them),
+        // a large dynamic range.
+        x[2 * QK_K + 5] = -4.0;
+        x[2 * QK_K + 9] = 4.0;
+        x[3 * QK_K + 1] = 4.0;
+        x[3 * QK_K + 200] = -4.0;
+        for (i, v) in x[4 * QK_K..5 * QK_K].iter_mut().enumerate() {
+            *v = (i as f32 - 128.0) * 0.5;
+        }
+        x[5 * QK_K..6 * QK_K].fill(0.0);
+        x[6 * QK_K..7 * QK_K].fill(-0.0);
+        x[7 * QK_K + 77] = -9.5;
+        x[8 * QK_K + 3] = f32::NAN;
+        x[8 * QK_K + 100] = f32::NAN;
+        for v in &mut x[9 * QK_K..10 * QK_K] {
+            *v *= 1e-30;
+        }
+        x[10 * QK_K + 255] = 1e30;
+        let mut want = vec![BlockQ8K::ZERO; 12];
+        quantize_row_q8_k_scalar(&x, &mut want);
+        let mut got = vec![BlockQ8K::ZERO; 12];
+        quantize_row_q8_k(&x, &mut got);
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.d.to_bits(), w.d.to_bits(), "block {b} d");
+            assert_eq!(g.qs, w.qs, "block {b} qs");
+            assert_eq!(g.bsums, w.bsums, "block {b} bsums");
         }
     }
 }
