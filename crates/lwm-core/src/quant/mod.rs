@@ -22,10 +22,13 @@ pub mod interleave;
 pub mod matmul;
 pub mod q4_1;
 pub mod q4_1_x8;
+pub mod q5_k;
 pub mod q8;
 pub mod q8_0;
 pub mod q8_0_x8;
 pub mod row_kernels;
+#[cfg(test)]
+mod row_tests;
 
 pub use matmul::{
     kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
@@ -33,6 +36,7 @@ pub use matmul::{
 
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
+use row_kernels::RowFormat;
 use std::sync::Arc;
 
 /// Weight block formats with a native kernel here (others fall back to candle).
@@ -40,6 +44,8 @@ use std::sync::Arc;
 pub enum QType {
     Q4_1,
     Q8_0,
+    /// K-quant, 5.5 bits a weight (most of a Q5_K_M file).
+    Q5K,
 }
 
 impl QType {
@@ -48,6 +54,7 @@ impl QType {
         match self {
             QType::Q4_1 => q4_1::BLOCK_BYTES,
             QType::Q8_0 => q8_0::BLOCK_BYTES,
+            QType::Q5K => q5_k::BLOCK_BYTES,
         }
     }
 
@@ -55,6 +62,7 @@ impl QType {
     pub fn block_elems(self) -> usize {
         match self {
             QType::Q4_1 | QType::Q8_0 => q8::QK,
+            QType::Q5K => q8::QK_K,
         }
     }
 
@@ -63,6 +71,7 @@ impl QType {
         match self {
             QType::Q4_1 => GgmlDType::Q4_1,
             QType::Q8_0 => GgmlDType::Q8_0,
+            QType::Q5K => GgmlDType::Q5K,
         }
     }
 
@@ -71,6 +80,7 @@ impl QType {
         Some(match t {
             GgmlDType::Q4_1 => QType::Q4_1,
             GgmlDType::Q8_0 => QType::Q8_0,
+            GgmlDType::Q5K => QType::Q5K,
             _ => return None,
         })
     }
@@ -104,6 +114,8 @@ impl QType {
         match self {
             QType::Q4_1 => &q4_1_x8::FIELDS,
             QType::Q8_0 => &q8_0_x8::FIELDS,
+            // Not interleaved (`Layout::Rows` only).
+            QType::Q5K => &[],
         }
     }
 }
@@ -128,6 +140,7 @@ impl QMatrix {
             _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
+            QType::Q5K => Layout::Rows,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -235,6 +248,7 @@ impl QMatrix {
         match self.dtype {
             QType::Q4_1 => q4_1::dequantize_row(row, out),
             QType::Q8_0 => q8_0::dequantize_row(row, out),
+            QType::Q5K => <q5_k::Q5K as RowFormat>::dequantize_row(row, out),
         }
     }
 }
