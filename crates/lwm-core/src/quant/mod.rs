@@ -20,6 +20,7 @@ pub mod ggml_cpu;
 pub mod half;
 pub mod interleave;
 pub mod matmul;
+pub mod q4_0;
 pub mod q4_1;
 pub mod q4_1_x8;
 pub mod q5_k;
@@ -29,6 +30,7 @@ pub mod q8_0_x8;
 pub mod row_kernels;
 #[cfg(test)]
 mod row_tests;
+pub mod signed32;
 
 pub use matmul::{
     kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
@@ -46,6 +48,8 @@ pub enum QType {
     Q8_0,
     /// K-quant, 5.5 bits a weight (most of a Q5_K_M file).
     Q5K,
+    /// 4.5 bits a weight, no offset (`w = d·(q − 8)`).
+    Q4_0,
 }
 
 impl QType {
@@ -55,13 +59,14 @@ impl QType {
             QType::Q4_1 => q4_1::BLOCK_BYTES,
             QType::Q8_0 => q8_0::BLOCK_BYTES,
             QType::Q5K => q5_k::BLOCK_BYTES,
+            QType::Q4_0 => q4_0::BLOCK_BYTES,
         }
     }
 
     /// Weights in one block: 32, or 256 for the K-quants' super-blocks.
     pub fn block_elems(self) -> usize {
         match self {
-            QType::Q4_1 | QType::Q8_0 => q8::QK,
+            QType::Q4_1 | QType::Q8_0 | QType::Q4_0 => q8::QK,
             QType::Q5K => q8::QK_K,
         }
     }
@@ -72,6 +77,7 @@ impl QType {
             QType::Q4_1 => GgmlDType::Q4_1,
             QType::Q8_0 => GgmlDType::Q8_0,
             QType::Q5K => GgmlDType::Q5K,
+            QType::Q4_0 => GgmlDType::Q4_0,
         }
     }
 
@@ -81,6 +87,7 @@ impl QType {
             GgmlDType::Q4_1 => QType::Q4_1,
             GgmlDType::Q8_0 => QType::Q8_0,
             GgmlDType::Q5K => QType::Q5K,
+            GgmlDType::Q4_0 => QType::Q4_0,
             _ => return None,
         })
     }
@@ -115,7 +122,7 @@ impl QType {
             QType::Q4_1 => &q4_1_x8::FIELDS,
             QType::Q8_0 => &q8_0_x8::FIELDS,
             // Not interleaved (`Layout::Rows` only).
-            QType::Q5K => &[],
+            QType::Q5K | QType::Q4_0 => &[],
         }
     }
 }
@@ -140,7 +147,7 @@ impl QMatrix {
             _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
-            QType::Q5K => Layout::Rows,
+            QType::Q5K | QType::Q4_0 => Layout::Rows,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -249,6 +256,7 @@ impl QMatrix {
             QType::Q4_1 => q4_1::dequantize_row(row, out),
             QType::Q8_0 => q8_0::dequantize_row(row, out),
             QType::Q5K => <q5_k::Q5K as RowFormat>::dequantize_row(row, out),
+            QType::Q4_0 => <q4_0::Q4_0 as RowFormat>::dequantize_row(row, out),
         }
     }
 }
