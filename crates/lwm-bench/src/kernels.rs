@@ -168,7 +168,7 @@ fn random_qmatrix(
             }
             QType::Q8_0 => 32,
             // Random nibbles (and fifth bits).
-            QType::Q4_0 => dtype.block_bytes() - 2,
+            QType::Q4_0 | QType::Q5_0 => dtype.block_bytes() - 2,
             QType::Q5K => {
                 // Then random packed scales, mins and quants (these matrices only time).
                 let dmin = half::f16::from_f32(0.0005 * rng.uniform(0.0, 1.0));

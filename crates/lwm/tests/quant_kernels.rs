@@ -58,7 +58,7 @@ fn rand_matrix(dtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
                 }
             }
             // The row formats' own tests (lwm-core quant::row_tests) cover them.
-            QType::Q5K | QType::Q4_0 => {
+            QType::Q5K | QType::Q4_0 | QType::Q5_0 => {
                 unreachable!("rand_matrix makes Q4_1 and Q8_0 only")
             }
         }
@@ -503,7 +503,7 @@ fn from_qtensor_takes_native_types_only() {
         (GgmlDType::Q4_1, Some(QType::Q4_1)),
         (GgmlDType::Q8_0, Some(QType::Q8_0)),
         (GgmlDType::Q4_0, Some(QType::Q4_0)),
-        (GgmlDType::Q5_0, None),
+        (GgmlDType::Q5_0, Some(QType::Q5_0)),
         (GgmlDType::Q5_1, None),
     ] {
         let q = QTensor::quantize(&t, dt).unwrap();
