@@ -141,8 +141,9 @@ pub fn attention_gflops(kv: KvTypes, q_rows: usize, depth: usize, reps: usize) -
     runs[runs.len() / 2]
 }
 
-/// A `rows × cols` matrix of random Q4_1 or Q8_0 blocks (small positive scales, mins ≤ 0),
-/// in `layout` or the type's default one; None if the shape does not suit the layout.
+/// A `rows × cols` matrix of random blocks of `dtype` (small positive scales, mins ≤ 0 for
+/// Q4_1, random packed scales and mins for the K-quants), in `layout` or the type's default
+/// one; None if the shape does not suit the type or layout.
 fn random_qmatrix(
     rng: &mut lwm_core::rng::XorShift,
     dtype: lwm_core::quant::QType,
@@ -151,7 +152,10 @@ fn random_qmatrix(
     layout: Option<lwm_core::quant::Layout>,
 ) -> Option<lwm_core::quant::QMatrix> {
     use lwm_core::quant::{QMatrix, QType};
-    let nb = rows * cols / 32;
+    if !cols.is_multiple_of(dtype.block_elems()) {
+        return None;
+    }
+    let nb = rows * cols / dtype.block_elems();
     let mut data = Vec::with_capacity(nb * dtype.block_bytes());
     for _ in 0..nb {
         let d = half::f16::from_f32(0.01 + 0.01 * rng.uniform(0.0, 1.0));
@@ -163,6 +167,14 @@ fn random_qmatrix(
                 16
             }
             QType::Q8_0 => 32,
+            // Random nibbles (and fifth bits).
+            QType::Q4_0 | QType::Q5_0 => dtype.block_bytes() - 2,
+            QType::Q5K => {
+                // Then random packed scales, mins and quants (these matrices only time).
+                let dmin = half::f16::from_f32(0.0005 * rng.uniform(0.0, 1.0));
+                data.extend_from_slice(&dmin.to_bits().to_le_bytes());
+                dtype.block_bytes() - 4
+            }
             QType::Q4K | QType::Q6K => return None,
         };
         data.extend((0..qs).map(|_| rng.uniform(0.0, 255.0) as u8));

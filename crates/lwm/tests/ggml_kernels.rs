@@ -46,9 +46,12 @@ fn q8_0_bytes(b: &BlockQ8_0) -> Vec<u8> {
 }
 
 /// The formats with our own kernels, as the fixture names them.
-const NATIVE: [(&str, QType); 3] = [
+const NATIVE: [(&str, QType); 6] = [
+    ("q4_0", QType::Q4_0),
+    ("q5_0", QType::Q5_0),
     ("q8_0", QType::Q8_0),
     ("q4_k", QType::Q4K),
+    ("q5_k", QType::Q5K),
     ("q6_k", QType::Q6K),
 ];
 

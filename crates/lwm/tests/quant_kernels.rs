@@ -57,8 +57,10 @@ fn rand_matrix(dtype: QType, rows: usize, cols: usize, seed: u64) -> QMatrix {
                     data.push(((r.byte() % 255) as i32 - 127) as i8 as u8);
                 }
             }
-            // Q4_K's own tests (lwm-core quant::q4_k, ggml_kernels.rs) cover it.
-            QType::Q4K | QType::Q6K => unreachable!("rand_matrix makes 32-wide block types only"),
+            // The row formats' own tests (lwm-core quant::row_tests, ggml_kernels.rs) cover them.
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q4_0 | QType::Q5_0 => {
+                unreachable!("rand_matrix makes Q4_1 and Q8_0 only")
+            }
         }
     }
     QMatrix::new(dtype, rows, cols, Arc::from(data)).unwrap()
@@ -493,14 +495,16 @@ fn shape_errors_are_reported() {
 }
 
 #[test]
-fn from_qtensor_takes_q4_1_and_q8_0_only() {
+fn from_qtensor_takes_native_types_only() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let t = Tensor::from_vec(rand_vec(8 * 64, 3, 1.0), (8, 64), &Device::Cpu).unwrap();
     for (dt, want) in [
         (GgmlDType::Q4_1, Some(QType::Q4_1)),
         (GgmlDType::Q8_0, Some(QType::Q8_0)),
-        (GgmlDType::Q4_0, None),
+        (GgmlDType::Q4_0, Some(QType::Q4_0)),
+        (GgmlDType::Q5_0, Some(QType::Q5_0)),
+        (GgmlDType::Q5_1, None),
     ] {
         let q = QTensor::quantize(&t, dt).unwrap();
         let m = QMatrix::from_qtensor(&q).unwrap();

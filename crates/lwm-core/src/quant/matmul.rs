@@ -14,7 +14,8 @@
 use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
 use super::row_kernels::{rows_x_acts_scalar, RowFormat};
 use super::{
-    has_avx2, has_avx512_vnni, q4_1, q4_1_x8, q4_k, q6_k, q8_0, q8_0_x8, Layout, QMatrix, QType,
+    has_avx2, has_avx512_vnni, q4_0, q4_1, q4_1_x8, q4_k, q5_0, q5_k, q6_k, q8_0, q8_0_x8, Layout,
+    QMatrix, QType,
 };
 use anyhow::{bail, Result};
 
@@ -227,6 +228,9 @@ pub fn matmul_many_with(
         }
         QType::Q4K => run_rows::<q4_k::Q4K>(ws, x, n, isa, par),
         QType::Q6K => run_rows::<q6_k::Q6K>(ws, x, n, isa, par),
+        QType::Q5K => run_rows::<q5_k::Q5K>(ws, x, n, isa, par),
+        QType::Q4_0 => run_rows::<q4_0::Q4_0>(ws, x, n, isa, par),
+        QType::Q5_0 => run_rows::<q5_0::Q5_0>(ws, x, n, isa, par),
     })
 }
 

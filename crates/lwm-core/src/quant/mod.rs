@@ -1,11 +1,11 @@
 //! Quantized matrix products that reproduce llama.cpp's CPU results bit for bit.
 //!
-//! `matmul(w, x, n)` computes `y = x · Wᵀ` for a GGUF-quantized weight matrix `W` (Q4_1
-//! or Q8_0), quantizing each activation row the way llama.cpp's x86 builds do (AVX2 and
-//! AVX-512 builds run the same code for these; `q8`: Q8_1 for Q4_1 weights, Q8_0 for Q8_0
-//! weights) and accumulating every dot product
-//! in the same float order as `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` (see
-//! `q4_1` and `q8_0`). In ggml's mul_mat every output element is one such `vec_dot` over
+//! `matmul(w, x, n)` computes `y = x · Wᵀ` for a GGUF-quantized weight matrix `W` (Q4_1,
+//! Q8_0, Q4_0, Q5_0 or Q5_K), quantizing each activation row the way llama.cpp's x86 builds
+//! do (AVX2 and AVX-512 builds run the same code for these; `q8`: Q8_1 for Q4_1 weights,
+//! Q8_0 for Q8_0, Q4_0 and Q5_0, Q8_K for Q5_K) and accumulating every dot product in the
+//! same float order as that format's `ggml_vec_dot_*` (see `q4_1`, `q8_0`, `signed32`,
+//! `q5_k`; `row_kernels` for the formats kept in GGUF's row-major layout). In ggml's mul_mat every output element is one such `vec_dot` over
 //! the whole row, whatever the thread split, so the result depends on neither our thread
 //! count nor how rows are grouped.
 //!
@@ -20,14 +20,20 @@ pub mod ggml_cpu;
 pub mod half;
 pub mod interleave;
 pub mod matmul;
+pub mod q4_0;
 pub mod q4_1;
 pub mod q4_1_x8;
 pub mod q4_k;
+pub mod q5_0;
+pub mod q5_k;
 pub mod q6_k;
 pub mod q8;
 pub mod q8_0;
 pub mod q8_0_x8;
 pub mod row_kernels;
+#[cfg(test)]
+mod row_tests;
+pub mod signed32;
 
 pub use matmul::{
     kernel_cap, matmul, matmul_many, matmul_many_with, matmul_with, Kernel, MatmulOptions,
@@ -35,6 +41,7 @@ pub use matmul::{
 
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
+use row_kernels::RowFormat;
 use std::sync::Arc;
 
 /// Weight block formats with a native kernel here (others fall back to candle).
@@ -46,6 +53,12 @@ pub enum QType {
     Q4K,
     /// K-quant, 6.56 bits a weight (Q6_K files; the head and some layers of Q4_K_M).
     Q6K,
+    /// K-quant, 5.5 bits a weight (most of a Q5_K_M file).
+    Q5K,
+    /// 4.5 bits a weight, no offset (`w = d·(q − 8)`).
+    Q4_0,
+    /// 5.5 bits a weight, no offset (`w = d·(q − 16)`).
+    Q5_0,
 }
 
 impl QType {
@@ -56,14 +69,17 @@ impl QType {
             QType::Q8_0 => q8_0::BLOCK_BYTES,
             QType::Q4K => q4_k::BLOCK_BYTES,
             QType::Q6K => q6_k::BLOCK_BYTES,
+            QType::Q5K => q5_k::BLOCK_BYTES,
+            QType::Q4_0 => q4_0::BLOCK_BYTES,
+            QType::Q5_0 => q5_0::BLOCK_BYTES,
         }
     }
 
     /// Weights in one block: 32, or 256 for the K-quants' super-blocks.
     pub fn block_elems(self) -> usize {
         match self {
-            QType::Q4_1 | QType::Q8_0 => q8::QK,
-            QType::Q4K | QType::Q6K => q8::QK_K,
+            QType::Q4_1 | QType::Q8_0 | QType::Q4_0 | QType::Q5_0 => q8::QK,
+            QType::Q4K | QType::Q5K | QType::Q6K => q8::QK_K,
         }
     }
 
@@ -74,6 +90,9 @@ impl QType {
             GgmlDType::Q8_0 => QType::Q8_0,
             GgmlDType::Q4K => QType::Q4K,
             GgmlDType::Q6K => QType::Q6K,
+            GgmlDType::Q5K => QType::Q5K,
+            GgmlDType::Q4_0 => QType::Q4_0,
+            GgmlDType::Q5_0 => QType::Q5_0,
             _ => return None,
         })
     }
@@ -107,7 +126,8 @@ impl QType {
         match self {
             QType::Q4_1 => &q4_1_x8::FIELDS,
             QType::Q8_0 => &q8_0_x8::FIELDS,
-            QType::Q4K | QType::Q6K => &[],
+            // Not interleaved (`Layout::Rows` only).
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q4_0 | QType::Q5_0 => &[],
         }
     }
 }
@@ -132,7 +152,7 @@ impl QMatrix {
             _ if !rows.is_multiple_of(interleave::GROUP) => Layout::Rows,
             QType::Q4_1 => Layout::Q4_1X8,
             QType::Q8_0 => Layout::Q8_0X8,
-            QType::Q4K | QType::Q6K => Layout::Rows,
+            QType::Q4K | QType::Q5K | QType::Q6K | QType::Q4_0 | QType::Q5_0 => Layout::Rows,
         };
         Self::with_layout(dtype, rows, cols, data, layout)
     }
@@ -242,6 +262,9 @@ impl QMatrix {
             QType::Q8_0 => q8_0::dequantize_row(row, out),
             QType::Q4K => <q4_k::Q4K as row_kernels::RowFormat>::dequantize_row(row, out),
             QType::Q6K => <q6_k::Q6K as row_kernels::RowFormat>::dequantize_row(row, out),
+            QType::Q5K => <q5_k::Q5K as RowFormat>::dequantize_row(row, out),
+            QType::Q4_0 => <q4_0::Q4_0 as RowFormat>::dequantize_row(row, out),
+            QType::Q5_0 => <q5_0::Q5_0 as RowFormat>::dequantize_row(row, out),
         }
     }
 }

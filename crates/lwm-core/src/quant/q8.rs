@@ -365,6 +365,7 @@ mod q8_k_tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::identity_op)] // the sum spelled out
     fn q8_k_matches_ggml_reference_rules() {
         // Hand-checked: max is the first value of largest magnitude, signed; quants are
         // round-half-even of -127/max · x, capped at 127.
