@@ -60,9 +60,10 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The 8 scales then the 8 mins of a super-block.
+/// The 8 scales then the 8 mins of a super-block, from its 12 packed bytes (Q4_K and
+/// Q5_K pack them alike).
 #[inline(always)]
-fn scales_mins(q: &[u8]) -> [u8; 16] {
+pub(super) fn scales_mins(q: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     for j in 0..8 {
         let (s, m) = scale_min(j, q);
@@ -150,7 +151,7 @@ impl RowFormat for Q4K {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
     use super::BLOCK_BYTES;
@@ -160,7 +161,7 @@ mod avx2 {
     /// of `scales_mins`), unpacked in general-purpose registers (ggml's `utmp` masks) so
     /// that the vector pipes stay free for the products.
     #[inline(always)]
-    pub(super) unsafe fn scales_mins_gpr(b: *const u8) -> __m128i {
+    pub(in crate::quant) unsafe fn scales_mins_gpr(b: *const u8) -> __m128i {
         let q = b.add(4);
         // l = bytes 0..8 (sc0..3 and m0..3 in their low 6 bits, the top 2 bits of sc4..7 and
         // m4..7 above); h = bytes 8..12 (the low 4 bits of sc4..7 and m4..7 as nibbles).

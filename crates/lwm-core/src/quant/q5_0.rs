@@ -11,9 +11,8 @@
 //! llama.cpp's x86 build hands products of two or more activation rows to llamafile's
 //! tinyBLAS, which groups the sums differently; one row (decode) runs this `vec_dot`.
 
-use super::q8::{self, BlockQ8_0, QK};
-use super::row_kernels::RowFormat;
-use super::signed32::{self, Signed32};
+use super::q8::QK;
+use super::signed32::Signed32;
 
 pub const BLOCK_BYTES: usize = 22;
 
@@ -63,41 +62,6 @@ impl Signed32 for Q5_0 {
             nib,
             _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
         )
-    }
-}
-
-impl RowFormat for Q5_0 {
-    type Act = BlockQ8_0;
-    const ACT_ZERO: BlockQ8_0 = BlockQ8_0::ZERO;
-    const BLOCK_ELEMS: usize = QK;
-    const BLOCK_BYTES: usize = BLOCK_BYTES;
-
-    fn quantize_acts(x: &[f32], out: &mut [BlockQ8_0], simd: bool) {
-        if simd {
-            q8::quantize_row_q8_0(x, out)
-        } else {
-            q8::quantize_row_q8_0_scalar(x, out)
-        }
-    }
-
-    fn dequantize_row(row: &[u8], out: &mut [f32]) {
-        signed32::dequantize_row::<Self>(row, out)
-    }
-
-    fn dot_scalar(w: &[u8], y: &[BlockQ8_0]) -> f32 {
-        signed32::dot_scalar::<Self>(w, y)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_x_acts_avx2(
-        w: &[u8],
-        stride: usize,
-        n_rows: usize,
-        ys: &[&[BlockQ8_0]],
-        out: &mut [f32],
-    ) -> bool {
-        signed32::avx2::rows_x_acts::<Self>(w, stride, n_rows, ys, out);
-        true
     }
 }
 

@@ -23,6 +23,7 @@
 //! llama.cpp's x86 CPU backend neither repacks Q5_K (its repacked Q5_K kernels are ARM's)
 //! nor hands it to llamafile's tinyBLAS, so this is every mul_mat's per-element order.
 
+use super::q4_k::scales_mins;
 use super::q8::{self, BlockQ8K, QK_K};
 use super::row_kernels::RowFormat;
 use super::{f16_bits_to_f32, hsum8};
@@ -35,19 +36,6 @@ const QS: usize = 48;
 
 /// The Q5_K row format.
 pub struct Q5K;
-
-/// The 8 scales then the 8 mins of a super-block, from its 12 packed bytes.
-#[inline(always)]
-fn scales_mins(p: &[u8]) -> [u8; 16] {
-    let mut o = [0u8; 16];
-    for j in 0..4 {
-        o[j] = p[j] & 63;
-        o[8 + j] = p[j + 4] & 63;
-        o[4 + j] = (p[j + 8] & 0xF) | ((p[j] >> 6) << 4);
-        o[12 + j] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
-    }
-    o
-}
 
 /// The 5-bit quant of element `e < 32` of sub-block `s < 8` of the block `b`.
 #[inline(always)]
@@ -135,9 +123,10 @@ impl RowFormat for Q5K {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::q4_k::avx2::scales_mins_gpr;
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
-    use super::{BLOCK_BYTES, QH, QS, SCALES};
+    use super::{BLOCK_BYTES, QH, QS};
     use std::arch::x86_64::*;
 
     /// (d, dmin) of the block at `p`.
@@ -145,22 +134,6 @@ mod avx2 {
     unsafe fn d_dmin(p: *const u8) -> (f32, f32) {
         let h = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
         (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)))
-    }
-
-    /// The 8 scales then the 8 mins (bytes) from the 12 packed bytes at `p`.
-    #[inline(always)]
-    unsafe fn scales_mins(p: *const u8) -> __m128i {
-        let a = (p as *const u32).read_unaligned(); // sc0..3 | high bits of sc4..7
-        let b = (p.add(4) as *const u32).read_unaligned(); // m0..3 | high bits of m4..7
-        let c = (p.add(8) as *const u32).read_unaligned(); // low nibbles: sc4..7, m4..7
-        const K6: u32 = 0x3f3f_3f3f;
-        const K4: u32 = 0x0f0f_0f0f;
-        const K2: u32 = 0x0303_0303;
-        let sc_lo = a & K6;
-        let sc_hi = (c & K4) | (((a >> 6) & K2) << 4);
-        let m_lo = b & K6;
-        let m_hi = ((c >> 4) & K4) | (((b >> 6) & K2) << 4);
-        _mm_set_epi32(m_hi as i32, m_lo as i32, sc_hi as i32, sc_lo as i32)
     }
 
     /// Bit `BIT` of every byte of `h` moved to bit 4 (other bits garbage).
@@ -278,7 +251,7 @@ mod avx2 {
             let sbs: [Sb; WR] = std::array::from_fn(|r| {
                 let p = w.add(r * stride + b * BLOCK_BYTES);
                 let (xd, xmin) = d_dmin(p);
-                let sm = scales_mins(p.add(SCALES));
+                let sm = scales_mins_gpr(p);
                 let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, mdup));
                 for a in 0..AR {
                     let bs = _mm256_loadu_si256(yb[a].bsums.as_ptr() as *const __m256i);

@@ -11,7 +11,8 @@
 //! ```
 
 use super::hsum8;
-use super::q8::{BlockQ8_0, QK};
+use super::q8::{self, BlockQ8_0, QK};
+use super::row_kernels::RowFormat;
 
 /// A 32-wide block format of signed quants with one f16 scale first.
 pub trait Signed32 {
@@ -24,6 +25,42 @@ pub trait Signed32 {
     /// AVX2 present; `p` points at a whole block.
     #[cfg(target_arch = "x86_64")]
     unsafe fn quants_avx2(p: *const u8) -> std::arch::x86_64::__m256i;
+}
+
+/// Every `Signed32` format is a row format on Q8_0 activations with these kernels.
+impl<S: Signed32> RowFormat for S {
+    type Act = BlockQ8_0;
+    const ACT_ZERO: BlockQ8_0 = BlockQ8_0::ZERO;
+    const BLOCK_ELEMS: usize = QK;
+    const BLOCK_BYTES: usize = S::BYTES;
+
+    fn quantize_acts(x: &[f32], out: &mut [BlockQ8_0], simd: bool) {
+        if simd {
+            q8::quantize_row_q8_0(x, out)
+        } else {
+            q8::quantize_row_q8_0_scalar(x, out)
+        }
+    }
+
+    fn dequantize_row(row: &[u8], out: &mut [f32]) {
+        dequantize_row::<S>(row, out)
+    }
+
+    fn dot_scalar(w: &[u8], y: &[BlockQ8_0]) -> f32 {
+        dot_scalar::<S>(w, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_x_acts_avx2(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8_0]],
+        out: &mut [f32],
+    ) -> bool {
+        avx2::rows_x_acts::<S>(w, stride, n_rows, ys, out);
+        true
+    }
 }
 
 #[inline(always)]
