@@ -153,6 +153,7 @@ mod avx2 {
     }
 
     /// One weight row's super-block, unpacked as the dot products want it.
+    #[derive(Clone, Copy)]
     struct Sb {
         p: *const u8,
         /// The 8 scales as i16 in both 128-bit lanes.
@@ -248,7 +249,14 @@ mod avx2 {
             let mut mprod = [_mm256_setzero_si256(); 8];
             let mut dmin = [0.0f32; 8];
             let mut d = [[0.0f32; AR]; WR];
-            let sbs: [Sb; WR] = std::array::from_fn(|r| {
+            // A plain loop, not `array::from_fn`: a closure does not inherit the caller's
+            // target features, so its intrinsics would stay out-of-line calls.
+            let mut sbs = [Sb {
+                p: w,
+                scales: _mm256_setzero_si256(),
+                hbits: _mm256_setzero_si256(),
+            }; WR];
+            for (r, sb) in sbs.iter_mut().enumerate() {
                 let p = w.add(r * stride + b * BLOCK_BYTES);
                 let (xd, xmin) = d_dmin(p);
                 let sm = scales_mins_gpr(p);
@@ -260,12 +268,12 @@ mod avx2 {
                     d[r][a] = yb[a].d * xd;
                 }
                 let sc = _mm256_cvtepu8_epi16(sm);
-                Sb {
+                *sb = Sb {
                     p,
                     scales: _mm256_permute2x128_si256::<0x00>(sc, sc),
                     hbits: _mm256_loadu_si256(p.add(QH) as *const __m256i),
-                }
-            });
+                };
+            }
             for h in 0..(WR * AR).div_ceil(4) {
                 let v = [
                     mprod[4 * h],
