@@ -399,6 +399,11 @@ mod simd {
     /// One vector width's operations (`BF`: the weights are bf16, else f16).
     pub(super) trait Vec32: Copy {
         const L: usize;
+        /// Activation rows per GEMM register tile (× 4 weight rows): the accumulators, the
+        /// activation vectors and one weight vector must fit the register file (AVX2: 16
+        /// ymm = 12 + 3 + 1; with 4 × 4 the tile spilled and ran at a third of candle's
+        /// f32 GEMM).
+        const AR: usize;
         unsafe fn zero() -> Self;
         /// L weights at `p`, widened.
         unsafe fn load_w<const BF: bool>(p: *const u16) -> Self;
@@ -416,6 +421,7 @@ mod simd {
 
     impl Vec32 for V8 {
         const L: usize = 8;
+        const AR: usize = 3;
         #[inline(always)]
         unsafe fn zero() -> Self {
             V8(_mm256_setzero_ps())
@@ -452,6 +458,7 @@ mod simd {
 
     impl Vec32 for V16 {
         const L: usize = 16;
+        const AR: usize = 4;
         #[inline(always)]
         unsafe fn zero() -> Self {
             V16(_mm512_setzero_ps())
@@ -602,7 +609,7 @@ mod simd {
     }
 
     /// The tiled GEMM: for each block of NB activation rows and KC columns, widen RB weight
-    /// rows × KC columns into `scratch` once, then run 4 × 4 register tiles of
+    /// rows × KC columns into `scratch` once, then run 4 × `V::AR` register tiles of
     /// (weight rows × activation rows) over it.
     #[inline(always)]
     unsafe fn gemm<V: Vec32, const BF: bool>(
@@ -649,11 +656,13 @@ mod simd {
                         let wr = if i + 4 <= rb { 4 } else { 1 };
                         let mut a = a0;
                         while a < a0 + na {
-                            let ar = if a + 4 <= a0 + na { 4 } else { 1 };
-                            match (wr, ar) {
-                                (4, 4) => tile.run::<V, 4, 4>(i, rb0 + i, a),
-                                (4, _) => tile.run::<V, 4, 1>(i, rb0 + i, a),
-                                (_, 4) => tile.run::<V, 1, 4>(i, rb0 + i, a),
+                            let ar = if a + V::AR <= a0 + na { V::AR } else { 1 };
+                            match (wr, ar, V::AR) {
+                                (4, 3, 3) => tile.run::<V, 4, 3>(i, rb0 + i, a),
+                                (4, 4, 4) => tile.run::<V, 4, 4>(i, rb0 + i, a),
+                                (4, _, _) => tile.run::<V, 4, 1>(i, rb0 + i, a),
+                                (_, 3, 3) => tile.run::<V, 1, 3>(i, rb0 + i, a),
+                                (_, 4, 4) => tile.run::<V, 1, 4>(i, rb0 + i, a),
                                 _ => tile.run::<V, 1, 1>(i, rb0 + i, a),
                             }
                             a += ar;
