@@ -123,6 +123,8 @@ def main() -> int:
     for name, t in TYPES.items():
         tr = base.ggml_get_type_traits(t).contents
         trc = cpu.ggml_get_type_traits_cpu(t).contents
+        if cols % tr.blck_size:
+            continue  # (K-quants need a multiple of 256 columns)
         base.ggml_quantize_init(t)
         row_bytes = cols // tr.blck_size * tr.type_size
         wq = (C.c_uint8 * (rows * row_bytes))()

@@ -40,9 +40,9 @@ def post(port, body):
         return json.loads(r.read())
 
 
-def serve(bin_dir, model, port):
+def serve(bin_dir, model, port, extra):
     p = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(model), "-t", "2", "-c", "2048",
-                          "--port", str(port), "-np", "1", "--no-webui"],
+                          "--port", str(port), "-np", "1", "--no-webui", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -65,6 +65,8 @@ def main():
                     / "crates/lwm/tests/fixtures/smollm2-reference.json")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--port", type=int, default=18093)
+    ap.add_argument("--server-args", default="", help="extra llama-server arguments, e.g. '-ub 1 -nr' "
+                    "(one-token batches, no weight repacking: every product through ggml's vec_dot)")
     a = ap.parse_args()
     ref = json.loads(a.reference.read_text())
     a.out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,7 @@ def main():
             subprocess.run([str(a.bin / "llama-quantize"), "--allow-requantize", str(a.default_model),
                             str(path), fmt, "2"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"{fmt}: {path.stat().st_size} bytes", file=sys.stderr, flush=True)
-        srv = serve(a.bin, path, a.port)
+        srv = serve(a.bin, path, a.port, a.server_args.split())
         try:
             r = post(a.port, {"prompt": ref["prompt_token_ids"], "n_predict": 1, "n_probs": 10,
                               "temperature": 0, "cache_prompt": False})

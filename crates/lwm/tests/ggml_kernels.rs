@@ -72,14 +72,16 @@ fn activation_blocks_equal_ggml() {
         })
         .collect();
     for (a, x) in acts.iter().enumerate() {
-        let mut k = vec![BlockQ8K::ZERO; cols / QK_K];
-        q8::quantize_row_q8_k(x, &mut k);
-        let got: Vec<u8> = k.iter().flat_map(q8k_bytes).collect();
-        assert_eq!(
-            got,
-            unhex(fx["types"]["q4_k"]["acts_q"][a].as_str().unwrap()),
-            "Q8_K row {a}"
-        );
+        if cols % QK_K == 0 {
+            let mut k = vec![BlockQ8K::ZERO; cols / QK_K];
+            q8::quantize_row_q8_k(x, &mut k);
+            let got: Vec<u8> = k.iter().flat_map(q8k_bytes).collect();
+            assert_eq!(
+                got,
+                unhex(fx["types"]["q4_k"]["acts_q"][a].as_str().unwrap()),
+                "Q8_K row {a}"
+            );
+        }
         let mut z = vec![BlockQ8_0::ZERO; cols / 32];
         q8::quantize_row_q8_0(x, &mut z);
         let got: Vec<u8> = z.iter().flat_map(q8_0_bytes).collect();
@@ -119,6 +121,9 @@ fn dequantization_and_dot_products_equal_ggml() {
     }
     for (name, dtype) in NATIVE {
         let t = &fx["types"][name];
+        if t.is_null() {
+            continue; // a shape this format cannot hold (K-quants: 256-column multiples)
+        }
         let m = QMatrix::new(
             dtype,
             rows,
