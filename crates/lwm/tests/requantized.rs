@@ -6,9 +6,11 @@
 //! llama-quantize: this test runs where `LWM_REQUANT_DIR` names the folder the script wrote
 //! (each file is checked by size and SHA-256 against the fixture) and says so where not.
 //!
-//! What must hold, per format: the same top-10 token ids after the reference prompt, the
-//! gaps `logit(id) - logit(top-1)` within `tolerance(format)` of llama.cpp's (its
-//! log-probabilities differ by exactly those gaps), and the same 32-token greedy chat answer.
+//! What must hold, per format: llama.cpp's top token after the reference prompt and its top 5
+//! among our top 10; the gaps `logit(id) - logit(top-1)` (its log-probabilities differ by
+//! exactly those) within 1e-3 where both engines run the same arithmetic, else within 1.5×
+//! the spread of llama.cpp's own execution paths on that file; and the 32-token greedy chat
+//! answer, up to a step where the two engines' choices are within that spread of each other.
 
 mod common;
 use common::*;
@@ -20,27 +22,38 @@ fn reference() -> serde_json::Value {
         .unwrap()
 }
 
-/// How far our logit gaps may sit from llama.cpp's, or `None` where they are known to
-/// differ (measured, issue 18): the products are the same where both engines run ggml's
-/// `vec_dot` (Q4_K_M: 1e-5), and F16/BF16 differ by activation rounding and sum order
-/// (0.01 / 0.04). The Q8_0-, Q4_0- and Q5_0-heavy files differ by 0.1-0.5 although our
-/// kernels reproduce `vec_dot` bit for bit on these very shapes (tests/ggml_kernels.rs):
-/// llama.cpp computes those types through another path (llamafile's tinyBLAS, which it
-/// tries first for them, also for one activation row), not yet reproduced; Q5_K_M holds
-/// Q5_1 tensors, which still run on candle's kernels.
-fn tolerance(format: &str) -> Option<f32> {
-    match format {
-        "Q4_K_M" => Some(1e-3),
-        "F16" => Some(0.02),
-        "BF16" => Some(0.08),
-        _ => None,
-    }
+/// Formats whose every tensor runs, in llama.cpp's default path, through ggml's `vec_dot`
+/// (which our kernels reproduce bit for bit): there the logits must agree to 1e-3.
+const EXACT: [&str; 1] = ["Q4_K_M"];
+
+/// Formats measured outside the bound, reported but not asserted (issue 18): Q5_K_M's file
+/// holds Q5_1 tensors (576-column matrices cannot be K-quants), which still run on candle's
+/// kernels, not in ggml's order (1.04 vs a bound of 0.62); the Q6_K file (Q8_0 and Q6_K
+/// tensors, both bit-equal to ggml's vec_dot on its shapes) sits at 0.54 vs 0.46, not
+/// explained yet.
+const KNOWN: [&str; 2] = ["Q5_K_M", "Q6_K"];
+
+/// `top10` as (id, logprob) pairs.
+fn pairs(v: &serde_json::Value) -> Vec<(u32, f32)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+        .collect()
 }
 
-/// Formats whose greedy answers part from llama.cpp's at a gap above the tolerance (Q4_K_M:
-/// at step 7, 0.10; its prompt logits agree to 1e-5, so the difference is in the decode
-/// steps, where llama.cpp multiplies by its repacked Q4_K layout): reported, not asserted.
-const GREEDY_KNOWN: [&str; 1] = ["Q4_K_M"];
+/// The largest difference of the gaps `l(id) − l(top-1 of a)` between two top-10 lists,
+/// over the ids both hold.
+fn gap_difference(a: &[(u32, f32)], b: &[(u32, f32)]) -> f32 {
+    let (a0, b0) = (a[0], b.iter().find(|p| p.0 == a[0].0).copied());
+    let Some(b0) = b0 else { return f32::INFINITY };
+    a.iter()
+        .filter_map(|&(id, la)| {
+            let lb = b.iter().find(|p| p.0 == id)?.1;
+            Some(((la - a0.1) - (lb - b0.1)).abs())
+        })
+        .fold(0.0, f32::max)
+}
 
 /// Token ids llama.cpp never picks in the fixture's greedy runs (`ignore_eos`): its
 /// end-of-generation tokens, `<|endoftext|>` and `<|im_end|>`.
@@ -84,32 +97,40 @@ fn requantized_default_model_matches_llama_cpp() {
         let mut cache = engine.model.new_cache();
         let logits = engine.model.forward(&prompt, &mut cache, false).unwrap();
         let ours = top_k(&logits, 10);
-        let top: Vec<(u32, f32)> = want["top10"]
-            .as_array()
-            .unwrap()
+        let top = pairs(&want["top10"]);
+        let ours_pairs: Vec<(u32, f32)> = top
             .iter()
-            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+            .map(|&(id, _)| (id, logits[id as usize]))
             .collect();
-        let mut ours_ids: Vec<u32> = ours.iter().map(|p| p.0).collect();
-        let mut want_ids: Vec<u32> = top.iter().map(|p| p.0).collect();
-        ours_ids.sort();
-        want_ids.sort();
-        let mut worst = 0.0f32;
-        for &(id, lp) in &top {
-            let gap = logits[id as usize] - logits[top[0].0 as usize];
-            let want_gap = lp - top[0].1;
-            worst = worst.max((gap - want_gap).abs());
-        }
+        let worst = gap_difference(&top, &ours_pairs);
+        // How far llama.cpp's own execution paths part on this file (repacking off, one-token
+        // batches, no flash attention): on a 135M model with 8-bit activations a changed
+        // rounding moves these logits by tenths, so that spread is the bound where our
+        // arithmetic is not the path llama.cpp takes by default.
+        let spread = want["top10_variants"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| gap_difference(&top, &pairs(v)))
+            .fold(0.0, f32::max);
+        let bound = 1.5 * spread + 0.02;
+        let tol = if EXACT.contains(&format.as_str()) {
+            1e-3
+        } else {
+            bound
+        };
         eprintln!(
-            "{format}: largest logit-gap difference from llama.cpp {worst:.5}, same top-10 ids: {}",
-            ours_ids == want_ids
+            "{format}: logit gaps {worst:.5} from llama.cpp's (its own paths part by {spread:.5}; bound {tol:.5}); top-1 {} vs {}",
+            ours[0].0, top[0].0
         );
-        let Some(tol) = tolerance(format) else {
+        if KNOWN.contains(&format.as_str()) {
             eprintln!("{format}: a known deviation, not asserted");
             checked += 1;
             continue;
-        };
-        if ours[0].0 != top[0].0 || ours_ids != want_ids {
+        }
+        // The top token, and llama.cpp's top 5 among our top 10.
+        let ours_ids: Vec<u32> = ours.iter().map(|p| p.0).collect();
+        if ours[0].0 != top[0].0 || top[..5].iter().any(|p| !ours_ids.contains(&p.0)) {
             failures.push(format!("{format}: top-10 {ours:?}, llama.cpp {top:?}"));
         }
         if worst > tol {
@@ -118,8 +139,9 @@ fn requantized_default_model_matches_llama_cpp() {
             ));
         }
         // The greedy answer, step by step: ours must pick llama.cpp's token at every step
-        // unless that step is a near tie (llama.cpp's token within the tolerance of our
-        // best), where the two engines may part; then the rest is not comparable.
+        // unless that step is a near tie (llama.cpp's token within `bound` of our best: its
+        // decode steps take other paths again), where the two engines may part; then the
+        // rest is not comparable.
         let want_greedy = ids(&want["greedy_token_ids"]);
         let mut cache = engine.model.new_cache();
         let mut logits = engine.model.forward(&chat, &mut cache, false).unwrap();
@@ -131,7 +153,7 @@ fn requantized_default_model_matches_llama_cpp() {
             let best = top_k(&logits, 1)[0];
             if best.0 != w {
                 let gap = best.1 - logits[w as usize];
-                if gap > tol && !GREEDY_KNOWN.contains(&format.as_str()) {
+                if gap > bound {
                     failures.push(format!(
                         "{format}: greedy step {same} picks {} where llama.cpp picks {w}, {gap} below it",
                         best.0
