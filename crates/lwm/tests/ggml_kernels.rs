@@ -72,7 +72,7 @@ fn activation_blocks_equal_ggml() {
         })
         .collect();
     for (a, x) in acts.iter().enumerate() {
-        if cols % QK_K == 0 {
+        if cols.is_multiple_of(QK_K) {
             let mut k = vec![BlockQ8K::ZERO; cols / QK_K];
             q8::quantize_row_q8_k(x, &mut k);
             let got: Vec<u8> = k.iter().flat_map(q8k_bytes).collect();
