@@ -78,3 +78,63 @@ pub fn rows_x_acts_scalar<F: RowFormat>(
         }
     }
 }
+
+/// A GEMM register tile: one weight row against `AR` (1 to 8) consecutive activation rows.
+pub trait RowTile {
+    type Act;
+    /// `out[k] = dot(row at wr, ys[a0 + k])` for k < AR, in the format's order.
+    ///
+    /// # Safety
+    /// The CPU has the tile's instructions; `wr` points at a whole row of `stride` bytes;
+    /// `ys[a0..a0 + AR]` exist and each has the row's block count.
+    unsafe fn row_x_acts<const AR: usize>(
+        wr: *const u8,
+        stride: usize,
+        ys: &[&[Self::Act]],
+        a0: usize,
+        out: &mut [f32],
+    );
+}
+
+/// Bytes of weight rows kept in cache while every activation tile passes over them.
+const ROW_BLOCK_BYTES: usize = 64 << 10;
+
+/// The GEMM loop the per-row kernels share (n > 1): blocks of weight rows that stay in L2,
+/// and for each, tiles of up to 8 activation rows that share each unpacked weight block.
+/// `out[r * ys.len() + a]` = row r · ys[a]. Inline it into a `#[target_feature]` function.
+///
+/// # Safety
+/// As `RowTile::row_x_acts`, for `n_rows` rows `stride` bytes apart from `wp`; `out` holds
+/// `n_rows * ys.len()` values.
+#[inline(always)]
+pub unsafe fn gemm_rows<T: RowTile>(
+    wp: *const u8,
+    stride: usize,
+    n_rows: usize,
+    ys: &[&[T::Act]],
+    out: &mut [f32],
+) {
+    let n = ys.len();
+    let block_rows = (ROW_BLOCK_BYTES / stride).max(1);
+    for r0 in (0..n_rows).step_by(block_rows) {
+        let r1 = (r0 + block_rows).min(n_rows);
+        let mut a = 0;
+        while a < n {
+            let ar = (n - a).min(8);
+            for r in r0..r1 {
+                let (wr, o) = (wp.add(r * stride), &mut out[r * n + a..r * n + a + ar]);
+                match ar {
+                    8 => T::row_x_acts::<8>(wr, stride, ys, a, o),
+                    7 => T::row_x_acts::<7>(wr, stride, ys, a, o),
+                    6 => T::row_x_acts::<6>(wr, stride, ys, a, o),
+                    5 => T::row_x_acts::<5>(wr, stride, ys, a, o),
+                    4 => T::row_x_acts::<4>(wr, stride, ys, a, o),
+                    3 => T::row_x_acts::<3>(wr, stride, ys, a, o),
+                    2 => T::row_x_acts::<2>(wr, stride, ys, a, o),
+                    _ => T::row_x_acts::<1>(wr, stride, ys, a, o),
+                }
+            }
+            a += ar;
+        }
+    }
+}
