@@ -291,6 +291,32 @@ impl Buf {
         Ok(())
     }
 
+    /// Split a `[n, ...]` array into its n leading slices, from the last: each slice is
+    /// copied out and the buffer shrunk behind it (a large allocation shrinks in place), so
+    /// a scanned array of every layer never exists twice (it did: +2.9 GB transient for
+    /// LWM-7B's FFN weights).
+    fn split_leading(self, n: usize) -> Vec<Buf> {
+        fn split<T>(mut v: Vec<T>, n: usize) -> Vec<Vec<T>> {
+            if n == 0 {
+                return Vec::new();
+            }
+            let per = v.len() / n;
+            let mut parts = Vec::with_capacity(n);
+            for i in (1..n).rev() {
+                parts.push(v.split_off(i * per));
+                v.shrink_to_fit();
+            }
+            parts.push(v);
+            parts.reverse();
+            parts
+        }
+        match self {
+            Buf::F32(v) => split(v, n).into_iter().map(Buf::F32).collect(),
+            Buf::BF16(v) => split(v, n).into_iter().map(Buf::BF16).collect(),
+            Buf::F16(v) => split(v, n).into_iter().map(Buf::F16).collect(),
+        }
+    }
+
     fn into_tensor(self, shape: &[usize]) -> Result<Tensor> {
         let dev = &Device::Cpu;
         Ok(match self {
@@ -755,13 +781,14 @@ impl JaxWeights {
         };
         let mut visit = |key: Vec<String>, arr: Array| -> Result<()> {
             let slot = classify(&key).expect("checked");
-            let t = arr.data.expect("loaded").into_tensor(&arr.shape)?;
+            let data = arr.data.expect("loaded");
             let orient = |t: Tensor, transposed: bool| -> Result<Tensor> {
                 Ok(if transposed { t.t()?.contiguous()? } else { t })
             };
             match slot {
                 Slot::Top { name, transposed } => {
-                    insert(&mut tensors, name.to_string(), orient(t, transposed)?, &key)?;
+                    let t = orient(data.into_tensor(&arr.shape)?, transposed)?;
+                    insert(&mut tensors, name.to_string(), t, &key)?;
                 }
                 Slot::Layer {
                     layer,
@@ -779,21 +806,16 @@ impl JaxWeights {
                         );
                     }
                     match layer {
-                        Some(i) => insert(
-                            &mut tensors,
-                            layer_name(i, suffix),
-                            orient(t, transposed)?,
-                            &key,
-                        )?,
+                        Some(i) => {
+                            let t = orient(data.into_tensor(&arr.shape)?, transposed)?;
+                            insert(&mut tensors, layer_name(i, suffix), t, &key)?;
+                        }
+                        // Scanned: one array holds every layer; split it as it is consumed.
                         None => {
-                            for i in 0..arr.shape[0] {
-                                let one = t.get(i)?.contiguous()?;
-                                insert(
-                                    &mut tensors,
-                                    layer_name(i, suffix),
-                                    orient(one, transposed)?,
-                                    &key,
-                                )?;
+                            let parts = data.split_leading(arr.shape[0]);
+                            for (i, part) in parts.into_iter().enumerate() {
+                                let t = orient(part.into_tensor(&arr.shape[1..])?, transposed)?;
+                                insert(&mut tensors, layer_name(i, suffix), t, &key)?;
                             }
                         }
                     }
