@@ -10,8 +10,10 @@
 //! count nor how rows are grouped.
 //!
 //! Each kernel has a portable scalar version and an AVX2+FMA+F16C version chosen at run
-//! time; where the CPU has AVX-512 VNNI, the interleaved Q4_1 kernels form their integer
-//! dot products with `vpdpbusd` instead. All give identical bits.
+//! time; where the CPU has AVX-512 VNNI (with VL, on 256-bit vectors), the interleaved Q4_1,
+//! Q4_0 and Q5_0 kernels form their integer 4-sums with `vpdpbusd` and the K-quants (Q4_K,
+//! Q5_K, Q6_K) their scaled sums with `vpdpwssd` (`row_kernels::simd`). Integer sums are
+//! exact, so all give identical bits.
 //!
 //! `ggml_cpu` holds the other llama.cpp CPU numerics needed to match its greedy output
 //! (RMSNorm, RoPE, SwiGLU, f16-KV flash attention); see there for which of them matter.

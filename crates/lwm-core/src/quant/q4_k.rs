@@ -148,12 +148,25 @@ impl RowFormat for Q4K {
         avx2::rows_x_acts(w, stride, n_rows, ys, out);
         true
     }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_x_acts_vnni(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) -> bool {
+        avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        true
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::scaled_pairs_acc;
     use super::BLOCK_BYTES;
     use std::arch::x86_64::*;
 
@@ -245,7 +258,7 @@ pub(super) mod avx2 {
     /// Σ_j sc[2j]·(lo nibbles · q8[64j..64j+32]) + sc[2j+1]·(hi nibbles · q8[64j+32..64j+64])
     /// per 32-bit lane, for one block's quants `q4` and scales `sc` (both 128-bit lanes).
     #[inline(always)]
-    unsafe fn block_sumi(q4: *const u8, sc: __m256i, q8: *const i8) -> __m256i {
+    unsafe fn block_sumi<const VNNI: bool>(q4: *const u8, sc: __m256i, q8: *const i8) -> __m256i {
         let m4 = _mm256_set1_epi8(0xF);
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
@@ -256,9 +269,8 @@ pub(super) mod avx2 {
             let q4h = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
             let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-            let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(q4l, q8l));
-            let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(q4h, q8h));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            sumi = scaled_pairs_acc::<VNNI>(sumi, _mm256_maddubs_epi16(q4l, q8l), sl);
+            sumi = scaled_pairs_acc::<VNNI>(sumi, _mm256_maddubs_epi16(q4h, q8h), sh);
         }
         sumi
     }
@@ -273,7 +285,7 @@ pub(super) mod avx2 {
     /// Mat-vec: one weight row times one activation row (`y` its blocks, `pre` their
     /// `ActBlock`s), ggml's loop.
     #[inline(always)]
-    unsafe fn row_x_act(w: *const u8, y: &[BlockQ8K], pre: &[ActBlock]) -> f32 {
+    unsafe fn row_x_act<const VNNI: bool>(w: *const u8, y: &[BlockQ8K], pre: &[ActBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut acc_m = _mm_setzero_ps();
         // Zero-extends the mins (bytes 8..16 of `scales_mins`) to i16.
@@ -285,7 +297,8 @@ pub(super) mod avx2 {
             let sm = scales_mins_gpr(b);
             let prod = _mm_madd_epi16(_mm_shuffle_epi8(sm, mins_ctrl), p.q8s);
             acc_m = _mm_fmadd_ps(_mm_shuffle_ps(dd, dd, 0x55), _mm_cvtepi32_ps(prod), acc_m);
-            let sumi = block_sumi(b.add(16), _mm256_broadcastsi128_si256(sm), yb.qs.as_ptr());
+            let sumi =
+                block_sumi::<VNNI>(b.add(16), _mm256_broadcastsi128_si256(sm), yb.qs.as_ptr());
             acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(sumi), acc);
         }
         hsum(acc) + hsum4(acc_m)
@@ -344,7 +357,7 @@ pub(super) mod avx2 {
     /// `TILE`): each weight block is unpacked once for the tile and kept in registers while
     /// the activation rows' quants stream past it (each load shared by the `R` rows).
     #[inline(always)]
-    unsafe fn rows_x_tile<const R: usize, const A: usize>(
+    unsafe fn rows_x_tile<const R: usize, const A: usize, const VNNI: bool>(
         w: *const u8,
         stride: usize,
         ys: &[*const BlockQ8K; TILE],
@@ -370,8 +383,8 @@ pub(super) mod avx2 {
                 for a in 0..A {
                     let y = _mm256_loadu_si256(q8[a].add(64 * j) as *const __m256i);
                     for r in 0..R {
-                        let p = _mm256_madd_epi16(s[r], _mm256_maddubs_epi16(q4[r], y));
-                        sumi[r][a] = _mm256_add_epi32(sumi[r][a], p);
+                        let p = _mm256_maddubs_epi16(q4[r], y);
+                        sumi[r][a] = scaled_pairs_acc::<VNNI>(sumi[r][a], p, s[r]);
                     }
                 }
                 let q4: [__m256i; R] =
@@ -382,8 +395,8 @@ pub(super) mod avx2 {
                 for a in 0..A {
                     let y = _mm256_loadu_si256(q8[a].add(64 * j + 32) as *const __m256i);
                     for r in 0..R {
-                        let p = _mm256_madd_epi16(s[r], _mm256_maddubs_epi16(q4[r], y));
-                        sumi[r][a] = _mm256_add_epi32(sumi[r][a], p);
+                        let p = _mm256_maddubs_epi16(q4[r], y);
+                        sumi[r][a] = scaled_pairs_acc::<VNNI>(sumi[r][a], p, s[r]);
                     }
                 }
             }
@@ -434,6 +447,29 @@ pub(super) mod avx2 {
         ys: &[&[BlockQ8K]],
         out: &mut [f32],
     ) {
+        rows_x_acts_with::<false>(w, stride, n_rows, ys, out)
+    }
+
+    /// `rows_x_acts` with AVX-512 VNNI's `vpdpwssd` for the scaled sums (identical bits).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts_vnni(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
+        rows_x_acts_with::<true>(w, stride, n_rows, ys, out)
+    }
+
+    #[inline(always)]
+    unsafe fn rows_x_acts_with<const VNNI: bool>(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
         let n = ys.len();
         let nb = stride / BLOCK_BYTES;
         debug_assert!(w.len() >= n_rows * stride);
@@ -450,7 +486,7 @@ pub(super) mod avx2 {
                 })
                 .collect();
             for (r, o) in out.iter_mut().enumerate().take(n_rows) {
-                *o = row_x_act(wp.add(r * stride), y, &pre);
+                *o = row_x_act::<VNNI>(wp.add(r * stride), y, &pre);
             }
             return;
         }
@@ -465,14 +501,19 @@ pub(super) mod avx2 {
                 ($a:literal) => {{
                     let mut r = 0;
                     while r + GEMM_ROWS <= n_rows {
-                        let o = rows_x_tile::<GEMM_ROWS, $a>(wp.add(r * stride), stride, &p, &tile);
+                        let o = rows_x_tile::<GEMM_ROWS, $a, VNNI>(
+                            wp.add(r * stride),
+                            stride,
+                            &p,
+                            &tile,
+                        );
                         for (k, o) in o.iter().enumerate() {
                             out[(r + k) * n + a0..(r + k) * n + a0 + $a].copy_from_slice(o);
                         }
                         r += GEMM_ROWS;
                     }
                     while r < n_rows {
-                        let o = rows_x_tile::<1, $a>(wp.add(r * stride), stride, &p, &tile);
+                        let o = rows_x_tile::<1, $a, VNNI>(wp.add(r * stride), stride, &p, &tile);
                         out[r * n + a0..r * n + a0 + $a].copy_from_slice(&o[0]);
                         r += 1;
                     }
@@ -578,6 +619,16 @@ mod tests {
                         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         "rows {rows} cols {cols} n {n}"
                     );
+                    if crate::quant::has_avx512_vnni() {
+                        let mut vnni = vec![f32::NAN; rows * n];
+                        // SAFETY: AVX-512 F/VL/VNNI checked; shapes as documented.
+                        assert!(unsafe { Q4K::rows_x_acts_vnni(&w, stride, rows, &ys, &mut vnni) });
+                        assert_eq!(
+                            vnni.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "VNNI rows {rows} cols {cols} n {n}"
+                        );
+                    }
                 }
             }
         }

@@ -128,12 +128,25 @@ impl RowFormat for Q6K {
         avx2::rows_x_acts(w, stride, n_rows, ys, out);
         true
     }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_x_acts_vnni(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) -> bool {
+        avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        true
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::scaled_pairs_acc;
     use super::{BLOCK_BYTES, D, QH, SCALES};
     use std::arch::x86_64::*;
 
@@ -219,10 +232,16 @@ mod avx2 {
         )))
     }
 
-    /// `scale · maddubs(q, y)`: lane t = the scale of bytes 4t.. × Σ of their 4 products.
+    /// `sumi + scale · maddubs(q, y)`: lane t gains the scale of bytes 4t.. × Σ of their 4
+    /// products (`vpdpwssd` with `VNNI`).
     #[inline(always)]
-    unsafe fn chunk_dot(q: __m256i, y: __m256i, scale: __m256i) -> __m256i {
-        _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q, y))
+    unsafe fn chunk_acc<const VNNI: bool>(
+        sumi: __m256i,
+        q: __m256i,
+        y: __m256i,
+        scale: __m256i,
+    ) -> __m256i {
+        scaled_pairs_acc::<VNNI>(sumi, _mm256_maddubs_epi16(q, y), scale)
     }
 
     /// The per-block f32 step: `acc = fma(y.d · x.d, f32(sumi − 32·Σ sc·bsums), acc)`.
@@ -247,7 +266,7 @@ mod avx2 {
 
     /// One weight row · one activation row, unpacking each block as it streams by.
     #[inline(always)]
-    unsafe fn row_dot(w: *const u8, y: &[BlockQ8K]) -> f32 {
+    unsafe fn row_dot<const VNNI: bool>(w: *const u8, y: &[BlockQ8K]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (i, yb) in y.iter().enumerate() {
             let b = w.add(i * BLOCK_BYTES);
@@ -258,8 +277,7 @@ mod avx2 {
                 let q = half_quants(b, h);
                 for (k, &qk) in q.iter().enumerate() {
                     let c = 4 * h + k;
-                    let p = chunk_dot(qk, load(yq.add(32 * c)), chunk_scale(&s, c));
-                    sumi = _mm256_add_epi32(sumi, p);
+                    sumi = chunk_acc::<VNNI>(sumi, qk, load(yq.add(32 * c)), chunk_scale(&s, c));
                 }
             }
             acc = finish_block(acc, sumi, s[0], block_d(b), yb);
@@ -297,7 +315,7 @@ mod avx2 {
     /// this loop (unrolled, it interleaves the activation rows and runs out of registers).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const WR: usize, const AR: usize>(
+    unsafe fn tile<const WR: usize, const AR: usize, const VNNI: bool>(
         p: *const Prepared,
         nb: usize,
         ys: [&[BlockQ8K]; AR],
@@ -314,7 +332,7 @@ mod avx2 {
                     let s = *pr[r].s.get_unchecked(c);
                     for a in 0..AR {
                         let y = load(yb[a].qs.as_ptr().add(32 * c));
-                        sumi[r][a] = _mm256_add_epi32(sumi[r][a], chunk_dot(q, y, s));
+                        sumi[r][a] = chunk_acc::<VNNI>(sumi[r][a], q, y, s);
                     }
                 }
             }
@@ -336,7 +354,7 @@ mod avx2 {
     /// Rows `r0 .. r0 + WR` (prepared at `p`) × activation rows `a0 .. a0 + AR` into `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_into<const WR: usize, const AR: usize>(
+    unsafe fn tile_into<const WR: usize, const AR: usize, const VNNI: bool>(
         p: *const Prepared,
         nb: usize,
         ys: &[&[BlockQ8K]],
@@ -346,7 +364,7 @@ mod avx2 {
         r0: usize,
     ) {
         let n = ys.len();
-        let t = tile::<WR, AR>(p, nb, std::array::from_fn(|a| ys[a0 + a]), chunks);
+        let t = tile::<WR, AR, VNNI>(p, nb, std::array::from_fn(|a| ys[a0 + a]), chunks);
         for (r, tr) in t.iter().enumerate() {
             out[(r0 + r) * n + a0..][..AR].copy_from_slice(tr);
         }
@@ -367,6 +385,29 @@ mod avx2 {
         ys: &[&[BlockQ8K]],
         out: &mut [f32],
     ) {
+        rows_x_acts_with::<false>(w, stride, n_rows, ys, out)
+    }
+
+    /// `rows_x_acts` with AVX-512 VNNI's `vpdpwssd` for the scaled sums (identical bits).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts_vnni(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
+        rows_x_acts_with::<true>(w, stride, n_rows, ys, out)
+    }
+
+    #[inline(always)]
+    unsafe fn rows_x_acts_with<const VNNI: bool>(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
         let n = ys.len();
         let nb = stride / BLOCK_BYTES;
         assert!(w.len() >= n_rows * stride && out.len() == n_rows * n);
@@ -378,7 +419,7 @@ mod avx2 {
             // activation rows this still beats preparing the blocks).
             for (r, o) in out.chunks_exact_mut(n).enumerate() {
                 for (o, y) in o.iter_mut().zip(ys) {
-                    *o = row_dot(wp.add(r * stride), y);
+                    *o = row_dot::<VNNI>(wp.add(r * stride), y);
                 }
             }
             return;
@@ -404,14 +445,14 @@ mod avx2 {
                         let p = prep.as_ptr().add(r * nb);
                         let (o, r1) = (&mut *out, r0 + r);
                         match (wr, ar) {
-                            (2, 4) => tile_into::<2, 4>(p, nb, ys, a0, chunks, o, r1),
-                            (2, 3) => tile_into::<2, 3>(p, nb, ys, a0, chunks, o, r1),
-                            (2, 2) => tile_into::<2, 2>(p, nb, ys, a0, chunks, o, r1),
-                            (2, _) => tile_into::<2, 1>(p, nb, ys, a0, chunks, o, r1),
-                            (_, 4) => tile_into::<1, 4>(p, nb, ys, a0, chunks, o, r1),
-                            (_, 3) => tile_into::<1, 3>(p, nb, ys, a0, chunks, o, r1),
-                            (_, 2) => tile_into::<1, 2>(p, nb, ys, a0, chunks, o, r1),
-                            _ => tile_into::<1, 1>(p, nb, ys, a0, chunks, o, r1),
+                            (2, 4) => tile_into::<2, 4, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (2, 3) => tile_into::<2, 3, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (2, 2) => tile_into::<2, 2, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (2, _) => tile_into::<2, 1, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (_, 4) => tile_into::<1, 4, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (_, 3) => tile_into::<1, 3, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            (_, 2) => tile_into::<1, 2, VNNI>(p, nb, ys, a0, chunks, o, r1),
+                            _ => tile_into::<1, 1, VNNI>(p, nb, ys, a0, chunks, o, r1),
                         }
                         r += wr;
                     }
@@ -526,6 +567,14 @@ mod tests {
                         // SAFETY: AVX2 checked above; shapes as documented.
                         assert!(unsafe { Q6K::rows_x_acts_avx2(w, stride, rows, &ys, &mut got) });
                         assert_eq!(bits(&got), bits(&want), "rows {rows} cols {cols} n {n}");
+                        if crate::quant::has_avx512_vnni() {
+                            let mut vnni = vec![f32::NAN; rows * n];
+                            // SAFETY: AVX-512 F/VL/VNNI checked; shapes as documented.
+                            assert!(unsafe {
+                                Q6K::rows_x_acts_vnni(w, stride, rows, &ys, &mut vnni)
+                            });
+                            assert_eq!(bits(&vnni), bits(&want), "VNNI rows {rows} n {n}");
+                        }
                     }
                 }
             }

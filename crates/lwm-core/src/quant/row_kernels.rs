@@ -138,3 +138,50 @@ pub unsafe fn gemm_rows<T: RowTile>(
         }
     }
 }
+
+/// Integer building blocks shared by the formats' AVX2 and AVX-512 VNNI kernels.
+#[cfg(target_arch = "x86_64")]
+pub mod simd {
+    use std::arch::x86_64::*;
+
+    /// `acc + madd(scale, p)`: the i16 lanes of `p` (`maddubs` pair sums) times the i16
+    /// scales, summed in pairs into the i32 lanes of `acc`. With `VNNI` this is one
+    /// `vpdpwssd` instead of `vpmaddwd` + `vpaddd`; both wrap the same way, so the
+    /// integers (and everything computed from them) are identical.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and AVX-512 VL/VNNI when `VNNI`; inline into a function that
+    /// enables them.
+    #[inline(always)]
+    pub unsafe fn scaled_pairs_acc<const VNNI: bool>(
+        acc: __m256i,
+        p: __m256i,
+        scale: __m256i,
+    ) -> __m256i {
+        if VNNI {
+            _mm256_dpwssd_epi32(acc, p, scale)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(scale, p))
+        }
+    }
+
+    /// `acc + Σ_{k<4} u[4t+k]·s[4t+k]` per i32 lane t (u unsigned, s signed bytes, both
+    /// < 2^7 in magnitude as the callers use it, so `maddubs` does not saturate): one
+    /// `vpdpbusd` with `VNNI`, else `maddubs` + `madd` by ones + add. Same integers.
+    ///
+    /// # Safety
+    /// As `scaled_pairs_acc`.
+    #[inline(always)]
+    pub unsafe fn u8s8_quads_acc<const VNNI: bool>(
+        acc: __m256i,
+        u: __m256i,
+        s: __m256i,
+    ) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(acc, u, s)
+        } else {
+            let p = _mm256_maddubs_epi16(u, s);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
+    }
+}

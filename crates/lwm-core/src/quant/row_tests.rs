@@ -142,6 +142,17 @@ where
             // SAFETY: AVX2/FMA/F16C checked; shapes as documented.
             let ran = unsafe { F::rows_x_acts_avx2(&data, stride, rows, &ys, &mut got) };
             assert!(ran, "{g:?} has an AVX2 kernel");
+            if super::has_avx512_vnni() {
+                let mut vnni = vec![f32::NAN; rows * n];
+                // SAFETY: AVX-512 F/VL/VNNI checked; shapes as above.
+                if unsafe { F::rows_x_acts_vnni(&data, stride, rows, &ys, &mut vnni) } {
+                    assert_eq!(
+                        bits(&vnni),
+                        bits(&want),
+                        "{g:?} VNNI rows {rows} n {n} cols {cols}"
+                    );
+                }
+            }
         }
         assert_eq!(
             bits(&got),
@@ -321,12 +332,26 @@ pub fn bench(qt: QType, g: GgmlDType) {
             .next()
             .unwrap_or("")
     );
+    let avx2 = MatmulOptions {
+        kernel: Kernel::Avx2,
+        single_thread: true,
+    };
     for (n, reps) in [(1usize, 30), (64, 4), (512, 2)] {
         let x = acts(n, cols, 6);
         let xt = Tensor::from_slice(&x, (n, cols), &Device::Cpu).unwrap();
         let ours = best(reps, || {
             std::hint::black_box(matmul_with(&m, &x, n, &opts).unwrap());
         });
+        if super::has_avx512_vnni() {
+            let t2 = best(reps, || {
+                std::hint::black_box(matmul_with(&m, &x, n, &avx2).unwrap());
+            });
+            eprintln!(
+                "  n={n:<3}: auto (VNNI) {:.2} ms, AVX2 {:.2} ms",
+                ours * 1e3,
+                t2 * 1e3
+            );
+        }
         let theirs = best(reps, || {
             std::hint::black_box(cm.forward(&xt).unwrap());
         });
