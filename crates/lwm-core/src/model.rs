@@ -467,29 +467,45 @@ impl Model {
 
     /// Run `ids` (the tokens after those already in `cache`) through the model, append their
     /// keys/values to `cache`, and return logits: of the last token (vocab), or of every
-    /// token (n × vocab) when `all_logits`.
+    /// token (n × vocab) when `all_logits`. A batch of one sequence (`forward_batch`).
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
-        let pos0 = cache.len();
-        let out = self.forward_inner(ids, cache, all_logits);
-        if out.is_err() {
-            // Never leave layers holding keys of tokens the cache does not list.
-            cache.truncate(pos0);
-        }
-        out
+        let mut out = self.forward_batch(&mut [SeqInput {
+            ids,
+            cache,
+            all_logits,
+        }])?;
+        out.pop().context("forward: no output")
     }
 
-    fn forward_inner(
-        &self,
-        ids: &[u32],
-        cache: &mut KvCache,
-        all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        if ids.is_empty() {
+    /// Several sequences in one step (continuous batching): every weight product runs once
+    /// over all their rows, so decode reads the weights once for the whole batch; RoPE and
+    /// attention run per sequence, each over its own cache. Each row's result equals the
+    /// same row run alone: the kernels compute every output as one full-row dot product
+    /// whatever the row count (`quant::matmul`, `quant::half`), and a sequence's attention
+    /// sees only its own rows and cache. Returns each sequence's logits as `forward` does.
+    /// On an error no cache keeps rows of this step.
+    pub fn forward_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if seqs.iter().any(|s| s.ids.is_empty()) {
             bail!("forward called with no tokens");
         }
-        let x = self.embed_tokens(ids)?;
-        let normed = self.run_layers(x, ids, cache, all_logits)?;
-        self.apply_head(&self.lm_head, &normed)
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let x = self.embed_tokens(&ids)?;
+        let normed = self.run_layers_batch(x, seqs)?;
+        let logits = self.apply_head(&self.lm_head, &normed)?;
+        let vocab = self.lm_head.out_dim();
+        let mut rest = &logits[..];
+        Ok(seqs
+            .iter()
+            .map(|s| {
+                let rows = if s.all_logits { s.ids.len() } else { 1 };
+                let (mine, tail) = rest.split_at(rows * vocab);
+                rest = tail;
+                mine.to_vec()
+            })
+            .collect())
     }
 
     /// The transformer on embedded rows `x` (one per id in `ids`, which the cache records):
@@ -501,18 +517,59 @@ impl Model {
         cache: &mut KvCache,
         all_rows: bool,
     ) -> Result<Vec<f32>> {
-        let n = ids.len();
+        self.run_layers_batch(
+            x,
+            &mut [SeqInput {
+                ids,
+                cache,
+                all_logits: all_rows,
+            }],
+        )
+    }
+
+    /// `run_layers` for several sequences whose rows follow each other in `x`: returns
+    /// each sequence's final-normed rows (its last, or all when `all_logits`), in order.
+    fn run_layers_batch(&self, x: Vec<f32>, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
-        let runs = [PositionRun {
-            row0: 0,
-            pos0: cache.len(),
-            len: n,
-        }];
-        let mut local = LocalAttention::new(self, cache);
-        let x = self.forward_layers(x, &runs, &mut local)?;
-        cache.commit(ids);
-        let rows = if all_rows { &x[..] } else { &x[(n - 1) * h..] };
-        Ok(self.final_norm(rows))
+        let mut runs = Vec::with_capacity(seqs.len());
+        let mut row0 = 0;
+        for s in seqs.iter() {
+            runs.push(PositionRun {
+                row0,
+                pos0: s.cache.len(),
+                len: s.ids.len(),
+            });
+            row0 += s.ids.len();
+        }
+        let out = {
+            let mut attention = BatchAttention {
+                model: self,
+                seqs: &mut *seqs,
+                runs: &runs,
+            };
+            self.forward_layers(x, &runs, &mut attention)
+        };
+        let x = match out {
+            Ok(x) => x,
+            Err(e) => {
+                // Never leave layers holding keys of tokens a cache does not list.
+                for (s, r) in seqs.iter_mut().zip(&runs) {
+                    s.cache.truncate(r.pos0);
+                }
+                return Err(e);
+            }
+        };
+        let mut rows = Vec::with_capacity(x.len());
+        for (s, r) in seqs.iter_mut().zip(&runs) {
+            s.cache.commit(s.ids);
+            let first = if s.all_logits {
+                r.row0
+            } else {
+                r.row0 + r.len - 1
+            };
+            rows.extend_from_slice(&x[first * h..(r.row0 + r.len) * h]);
+        }
+        Ok(self.final_norm(&rows))
     }
 
     fn norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
@@ -753,7 +810,7 @@ impl DecoderOps for RowOps<'_> {
 }
 
 /// Where a layer's keys and values live and how a step's queries attend them: the local
-/// KV cache (`LocalAttention`) or a ring worker's shard (`ring::worker`). `forward_layers`
+/// KV caches of a step's sequences (`BatchAttention`) or a ring worker's shard (`ring::worker`). `forward_layers`
 /// is the same code for both, so a ring changes no bit of the result.
 pub trait AttentionBackend {
     /// Store the step's keys and values of layer `layer` (rows × n_kv·d, RoPE applied) and
@@ -761,48 +818,76 @@ pub trait AttentionBackend {
     fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
 }
 
-/// One worker's attention over its own KV cache: the rows are the cache's next positions.
-pub struct LocalAttention<'a> {
+/// One sequence's share of a batched forward step (`Model::forward_batch`): the tokens
+/// after those its cache holds.
+pub struct SeqInput<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Logits of every token (n × vocab), not only the last one's.
+    pub all_logits: bool,
+}
+
+/// Attention over local KV caches for the sequences of a step: each sequence's rows (its
+/// run) are its cache's next positions and attend only that cache.
+struct BatchAttention<'a, 'b> {
     model: &'a Model,
-    cache: &'a mut KvCache,
-    pos0: usize,
+    seqs: &'a mut [SeqInput<'b>],
+    runs: &'a [PositionRun],
 }
 
-impl<'a> LocalAttention<'a> {
-    pub fn new(model: &'a Model, cache: &'a mut KvCache) -> Self {
-        let pos0 = cache.len();
-        Self { model, cache, pos0 }
-    }
-}
-
-impl AttentionBackend for LocalAttention<'_> {
+impl AttentionBackend for BatchAttention<'_, '_> {
     fn attend(&mut self, li: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         let c = &self.model.config;
-        let (nh, hd) = (c.num_attention_heads, c.head_dim);
-        let opts = &self.model.options;
-        let n = q.len() / (nh * hd);
-        self.cache.append(li, k, v, n);
-        let view = self.cache.quant_view(li);
-        if ggml_one_chunk(opts, self.cache.types, n, view.len) {
-            // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
-            // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
-            // emulation buys no parity there: the blockwise primitive runs instead.
-            let fa = FaOptions::default();
-            let scale = 1.0 / (hd as f32).sqrt();
-            return Ok(ggml_cpu::flash_attn_ext_f16_stored(
-                q, n, self.pos0, nh, hd, &view, scale, &fa,
+        if let ([s], [r]) = (&mut *self.seqs, self.runs) {
+            return Ok(attend_cache(self.model, s.cache, r.pos0, li, q, k, v));
+        }
+        let (qw, kw) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut out = Vec::with_capacity(q.len());
+        for (s, r) in self.seqs.iter_mut().zip(self.runs) {
+            let rows = r.row0..r.row0 + r.len;
+            out.extend(attend_cache(
+                self.model,
+                s.cache,
+                r.pos0,
+                li,
+                &q[rows.start * qw..rows.end * qw],
+                &k[rows.start * kw..rows.end * kw],
+                &v[rows.start * kw..rows.end * kw],
             ));
         }
-        Ok(causal_attention_quant(
-            q,
-            n,
-            self.pos0,
-            nh,
-            hd,
-            &view,
-            opts.chunking,
-        ))
+        Ok(out)
     }
+}
+
+/// Store one sequence's new keys/values of layer `li` in its cache and attend its query
+/// rows (at positions `pos0..`) to everything the cache holds up to each row.
+fn attend_cache(
+    model: &Model,
+    cache: &mut KvCache,
+    pos0: usize,
+    li: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Vec<f32> {
+    let c = &model.config;
+    let (nh, hd) = (c.num_attention_heads, c.head_dim);
+    let opts = &model.options;
+    let n = q.len() / (nh * hd);
+    cache.append(li, k, v, n);
+    let view = cache.quant_view(li);
+    if ggml_one_chunk(opts, cache.types, n, view.len) {
+        // llama.cpp's one-chunk flash attention over its f16 cache. From 64 rows
+        // llama.cpp itself switches to a tiled f32 path, so the f16-accumulator
+        // emulation buys no parity there: the blockwise primitive runs instead.
+        let fa = FaOptions::default();
+        let scale = 1.0 / (hd as f32).sqrt();
+        return ggml_cpu::flash_attn_ext_f16_stored(q, n, pos0, nh, hd, &view, scale, &fa);
+    }
+    causal_attention_quant(q, n, pos0, nh, hd, &view, opts.chunking)
 }
 
 /// Whether a step of `n` rows against `cells` cached rows (its own included) takes

@@ -592,6 +592,33 @@ impl Generation {
         })
     }
 
+    /// The tokens the next `step` passes to its forward pass: the next prompt piece, the
+    /// last sampled token, or none (that step only samples or finishes). A batching caller
+    /// runs these for many generations in one forward and hands each its logits.
+    pub fn pending_input(&self) -> Option<&[u32]> {
+        if self.finished.is_some() {
+            return None;
+        }
+        if self.prefilled < self.n_prompt {
+            let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
+            return Some(&self.history[self.prefilled..end]);
+        }
+        if self.ending.is_some() {
+            return None;
+        }
+        self.unrun.as_ref().map(std::slice::from_ref)
+    }
+
+    /// Prompt tokens whose keys/values are held (reused or prefilled).
+    pub fn prefilled_tokens(&self) -> usize {
+        self.prefilled
+    }
+
+    /// Whether the prompt is still being prefilled.
+    pub fn prefilling(&self) -> bool {
+        self.prefilled < self.n_prompt
+    }
+
     /// Advance by one prompt piece or one token.
     pub fn step(&mut self, forward: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Step> {
         if let Some(reason) = self.finished {

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub cached_prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Forward passes of the engine and the sequences they carried (continuous batching:
+    /// sequences / steps is the mean batch).
+    pub forward_steps: AtomicU64,
+    pub batched_sequences: AtomicU64,
     pub queue_depth: AtomicU64,
     pub active: AtomicU64,
     pub request_seconds: Histogram,
@@ -70,6 +74,8 @@ impl Default for Metrics {
             cached_prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            forward_steps: AtomicU64::new(0),
+            batched_sequences: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             active: AtomicU64::new(0),
             request_seconds: Histogram::new(LATENCY_BOUNDS),
@@ -109,6 +115,8 @@ impl Metrics {
             ("lwm_cached_prompt_tokens_total", "Prompt tokens reused from the prompt cache.", &self.cached_prompt_tokens),
             ("lwm_completion_tokens_total", "Generated tokens.", &self.completion_tokens),
             ("lwm_cancelled_requests_total", "Requests dropped because the client went away.", &self.cancelled),
+            ("lwm_forward_steps_total", "Forward passes of the engine (one per batch).", &self.forward_steps),
+            ("lwm_batched_sequences_total", "Sequences carried by those forward passes (divided by the steps: the mean batch).", &self.batched_sequences),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(

@@ -1,22 +1,29 @@
-//! The engine thread: one thread owns every generation and interleaves them.
+//! The engine thread: one thread owns every generation and runs them in batches.
 //!
-//! Scheduling is round-robin, one token per active request per round (a prefill advances
-//! by one `prefill_chunk` per round), over at most `max_active` requests; the rest wait in a
-//! FIFO queue. Our forward pass runs one sequence at a time (each has its own KV cache), so
-//! batching would not raise throughput on the CPU; interleaving keeps every client's tokens
-//! flowing at the same rate and a long prompt cannot stall the short ones for its whole
-//! prefill. A request whose client went away (its event channel is closed) is dropped at
-//! its next turn.
+//! Continuous batching: each step is one forward pass (`Model::forward_batch`) over the
+//! rows every active request needs next: each decoding request's last sampled token, plus
+//! prompt pieces (`prefill_chunk` tokens each) of requests still prefilling, shortest
+//! remaining prompt first, while the step's token budget (one `prefill_chunk`) lasts, and
+//! at least one piece per step, so a long prompt advances without stalling the decoders
+//! for its whole prefill and a short one is not queued behind it. Decode is memory-bound, so one pass reading the weights for all rows
+//! costs little more than one row. Requests join at the next step (at most `max_active`;
+//! the rest wait in a FIFO queue) and leave when they finish; a request whose client went
+//! away (its event channel is closed) is dropped at the next step.
+//!
+//! A batch never changes an answer: every row computes as it would alone (see
+//! `forward_batch`), and a request's prompt pieces have the same boundaries whatever else
+//! runs beside it.
 //!
 //! Each request is one `lwm_engine::generate::Generation` (the state machine `lwm generate`, chat,
-//! vision chat and needle runs drive too); this thread only decides whose step is next.
+//! vision chat and needle runs drive too); this thread only decides which rows run together.
 //!
-//! Prompt cache: finished requests hand their KV cache (which records its token ids) back
-//! to a small pool; a new request takes the cache sharing the longest prefix with its
-//! prompt and only prefills the rest.
+//! Prompt-prefix reuse: a new request starts from the longest prefix of its prompt held by
+//! any cache, of the requests in flight (their committed rows are copied) or of the idle
+//! caches finished requests left (taken whole); only the rest is prefilled.
 
 use super::metrics::Metrics;
 use lwm_core::kv::KvCache;
+use lwm_core::model::SeqInput;
 use lwm_engine::generate::{Engine, GenerateRequest, Generation, Step};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -70,7 +77,14 @@ struct Active {
     cache: KvCache,
     generation: Generation,
     first_token: bool,
+    /// Admission number (ties between prompt pieces).
+    order: u64,
+    /// Steps this request's prompt piece was passed over.
+    waited: u32,
 }
+
+/// Steps a prompt piece may be passed over before it goes first.
+const AGING_STEPS: u32 = 4;
 
 enum Outcome {
     Continue,
@@ -88,6 +102,7 @@ pub fn run(
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
     let mut pool: Vec<KvCache> = Vec::new();
+    let mut admitted: u64 = 0;
     loop {
         // Collect new jobs; block only when there is nothing to do.
         if active.is_empty() && queue.is_empty() {
@@ -112,7 +127,8 @@ pub fn run(
             metrics
                 .queue_wait
                 .observe(job.received.elapsed().as_secs_f64());
-            if let Some(a) = admit(&engine, job, &mut pool, &active) {
+            admitted += 1;
+            if let Some(a) = admit(&engine, job, &mut pool, &active, admitted) {
                 active.push(a);
             }
         }
@@ -121,15 +137,17 @@ pub fn run(
             .store(queue.len() as u64, Ordering::Relaxed);
         metrics.active.store(active.len() as u64, Ordering::Relaxed);
 
-        // One round: every active request advances by one step.
-        let mut i = 0;
-        while i < active.len() {
-            let outcome = step(&engine, &mut active[i], &metrics);
+        // One step: a forward pass over the rows the chosen requests need, then every
+        // request whose turn it was samples (or finishes).
+        let logits = run_batch(&engine, &mut active, &metrics);
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(active.len());
+        for (a, logits) in active.iter_mut().zip(logits) {
+            outcomes.push(step(a, logits, &metrics));
+        }
+        for i in (0..active.len()).rev() {
+            let outcome = std::mem::replace(&mut outcomes[i], Outcome::Continue);
             match outcome {
-                Outcome::Continue => {
-                    i += 1;
-                    continue;
-                }
+                Outcome::Continue => continue,
                 Outcome::Finished(reason) => {
                     let a = &active[i];
                     let _ = a.job.events.send(Event::Done(Finished {
@@ -149,7 +167,7 @@ pub fn run(
                     let _ = active[i].job.events.send(Event::Error(e));
                 }
             }
-            let done = active.swap_remove(i);
+            let done = active.remove(i);
             metrics
                 .completion_tokens
                 .fetch_add(done.generation.generated() as u64, Ordering::Relaxed);
@@ -162,34 +180,140 @@ pub fn run(
     }
 }
 
-/// Keep at most `cap` idle caches; the shortest ones (least reusable) go first.
+/// What a request gets from a step's forward pass.
+enum Turn {
+    /// Its rows did not run this step (a prompt piece beyond the budget): it waits.
+    Wait,
+    /// Its step needs no forward pass (sampling right after the prompt, finishing).
+    NoForward,
+    /// The logits of its rows (or the forward pass's error).
+    Logits(anyhow::Result<Vec<f32>>),
+}
+
+/// Choose this step's rows and run them in one forward pass: every decoding request's
+/// token, then prompt pieces while the budget lasts (at least one).
+/// Returns each active request's turn, in `active`'s order.
+fn run_batch(engine: &Engine, active: &mut [Active], metrics: &Metrics) -> Vec<Turn> {
+    let mut turns: Vec<Turn> = active
+        .iter()
+        .map(|a| match a.generation.pending_input() {
+            None => Turn::NoForward,
+            Some(_) => Turn::Wait,
+        })
+        .collect();
+    let mut chosen = vec![false; active.len()];
+    for (i, a) in active.iter().enumerate() {
+        if a.generation.pending_input().is_some() && !a.generation.prefilling() {
+            chosen[i] = true;
+        }
+    }
+    // Prompt pieces: the shortest remaining prompt first (a short question is not queued
+    // behind a long document), except that a prompt passed over for `AGING_STEPS` steps
+    // goes first, so a stream of short prompts cannot starve a long one.
+    let mut pieces: Vec<usize> = (0..active.len())
+        .filter(|&i| active[i].generation.prefilling())
+        .collect();
+    pieces.sort_by_key(|&i| {
+        let a = &active[i];
+        let left = a.generation.prompt_tokens() - a.generation.prefilled_tokens();
+        (a.waited < AGING_STEPS, left, a.order)
+    });
+    let mut prefill_tokens = 0;
+    for &i in &pieces {
+        let len = active[i].generation.pending_input().map_or(0, <[u32]>::len);
+        let budget = active[i].job.request.prefill_chunk.max(1);
+        if prefill_tokens > 0 && prefill_tokens + len > budget {
+            continue;
+        }
+        chosen[i] = true;
+        prefill_tokens += len;
+    }
+    for &i in &pieces {
+        let a = &mut active[i];
+        a.waited = if chosen[i] { 0 } else { a.waited + 1 };
+    }
+    if !chosen.iter().any(|&c| c) {
+        return turns;
+    }
+    let mut inputs: Vec<SeqInput<'_>> = Vec::new();
+    for (a, _) in active.iter_mut().zip(&chosen).filter(|(_, &c)| c) {
+        let Active {
+            generation, cache, ..
+        } = a;
+        inputs.push(SeqInput {
+            ids: generation.pending_input().unwrap_or_default(),
+            cache,
+            all_logits: false,
+        });
+    }
+    metrics.forward_steps.fetch_add(1, Ordering::Relaxed);
+    metrics
+        .batched_sequences
+        .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+    match engine.model.forward_batch(&mut inputs) {
+        Ok(out) => {
+            let mut out = out.into_iter();
+            for (t, _) in turns.iter_mut().zip(&chosen).filter(|(_, &c)| c) {
+                *t = Turn::Logits(
+                    out.next()
+                        .ok_or_else(|| anyhow::anyhow!("batch: no logits")),
+                );
+            }
+        }
+        // The batch failed as a whole (no cache kept its rows): run each request alone, so
+        // only the one at fault fails.
+        Err(_) => {
+            drop(inputs);
+            for ((a, t), _) in active
+                .iter_mut()
+                .zip(turns.iter_mut())
+                .zip(&chosen)
+                .filter(|(_, &c)| c)
+            {
+                let ids = a.generation.pending_input().unwrap_or_default().to_vec();
+                *t = Turn::Logits(engine.model.forward(&ids, &mut a.cache, false));
+            }
+        }
+    }
+    turns
+}
+
+/// Keep at most `cap` idle caches; the least recently used go first.
 fn give_back(pool: &mut Vec<KvCache>, cache: KvCache, cap: usize) {
-    if cap == 0 {
+    if cap == 0 || cache.is_empty() {
         return;
     }
     pool.push(cache);
     while pool.len() > cap {
-        let (idx, _) = pool
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, c)| c.len())
-            .expect("pool is not empty");
-        pool.swap_remove(idx);
+        pool.remove(0);
     }
 }
 
 /// Set a job up for generation; a job that cannot start (a bad request, or more memory
 /// than is left beside the requests in flight) gets its error event instead.
-fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>, active: &[Active]) -> Option<Active> {
-    // The pooled cache sharing the longest prefix with this prompt, or a fresh one.
+fn admit(
+    engine: &Engine,
+    job: Job,
+    pool: &mut Vec<KvCache>,
+    active: &[Active],
+    order: u64,
+) -> Option<Active> {
+    // The longest prefix of this prompt any cache holds: an idle one is taken whole, one
+    // of a request in flight is copied (its committed rows only); else a fresh cache.
     let prompt = &job.request.prompt_ids;
-    let best = pool
+    let idle = pool
         .iter()
         .enumerate()
         .map(|(i, c)| (i, c.common_prefix(prompt)))
+        .max_by_key(|&(i, n)| (n, i));
+    let busy = active
+        .iter()
+        .map(|a| (&a.cache, a.cache.common_prefix(prompt)))
         .max_by_key(|&(_, n)| n);
-    let mut cache = match best {
-        Some((i, n)) if n > 0 => pool.swap_remove(i),
+    let mut cache = match (idle, busy) {
+        (Some((_, i)), Some((c, b))) if b > i && b > 0 => c.prefix_copy(b),
+        (None, Some((c, b))) if b > 0 => c.prefix_copy(b),
+        (Some((i, n)), _) if n > 0 => pool.remove(i),
         _ => engine.model.new_cache(),
     };
     // The caches in flight grow up to their reservation: count what they may still take.
@@ -210,6 +334,8 @@ fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>, active: &[Active]) 
             cache,
             generation,
             first_token: false,
+            order,
+            waited: 0,
         }),
         Ok(_) => None,
         Err(e) => {
@@ -219,15 +345,23 @@ fn admit(engine: &Engine, job: Job, pool: &mut Vec<KvCache>, active: &[Active]) 
     }
 }
 
-fn step(engine: &Engine, a: &mut Active, metrics: &Metrics) -> Outcome {
+/// Advance one request by its turn of the step.
+fn step(a: &mut Active, turn: Turn, metrics: &Metrics) -> Outcome {
     if a.job.events.is_closed() {
         a.generation.cancel();
         return Outcome::Cancelled;
     }
-    let cache = &mut a.cache;
-    let stepped = a
-        .generation
-        .step(&mut |ids| engine.model.forward(ids, cache, false));
+    let mut logits = match turn {
+        Turn::Wait => return Outcome::Continue,
+        Turn::NoForward => None,
+        Turn::Logits(Ok(l)) => Some(l),
+        Turn::Logits(Err(e)) => return Outcome::Failed(e),
+    };
+    let stepped = a.generation.step(&mut |_ids| {
+        logits.take().ok_or_else(|| {
+            anyhow::anyhow!("scheduler: a step asked for a forward pass it was not given")
+        })
+    });
     match stepped {
         Ok(Step::Prefilled { tokens, .. }) => {
             metrics

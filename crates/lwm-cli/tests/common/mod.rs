@@ -75,3 +75,81 @@ pub fn needle_answers(dir: &std::path::Path) -> Vec<(String, Vec<u64>)> {
 mod prompts;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use prompts::records;
+
+/// A running `lwm serve`, killed when dropped (the test passed or not).
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `lwm serve --model MODEL` on a free loopback port with `extra` flags; returns the
+/// server and its base URL (`http://127.0.0.1:PORT`). Its log goes to the test's stderr.
+pub fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
+        .args([
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lwm serve");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let server = Server(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("server did not report its address within 120 s");
+    (server, url)
+}
+
+/// One HTTP/1.1 request over a plain socket (`body` as JSON when given); returns (status,
+/// body).
+pub fn http(url: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).expect("connect to the server");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// POST `body` (JSON) to `url` + `path`; returns (status, body).
+pub fn post(url: &str, path: &str, body: &str) -> (u16, String) {
+    http(url, "POST", path, Some(body))
+}

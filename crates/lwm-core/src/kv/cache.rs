@@ -167,6 +167,27 @@ impl KvCache {
         self.tokens.truncate(len);
     }
 
+    /// A new cache holding a copy of this one's first `len` tokens (another request with
+    /// the same prompt prefix starts from it while this one goes on).
+    pub fn prefix_copy(&self, len: usize) -> KvCache {
+        let len = len.min(self.len());
+        let d = self.head_dim;
+        let (kb, vb) = (self.types.k.row_bytes(d), self.types.v.row_bytes(d));
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerKv {
+                    k: l.k.iter().map(|b| b[..len * kb].to_vec()).collect(),
+                    v: l.v.iter().map(|b| b[..len * vb].to_vec()).collect(),
+                })
+                .collect(),
+            head_dim: d,
+            types: self.types,
+            tokens: self.tokens[..len].to_vec(),
+        }
+    }
+
     pub fn clear(&mut self) {
         self.truncate(0);
     }
