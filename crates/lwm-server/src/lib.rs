@@ -111,6 +111,7 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         next_id: AtomicU64::new(1),
     });
     let app = Router::new()
+        .route("/", get(chat_page))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -151,6 +152,23 @@ async fn not_found() -> ApiError {
         "no such endpoint",
     )
     .code("not_found")
+}
+
+/// The chat page: one self-contained file (inline CSS and JS, nothing fetched from
+/// elsewhere), so it works offline; the CSP holds the page to that and to this server.
+async fn chat_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
+            ),
+        ],
+        include_str!("chat.html"),
+    )
+        .into_response()
 }
 
 async fn health() -> Json<Value> {
