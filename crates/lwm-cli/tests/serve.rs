@@ -1,6 +1,7 @@
 //! `lwm serve` against the official `openai` Python client (tests/openai/client_check.py):
-//! chat, completions, streaming, logprobs, json_schema, a dropped stream, and every kind of
-//! bad input (4xx in OpenAI's error shape, server still serving after each).
+//! chat, completions, streaming, logprobs, json_schema, a dropped stream, sampling extras,
+//! logit_bias, n, tools, uniqueItems, /tokenize, /detokenize, /props, the API key, CORS, and
+//! every kind of bad input (4xx in OpenAI's error shape, server still serving after each).
 //! Skips with a note when python3 or the `openai` package is missing (CI installs it).
 
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,10 @@ impl Drop for Server {
 
 /// Start `lwm serve` on a free port; returns the server and its base URL.
 fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
+    start_server_env(model, extra, &[])
+}
+
+fn start_server_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
         .args([
             "serve",
@@ -52,6 +57,7 @@ fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
             "0",
         ])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -79,9 +85,22 @@ fn openai_client_against_lwm_serve() {
     let Some(python) = python_with_openai() else {
         return;
     };
-    let (_server, url) = start_server(
+    // The key comes from the environment (keeps it out of `ps`); the flags are the same.
+    let key = "sk-lwm-test";
+    let origin = "http://allowed.test";
+    let (_server, url) = start_server_env(
         &model,
-        &["--max-body-bytes", "65536", "--max-tokens-limit", "512"],
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--max-tokens-limit",
+            "512",
+            "--max-n",
+            "8",
+            "--cors-origin",
+            origin,
+        ],
+        &[("LWM_API_KEY", key)],
     );
     let model_id = PathBuf::from(&model)
         .file_stem()
@@ -92,7 +111,14 @@ fn openai_client_against_lwm_serve() {
     let t0 = Instant::now();
     let out = Command::new(python)
         .arg(script)
-        .args([&url, &model_id])
+        .args([
+            &url,
+            &model_id,
+            key,
+            env!("CARGO_BIN_EXE_lwm"),
+            &model,
+            origin,
+        ])
         .output()
         .expect("run the client script");
     let stdout = String::from_utf8_lossy(&out.stdout);
