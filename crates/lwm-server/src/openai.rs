@@ -538,24 +538,25 @@ fn parse_tools(obj: &Map<String, Value>) -> Result<(Vec<Value>, Vec<(String, Val
                 format!("unknown function field '{k}'"),
             ));
         }
-        let name =
-            match f.get("name") {
-                Some(Value::String(n))
-                    if !n.is_empty()
-                        && n.len() <= 64
-                        && n.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-                {
-                    n.clone()
-                }
-                other => return Err(bad(
+        let name = match f.get("name") {
+            Some(Value::String(n))
+                if !n.is_empty()
+                    && n.len() <= 64
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                n.clone()
+            }
+            other => {
+                return Err(bad(
                     ".function.name",
                     format!(
                         "a function name must be 1-64 characters of a-z, A-Z, 0-9, _ and -, got {}",
                         other.map_or("nothing".into(), |v| v.to_string())
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if schemas.iter().any(|(n, _)| *n == name) {
             return Err(bad(
                 ".function.name",
@@ -722,6 +723,16 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
                 "each message must be an object",
             ));
         };
+        // `name` (a participant's name) is accepted with no effect except on tool turns.
+        if let Some((k, _)) = m.iter().find(|(k, v)| {
+            !v.is_null()
+                && !["role", "content", "name", "tool_calls", "tool_call_id"].contains(&k.as_str())
+        }) {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].{k}"),
+                format!("the message field '{k}' is not supported"),
+            ));
+        }
         let role = match m.get("role") {
             Some(Value::String(r)) => r.as_str(),
             _ => {
@@ -996,6 +1007,8 @@ mod tests {
             1
         );
         assert_eq!(ok[2].tool_call_id.as_deref(), Some("call_1"));
+        let e = msgs(json!([{"role": "user", "content": "hi", "audio": {"id": "x"}}])).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].audio"));
         let e = msgs(json!([{"role": "tool", "content": "42"}])).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].tool_call_id"));
         let e = msgs(json!([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}])).unwrap_err();
