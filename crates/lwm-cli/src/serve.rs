@@ -33,6 +33,17 @@ pub struct ServeArgs {
     /// Idle KV caches kept for prompt-prefix reuse.
     #[arg(long, default_value_t = 4)]
     pub prompt_cache: usize,
+    /// Most choices (`n`) one request may ask for; each is its own generation.
+    #[arg(long, default_value_t = 8)]
+    pub max_n: usize,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health (default: the
+    /// environment variable LWM_API_KEY, which keeps the key out of `ps`).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Allow browsers on this origin to call the API (CORS); `*` for any, repeat or
+    /// comma-separate for several.
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -48,6 +59,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         prompt_cache: a.prompt_cache,
         prefill_chunk: a.model.prefill_chunk,
+        max_n: a.max_n,
+        api_key: a
+            .api_key
+            .or_else(|| std::env::var("LWM_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
+        cors_origins: a.cors_origin,
     };
     lwm_server::run(engine, options)
 }

@@ -1,15 +1,15 @@
 //! `lwm serve` against the official `openai` Python client (tests/openai/client_check.py):
-//! chat, completions, streaming, logprobs, json_schema, a dropped stream, and every kind of
-//! bad input (4xx in OpenAI's error shape, server still serving after each).
+//! chat, completions, streaming, logprobs, json_schema, a dropped stream, sampling extras,
+//! logit_bias, n, tools, uniqueItems, /tokenize, /detokenize, /props, the API key, CORS, and
+//! every kind of bad input (4xx in OpenAI's error shape, server still serving after each).
 //! Skips with a note when python3 or the `openai` package is missing (CI installs it).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 mod common;
-use common::default_model;
+use common::{default_model, post, start_server, start_server_env};
 
 fn python_with_openai() -> Option<String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -29,59 +29,28 @@ fn python_with_openai() -> Option<String> {
     }
 }
 
-/// Kills the server when the test ends, passed or not.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start `lwm serve` on a free port; returns the server and its base URL.
-fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args([
-            "serve",
-            "--model",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lwm serve");
-    let stderr = child.stderr.take().unwrap();
-    let server = Server(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server did not report its address within 120 s");
-    (server, url)
-}
-
 #[test]
 fn openai_client_against_lwm_serve() {
     let Some(model) = default_model() else { return };
     let Some(python) = python_with_openai() else {
         return;
     };
-    let (_server, url) = start_server(
+    // The key comes from the environment (keeps it out of `ps`); the flags are the same.
+    let key = "sk-lwm-test";
+    let origin = "http://allowed.test";
+    let (_server, url) = start_server_env(
         &model,
-        &["--max-body-bytes", "65536", "--max-tokens-limit", "512"],
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--max-tokens-limit",
+            "512",
+            "--max-n",
+            "8",
+            "--cors-origin",
+            origin,
+        ],
+        &[("LWM_API_KEY", key)],
     );
     let model_id = PathBuf::from(&model)
         .file_stem()
@@ -92,7 +61,14 @@ fn openai_client_against_lwm_serve() {
     let t0 = Instant::now();
     let out = Command::new(python)
         .arg(script)
-        .args([&url, &model_id])
+        .args([
+            &url,
+            &model_id,
+            key,
+            env!("CARGO_BIN_EXE_lwm"),
+            &model,
+            origin,
+        ])
         .output()
         .expect("run the client script");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -117,29 +93,6 @@ fn serve_rejects_a_bad_model_cleanly() {
         stderr.contains("error:") && !stderr.contains("panicked"),
         "{stderr}"
     );
-}
-
-/// POST `body` to `url` + `path` over a plain socket; returns (status, body).
-fn post(url: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let host = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(host).expect("connect to the server");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
 }
 
 /// The scheduler checks each request against the memory plan (the same check `lwm

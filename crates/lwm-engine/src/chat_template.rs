@@ -17,6 +17,16 @@ use minijinja::{Environment, Error, ErrorKind};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, OpenAI's shape with each `function.arguments` an
+    /// object (what Hugging Face templates iterate over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the name of the tool that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -24,6 +34,9 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 
@@ -164,6 +177,19 @@ impl ChatTemplate {
     /// Render `messages` into a prompt string. With `add_generation_prompt`
     /// the string ends where the assistant's reply should begin.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with OpenAI tool definitions (`{"type": "function",
+    /// "function": {...}}`), passed to a Jinja template as `tools` the way Hugging Face's
+    /// `apply_chat_template(tools=...)` does. Templates that know nothing of tools need the
+    /// messages prepared by [`ChatTemplate::prepare_tool_chat`] first.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match self {
             Self::Jinja {
                 source,
@@ -176,11 +202,14 @@ impl ChatTemplate {
                 let tmpl = env
                     .get_template(TEMPLATE_NAME)
                     .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
+                // No tools: leave `tools` undefined, as HF does (templates test `tools is defined`).
+                let tools = (!tools.is_empty()).then_some(tools);
                 let ctx = minijinja::context! {
                     messages => messages,
                     add_generation_prompt => add_generation_prompt,
                     bos_token => bos_token,
                     eos_token => eos_token,
+                    tools => tools,
                 };
                 tmpl.render(ctx)
                     .map_err(|e| anyhow!("chat template: {}", describe(&e)))
@@ -200,6 +229,84 @@ impl ChatTemplate {
             Self::Jinja { .. } => Vec::new(),
             Self::Lwm => vec!["USER:".to_string()],
         }
+    }
+}
+
+/// The system text a template that ignores `tools` gets instead (Hermes-style: the format
+/// the tool grammar forces, so the prompt and the constraint agree).
+pub fn tool_system_text(tools: &[serde_json::Value]) -> String {
+    let mut s = String::from(
+        "You can call tools. To call one, answer with only \
+         <tool_call>{\"name\": <tool name>, \"arguments\": <the arguments as a JSON object>}</tool_call>\n\
+         The tools, each with the JSON schema of its arguments:\n<tools>\n",
+    );
+    for t in tools {
+        s.push_str(&t.to_string());
+        s.push('\n');
+    }
+    s.push_str("</tools>");
+    s
+}
+
+/// An assistant's tool calls as text, for templates that do not render `tool_calls`.
+fn tool_calls_text(calls: &serde_json::Value) -> String {
+    let mut out = Vec::new();
+    for c in calls.as_array().into_iter().flatten() {
+        // The layout the tool grammar produces (name first, ", " and ": " separators).
+        let f = &c["function"];
+        out.push(format!(
+            "<tool_call>{{\"name\": {}, \"arguments\": {}}}</tool_call>",
+            f["name"], f["arguments"]
+        ));
+    }
+    out.join("\n")
+}
+
+impl ChatTemplate {
+    fn source_mentions(&self, needle: &str) -> bool {
+        matches!(self, Self::Jinja { source, .. } if source.contains(needle))
+    }
+
+    /// Rewrite a conversation with tools for this template: a template whose source never
+    /// mentions `tools` gets the tool list as system text ([`tool_system_text`]); one that
+    /// never mentions `tool_calls` gets an assistant's calls as `<tool_call>` text; one that
+    /// knows no `tool` role gets tool results as a user turn wrapped in `<tool_response>`
+    /// (the LWM format knows only system, user and assistant).
+    pub fn prepare_tool_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Vec<ChatMessage> {
+        let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+        let tool_role = self.source_mentions("'tool'") || self.source_mentions("\"tool\"");
+        let calls_known = self.source_mentions("tool_calls");
+        for m in messages {
+            let mut m = m.clone();
+            if !calls_known {
+                if let Some(calls) = m.tool_calls.take() {
+                    let text = tool_calls_text(&calls);
+                    m.content = if m.content.is_empty() {
+                        text
+                    } else {
+                        format!("{}\n{text}", m.content)
+                    };
+                }
+            }
+            if m.role == "tool" && !tool_role {
+                m = ChatMessage::user(format!("<tool_response>\n{}\n</tool_response>", m.content));
+            }
+            out.push(m);
+        }
+        if !tools.is_empty() && !self.source_mentions("tools") {
+            let text = tool_system_text(tools);
+            match out.first_mut() {
+                Some(first) if first.role == "system" => {
+                    first.content = format!("{}\n\n{text}", first.content);
+                }
+                _ => out.insert(0, ChatMessage::system(text)),
+            }
+        }
+        out
     }
 }
 
@@ -350,6 +457,49 @@ mod tests {
 
     fn msgs(v: &[(&str, &str)]) -> Vec<ChatMessage> {
         v.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
+    }
+
+    #[test]
+    fn tools_fall_back_to_system_text_and_tool_call_text() {
+        let t = ChatTemplate::jinja(DEFAULT_CHAT_TEMPLATE.into(), String::new(), String::new())
+            .unwrap();
+        let tools = vec![
+            serde_json::json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}),
+        ];
+        let mut call = ChatMessage::assistant("");
+        call.tool_calls = Some(serde_json::json!([{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]));
+        let mut result = ChatMessage::new("tool", "18 C");
+        result.tool_call_id = Some("call_1".into());
+        let msgs = vec![ChatMessage::user("Weather in Paris?"), call, result];
+        let prepared = t.prepare_tool_chat(&msgs, &tools);
+        assert_eq!(prepared[0].role, "system");
+        assert!(prepared[0].content.contains("\"get_weather\""));
+        assert!(
+            prepared[2].content.contains(
+                r#"<tool_call>{"name": "get_weather", "arguments": {"city":"Paris"}}</tool_call>"#
+            ),
+            "{}",
+            prepared[2].content
+        );
+        assert_eq!(prepared[3].role, "user");
+        assert_eq!(
+            prepared[3].content,
+            "<tool_response>\n18 C\n</tool_response>"
+        );
+        let s = t.render_with_tools(&prepared, &tools, true).unwrap();
+        assert!(s.contains("<tool_response>") && s.ends_with("<|im_start|>assistant\n"));
+        // A template that renders tools itself gets them in its context, messages as they are.
+        let own = ChatTemplate::jinja(
+            "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}{% endif %};{% endfor %}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let prepared = own.prepare_tool_chat(&msgs, &tools);
+        assert_eq!(prepared.len(), 3);
+        let s = own.render_with_tools(&prepared, &tools, true).unwrap();
+        assert_eq!(s, "[get_weather]user;assistantget_weather;user;");
     }
 
     #[test]

@@ -8,9 +8,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory, TokenParser};
+mod unique;
 use lwm_core::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::sync::Arc;
+use unique::{take_unique_items, UniqueSpec, UniqueTracker};
 
 /// What the output must match.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,16 +25,65 @@ pub enum Constraint {
     Choices(Vec<String>),
     /// A string matching this regular expression (Rust `regex` syntax), whole.
     Regex(String),
+    /// A grammar in llguidance's Lark syntax (see [`tool_call_grammar`]).
+    Lark(String),
+}
+
+/// Whether the model must call a tool or may answer in text instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolMode {
+    /// Exactly one tool call.
+    Required,
+    /// Text, or exactly one tool call.
+    Auto,
+}
+
+/// The grammar of a Hermes-style tool call, `<tool_call>{"name": ..., "arguments": {...}}
+/// </tool_call>`, over `tools` (name, JSON schema of the arguments): the arguments always
+/// parse and match the named tool's schema. With [`ToolMode::Auto`] the output may instead be
+/// plain text that does not start with `<` or whitespace (so a call cannot hide in "text").
+pub fn tool_call_grammar(tools: &[(String, Value)], mode: ToolMode) -> Result<Constraint> {
+    if tools.is_empty() {
+        bail!("tool calls: give at least one tool");
+    }
+    for (name, params) in tools {
+        let mut p = params.clone();
+        if !take_unique_items(&mut p)?.is_empty() {
+            bail!("tool '{name}': uniqueItems is enforced in response_format schemas, not in tool parameters");
+        }
+    }
+    let alternatives: Vec<Value> = tools
+        .iter()
+        .map(|(name, params)| {
+            serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = compact_json(serde_json::json!({"anyOf": alternatives}));
+    let call = format!("call: \"<tool_call>\" %json {schema} \"</tool_call>\"\n");
+    Ok(Constraint::Lark(match mode {
+        ToolMode::Required => format!("start: call\n{call}"),
+        ToolMode::Auto => format!("start: TEXT | call\n{call}TEXT: /[^<\\s](.|\\n)*/\n"),
+    }))
 }
 
 impl Constraint {
-    fn top_level(&self) -> Result<TopLevelGrammar> {
-        Ok(match self {
+    /// The grammar for llguidance, and the `uniqueItems` rules it cannot express (enforced
+    /// by `GrammarState` on top of its mask).
+    fn top_level(&self) -> Result<(TopLevelGrammar, UniqueSpec)> {
+        let mut unique = UniqueSpec::default();
+        let grammar = match self {
             Constraint::JsonSchema(schema) => {
                 if !schema.is_object() && !schema.is_boolean() {
                     bail!("a JSON schema must be an object (or true/false), got {schema}");
                 }
-                TopLevelGrammar::from_json_schema(compact_json(schema.clone()))
+                let mut schema = schema.clone();
+                unique = take_unique_items(&mut schema)?;
+                TopLevelGrammar::from_json_schema(compact_json(schema))
             }
             Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact_json(
                 serde_json::json!({"type": "object"}),
@@ -50,7 +101,9 @@ impl Constraint {
                 }
                 TopLevelGrammar::from_regex(rx)
             }
-        })
+            Constraint::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+        };
+        Ok((grammar, unique))
     }
 }
 
@@ -83,6 +136,8 @@ fn regex_escape(s: &str) -> String {
 pub struct GrammarCompiler {
     factory: Arc<ParserFactory>,
     eos_id: u32,
+    /// Each token's bytes (what `uniqueItems` checks read).
+    words: Arc<Vec<Vec<u8>>>,
 }
 
 impl GrammarCompiler {
@@ -111,6 +166,15 @@ impl GrammarCompiler {
                 }
             })
             .collect();
+        let plain: Vec<Vec<u8>> = (0..vocab_size as u32)
+            .map(|id| {
+                if (id as usize) < n_tok {
+                    tokenizer.token_bytes(id)
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         let info = TokRxInfo::new(vocab_size as u32, eos_id);
         let trie = TokTrie::from(&info, &words);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
@@ -120,12 +184,13 @@ impl GrammarCompiler {
         Ok(Self {
             factory: Arc::new(factory),
             eos_id,
+            words: Arc::new(plain),
         })
     }
 
     /// Compile a constraint; an invalid schema or regex fails here with llguidance's message.
     pub fn compile(&self, constraint: &Constraint) -> Result<Grammar> {
-        let grammar = constraint.top_level()?;
+        let (grammar, unique) = constraint.top_level()?;
         let parser = self
             .factory
             .create_parser(grammar)
@@ -133,6 +198,8 @@ impl GrammarCompiler {
         Ok(Grammar {
             parser,
             eos_id: self.eos_id,
+            unique: Arc::new(unique),
+            words: self.words.clone(),
         })
     }
 }
@@ -144,6 +211,7 @@ impl Constraint {
             Constraint::JsonObject => "json_object grammar",
             Constraint::Choices(_) => "choices",
             Constraint::Regex(_) => "regex",
+            Constraint::Lark(_) => "grammar",
         }
     }
 }
@@ -152,6 +220,8 @@ impl Constraint {
 pub struct Grammar {
     parser: TokenParser,
     eos_id: u32,
+    unique: Arc<UniqueSpec>,
+    words: Arc<Vec<Vec<u8>>>,
 }
 
 impl Clone for Grammar {
@@ -159,6 +229,8 @@ impl Clone for Grammar {
         Self {
             parser: self.parser.deep_clone(),
             eos_id: self.eos_id,
+            unique: self.unique.clone(),
+            words: self.words.clone(),
         }
     }
 }
@@ -178,6 +250,9 @@ impl Grammar {
             matcher: Matcher::new(Ok(self.parser.deep_clone())),
             allowed: Vec::new(),
             eos_id: self.eos_id,
+            unique: self.unique.clone(),
+            words: self.words.clone(),
+            tracker: UniqueTracker::default(),
         }
     }
 }
@@ -187,6 +262,9 @@ pub struct GrammarState {
     matcher: Matcher,
     allowed: Vec<bool>,
     eos_id: u32,
+    unique: Arc<UniqueSpec>,
+    words: Arc<Vec<Vec<u8>>>,
+    tracker: UniqueTracker,
 }
 
 impl GrammarState {
@@ -200,6 +278,14 @@ impl GrammarState {
         self.allowed.clear();
         self.allowed
             .extend((0..n_vocab).map(|id| mask.is_allowed(id as u32)));
+        if !self.unique.is_empty() && self.tracker.active() {
+            for (id, ok) in self.allowed.iter_mut().enumerate() {
+                if *ok && id as u32 != self.eos_id {
+                    let bytes = self.words.get(id).map_or(&[][..], |w| w.as_slice());
+                    *ok = self.tracker.allows(&self.unique, bytes);
+                }
+            }
+        }
         if !self.allowed.iter().any(|&a| a) {
             bail!("structured output: the grammar allows no token here");
         }
@@ -210,7 +296,15 @@ impl GrammarState {
     pub fn consume(&mut self, id: u32) -> Result<()> {
         self.matcher
             .consume_token(id)
-            .map_err(|e| anyhow!("structured output: token {id} rejected: {e}"))
+            .map_err(|e| anyhow!("structured output: token {id} rejected: {e}"))?;
+        if !self.unique.is_empty() {
+            let bytes = self
+                .words
+                .get(id as usize)
+                .map_or(&[][..], |w| w.as_slice());
+            self.tracker.feed(&self.unique, bytes);
+        }
+        Ok(())
     }
 
     /// True when the output is complete and nothing may follow.

@@ -3,6 +3,7 @@
 //!
 //! The chain follows llama.cpp's default order:
 //!
+//! 0. logit bias (OpenAI's `logit_bias`: added to the raw logits; -100 bans the token),
 //! 1. grammar mask (disallowed tokens are removed before anything else),
 //! 2. penalties over the last `repeat_last_n` tokens of the history
 //!    (repeat penalty, then OpenAI-style presence / frequency penalties),
@@ -49,6 +50,10 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Seed of the random generator.
     pub seed: u64,
+    /// (token id, bias) added to that token's logit before anything else, as OpenAI's
+    /// `logit_bias`; a bias of -100 or less bans the token outright (its logit becomes
+    /// -inf), so a ban holds even against a huge logit. Ids past the vocabulary are ignored.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -66,6 +71,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -83,6 +89,7 @@ impl SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -118,6 +125,9 @@ impl SamplingParams {
                 "sampling: frequency_penalty must be a finite number, got {}",
                 self.frequency_penalty
             );
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan()) {
+            bail!("sampling: the logit bias of token {id} must be a number, got {b}");
         }
         Ok(())
     }
@@ -221,10 +231,25 @@ impl Sampler {
             window,
         } = self;
 
-        // 1. Penalties (on a copy, only when active).
-        let src: &[f32] = if params.penalties_active() && !history.is_empty() {
+        // 0. Logit bias, then 1. penalties (on a copy, only when either is active).
+        let biased = !params.logit_bias.is_empty();
+        let penalised = params.penalties_active() && !history.is_empty();
+        if biased || penalised {
             work.clear();
             work.extend_from_slice(logits);
+        }
+        if biased {
+            for &(id, b) in &params.logit_bias {
+                if let Some(l) = work.get_mut(id as usize) {
+                    *l = if b <= -100.0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        *l + b
+                    };
+                }
+            }
+        }
+        let src: &[f32] = if penalised {
             let start = history.len().saturating_sub(params.repeat_last_n);
             window.clear();
             window.extend_from_slice(&history[start..]);
@@ -248,6 +273,8 @@ impl Sampler {
                 }
                 *l -= count * params.frequency_penalty + params.presence_penalty;
             }
+            work
+        } else if biased {
             work
         } else {
             logits
@@ -724,6 +751,42 @@ mod tests {
         .unwrap();
         assert_eq!(s.sample(&l, &[0, 0]), 0); // 2.6 > 2.5
         assert_eq!(s.sample(&l, &[0, 0, 0]), 1); // 2.4 < 2.5
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces() {
+        let logits = fake_logits(64, 7);
+        let top = argmax(&logits);
+        // -100 bans the greedy choice, at any temperature.
+        for t in [0.0, 1.0] {
+            let mut p = params(t);
+            p.logit_bias = vec![(top, -100.0)];
+            let mut s = Sampler::new(p).unwrap();
+            for _ in 0..50 {
+                assert_ne!(s.sample(&logits, &[]), top);
+            }
+        }
+        // +100 forces a token the model ranks last, also under a mask that allows it.
+        let last = logits
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        let mut p = params(1.0);
+        p.logit_bias = vec![(last, 100.0), (10_000, 5.0)];
+        let mut s = Sampler::new(p).unwrap();
+        let mask: Vec<bool> = (0..64).map(|i| i % 2 == last as usize % 2).collect();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits, &[]), last);
+            assert_eq!(s.sample_masked(&logits, &[], Some(&mask)), last);
+        }
+        // The mask still wins over a bias: a forced but disallowed token is not drawn.
+        let mask: Vec<bool> = (0..64).map(|i| i as u32 != last).collect();
+        assert_ne!(s.sample_masked(&logits, &[], Some(&mask)), last);
+        let mut p = params(1.0);
+        p.logit_bias = vec![(1, f32::NAN)];
+        assert!(Sampler::new(p).is_err());
     }
 
     #[test]

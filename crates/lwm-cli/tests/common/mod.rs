@@ -89,6 +89,11 @@ impl Drop for Server {
 /// Start `lwm serve --model MODEL` on a free loopback port with `extra` flags; returns the
 /// server and its base URL (`http://127.0.0.1:PORT`). Its log goes to the test's stderr.
 pub fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
+    start_server_env(model, extra, &[])
+}
+
+/// `start_server` with extra environment variables for the server process.
+pub fn start_server_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> (Server, String) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
@@ -102,6 +107,7 @@ pub fn start_server(model: &str, extra: &[&str]) -> (Server, String) {
             "0",
         ])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

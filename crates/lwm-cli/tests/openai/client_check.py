@@ -1,17 +1,20 @@
 """Checks a running `lwm serve` with the official `openai` Python client.
 
-Usage: client_check.py BASE_URL MODEL_ID
+Usage: client_check.py BASE_URL MODEL_ID API_KEY LWM_BINARY MODEL_PATH CORS_ORIGIN
+The server runs with API_KEY as its key and CORS_ORIGIN allowed; LWM_BINARY and
+MODEL_PATH give `lwm tokenize` to compare /tokenize with.
 Exits non-zero with a message on the first failed check; prints one line per check.
 """
 import json
+import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import openai
 
-BASE, MODEL = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=300)
+BASE, MODEL, KEY, LWM, MODEL_PATH, ORIGIN = sys.argv[1:7]
+client = openai.OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
 TAGS = ["science", "sports", "politics", "cooking", "music", "travel", "technology", "health"]
 SCHEMA = {
     "type": "object",
@@ -39,14 +42,28 @@ def check(cond, msg):
         raise SystemExit("FAILED: " + msg)
 
 
-def raw(path, body, content_type="application/json"):
-    """POST raw bytes; returns (status, parsed JSON body)."""
-    req = urllib.request.Request(BASE + path, data=body, method="POST", headers={"Content-Type": content_type})
+def http(method, path, body=None, headers=None, key=KEY):
+    """One request; returns (status, headers, body bytes)."""
+    h = {"Content-Type": "application/json"}
+    if key:
+        h["Authorization"] = "Bearer " + key
+    h.update(headers or {})
+    req = urllib.request.Request(BASE + path, data=body, method=method, headers=h)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, e.headers, e.read()
+
+
+def raw(path, body, content_type="application/json"):
+    """POST raw bytes; returns (status, parsed JSON body)."""
+    status, _, data = http("POST", path, body, {"Content-Type": content_type})
+    return status, json.loads(data)
+
+
+def post_json(path, obj):
+    return raw(path, json.dumps(obj).encode())
 
 
 def error_shape(status, body, want_status, name):
@@ -207,16 +224,215 @@ for name, path, body, want in [
     still_serving(name)
     ok("error: " + name)
 
-# Unknown fields are ignored.
-r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, extra_body={"no_such_field": [1, 2], "user": "x"})
-check(r.usage.completion_tokens >= 1, "unknown fields")
-ok("unknown fields ignored")
+# --- fields: harmless OpenAI ones are accepted, anything unimplemented is a 400 naming it.
+r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, user="x")
+check(r.usage.completion_tokens >= 1, "user accepted")
+for name, call, param in [
+    ("unknown field", lambda: client.completions.create(model=MODEL, prompt="x", extra_body={"no_such_field": [1, 2]}), "no_such_field"),
+    ("unimplemented chat field", lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body={"audio": {"voice": "x"}}), "audio"),
+    ("store true", lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], store=True), "store"),
+    ("echo", lambda: client.completions.create(model=MODEL, prompt="x", echo=True), "echo"),
+]:
+    try:
+        call()
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == param, f"{name}: param {e.body}")
+    else:
+        raise SystemExit(f"FAILED: {name}: no error")
+    still_serving(name)
+    ok("error: " + name)
 
-with urllib.request.urlopen(BASE + "/metrics", timeout=30) as resp:
-    metrics = resp.read().decode()
+# --- sampling extras (llama-server's fields through extra_body) and logit_bias.
+PROMPT = "The capital of France is"
+greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+for extra in ({"top_k": 1}, {"min_p": 1.0}):
+    outs = {client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=s, extra_body=extra).choices[0].text for s in (1, 2, 3)}
+    check(outs == {greedy}, f"{extra} at temperature 1.5 should be greedy: {outs} vs {greedy!r}")
+loop = client.completions.create(model=MODEL, prompt="1, 1, 1, 1, 1, 1,", max_tokens=8, temperature=0).choices[0].text
+pen = client.completions.create(model=MODEL, prompt="1, 1, 1, 1, 1, 1,", max_tokens=8, temperature=0, extra_body={"repeat_penalty": 3.0}).choices[0].text
+check(loop.startswith(" 1,") and pen != loop, f"repeat_penalty changed nothing: {loop!r} / {pen!r}")
+ok("top_k, min_p, repeat_penalty")
+
+
+def tokenize(text, **kw):
+    status, body = post_json("/tokenize", {"content": text, **kw})
+    check(status == 200, f"tokenize {status} {body}")
+    return body["tokens"]
+
+
+first = tokenize(greedy)[0]
+banned = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={str(first): -100}).choices[0].text
+check(tokenize(banned)[0] != first and banned != greedy, f"banned token {first} still first: {banned!r}")
+forced_ids = tokenize(" the")
+check(len(forced_ids) == 1, f"' the' is {forced_ids}")
+forced = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0.8, seed=4, logit_bias={str(forced_ids[0]): 100}).choices[0].text
+check(forced == " the" * 3, f"forced token: {forced!r}")
+ok("logit_bias bans and forces")
+
+# --- n: choices side by side, each seeded seed+i; usage counts the prompt once.
+r3 = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=7, n=3)
+check(sorted(c.index for c in r3.choices) == [0, 1, 2], f"n=3 indexes {[c.index for c in r3.choices]}")
+r1 = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=8)
+check(r3.choices[1].text == r1.choices[0].text, f"choice 1 is not seed+1: {r3.choices[1].text!r} vs {r1.choices[0].text!r}")
+check(r3.usage.prompt_tokens == r1.usage.prompt_tokens, f"prompt counted once: {r3.usage} vs {r1.usage}")
+check(3 <= r3.usage.completion_tokens <= 18 and r3.usage.completion_tokens > r1.usage.completion_tokens, f"usage {r3.usage}")
+rc = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say a color."}], max_tokens=6, temperature=1.0, seed=7, n=3)
+stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say a color."}], max_tokens=6, temperature=1.0, seed=7, n=3, stream=True, stream_options={"include_usage": True})
+texts, finishes, usage = {}, {}, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+        if ch.finish_reason:
+            finishes[ch.index] = ch.finish_reason
+check(sorted(finishes) == [0, 1, 2], f"stream finishes {finishes}")
+check([texts[i] for i in range(3)] == [c.message.content for c in sorted(rc.choices, key=lambda c: c.index)], f"stream {texts} vs {[c.message.content for c in rc.choices]}")
+check(usage and usage.completion_tokens == rc.usage.completion_tokens, f"stream usage {usage} vs {rc.usage}")
+ok("n=3 (plain and streamed)")
+
+# --- tools: the call is forced by the grammar, its arguments match the schema.
+import jsonschema
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}}, "required": ["timezone"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": TIME}},
+]
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+for choice, seed in (("required", 1), ("required", 2), ({"type": "function", "function": {"name": "get_time"}}, 3)):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=80, temperature=0.8, seed=seed)
+    c = r.choices[0]
+    check(c.finish_reason == "tool_calls" and c.message.content is None, f"no tool call: {c}")
+    call = c.message.tool_calls[0]
+    check(call.type == "function" and call.id.startswith("call_"), f"call {call}")
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    if isinstance(choice, dict):
+        check(call.function.name == "get_time", f"named tool_choice ignored: {call}")
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+weather_call = None
+stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0, stream=True)
+name, args, finish = "", "", None
+for chunk in stream:
+    for ch in chunk.choices:
+        for tc in ch.delta.tool_calls or []:
+            name += tc.function.name or ""
+            args += tc.function.arguments or ""
+            weather_call = weather_call or tc.id
+        finish = ch.finish_reason or finish
+check(finish == "tool_calls" and name in ("get_weather", "get_time"), f"streamed call {name!r} {finish}")
+jsonschema.validate(json.loads(args), {"get_weather": WEATHER, "get_time": TIME}[name])
+auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0)
+a = auto.choices[0]
+check(a.finish_reason == "tool_calls" or (a.message.content and not a.message.content.startswith("<")), f"auto: {a}")
+ok("tools: required, named, streamed, auto")
+
+# The round trip: the call and its result go back in; the answer reads them.
+call = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=80, temperature=0).choices[0].message.tool_calls[0]
+history = ASK + [
+    {"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+    {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 31 degrees celsius."},
+]
+r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0)
+check(isinstance(r.choices[0].message.content, str) and r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length"), f"round trip {r}")
+short = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1, temperature=0)
+check(r.usage.prompt_tokens > short.usage.prompt_tokens + 10, f"the call and result did not reach the prompt: {r.usage} vs {short.usage}")
+ok("tools: role tool round trip")
+
+# --- uniqueItems: enforced, never a duplicate.
+UNIQ = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["sports", "music", "science", "travel"]}, "minItems": 3, "maxItems": 4, "uniqueItems": True}}, "required": ["tags"], "additionalProperties": False}
+for seed in (1, 2, 3, 4):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tag this: the band played music at the stadium. Repeat tags as often as you like."}],
+        max_tokens=60, temperature=1.3, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {"name": "tags", "schema": UNIQ}},
+    )
+    v = json.loads(r.choices[0].message.content)
+    jsonschema.validate(v, UNIQ)
+    check(len(set(v["tags"])) == len(v["tags"]) >= 3, f"tags {v}")
+ok("uniqueItems")
+
+# --- /tokenize, /detokenize, /props, models/{id}.
+TEXT = "Hello world, tokenize me: ünïcödé 123"
+cli = json.loads(subprocess.run([LWM, "tokenize", "-m", MODEL_PATH, "-p", TEXT, "--json"], capture_output=True, text=True, check=True).stdout)
+ids = tokenize(TEXT, add_special=True)
+check(ids == cli["ids"], f"/tokenize {ids} != lwm tokenize {cli['ids']}")
+pieces = tokenize(TEXT, with_pieces=True)
+check([p["id"] for p in pieces] == tokenize(TEXT) and all("piece" in p for p in pieces), f"with_pieces {pieces}")
+status, body = post_json("/detokenize", {"tokens": tokenize(TEXT)})
+check(status == 200 and body["content"] == TEXT, f"/detokenize {status} {body}")
+status, body = post_json("/detokenize", {"tokens": [1, 10**9]})
+error_shape(status, body, 400, "detokenize out of vocabulary")
+status, body = post_json("/tokenize", {"content": 5})
+error_shape(status, body, 400, "tokenize wrong type")
+status, _, data = http("GET", "/props")
+props = json.loads(data)
+check(status == 200 and props["total_slots"] == 8 and props["n_ctx"] > 0 and props["model_alias"] == MODEL and "im_start" in props["chat_template"], f"props {props}")
+check(client.models.retrieve(MODEL).id == MODEL, "models/{id}")
+try:
+    client.models.retrieve("no-such-model")
+except openai.NotFoundError as e:
+    check(e.body.get("code") == "model_not_found", f"{e.body}")
+else:
+    raise SystemExit("FAILED: models/{id} of an unknown model")
+ok("tokenize, detokenize, props, models/{id}")
+
+# --- API key and CORS.
+bad = openai.OpenAI(base_url=BASE + "/v1", api_key="wrong-key", max_retries=0, timeout=60)
+for name, call in [("wrong key chat", lambda: bad.chat.completions.create(model=MODEL, messages=ASK)), ("wrong key models", lambda: bad.models.list())]:
+    try:
+        call()
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401 and e.body.get("code") == "invalid_api_key" and e.body.get("type") == "invalid_request_error", f"{name}: {e.body}")
+    else:
+        raise SystemExit(f"FAILED: {name}: accepted")
+    still_serving(name)
+status, _, _ = http("POST", "/tokenize", b'{"content": "x"}', key=None)
+check(status == 401, f"tokenize without a key: {status}")
+status, _, _ = http("GET", "/health", key=None)
+check(status == 200, f"health without a key: {status}")
+ok("api key")
+status, h, _ = http("OPTIONS", "/v1/chat/completions", None, {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}, key=None)
+check(status in (200, 204) and h.get("Access-Control-Allow-Origin") == ORIGIN, f"preflight {status} {dict(h)}")
+check("POST" in h.get("Access-Control-Allow-Methods", "") and "authorization" in h.get("Access-Control-Allow-Headers", "").lower(), f"preflight {dict(h)}")
+status, h, _ = http("GET", "/v1/models", None, {"Origin": ORIGIN})
+check(status == 200 and h.get("Access-Control-Allow-Origin") == ORIGIN, f"CORS on GET {dict(h)}")
+status, h, _ = http("GET", "/v1/models", None, {"Origin": "http://elsewhere.test"})
+check(status == 200 and h.get("Access-Control-Allow-Origin") is None, f"CORS for another origin {dict(h)}")
+ok("cors")
+
+# --- bad tool and n input: 400 naming the parameter, and the server keeps serving.
+for name, kw, param in [
+    ("malformed tool schema", {"tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}], "tool_choice": "required"}, "tools[0].function.parameters"),
+    ("unusable tool schema", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "array", "minItems": 4, "maxItems": 1}}, "required": ["x"]}}}], "tool_choice": "none"}, "tools[0].function.parameters"),
+    ("unknown tool name", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "launch_rockets"}}}, "tool_choice"),
+    ("tool message without tool_call_id", {"messages": ASK + [{"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+    ("n too large", {"n": 9}, "n"),
+    ("logit_bias out of range", {"logit_bias": {"5": 150}}, "logit_bias"),
+    ("logit_bias outside the vocabulary", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("min_p out of range", {"extra_body": {"min_p": 2}}, "min_p"),
+    ("top_k negative", {"extra_body": {"top_k": -1}}, "top_k"),
+    ("repeat_penalty zero", {"extra_body": {"repeat_penalty": 0}}, "repeat_penalty"),
+    ("uniqueItems where it cannot be enforced", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}, "response_format"),
+]:
+    args = {"model": MODEL, "messages": ASK, "max_tokens": 4}
+    args.update(kw)
+    try:
+        client.chat.completions.create(**args)
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == param, f"{name}: param {e.body}")
+    else:
+        raise SystemExit(f"FAILED: {name}: no error")
+    still_serving(name)
+    ok("error: " + name)
+
+status, _, data = http("GET", "/metrics")
+metrics = data.decode()
+check(status == 200, f"metrics {status}")
 for needle in ("lwm_requests_total{", "lwm_completion_tokens_total", "lwm_queue_depth", "lwm_request_duration_seconds_bucket", "lwm_cancelled_requests_total"):
     check(needle in metrics, f"metrics lack {needle}")
-with urllib.request.urlopen(BASE + "/health", timeout=30) as resp:
-    check(json.loads(resp.read())["status"] == "ok", "health")
+status, _, data = http("GET", "/health")
+check(status == 200 and json.loads(data)["status"] == "ok", "health")
 ok("metrics and health")
 print("all checks passed")

@@ -24,6 +24,7 @@ pub fn greedy() -> SamplingParams {
         repeat_last_n: 0,
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
         seed: 0,
     }
 }
