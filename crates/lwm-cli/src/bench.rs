@@ -4,9 +4,12 @@
 //! Method (same as the peer script): a prompt of exactly `--prompt-tokens` seeded random
 //! ids is prefilled into an empty cache; then `--gen-tokens` greedy steps decode one token
 //! each. `--warmup` untimed runs (default 1), then `--reps` timed repetitions; median,
-//! min and max. Prompts of 16384 tokens or more print their prefill progress.
+//! min and max. Prompts of 16384 tokens or more print their prefill progress. `--batch B`
+//! prefills B prompts (one seed each) and decodes them together, one `forward_batch` per
+//! step (what the server does for B clients); the figures count all B sequences' tokens.
 
 use crate::ModelArgs;
+use lwm::model::SeqInput;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::time::Instant;
@@ -24,6 +27,10 @@ pub struct BenchArgs {
     /// Timed repetitions of each case (the spread is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Sequences decoded together (continuous batching's forward: one pass over all of
+    /// them per step); prefill and decode figures count the tokens of all of them.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Untimed runs before the timed ones (0 for a single very long run).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -63,8 +70,8 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
-        bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
+    if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 || a.batch == 0 {
+        bail!("--prompt-tokens, --gen-tokens, --reps and --batch must be at least 1");
     }
     let pressure_before = lwm::cpu_pressure();
     let t_load = Instant::now();
@@ -78,39 +85,58 @@ pub fn run(a: BenchArgs) -> Result<()> {
             engine.context_length()
         );
     }
-    let ids = prompt_ids(a.prompt_tokens, cfg.vocab_size, 0);
+    let prompts: Vec<Vec<u32>> = (0..a.batch)
+        .map(|b| prompt_ids(a.prompt_tokens, cfg.vocab_size, b as u64))
+        .collect();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for rep in 0..a.warmup + a.reps {
-        let mut cache = engine.model.new_cache();
-        // As `lwm generate` does: room for the whole run up front, so the peak RSS is the
-        // cache's size, not that of 180 per-head buffers grown by doubling as they fill.
-        cache.reserve_total(a.prompt_tokens + a.gen_tokens);
         let t0 = Instant::now();
-        let mut last_report = Instant::now();
-        let mut logits = engine
-            .model
-            .prefill(&ids, &mut cache, a.model.prefill_chunk, |done| {
-                // Long prompts take minutes to hours: one line every 30 s (works in logs too).
-                if ids.len() >= 16384 && !a.json && last_report.elapsed().as_secs() >= 30 {
-                    last_report = Instant::now();
-                    let secs = t0.elapsed().as_secs_f64();
-                    let rate = done as f64 / secs.max(1e-9);
-                    eprintln!(
-                        "  prefill {done}/{} tokens, {rate:.1} tok/s, {:.0} s elapsed, eta {:.0} s",
-                        ids.len(),
-                        secs,
-                        (ids.len() - done) as f64 / rate.max(1e-9)
-                    );
-                }
-            })?;
+        let mut caches = Vec::with_capacity(a.batch);
+        let mut next = Vec::with_capacity(a.batch);
+        for ids in &prompts {
+            let mut cache = engine.model.new_cache();
+            // As `lwm generate` does: room for the whole run up front, so the peak RSS is
+            // the cache's size, not that of per-head buffers grown by doubling as they fill.
+            cache.reserve_total(a.prompt_tokens + a.gen_tokens);
+            let mut last_report = Instant::now();
+            let logits = engine
+                .model
+                .prefill(ids, &mut cache, a.model.prefill_chunk, |done| {
+                    // Long prompts take minutes to hours: one line every 30 s (works in logs too).
+                    if ids.len() >= 16384 && !a.json && last_report.elapsed().as_secs() >= 30 {
+                        last_report = Instant::now();
+                        let secs = t0.elapsed().as_secs_f64();
+                        let rate = done as f64 / secs.max(1e-9);
+                        eprintln!(
+                            "  prefill {done}/{} tokens, {rate:.1} tok/s, {:.0} s elapsed, eta {:.0} s",
+                            ids.len(),
+                            secs,
+                            (ids.len() - done) as f64 / rate.max(1e-9)
+                        );
+                    }
+                })?;
+            next.push(argmax(&logits));
+            caches.push(cache);
+        }
         let tp = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..a.gen_tokens {
-            let next = argmax(&logits);
-            logits = engine.model.forward(&[next], &mut cache, false)?;
+            let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut inputs: Vec<SeqInput<'_>> = caches
+                .iter_mut()
+                .zip(&ids)
+                .map(|(cache, ids)| SeqInput {
+                    ids,
+                    cache,
+                    all_logits: false,
+                })
+                .collect();
+            let logits = engine.model.forward_batch(&mut inputs)?;
+            next = logits.iter().map(|l| argmax(l)).collect();
         }
         let td = t1.elapsed().as_secs_f64();
+        let (tp, td) = (tp / a.batch as f64, td / a.batch as f64);
         let timed = rep >= a.warmup;
         if timed {
             prefill.push(a.prompt_tokens as f64 / tp);
@@ -135,6 +161,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads": if a.model.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { a.model.threads },
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
+        "batch": a.batch,
         "prefill_tok_s": stats(&prefill),
         "decode_tok_s": stats(&decode),
         "peak_rss_mb": (rss_mb * 10.0).round() / 10.0,
