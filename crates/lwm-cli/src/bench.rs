@@ -9,9 +9,9 @@
 //! step (what the server does for B clients); the figures count all B sequences' tokens.
 
 use crate::ModelArgs;
-use lwm::model::SeqInput;
 use anyhow::{bail, Result};
 use clap::Args;
+use lwm::model::SeqInput;
 use std::time::Instant;
 
 #[derive(Args)]
