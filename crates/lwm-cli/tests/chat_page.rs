@@ -13,55 +13,16 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::default_model;
+use common::{default_model, Server};
 
-/// Kills a child process (server or driver) when the test ends, passed or not.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start `lwm serve` on a free loopback port; returns it and its base URL.
-fn start_server(model: &str) -> (Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lwm"))
-        .args([
-            "serve",
-            "--model",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        // One engine thread without a worker pool: the CI cores are shared with the browser.
-        .args(["--threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lwm serve");
-    let stderr = child.stderr.take().unwrap();
-    let server = Killed(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server did not report its address within 120 s");
-    (server, url)
+/// Start `lwm serve` on a free loopback port with one engine thread and no worker pool
+/// (the CI cores are shared with the browser); returns it and its base URL.
+fn start_server(model: &str) -> (Server, String) {
+    common::start_server(model, &["--threads", "1"])
 }
 
 /// One HTTP/1.1 request; returns (status, headers, body). The body is read by its
@@ -169,7 +130,7 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
 
 /// A WebDriver session on a chromedriver child process.
 struct Browser {
-    _driver: Killed,
+    _driver: Server,
     url: String,
     session: String,
 }
@@ -184,7 +145,7 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
-        let driver = Killed(
+        let driver = Server(
             Command::new(chromedriver)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
