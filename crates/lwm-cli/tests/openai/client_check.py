@@ -80,6 +80,18 @@ def still_serving(name):
     check(r.choices[0].text != "" and r.usage.completion_tokens >= 1, f"server unusable after {name}")
 
 
+def expect_400(name, call, param):
+    """`call` must fail with 400 naming `param`, and the server must keep serving."""
+    try:
+        call()
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == param, f"{name}: param {e.body}")
+    else:
+        raise SystemExit(f"FAILED: {name}: no error")
+    still_serving(name)
+    ok("error: " + name)
+
+
 def validate(v):
     try:
         import jsonschema  # the reference validator, when installed
@@ -233,14 +245,7 @@ for name, call, param in [
     ("store true", lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], store=True), "store"),
     ("echo", lambda: client.completions.create(model=MODEL, prompt="x", echo=True), "echo"),
 ]:
-    try:
-        call()
-    except openai.BadRequestError as e:
-        check(e.body.get("param") == param, f"{name}: param {e.body}")
-    else:
-        raise SystemExit(f"FAILED: {name}: no error")
-    still_serving(name)
-    ok("error: " + name)
+    expect_400(name, call, param)
 
 # --- sampling extras (llama-server's fields through extra_body) and logit_bias.
 PROMPT = "The capital of France is"
@@ -418,14 +423,7 @@ for name, kw, param in [
 ]:
     args = {"model": MODEL, "messages": ASK, "max_tokens": 4}
     args.update(kw)
-    try:
-        client.chat.completions.create(**args)
-    except openai.BadRequestError as e:
-        check(e.body.get("param") == param, f"{name}: param {e.body}")
-    else:
-        raise SystemExit(f"FAILED: {name}: no error")
-    still_serving(name)
-    ok("error: " + name)
+    expect_400(name, lambda: client.chat.completions.create(**args), param)
 
 status, _, data = http("GET", "/metrics")
 metrics = data.decode()
