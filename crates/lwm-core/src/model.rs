@@ -495,6 +495,10 @@ impl Model {
         let x = self.embed_tokens(&ids)?;
         let normed = self.run_layers_batch(x, seqs)?;
         let logits = self.apply_head(&self.lm_head, &normed)?;
+        if seqs.len() == 1 {
+            // `forward`'s case: the logits are that sequence's already, no copy.
+            return Ok(vec![logits]);
+        }
         let vocab = self.lm_head.out_dim();
         let mut rest = &logits[..];
         Ok(seqs
