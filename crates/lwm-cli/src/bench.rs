@@ -37,6 +37,13 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Time the VQGAN instead of a language model: encode and decode of 256×256 frames with
+    /// a real-size VQGAN (LWM's config, random weights), ms per frame. No model is loaded.
+    #[arg(long)]
+    vqgan: bool,
+    /// Frames per VQGAN call (`--vqgan`): a video's frames go through the network together.
+    #[arg(long, default_value_t = 1)]
+    frames: usize,
 }
 
 fn stats(v: &[f64]) -> serde_json::Value {
@@ -70,6 +77,9 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.vqgan {
+        return run_vqgan(&a);
+    }
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 || a.batch == 0 {
         bail!("--prompt-tokens, --gen-tokens, --reps and --batch must be at least 1");
     }
@@ -199,5 +209,73 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "cpu pressure before: {}; after: {}",
         ours["cpu_pressure_before"], ours["cpu_pressure_after"]
     );
+    Ok(())
+}
+
+/// `lwm bench --vqgan`: encode (frames → codes) and decode (codes → frames) of `--frames`
+/// random 256×256 frames through LWM's real-size VQGAN with random weights; `--warmup`
+/// untimed runs, then `--reps` timed ones; milliseconds per frame.
+fn run_vqgan(a: &BenchArgs) -> Result<()> {
+    use lwm::vqgan::Vqgan;
+    if a.reps == 0 || a.frames == 0 {
+        bail!("--reps and --frames must be at least 1");
+    }
+    lwm::set_threads(a.model.threads);
+    let pressure_before = lwm::cpu_pressure();
+    let model = Vqgan::from_arrays(lwm::vqgan::lwm_shaped_random_arrays(3))?;
+    let (n, size) = (a.frames, 256);
+    let x = lwm::rng::XorShift::new(7).vec(n * size * size * 3, -1.0, 1.0);
+    let grid = size / model.factor;
+    let (mut enc, mut dec) = (Vec::new(), Vec::new());
+    for rep in 0..a.warmup + a.reps {
+        let t = Instant::now();
+        let codes = model.encode(&x, n, size, size)?;
+        let te = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+        let t = Instant::now();
+        let frames = model.decode(&codes, n, grid, grid)?;
+        let td = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+        std::hint::black_box(frames);
+        if rep >= a.warmup {
+            enc.push(te);
+            dec.push(td);
+        }
+        if !a.json {
+            eprintln!(
+                "{} {}: encode {te:.0} ms/frame, decode {td:.0} ms/frame",
+                if rep < a.warmup { "warmup" } else { "rep" },
+                rep + 1
+            );
+        }
+    }
+    let rss_mb = lwm::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / 1e6);
+    let threads = if a.model.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.model.threads
+    };
+    let out = serde_json::json!({
+        "engine": "lwm",
+        "vqgan": "LWM config (256 px, hidden 128, mult 1,2,2,4,6; 146,244,675 params), random weights",
+        "frame_size": size,
+        "frames_per_call": n,
+        "threads": threads,
+        "avx2": lwm::quant::has_avx2(),
+        "encode_ms_per_frame": stats(&enc),
+        "decode_ms_per_frame": stats(&dec),
+        "peak_rss_mb": (rss_mb * 10.0).round() / 10.0,
+        "cpu_pressure_before": pressure_before,
+        "cpu_pressure_after": lwm::cpu_pressure(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "VQGAN 256×256, {n} frame(s) per call, {threads} threads: encode {:.0} ms/frame, decode {:.0} ms/frame (median of {}); peak RSS {:.0} MB",
+            out["encode_ms_per_frame"]["median"].as_f64().unwrap_or(f64::NAN),
+            out["decode_ms_per_frame"]["median"].as_f64().unwrap_or(f64::NAN),
+            a.reps,
+            rss_mb
+        );
+    }
     Ok(())
 }

@@ -39,7 +39,7 @@ fn preprocessing_latents_codes_and_decoding_match_the_original() {
     assert_eq!(model.factor, 16);
     let z = model.encode_latents(&x, 1, 64, 64).unwrap();
     let z_ref = npy("vq_prequant_z.npy");
-    let d = max_diff(&z.flatten_all().unwrap().to_vec1().unwrap(), &z_ref);
+    let d = max_diff(&z.data, &z_ref);
     assert!(d < 1e-4, "pre-quant latents: max |diff| {d}");
     let codes = model.quantize(&z).unwrap();
     let want: Vec<u32> = Tensor::read_npy(vq("vq_codes.npy"))
@@ -111,104 +111,8 @@ fn bad_inputs_are_clear_errors() {
 #[test]
 #[ignore]
 fn real_size_vqgan_speed() {
-    use lwm::vqgan::pickle::NdArray;
-    use std::collections::BTreeMap;
+    let p = lwm::vqgan::lwm_shaped_random_arrays(3);
     let mut rng = lwm::rng::XorShift::new(3);
-    let mut p: BTreeMap<String, NdArray> = BTreeMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32| {
-        let n = shape.iter().product();
-        let data = rng.vec(n, -scale, scale);
-        p.insert(name, NdArray { shape, data });
-    };
-    let conv =
-        |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, k: usize, i: usize, o: usize| {
-            put(
-                format!("{n}/kernel"),
-                vec![k, k, i, o],
-                (1.0 / (k * k * i) as f32).sqrt(),
-            );
-            put(format!("{n}/bias"), vec![o], 0.01);
-        };
-    let norm = |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, c: usize| {
-        put(format!("{n}/scale"), vec![c], 1.0);
-        put(format!("{n}/bias"), vec![c], 0.01);
-    };
-    let res = |put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, i: usize, o: usize| {
-        norm(put, &format!("{n}/GroupNorm_0"), i);
-        conv(put, &format!("{n}/Conv_0"), 3, i, o);
-        norm(put, &format!("{n}/GroupNorm_1"), o);
-        conv(put, &format!("{n}/Conv_1"), 3, o, o);
-        if i != o {
-            conv(put, &format!("{n}/Conv_2"), 1, i, o);
-        }
-    };
-    let mult = [1, 2, 2, 4, 6];
-    let ch: Vec<usize> = mult.iter().map(|m| 128 * m).collect();
-    conv(&mut put, "encoder/Conv_0", 3, 3, 128);
-    let mut c = 128;
-    for (l, &o) in ch.iter().enumerate() {
-        for b in 0..2 {
-            res(
-                &mut put,
-                &format!("encoder/DownsamplingBlock_{l}/ResnetBlock_{b}"),
-                c,
-                o,
-            );
-            c = o;
-        }
-        if l < 4 {
-            conv(
-                &mut put,
-                &format!("encoder/DownsamplingBlock_{l}/Downsample_0/Conv_0"),
-                3,
-                c,
-                c,
-            );
-        }
-    }
-    for b in 0..2 {
-        res(
-            &mut put,
-            &format!("encoder/MidBlock_0/ResnetBlock_{b}"),
-            c,
-            c,
-        );
-        res(
-            &mut put,
-            &format!("decoder/MidBlock_0/ResnetBlock_{b}"),
-            c,
-            c,
-        );
-    }
-    norm(&mut put, "encoder/GroupNorm_0", c);
-    conv(&mut put, "encoder/Conv_1", 3, c, 64);
-    conv(&mut put, "quant_conv", 1, 64, 64);
-    conv(&mut put, "post_quant_conv", 1, 64, 64);
-    put("quantize/embeddings".into(), vec![8192, 64], 0.5);
-    conv(&mut put, "decoder/Conv_0", 3, 64, c);
-    for (u, l) in (0..5).rev().enumerate() {
-        let o = ch[l];
-        for b in 0..3 {
-            res(
-                &mut put,
-                &format!("decoder/UpsamplingBlock_{u}/ResnetBlock_{b}"),
-                c,
-                o,
-            );
-            c = o;
-        }
-        if l > 0 {
-            conv(
-                &mut put,
-                &format!("decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0"),
-                3,
-                c,
-                c,
-            );
-        }
-    }
-    norm(&mut put, "decoder/GroupNorm_0", c);
-    conv(&mut put, "decoder/Conv_1", 3, c, 3);
     let n_params: usize = p.values().map(|a| a.data.len()).sum();
     assert_eq!(
         n_params, 146_244_675,

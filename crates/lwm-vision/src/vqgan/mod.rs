@@ -12,14 +12,15 @@
 //! * decoder: codebook rows → post_quant_conv → Conv_0 → MidBlock → UpsamplingBlock_0.. (deepest
 //!   level first; nearest ×2 then a 3×3 conv) → GN → SiLU → Conv_1 → clip to [−1, 1].
 //!
-//! GroupNorm: 32 groups, eps 1e-6, statistics over (H, W, C/32). Tensors are NCHW on the CPU;
-//! convolutions go through candle's conv2d (im2col + GEMM).
+//! GroupNorm: 32 groups, eps 1e-6, statistics over (H, W, C/32). Activations are NHWC, as in
+//! the original; convolutions are our own implicit GEMM (`conv`), threads over output pixels.
 
+pub mod conv;
 pub mod pickle;
 pub mod preprocess;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use conv::{group_norm_silu, Act, Conv2d, GroupNorm};
 use pickle::NdArray;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,47 +28,40 @@ use std::path::Path;
 const GROUPS: usize = 32;
 const GN_EPS: f64 = 1e-6;
 
-struct Conv {
-    /// (out, in, kh, kw)
-    weight: Tensor,
-    bias: Tensor,
-}
-
-struct GroupNorm {
-    scale: Tensor,
-    bias: Tensor,
-}
-
 struct ResnetBlock {
     norm0: GroupNorm,
-    conv0: Conv,
+    conv0: Conv2d,
     norm1: GroupNorm,
-    conv1: Conv,
-    shortcut: Option<Conv>,
+    conv1: Conv2d,
+    shortcut: Option<Conv2d>,
 }
 
 struct Level {
     blocks: Vec<ResnetBlock>,
     /// Downsample (encoder) or Upsample (decoder) conv.
-    resample: Option<Conv>,
+    resample: Option<Conv2d>,
 }
 
 pub struct Vqgan {
-    enc_conv_in: Conv,
+    enc_conv_in: Conv2d,
     enc_levels: Vec<Level>,
     enc_mid: Vec<ResnetBlock>,
     enc_norm_out: GroupNorm,
-    enc_conv_out: Conv,
-    quant_conv: Conv,
-    /// (n_codes, dim)
-    codebook: Tensor,
+    enc_conv_out: Conv2d,
+    quant_conv: Conv2d,
+    /// (n_codes, dim) row-major.
+    codebook: Vec<f32>,
+    n_codes: usize,
+    dim: usize,
+    /// `z · eᵀ` for every code: a 1×1 convolution whose kernel is the codebook transposed.
+    codebook_dots: Conv2d,
     codebook_sq: Vec<f32>,
-    post_quant_conv: Conv,
-    dec_conv_in: Conv,
+    post_quant_conv: Conv2d,
+    dec_conv_in: Conv2d,
     dec_mid: Vec<ResnetBlock>,
     dec_levels: Vec<Level>,
     dec_norm_out: GroupNorm,
-    dec_conv_out: Conv,
+    dec_conv_out: Conv2d,
     /// Total spatial downsampling (16 for LWM's).
     pub factor: usize,
 }
@@ -79,46 +73,55 @@ impl Params {
         self.0.keys().any(|k| k.starts_with(prefix))
     }
 
-    fn tensor(&self, name: &str) -> Result<Tensor> {
+    fn array(&self, name: &str) -> Result<&NdArray> {
         let a = self
             .0
             .get(name)
             .with_context(|| format!("VQGAN weights have no '{name}'"))?;
-        Ok(Tensor::from_slice(
-            &a.data,
-            a.shape.as_slice(),
-            &Device::Cpu,
-        )?)
-    }
-
-    fn conv(&self, p: &str) -> Result<Conv> {
-        let k = self.tensor(&format!("{p}/kernel"))?;
-        if k.rank() != 4 {
+        if a.shape.iter().product::<usize>() != a.data.len() {
             bail!(
-                "VQGAN '{p}/kernel' has shape {:?}, expected (kh, kw, in, out)",
-                k.dims()
+                "VQGAN '{name}' has shape {:?} but {} values",
+                a.shape,
+                a.data.len()
             );
         }
-        let bias = self.tensor(&format!("{p}/bias"))?;
-        if bias.dims() != [k.dims()[3]] {
-            bail!("VQGAN '{p}/bias' has shape {:?}", bias.dims());
+        Ok(a)
+    }
+
+    fn conv(&self, p: &str) -> Result<Conv2d> {
+        let k = self.array(&format!("{p}/kernel"))?;
+        let [kh, kw, cin, cout] = k.shape[..] else {
+            bail!(
+                "VQGAN '{p}/kernel' has shape {:?}, expected (kh, kw, in, out)",
+                k.shape
+            );
+        };
+        if kh != kw || kh % 2 == 0 || cin == 0 || cout == 0 {
+            bail!(
+                "VQGAN '{p}/kernel' has shape {:?}: not an odd square kernel",
+                k.shape
+            );
         }
-        Ok(Conv {
-            // flax (kh, kw, in, out) -> (out, in, kh, kw)
-            weight: k.permute((3, 2, 0, 1))?.contiguous()?,
-            bias: bias.reshape((1, (), 1, 1))?,
-        })
+        let bias = self.array(&format!("{p}/bias"))?;
+        if bias.shape != [cout] {
+            bail!("VQGAN '{p}/bias' has shape {:?}", bias.shape);
+        }
+        Ok(Conv2d::new(kh, cin, cout, &k.data, &bias.data))
     }
 
     fn norm(&self, p: &str) -> Result<GroupNorm> {
-        let scale = self.tensor(&format!("{p}/scale"))?;
-        let c = scale.dims()[0];
-        if !c.is_multiple_of(GROUPS) {
+        let scale = self.array(&format!("{p}/scale"))?;
+        let c = scale.data.len();
+        if c == 0 || !c.is_multiple_of(GROUPS) {
             bail!("VQGAN '{p}' has {c} channels, not a multiple of {GROUPS} groups");
         }
+        let bias = self.array(&format!("{p}/bias"))?;
+        if bias.data.len() != c {
+            bail!("VQGAN '{p}/bias' has shape {:?}", bias.shape);
+        }
         Ok(GroupNorm {
-            scale: scale.reshape((1, c, 1, 1))?,
-            bias: self.tensor(&format!("{p}/bias"))?.reshape((1, c, 1, 1))?,
+            scale: scale.data.clone(),
+            bias: bias.data.clone(),
         })
     }
 
@@ -148,39 +151,46 @@ impl Params {
     }
 }
 
-/// SAME-padded stride-1 conv (kernel 1 or 3).
-fn conv_same(x: &Tensor, c: &Conv) -> Result<Tensor> {
-    let k = c.weight.dims()[2];
-    Ok(x.conv2d(&c.weight, k / 2, 1, 1, 1)?
-        .broadcast_add(&c.bias)?)
+/// Checks a layer's input channels (a wrong weights file fails here, not in a kernel).
+fn expect_channels(x: &Act, want: usize, what: &str) -> Result<()> {
+    if x.c != want {
+        bail!(
+            "VQGAN {what}: input has {} channels, the weights expect {want}",
+            x.c
+        );
+    }
+    Ok(())
 }
 
-fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.silu()?)
+fn conv_same(x: &Act, c: &Conv2d, what: &str) -> Result<Act> {
+    expect_channels(x, c.cin, what)?;
+    Ok(c.same(x))
 }
 
-/// GroupNorm over (C/G, H, W) per group, biased variance, then per-channel scale and bias.
-fn group_norm(x: &Tensor, g: &GroupNorm) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let xg = x.reshape((b, GROUPS, (c / GROUPS) * h * w))?;
-    let mean = xg.mean_keepdim(D::Minus1)?;
-    let centered = xg.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + GN_EPS)?.sqrt()?)?;
-    Ok(normed
-        .reshape((b, c, h, w))?
-        .broadcast_mul(&g.scale)?
-        .broadcast_add(&g.bias)?)
+fn gn_silu(x: &Act, g: &GroupNorm, what: &str) -> Result<Act> {
+    expect_channels(x, g.scale.len(), what)?;
+    Ok(group_norm_silu(x, g, GROUPS, GN_EPS))
 }
 
-fn resnet(x: &Tensor, r: &ResnetBlock) -> Result<Tensor> {
-    let h = conv_same(&silu(&group_norm(x, &r.norm0)?)?, &r.conv0)?;
-    let h = conv_same(&silu(&group_norm(&h, &r.norm1)?)?, &r.conv1)?;
-    let skip = match &r.shortcut {
-        Some(s) => conv_same(x, s)?,
-        None => x.clone(),
-    };
-    Ok((skip + h)?)
+fn resnet(x: &Act, r: &ResnetBlock) -> Result<Act> {
+    let h = conv_same(
+        &gn_silu(x, &r.norm0, "ResnetBlock")?,
+        &r.conv0,
+        "ResnetBlock",
+    )?;
+    let mut h = conv_same(
+        &gn_silu(&h, &r.norm1, "ResnetBlock")?,
+        &r.conv1,
+        "ResnetBlock",
+    )?;
+    match &r.shortcut {
+        Some(s) => h.add_assign(&conv_same(x, s, "ResnetBlock shortcut")?),
+        None => {
+            expect_channels(x, h.c, "ResnetBlock residual")?;
+            h.add_assign(x)
+        }
+    }
+    Ok(h)
 }
 
 impl Vqgan {
@@ -223,8 +233,25 @@ impl Vqgan {
         if enc_levels.is_empty() || dec_levels.is_empty() {
             bail!("VQGAN weights have no encoder/decoder levels");
         }
-        let codebook = p.tensor("quantize/embeddings")?;
-        let codebook_sq = codebook.sqr()?.sum(1)?.to_vec1()?;
+        let cb = p.array("quantize/embeddings")?;
+        let [n_codes, dim] = cb.shape[..] else {
+            bail!(
+                "VQGAN 'quantize/embeddings' has shape {:?}, expected (codes, dim)",
+                cb.shape
+            );
+        };
+        let codebook = cb.data.clone();
+        let codebook_sq = codebook
+            .chunks_exact(dim)
+            .map(|e| e.iter().map(|v| v * v).sum())
+            .collect();
+        let mut transposed = vec![0f32; n_codes * dim];
+        for (o, e) in codebook.chunks_exact(dim).enumerate() {
+            for (i, v) in e.iter().enumerate() {
+                transposed[i * n_codes + o] = *v;
+            }
+        }
+        let codebook_dots = Conv2d::new(1, dim, n_codes, &transposed, &vec![0f32; n_codes]);
         let factor = 1 << enc_levels.iter().filter(|l| l.resample.is_some()).count();
         Ok(Self {
             enc_conv_in: p.conv("encoder/Conv_0")?,
@@ -240,68 +267,65 @@ impl Vqgan {
             enc_levels,
             dec_levels,
             codebook,
+            n_codes,
+            dim,
+            codebook_dots,
             codebook_sq,
             factor,
         })
     }
 
     pub fn num_codes(&self) -> usize {
-        self.codebook.dims()[0]
+        self.n_codes
     }
 
     /// Pre-quantization latents `quant_conv(encoder(x))` of NHWC frames in [-1, 1]:
-    /// `frames` is (n, h, w, 3) row-major; returns (n, h/f, w/f, dim) row-major.
-    pub fn encode_latents(&self, frames: &[f32], n: usize, h: usize, w: usize) -> Result<Tensor> {
+    /// `frames` is (n, h, w, 3) row-major; returns (n, h/f, w/f, dim).
+    pub fn encode_latents(&self, frames: &[f32], n: usize, h: usize, w: usize) -> Result<Act> {
         if frames.len() != n * h * w * 3 {
             bail!(
                 "encode: {} values is not {n} frames of {h}×{w}×3",
                 frames.len()
             );
         }
-        if !h.is_multiple_of(self.factor) || !w.is_multiple_of(self.factor) {
+        if !h.is_multiple_of(self.factor) || !w.is_multiple_of(self.factor) || h == 0 || w == 0 {
             bail!(
                 "encode: {h}×{w} is not a multiple of the VQGAN factor {}",
                 self.factor
             );
         }
-        let x = Tensor::from_slice(frames, (n, h, w, 3), &Device::Cpu)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
-        let mut x = conv_same(&x, &self.enc_conv_in)?;
+        let x = Act::new(n, h, w, 3, frames.to_vec());
+        let mut x = conv_same(&x, &self.enc_conv_in, "encoder Conv_0")?;
         for level in &self.enc_levels {
             for b in &level.blocks {
                 x = resnet(&x, b)?;
             }
             if let Some(c) = &level.resample {
-                // pad bottom/right by one, then a VALID 3×3 stride-2 conv
-                let padded = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-                x = padded
-                    .conv2d(&c.weight, 0, 2, 1, 1)?
-                    .broadcast_add(&c.bias)?;
+                expect_channels(&x, c.cin, "Downsample")?;
+                x = c.down(&x);
             }
         }
         for b in &self.enc_mid {
             x = resnet(&x, b)?;
         }
         x = conv_same(
-            &silu(&group_norm(&x, &self.enc_norm_out)?)?,
+            &gn_silu(&x, &self.enc_norm_out, "encoder GroupNorm_0")?,
             &self.enc_conv_out,
+            "encoder Conv_1",
         )?;
-        x = conv_same(&x, &self.quant_conv)?;
-        Ok(x.permute((0, 2, 3, 1))?.contiguous()?)
+        conv_same(&x, &self.quant_conv, "quant_conv")
     }
 
-    /// Nearest codebook entry of each latent vector (rows of `z`, (m, dim)), by
+    /// Nearest codebook entry of each latent vector (the pixels of `z`), by
     /// `‖z‖² + ‖e‖² − 2 z·e` as the original computes it.
-    pub fn quantize(&self, z: &Tensor) -> Result<Vec<u32>> {
-        let dim = self.codebook.dims()[1];
-        let z = z.reshape(((), dim))?;
-        let z_sq: Vec<f32> = z.sqr()?.sum(1)?.to_vec1()?;
-        let dots: Vec<Vec<f32>> = z.matmul(&self.codebook.t()?)?.to_vec2()?;
-        Ok(dots
-            .iter()
-            .zip(&z_sq)
-            .map(|(row, zs)| {
+    pub fn quantize(&self, z: &Act) -> Result<Vec<u32>> {
+        expect_channels(z, self.dim, "quantize")?;
+        let dots = self.codebook_dots.same(z);
+        Ok(z.data
+            .chunks_exact(self.dim)
+            .zip(dots.data.chunks_exact(self.n_codes))
+            .map(|(zv, row)| {
+                let zs: f32 = zv.iter().map(|v| v * v).sum();
                 let mut best = (f32::INFINITY, 0u32);
                 for (i, (d, es)) in row.iter().zip(&self.codebook_sq).enumerate() {
                     let dist = zs + es - 2.0 * d;
@@ -334,16 +358,13 @@ impl Vqgan {
                 self.num_codes()
             );
         }
-        let ids = Tensor::from_slice(codes, codes.len(), &Device::Cpu)?;
-        let dim = self.codebook.dims()[1];
-        let z = self
-            .codebook
-            .embedding(&ids)?
-            .reshape((n, gh, gw, dim))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
-        let mut x = conv_same(&z, &self.post_quant_conv)?;
-        x = conv_same(&x, &self.dec_conv_in)?;
+        let mut z = Vec::with_capacity(codes.len() * self.dim);
+        for &c in codes {
+            z.extend_from_slice(&self.codebook[c as usize * self.dim..][..self.dim]);
+        }
+        let z = Act::new(n, gh, gw, self.dim, z);
+        let mut x = conv_same(&z, &self.post_quant_conv, "post_quant_conv")?;
+        x = conv_same(&x, &self.dec_conv_in, "decoder Conv_0")?;
         for b in &self.dec_mid {
             x = resnet(&x, b)?;
         }
@@ -352,20 +373,105 @@ impl Vqgan {
                 x = resnet(&x, b)?;
             }
             if let Some(c) = &level.resample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv_same(&x.upsample_nearest2d(2 * h, 2 * w)?, c)?;
+                x = conv_same(&x.upsample2(), c, "Upsample")?;
             }
         }
         x = conv_same(
-            &silu(&group_norm(&x, &self.dec_norm_out)?)?,
+            &gn_silu(&x, &self.dec_norm_out, "decoder GroupNorm_0")?,
             &self.dec_conv_out,
+            "decoder Conv_1",
         )?;
-        let x = x.clamp(-1f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?;
-        Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        for v in &mut x.data {
+            *v = v.clamp(-1.0, 1.0);
+        }
+        Ok(x.data)
     }
 }
 
 /// `uint8((x + 1) · 127.5)` with truncation, as the original writes images.
 pub fn to_u8(x: f32) -> u8 {
     ((x + 1.0) * 127.5).clamp(0.0, 255.0) as u8
+}
+
+/// Weights with the shapes of LWM's real VQGAN (the fact sheet's config: 256 px, hidden 128,
+/// channel_mult (1, 2, 2, 4, 6), 2 res blocks per encoder level and 3 per decoder level,
+/// z 64, 8192 × 64 codebook; 146,244,675 parameters), random values scaled like an
+/// initialisation: for speed measurements, where the real file is not at hand.
+pub fn lwm_shaped_random_arrays(seed: u64) -> BTreeMap<String, NdArray> {
+    let mut rng = lwm_core::rng::XorShift::new(seed);
+    let mut p: BTreeMap<String, NdArray> = BTreeMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32| {
+        let n = shape.iter().product();
+        let data = rng.vec(n, -scale, scale);
+        p.insert(name, NdArray { shape, data });
+    };
+    fn conv(put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, k: usize, i: usize, o: usize) {
+        put(
+            format!("{n}/kernel"),
+            vec![k, k, i, o],
+            (1.0 / (k * k * i) as f32).sqrt(),
+        );
+        put(format!("{n}/bias"), vec![o], 0.01);
+    }
+    fn norm(put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, c: usize) {
+        put(format!("{n}/scale"), vec![c], 1.0);
+        put(format!("{n}/bias"), vec![c], 0.01);
+    }
+    fn res(put: &mut dyn FnMut(String, Vec<usize>, f32), n: &str, i: usize, o: usize) {
+        norm(put, &format!("{n}/GroupNorm_0"), i);
+        conv(put, &format!("{n}/Conv_0"), 3, i, o);
+        norm(put, &format!("{n}/GroupNorm_1"), o);
+        conv(put, &format!("{n}/Conv_1"), 3, o, o);
+        if i != o {
+            conv(put, &format!("{n}/Conv_2"), 1, i, o);
+        }
+    }
+    let ch: Vec<usize> = [1, 2, 2, 4, 6].iter().map(|m| 128 * m).collect();
+    conv(&mut put, "encoder/Conv_0", 3, 3, 128);
+    let mut c = 128;
+    for (l, &o) in ch.iter().enumerate() {
+        for b in 0..2 {
+            let name = format!("encoder/DownsamplingBlock_{l}/ResnetBlock_{b}");
+            res(&mut put, &name, c, o);
+            c = o;
+        }
+        if l + 1 < ch.len() {
+            let name = format!("encoder/DownsamplingBlock_{l}/Downsample_0/Conv_0");
+            conv(&mut put, &name, 3, c, c);
+        }
+    }
+    for b in 0..2 {
+        res(
+            &mut put,
+            &format!("encoder/MidBlock_0/ResnetBlock_{b}"),
+            c,
+            c,
+        );
+        res(
+            &mut put,
+            &format!("decoder/MidBlock_0/ResnetBlock_{b}"),
+            c,
+            c,
+        );
+    }
+    norm(&mut put, "encoder/GroupNorm_0", c);
+    conv(&mut put, "encoder/Conv_1", 3, c, 64);
+    conv(&mut put, "quant_conv", 1, 64, 64);
+    conv(&mut put, "post_quant_conv", 1, 64, 64);
+    put("quantize/embeddings".into(), vec![8192, 64], 0.5);
+    conv(&mut put, "decoder/Conv_0", 3, 64, c);
+    for (u, l) in (0..ch.len()).rev().enumerate() {
+        for b in 0..3 {
+            let name = format!("decoder/UpsamplingBlock_{u}/ResnetBlock_{b}");
+            res(&mut put, &name, c, ch[l]);
+            c = ch[l];
+        }
+        if l > 0 {
+            let name = format!("decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0");
+            conv(&mut put, &name, 3, c, c);
+        }
+    }
+    norm(&mut put, "decoder/GroupNorm_0", c);
+    conv(&mut put, "decoder/Conv_1", 3, c, 3);
+    p
 }
