@@ -160,6 +160,11 @@ unsafe fn trampoline<F: Fn(usize) + Sync>(data: usize, i: usize) {
     (*(data as *const F))(i)
 }
 
+/// Threads a parallel region runs on (the pool's workers and the caller).
+pub fn threads() -> usize {
+    pool().workers + 1
+}
+
 /// Run `f(i)` for every i in 0..n_items across the pool (the caller's thread helps).
 pub fn for_each<F: Fn(usize) + Sync>(n_items: usize, f: F) {
     if n_items <= 1 || IN_REGION.with(|r| r.get()) {

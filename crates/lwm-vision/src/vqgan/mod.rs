@@ -381,10 +381,11 @@ impl Vqgan {
             &self.dec_conv_out,
             "decoder Conv_1",
         )?;
-        for v in &mut x.data {
+        let mut pixels = x.take_data();
+        for v in &mut pixels {
             *v = v.clamp(-1.0, 1.0);
         }
-        Ok(x.data)
+        Ok(pixels)
     }
 }
 
