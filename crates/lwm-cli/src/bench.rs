@@ -140,6 +140,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     ids,
                     cache,
                     all_logits: false,
+                    vision: None,
                 })
                 .collect();
             let logits = engine.model.forward_batch(&mut inputs)?;

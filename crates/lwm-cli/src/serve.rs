@@ -44,6 +44,20 @@ pub struct ServeArgs {
     /// comma-separate for several.
     #[arg(long, value_delimiter = ',')]
     pub cors_origin: Vec<String>,
+    /// VQGAN weights for an LWM vision-language model's `image_url` inputs (default: `vqgan`
+    /// next to the params, when there).
+    #[arg(long)]
+    pub vqgan: Option<std::path::PathBuf>,
+    /// Frame size fed to the VQGAN (256 for LWM's).
+    #[arg(long, default_value_t = 256)]
+    pub frame_size: usize,
+    /// Images may also be local files under this directory (`file://` URLs); otherwise
+    /// only data: URLs.
+    #[arg(long)]
+    pub allowed_media_path: Option<std::path::PathBuf>,
+    /// Most images (video frames) one request may carry.
+    #[arg(long, default_value_t = 64)]
+    pub max_images: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -65,6 +79,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .or_else(|| std::env::var("LWM_API_KEY").ok())
             .filter(|k| !k.is_empty()),
         cors_origins: a.cors_origin,
+        vqgan: a.vqgan,
+        frame_size: a.frame_size,
+        allowed_media_path: a.allowed_media_path,
+        max_images: a.max_images,
     };
     lwm_server::run(engine, options)
 }

@@ -473,6 +473,7 @@ impl Model {
             ids,
             cache,
             all_logits,
+            vision: None,
         }])?;
         out.pop().context("forward: no output")
     }
@@ -491,9 +492,39 @@ impl Model {
         if seqs.iter().any(|s| s.ids.is_empty()) {
             bail!("forward called with no tokens");
         }
-        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
-        let x = self.embed_tokens(&ids)?;
-        let normed = self.run_layers_batch(x, seqs)?;
+        let normed = if seqs.iter().any(|s| s.vision.is_some()) {
+            // Vision rows: their own embedding table, and cache keys apart from text ids.
+            let mut x = Vec::with_capacity(
+                seqs.iter().map(|s| s.ids.len()).sum::<usize>() * self.config.hidden_size,
+            );
+            let mut keys: Vec<Option<Vec<u32>>> = Vec::with_capacity(seqs.len());
+            for s in seqs.iter() {
+                match s.vision {
+                    Some(m) => {
+                        x.extend(self.embed_mixed(s.ids, m)?);
+                        keys.push(Some(crate::vision_model::cache_keys(s.ids, m)));
+                    }
+                    None => {
+                        x.extend(self.embed_tokens(s.ids)?);
+                        keys.push(None);
+                    }
+                }
+            }
+            let mut inner: Vec<SeqInput<'_>> = seqs
+                .iter_mut()
+                .zip(&keys)
+                .map(|(s, k)| SeqInput {
+                    ids: k.as_deref().unwrap_or(s.ids),
+                    cache: &mut *s.cache,
+                    all_logits: s.all_logits,
+                    vision: None,
+                })
+                .collect();
+            self.run_layers_batch(x, &mut inner)?
+        } else {
+            let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+            self.run_layers_batch(self.embed_tokens(&ids)?, seqs)?
+        };
         let logits = self.apply_head(&self.lm_head, &normed)?;
         if seqs.len() == 1 {
             // `forward`'s case: the logits are that sequence's already, no copy.
@@ -527,6 +558,7 @@ impl Model {
                 ids,
                 cache,
                 all_logits: all_rows,
+                vision: None,
             }],
         )
     }
@@ -829,6 +861,9 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut KvCache,
     /// Logits of every token (n × vocab), not only the last one's.
     pub all_logits: bool,
+    /// For an LWM vision-language model: which of `ids` are vision ids (embedded with `vte`,
+    /// recorded in the cache as `vision_model::cache_key`); `None`: all text.
+    pub vision: Option<&'a [bool]>,
 }
 
 /// Attention over local KV caches for the sequences of a step: each sequence's rows (its

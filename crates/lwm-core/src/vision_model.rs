@@ -6,7 +6,6 @@
 //! Vision ids are a separate id space: 0..8191 VQGAN codes (no offset), 8192 end of frame,
 //! 8193 end of vision. A frame is its 16×16 codes row-major plus one of those two markers.
 
-use crate::config::ModelConfig;
 use crate::kv::KvCache;
 use crate::model::Model;
 use anyhow::{bail, Context, Result};
@@ -33,14 +32,25 @@ pub struct MixedLogits {
     pub vision: Vec<f32>,
 }
 
-/// Ids the KV cache records for vision positions: shifted past the text vocabulary so a
-/// vision code never matches a text token in prefix reuse.
-fn cache_id(c: &ModelConfig, id: u32, vision: bool) -> u32 {
+/// Set in the ids a KV cache records for vision positions, so a vision code never matches
+/// a text token with the same number in prefix reuse (no vocabulary comes near 2³¹).
+pub const VISION_KEY: u32 = 1 << 31;
+
+/// The id a KV cache records for a prompt position (what prefix reuse compares).
+pub fn cache_key(id: u32, vision: bool) -> u32 {
     if vision {
-        c.vocab_size as u32 + id
+        VISION_KEY | id
     } else {
         id
     }
+}
+
+/// `cache_key` of every position of `ids` under `vision_mask`.
+pub fn cache_keys(ids: &[u32], vision_mask: &[bool]) -> Vec<u32> {
+    ids.iter()
+        .zip(vision_mask)
+        .map(|(&id, &m)| cache_key(id, m))
+        .collect()
 }
 
 impl Model {
@@ -48,16 +58,9 @@ impl Model {
         self.vision.is_some()
     }
 
-    /// Forward `ids` with per-position `vision_mask` (true: a vision id, embedded with `vte`),
-    /// returning the requested heads' logits for the last position or every position.
-    pub fn forward_mixed(
-        &self,
-        ids: &[u32],
-        vision_mask: &[bool],
-        cache: &mut KvCache,
-        heads: Heads,
-        all_logits: bool,
-    ) -> Result<MixedLogits> {
+    /// Embedding rows of `ids`: `vte` where `vision_mask` is set, `wte` elsewhere (an id
+    /// outside its table's vocabulary is an error naming its position).
+    pub(crate) fn embed_mixed(&self, ids: &[u32], vision_mask: &[bool]) -> Result<Vec<f32>> {
         let vision = self.vision.as_ref().context(
             "this model has no vision embedding/head (not an LWM vision-language checkpoint)",
         )?;
@@ -67,9 +70,6 @@ impl Model {
                 ids.len(),
                 vision_mask.len()
             );
-        }
-        if ids.is_empty() {
-            bail!("forward called with no tokens");
         }
         let c = &self.config;
         let h = c.hidden_size;
@@ -89,11 +89,27 @@ impl Model {
             }
             x[i * h..(i + 1) * h].copy_from_slice(&table.rows(&[id])?);
         }
-        let keys: Vec<u32> = ids
-            .iter()
-            .zip(vision_mask)
-            .map(|(&id, &m)| cache_id(c, id, m))
-            .collect();
+        Ok(x)
+    }
+
+    /// Forward `ids` with per-position `vision_mask` (true: a vision id, embedded with `vte`),
+    /// returning the requested heads' logits for the last position or every position.
+    pub fn forward_mixed(
+        &self,
+        ids: &[u32],
+        vision_mask: &[bool],
+        cache: &mut KvCache,
+        heads: Heads,
+        all_logits: bool,
+    ) -> Result<MixedLogits> {
+        let vision = self.vision.as_ref().context(
+            "this model has no vision embedding/head (not an LWM vision-language checkpoint)",
+        )?;
+        if ids.is_empty() {
+            bail!("forward called with no tokens");
+        }
+        let x = self.embed_mixed(ids, vision_mask)?;
+        let keys = cache_keys(ids, vision_mask);
         let pos0 = cache.len();
         let out = (|| -> Result<MixedLogits> {
             let normed = self.run_layers(x, &keys, cache, all_logits)?;

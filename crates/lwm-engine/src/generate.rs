@@ -107,13 +107,7 @@ impl Engine {
                 .iter()
                 .map(|f| dir.join(f))
                 .find(|p| p.exists()),
-            ModelLocation::JaxParams(params) => Some(
-                params
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join("tokenizer.model"),
-            )
-            .filter(|p| p.is_file()),
+            ModelLocation::JaxParams(params) => lwm_core::weights::jax::tokenizer_next_to(params),
         };
         let p = found.with_context(|| {
             format!(
@@ -416,7 +410,7 @@ impl Engine {
     ) -> Result<usize> {
         let total = req.run_tokens(self.context_length())?;
         let reuse = cache
-            .common_prefix(&req.prompt_ids)
+            .common_prefix(&req.prompt_keys())
             .min(req.prompt_ids.len() - 1);
         cache.truncate(reuse);
         if let Some(mut avail) = lwm_core::memory_plan::available_memory() {
@@ -549,6 +543,8 @@ pub struct Generation {
     started: Instant,
     prefill_secs: f64,
     decode_started: Option<Instant>,
+    /// The prompt's vision mask (`GenerateRequest::vision_mask`).
+    vision_mask: Option<Vec<bool>>,
 }
 
 impl Generation {
@@ -564,6 +560,14 @@ impl Generation {
         let budget = req.run_tokens(context_length)? - n_prompt;
         if reused >= n_prompt {
             bail!("{reused} of {n_prompt} prompt tokens are held already: at least one must run");
+        }
+        if let Some(m) = &req.vision_mask {
+            if m.len() != n_prompt {
+                bail!(
+                    "the vision mask has {} entries for {n_prompt} prompt tokens",
+                    m.len()
+                );
+            }
         }
         Ok(Self {
             tok: tok.clone(),
@@ -589,6 +593,7 @@ impl Generation {
             started: Instant::now(),
             prefill_secs: 0.0,
             decode_started: None,
+            vision_mask: req.vision_mask.clone(),
         })
     }
 
@@ -607,6 +612,17 @@ impl Generation {
             return None;
         }
         self.unrun.as_ref().map(std::slice::from_ref)
+    }
+
+    /// The vision mask of `pending_input()`'s ids when they are a piece of a vision prompt;
+    /// `None` for text (and for every generated token: answers are text).
+    pub fn pending_vision(&self) -> Option<&[bool]> {
+        let mask = self.vision_mask.as_ref()?;
+        if self.finished.is_some() || self.prefilled >= self.n_prompt {
+            return None;
+        }
+        let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
+        Some(&mask[self.prefilled..end])
     }
 
     /// Prompt tokens whose keys/values are held (reused or prefilled).
@@ -788,6 +804,9 @@ pub struct GenerateRequest {
     pub grammar: Option<Grammar>,
     /// Report each token's log-probability with this many alternatives.
     pub top_logprobs: Option<usize>,
+    /// An LWM vision-language prompt: which prompt ids are vision ids (frame codes and
+    /// markers); `None`: all text.
+    pub vision_mask: Option<Vec<bool>>,
 }
 
 /// Progress callback of a long prefill.
@@ -813,6 +832,16 @@ impl GenerateRequest {
             on_prefill: None,
             grammar: None,
             top_logprobs: None,
+            vision_mask: None,
+        }
+    }
+
+    /// The ids a KV cache records for the prompt (vision ids apart from text ones): what
+    /// prefix reuse compares.
+    pub fn prompt_keys(&self) -> std::borrow::Cow<'_, [u32]> {
+        match &self.vision_mask {
+            Some(m) => lwm_core::vision_model::cache_keys(&self.prompt_ids, m).into(),
+            None => (&self.prompt_ids[..]).into(),
         }
     }
 }

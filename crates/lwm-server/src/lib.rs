@@ -5,6 +5,7 @@
 mod metrics;
 mod openai;
 mod scheduler;
+mod vision;
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -56,6 +57,15 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// Origins allowed to call the API from a browser (`*` for any); none: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// For an LWM vision-language model: the VQGAN weights that encode request images
+    /// (default: `vqgan` next to the model's params, when there).
+    pub vqgan: Option<std::path::PathBuf>,
+    /// Frame size fed to the VQGAN (256 for LWM's).
+    pub frame_size: usize,
+    /// Images may also be local files under this directory (`file://` URLs).
+    pub allowed_media_path: Option<std::path::PathBuf>,
+    /// Most images (frames) one request may carry.
+    pub max_images: usize,
 }
 
 struct AppState {
@@ -72,6 +82,8 @@ struct AppState {
     max_active: usize,
     api_key: Option<String>,
     cors_origins: Vec<String>,
+    /// The VQGAN and image rules, for a vision-language model with its VQGAN found.
+    vision: Option<Arc<vision::VisionInput>>,
     created: u64,
     next_id: AtomicU64,
 }
@@ -97,6 +109,25 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
             .unwrap_or_else(|| "lwm".into())
     });
     let ctx = engine.context_length();
+    // A vision-language model reads images with its VQGAN: the one given, else the `vqgan`
+    // file next to its params (the released layout); without one, images are refused.
+    let vqgan_path = a.vqgan.clone().or_else(|| {
+        let p = engine.location.path().parent()?.join("vqgan");
+        (engine.model.has_vision() && p.is_file()).then_some(p)
+    });
+    let vision = match vqgan_path {
+        Some(p) if engine.model.has_vision() => Some(Arc::new(vision::VisionInput::load(
+            &p,
+            a.frame_size,
+            a.allowed_media_path.as_deref(),
+            a.max_images,
+        )?)),
+        Some(p) => anyhow::bail!(
+            "--vqgan {}: the model is not an LWM vision-language checkpoint",
+            p.display()
+        ),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = mpsc::channel::<Job>();
     let limits = SchedulerLimits {
@@ -125,6 +156,7 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         max_active: a.max_active.max(1),
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins.clone(),
+        vision,
         created: unix_now(),
         next_id: AtomicU64::new(1),
     });
@@ -544,6 +576,39 @@ async fn start(
     } else {
         None
     };
+    let images = if chat {
+        openai::image_parts(&obj)?
+    } else {
+        Vec::new()
+    };
+    let vision = match (images.first(), &st.vision) {
+        (None, _) => None,
+        (Some(p), _) if !st.engine.model.has_vision() => {
+            return Err(ApiError::bad(
+                &p.param,
+                format!(
+                    "the model '{}' does not take images (not an LWM vision-language checkpoint)",
+                    st.model_id
+                ),
+            ))
+        }
+        (Some(p), None) => {
+            return Err(ApiError::bad(
+                &p.param,
+                "this server has no VQGAN to encode images: start lwm serve with --vqgan FILE",
+            ))
+        }
+        (Some(p), Some(_)) if !params.tools.is_empty() => {
+            return Err(ApiError::bad(&p.param, "images and tools in one request are not supported"))
+        }
+        (Some(_), Some(_)) if messages.as_ref().is_some_and(|m| m.len() != 1) => {
+            return Err(ApiError::bad(
+                "messages",
+                "an LWM vision chat is one user message: its text and its images (the frames, in order)",
+            ))
+        }
+        (Some(_), Some(v)) => Some(v.clone()),
+    };
     let prompt = if chat {
         None
     } else {
@@ -558,8 +623,24 @@ async fn start(
     let tools = params.tools.clone();
     let tool_schemas = params.tool_schemas.clone();
     let tool_choice = params.tool_choice.clone();
-    let (ids, grammar) = tokio::task::spawn_blocking(move || {
+    let (ids, grammar, vision_mask) = tokio::task::spawn_blocking(move || {
+        let mut vision_mask = None;
         let ids = match (messages, prompt) {
+            (Some(m), _) if vision.is_some() => {
+                // The VQGAN runs here, off the async workers (seconds per frame).
+                let v = vision.as_ref().expect("checked");
+                let frames = v.encode(&images)?;
+                let (ids, mask) =
+                    lwm_vision::vision_chat::chat_prompt(&engine.tokenizer, &m[0].content, &frames)
+                        .map_err(|e| {
+                            ApiError::bad(
+                                "messages",
+                                format!("cannot build the vision prompt: {e:#}"),
+                            )
+                        })?;
+                vision_mask = Some(mask);
+                ids
+            }
             (Some(m), _) if !tools.is_empty() => {
                 tool_chat_prompt(&engine, &m, &tools).map_err(|e| {
                     ApiError::bad("messages", format!("cannot render the chat prompt: {e:#}"))
@@ -619,7 +700,7 @@ async fn start(
             (None, ToolChoice::None) => None,
             (None, _) => tool_grammar,
         };
-        Ok::<_, ApiError>((ids, grammar))
+        Ok::<_, ApiError>((ids, grammar, vision_mask))
     })
     .await
     .map_err(|e| {
@@ -696,6 +777,7 @@ async fn start(
         request.top_logprobs = params.top_logprobs;
         request.ignore_eos = params.ignore_eos;
         request.prefill_chunk = st.prefill_chunk;
+        request.vision_mask = vision_mask.clone();
         let job = Job {
             request,
             events: tx,

@@ -785,13 +785,21 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
             Some(Value::Null) | None if role == "assistant" => String::new(),
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
-                for part in parts {
+                for (j, part) in parts.iter().enumerate() {
                     match (part.get("type").and_then(Value::as_str), part.get("text")) {
                         (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                        // Checked and collected by `image_parts`.
+                        (Some("image_url"), _) if role == "user" => {}
+                        (Some("image_url"), _) => {
+                            return Err(ApiError::bad(
+                                &format!("messages[{i}].content[{j}]"),
+                                "images may only be in a user message",
+                            ))
+                        }
                         _ => {
                             return Err(ApiError::bad(
-                                &format!("messages[{i}].content"),
-                                "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                &format!("messages[{i}].content[{j}]"),
+                                "content parts are {\"type\": \"text\", \"text\": ...} or {\"type\": \"image_url\", \"image_url\": {\"url\": ...}}",
                             ))
                         }
                     }
@@ -812,6 +820,44 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
             msg.name = m.get("name").and_then(Value::as_str).map(str::to_string);
         }
         out.push(msg);
+    }
+    Ok(out)
+}
+
+/// The `image_url` content parts of the messages, in order, each with where it was.
+pub fn image_parts(obj: &Map<String, Value>) -> Result<Vec<crate::vision::ImagePart>, ApiError> {
+    let mut out = Vec::new();
+    let Some(Value::Array(items)) = opt(obj, "messages") else {
+        return Ok(out);
+    };
+    for (i, m) in items.iter().enumerate() {
+        let Some(Value::Array(parts)) = m.get("content") else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            if part.get("type").and_then(Value::as_str) != Some("image_url") {
+                continue;
+            }
+            let param = format!("messages[{i}].content[{j}].image_url");
+            // OpenAI's shape is {"url": ..., "detail": ...}; a bare string is accepted too.
+            let url = match part.get("image_url") {
+                Some(Value::String(u)) => u,
+                Some(Value::Object(o)) => match o.get("url") {
+                    Some(Value::String(u)) => u,
+                    _ => return Err(ApiError::bad(&param, "'image_url' needs a string 'url'")),
+                },
+                _ => {
+                    return Err(ApiError::bad(
+                        &param,
+                        "'image_url' must be {\"url\": \"data:image/png;base64,...\"}",
+                    ))
+                }
+            };
+            out.push(crate::vision::ImagePart {
+                param: param.clone(),
+                url: url.clone(),
+            });
+        }
     }
     Ok(out)
 }

@@ -22,6 +22,7 @@
 //! caches finished requests left (taken whole); only the rest is prefilled.
 
 use super::metrics::Metrics;
+use anyhow::Context;
 use lwm_core::kv::KvCache;
 use lwm_core::model::SeqInput;
 use lwm_engine::generate::{Engine, GenerateRequest, Generation, Step};
@@ -244,6 +245,7 @@ fn run_batch(engine: &Engine, active: &mut [Active], metrics: &Metrics) -> Vec<T
             ids: generation.pending_input().unwrap_or_default(),
             cache,
             all_logits: false,
+            vision: generation.pending_vision(),
         });
     }
     metrics.forward_steps.fetch_add(1, Ordering::Relaxed);
@@ -270,8 +272,20 @@ fn run_batch(engine: &Engine, active: &mut [Active], metrics: &Metrics) -> Vec<T
                 .zip(&chosen)
                 .filter(|(_, &c)| c)
             {
-                let ids = a.generation.pending_input().unwrap_or_default().to_vec();
-                *t = Turn::Logits(engine.model.forward(&ids, &mut a.cache, false));
+                let Active {
+                    generation, cache, ..
+                } = a;
+                *t = Turn::Logits(
+                    engine
+                        .model
+                        .forward_batch(&mut [SeqInput {
+                            ids: generation.pending_input().unwrap_or_default(),
+                            cache,
+                            all_logits: false,
+                            vision: generation.pending_vision(),
+                        }])
+                        .and_then(|mut out| out.pop().context("forward: no output")),
+                );
             }
         }
     }
@@ -300,7 +314,8 @@ fn admit(
 ) -> Option<Active> {
     // The longest prefix of this prompt any cache holds: an idle one is taken whole, one
     // of a request in flight is copied (its committed rows only); else a fresh cache.
-    let prompt = &job.request.prompt_ids;
+    let keys = job.request.prompt_keys();
+    let prompt = &keys[..];
     let idle = pool
         .iter()
         .enumerate()

@@ -61,6 +61,7 @@ fn check_batch_equals_alone(engine: &Engine, label: &str) {
             ids,
             cache,
             all_logits: false,
+            vision: None,
         })
         .collect();
     let batched = model.forward_batch(&mut inputs).unwrap();
@@ -134,11 +135,13 @@ fn all_logits_in_a_batch_and_a_failing_batch_leaves_every_cache_as_it_was() {
                 ids: &ids[..7],
                 cache: &mut c1,
                 all_logits: true,
+                vision: None,
             },
             SeqInput {
                 ids: &ids[3..9],
                 cache: &mut c2,
                 all_logits: false,
+                vision: None,
             },
         ])
         .unwrap();
@@ -159,11 +162,13 @@ fn all_logits_in_a_batch_and_a_failing_batch_leaves_every_cache_as_it_was() {
                 ids: &ids[7..8],
                 cache: &mut c1,
                 all_logits: false,
+                vision: None,
             },
             SeqInput {
                 ids: &bad,
                 cache: &mut c2,
                 all_logits: false,
+                vision: None,
             },
         ])
         .unwrap_err()
@@ -178,6 +183,7 @@ fn all_logits_in_a_batch_and_a_failing_batch_leaves_every_cache_as_it_was() {
             ids: &[],
             cache: &mut c1,
             all_logits: false,
+            vision: None,
         }])
         .unwrap_err()
         .to_string();

@@ -950,20 +950,25 @@ pub fn params_path(spec: &str) -> Option<PathBuf> {
     (dir.is_dir() && dir.join("params").is_file()).then(|| dir.join("params"))
 }
 
-/// Config, weights and (when `tokenizer.model` sits next to the params) tokenizer of a JAX
-/// checkpoint, as `--model` loads it.
+/// The tokenizer file next to a JAX params file: `tokenizer.model` (the released layout),
+/// else a `tokenizer.json`.
+pub fn tokenizer_next_to(params: &Path) -> Option<std::path::PathBuf> {
+    let dir = params.parent().unwrap_or(Path::new("."));
+    ["tokenizer.model", "tokenizer.json"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
+/// Config, weights and (when one sits next to the params, `tokenizer_next_to`) tokenizer of
+/// a JAX checkpoint, as `--model` loads it.
 pub fn open_model(
     params: &Path,
 ) -> Result<(ModelConfig, JaxWeights, Option<crate::tokenizer::Tokenizer>)> {
     let config = load_config(params)?;
     let weights = JaxWeights::open(params, &config)?;
-    let tok_path = params
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("tokenizer.model");
-    let tok = tok_path
-        .is_file()
-        .then(|| crate::tokenizer::Tokenizer::from_file(&tok_path))
+    let tok = tokenizer_next_to(params)
+        .map(|p| crate::tokenizer::Tokenizer::from_file(&p))
         .transpose()?;
     Ok((config, weights, tok))
 }
