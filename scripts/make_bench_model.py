@@ -34,7 +34,9 @@ Formats (comma-separated, any order) and their outputs under --out, STEM = SHAPE
                    for transformer/h/N/...), Flax (in, out) kernels, q/k rows in the original's
                    interleaved order (llama.cpp's), plus config.json (HF style: the theta and
                    context the params file cannot carry) and tokenizer.model. lwm loads it as
-                   `--model STEM-jax`.
+                   `--model STEM-jax`. With --vision (jax only; STEM gets -vision): an
+                   LWM-Chat-shaped vision-language model, plus transformer/vte/embedding and
+                   vision_head/kernel (8448 rows) and `vqgan`, a real-size random VQGAN pickle.
 
 Checked: for lwm-7b and tinyllama-1.1b (GQA) models, `lwm logits --numerics exact` gives the
 same top logits (to 1e-5) from the BF16 GGUF, the F16 GGUF, the safetensors and the JAX folders,
@@ -94,11 +96,12 @@ GENERATOR = "scripts/make_bench_model.py v2"  # bump when the values or layouts 
 class Model:
     """Shape, tensor list and the seeded values, in llama.cpp's (GGUF) layout: numpy (out, in)."""
 
-    def __init__(self, shape: str, layers: int, seed: int):
+    def __init__(self, shape: str, layers: int, seed: int, vision: bool = False):
         self.name = shape
         self.s = SHAPES[shape]
         self.layers = layers
         self.seed = seed
+        self.vision = vision
         s = self.s
         h, f, v = s["hidden"], s["ffn"], s["vocab"]
         q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
@@ -127,7 +130,8 @@ class Model:
     def tag(self) -> str:
         """general.name of the GGUFs and _comment of config.json: what an existing output must
         say to be kept (another generator, seed or layer count is not the same model)."""
-        return f"{self.name} shape, {self.layers} layers, random weights, seed {self.seed} ({GENERATOR})"
+        kind = ", vision-language (vte, vision_head)" if self.vision else ""
+        return f"{self.name} shape{kind}, {self.layers} layers, random weights, seed {self.seed} ({GENERATOR})"
 
     def params(self) -> int:
         return sum(int(np.prod(s)) for _, s in self.gguf_tensors())
@@ -463,12 +467,93 @@ def write_jax(m: Model, path: Path, layout: str) -> None:
         records[1:] = sorted(records[1:], key=lambda r: r[0])
     records.append((("transformer", "ln_f", "kernel"), lambda: [kernel("output_norm.weight", (s["hidden"],), False)],
                     (s["hidden"],)))
+    if m.vision:  # LWM-Chat's second embedding table and head (flax's sorted order: vte < wte)
+        records.append((("transformer", "vte", "embedding"),
+                        lambda: [kernel("vision_embd.weight", (VISION_VOCAB, s["hidden"]), False)],
+                        (VISION_VOCAB, s["hidden"])))
     records.append((("transformer", "wte", "embedding"),
                     lambda: [kernel("token_embd.weight", (s["vocab"], s["hidden"]), False)], (s["vocab"], s["hidden"])))
+    if m.vision:
+        records.append((("vision_head", "kernel"),
+                        lambda: [kernel("vision_output.weight", (VISION_VOCAB, s["hidden"]), True)],
+                        (s["hidden"], VISION_VOCAB)))
     with open(path, "wb") as f:
         for i, (key, blocks, shape) in enumerate(records):
             write_record(f, key, shape, blocks())
             progress(i + 1, len(records), "/".join(key))
+
+
+VISION_VOCAB = 8448  # 8192 VQGAN codes, end of frame, end of vision, padding (lwm-facts §4)
+
+
+def write_vqgan(path: Path, seed: int) -> None:
+    """A VQGAN weights pickle with the real one's shapes (lwm-facts §6: hidden 128, channel_mult
+    (1, 2, 2, 4, 6), 2 res blocks per encoder level, 3 per decoder level, z 64, 8192 x 64
+    codebook; 146,244,675 parameters), random values scaled like an initialisation: the nested
+    dict of float32 numpy arrays that lwm/vqgan.py loads with pickle."""
+    import pickle
+    rng = np.random.default_rng([seed, 0x76716761])
+    tree: dict = {}
+
+    def put(name: str, shape, scale: float) -> None:
+        node = tree
+        *parents, leaf = name.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = rng.uniform(-scale, scale, shape).astype(np.float32)
+
+    def conv(n, k, i, o):
+        put(f"{n}/kernel", (k, k, i, o), (1.0 / (k * k * i)) ** 0.5)
+        put(f"{n}/bias", (o,), 0.01)
+
+    def norm(n, c):
+        put(f"{n}/scale", (c,), 1.0)
+        put(f"{n}/bias", (c,), 0.01)
+
+    def res(n, i, o):
+        norm(f"{n}/GroupNorm_0", i)
+        conv(f"{n}/Conv_0", 3, i, o)
+        norm(f"{n}/GroupNorm_1", o)
+        conv(f"{n}/Conv_1", 3, o, o)
+        if i != o:
+            conv(f"{n}/Conv_2", 1, i, o)
+
+    ch = [128 * m for m in (1, 2, 2, 4, 6)]
+    conv("encoder/Conv_0", 3, 3, 128)
+    c = 128
+    for lvl, o in enumerate(ch):
+        for b in range(2):
+            res(f"encoder/DownsamplingBlock_{lvl}/ResnetBlock_{b}", c, o)
+            c = o
+        if lvl + 1 < len(ch):
+            conv(f"encoder/DownsamplingBlock_{lvl}/Downsample_0/Conv_0", 3, c, c)
+    for b in range(2):
+        res(f"encoder/MidBlock_0/ResnetBlock_{b}", c, c)
+        res(f"decoder/MidBlock_0/ResnetBlock_{b}", c, c)
+    norm("encoder/GroupNorm_0", c)
+    conv("encoder/Conv_1", 3, c, 64)
+    conv("quant_conv", 1, 64, 64)
+    conv("post_quant_conv", 1, 64, 64)
+    put("quantize/embeddings", (8192, 64), 0.5)
+    conv("decoder/Conv_0", 3, 64, c)
+    for u, lvl in enumerate(reversed(range(len(ch)))):
+        for b in range(3):
+            res(f"decoder/UpsamplingBlock_{u}/ResnetBlock_{b}", c, ch[lvl])
+            c = ch[lvl]
+        if lvl > 0:
+            conv(f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0", 3, c, c)
+    norm("decoder/GroupNorm_0", c)
+    conv("decoder/Conv_1", 3, c, 3)
+    n = sum(a.size for a in _leaves(tree))
+    if n != 146_244_675:
+        raise AssertionError(f"VQGAN has {n} parameters, not the real one's 146,244,675")
+    with open(path, "wb") as f:
+        pickle.dump(tree, f, protocol=4)
+
+
+def _leaves(t):
+    for v in t.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])
 
 
 # --------------------------------------------------------------------------- driver
@@ -525,6 +610,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama-quantize threads (default 2)")
     ap.add_argument("--jax-layout", choices=["scanned", "unscanned"], default="scanned",
                     help="scanned: transformer/h/scan_decoder/... (what LWM's released files use); unscanned: transformer/h/N/...")
+    ap.add_argument("--vision", action="store_true",
+                    help="an LWM-Chat-shaped vision-language model (jax format only): vte and vision_head "
+                    "(8448 rows), and a real-size random VQGAN pickle `vqgan` next to the params")
     ap.add_argument("--force", action="store_true", help="rewrite outputs that exist")
     args = ap.parse_args()
 
@@ -543,13 +631,15 @@ def main() -> int:
     sys.path.insert(0, str(gguf_py))
     import gguf  # llama.cpp's own reader and writer
 
-    m = Model(args.shape, args.layers, args.seed)
+    if args.vision and formats != ["jax"]:
+        ap.error("--vision writes only the jax format (LWM's vision checkpoints are JAX params)")
+    m = Model(args.shape, args.layers, args.seed, args.vision)
     vocab = Vocab(gguf, vocab_path)
     if len(vocab.tokens) != m.s["vocab"]:
         raise SystemExit(f"{vocab_path} has {len(vocab.tokens)} tokens, the {m.name} shape {m.s['vocab']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{m.name}-{m.layers}L" + (f"-seed{m.seed}" if m.seed else "")
+    stem = f"{m.name}-{m.layers}L" + ("-vision" if m.vision else "") + (f"-seed{m.seed}" if m.seed else "")
     print(f"{stem}: {m.params() / 1e6:.1f}M parameters ({m.layers} of {m.name}'s {m.s['full_layers']} layers), "
           f"gguf-py {gguf_py}, vocab {vocab_path}", flush=True)
 
@@ -624,6 +714,9 @@ def main() -> int:
             d.mkdir(exist_ok=True)
             write_jax(m, tmp(d / "params"), args.jax_layout)
             write_small(d, cfg, vocab, m.s["ctx"], tokenizer_config=False)
+            if m.vision:
+                write_vqgan(tmp(d / "vqgan"), m.seed)
+                os.replace(tmp(d / "vqgan"), d / "vqgan")
             os.replace(tmp(d / "params"), d / "params")
             report(d, t0)
     return 0

@@ -434,9 +434,14 @@ struct TokenizeArgs {
 struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Report the memory this many tokens of context need.
+    /// Report the memory this many tokens of context need (with --frames: the text tokens
+    /// beside the frames, default 512).
     #[arg(long, help_heading = "Context")]
     context: Option<usize>,
+    /// For an LWM vision-language model: the memory of a vision chat over this many video
+    /// frames (257 tokens each at 256×256).
+    #[arg(long, help_heading = "Context")]
+    frames: Option<usize>,
     /// Also list every GGUF metadata key and every tensor (name, type, shape, offset).
     #[arg(long, help_heading = "Output")]
     metadata: bool,
@@ -860,7 +865,14 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     }
     let engine = a.model.load()?;
     let c = engine.config();
-    let context = a.context.unwrap_or(c.max_sequence_length);
+    let context = match a.frames {
+        Some(n) if c.vision_vocab_size == 0 => bail!(
+            "--frames {n}: {} is not an LWM vision-language model (no vision vocabulary)",
+            a.model.model
+        ),
+        Some(n) => n * lwm::vision_model::FRAME_TOKENS + a.context.unwrap_or(512),
+        None => a.context.unwrap_or(c.max_sequence_length),
+    };
     let plan = engine.memory_plan(context, a.model.prefill_chunk);
     if a.json {
         let v = serde_json::json!({
@@ -871,6 +883,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
             "file_bytes": engine.file_bytes,
             "tokenizer": engine.tokenizer.kind(),
             "chat_template": engine.chat_template_origin.as_str(),
+            "frames": a.frames,
             "memory": {"context": context, "weights_bytes": plan.weights_bytes, "kv_cache_bytes": plan.kv_bytes, "activation_bytes": plan.activation_bytes, "scratch_bytes": plan.scratch_bytes, "total_bytes": plan.total_bytes(), "kv_type": plan.kv_types.name(), "available_bytes": lwm::memory_plan::available_memory().map(|a| a.bytes)},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -903,6 +916,13 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         c.theta, c.rope_layout, c.max_sequence_length
     );
     println!("chat template  {}", engine.chat_template_origin.as_str());
+    if let Some(n) = a.frames {
+        println!(
+            "vision chat    {n} frames × {} tokens + {} text tokens = {context} tokens",
+            lwm::vision_model::FRAME_TOKENS,
+            context - n * lwm::vision_model::FRAME_TOKENS
+        );
+    }
     println!("memory @ {context} tokens: {}", plan.describe());
     if let Some(avail) = lwm::memory_plan::available_memory() {
         let fits = plan.check_fits(0, &avail).is_ok();

@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lwm::generate::GenerateRequest;
 use lwm::sampling::SamplingParams;
-use lwm::vision_chat::{chat_prompt, video_frames};
-use lwm::vision_model::Heads;
+use lwm::vision_chat::{chat_prompt_parts, video_frames};
+use lwm::vision_model::{frame_tokens, Heads, END_OF_FRAME};
 use lwm::vqgan::preprocess::{load_image, process_frame};
 use lwm::vqgan::Vqgan;
 use std::path::PathBuf;
@@ -83,26 +83,26 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
             .context("give --vqgan FILE")?,
     };
     let vqgan = Vqgan::open(&vqgan_path)?;
-    let stop = crate::interrupt_flag();
-    let bar = indicatif::ProgressBar::new(frames.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "encoding frames {bar:30} {pos}/{len} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     let s = a.frame_size;
-    let mut codes = Vec::with_capacity(frames.len());
-    for f in &frames {
-        if stop.load(Ordering::SeqCst) {
-            bar.abandon();
-            bail!("interrupted");
-        }
-        codes.push(vqgan.encode(&process_frame(f, s), 1, s, s)?);
-        bar.inc(1);
+    if s == 0 || !s.is_multiple_of(vqgan.factor) {
+        bail!(
+            "--frame-size {s} is not a multiple of the VQGAN's factor {}",
+            vqgan.factor
+        );
     }
-    bar.finish_and_clear();
-    let (ids, mask) = chat_prompt(&engine.tokenizer, &a.question, &codes)?;
+    // The prompt is [text head] frames [text tail]; its length is known before any frame is
+    // encoded, so the memory plan is checked (and the cache reserved) up front. Then each
+    // frame's tokens go into the cache as soon as it is encoded: the prompt streams in
+    // frame by frame, and what was prefilled stays when a later frame fails or Ctrl-C stops.
+    let (head, tail) = chat_prompt_parts(&engine.tokenizer, &a.question)?;
+    let frame_len = (s / vqgan.factor).pow(2) + 1;
+    let n_vision = frames.len() * frame_len;
+    let mut ids = head.clone();
+    ids.resize(head.len() + n_vision, 0);
+    ids.extend(&tail);
+    let mut mask = vec![false; head.len()];
+    mask.resize(head.len() + n_vision, true);
+    mask.resize(ids.len(), false);
     let mut req = GenerateRequest::new(
         ids,
         a.max_new_tokens,
@@ -117,24 +117,68 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
         },
     );
     req.prefill_chunk = a.model.prefill_chunk;
-    // The one generation loop; only the forward differs: prompt rows take the vision
-    // embedding where the mask says so, and the answer is text.
     let model = &engine.model;
     let mut cache = model.new_cache();
     engine.prepare_cache(&req, &mut cache, 0)?;
-    let mut at = 0;
+    let stop = crate::interrupt_flag();
+    let bar = indicatif::ProgressBar::new(frames.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "frames {bar:30} {pos}/{len} encoded and prefilled, {msg} [{elapsed}<{eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let chunk = a.model.prefill_chunk.max(1);
+    let prefill = |ids: &[u32], vision: bool, cache: &mut lwm::kv::KvCache| -> Result<()> {
+        for piece in ids.chunks(chunk) {
+            if stop.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            model.forward_mixed(piece, &vec![vision; piece.len()], cache, Heads::Text, false)?;
+        }
+        Ok(())
+    };
+    bar.set_message(format!("{} tokens", cache.len()));
+    prefill(&head, false, &mut cache)?;
+    for (k, f) in frames.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            bar.abandon();
+            bail!("interrupted");
+        }
+        let codes = vqgan.encode(&process_frame(f, s), 1, s, s)?;
+        let mut toks = frame_tokens(std::slice::from_ref(&codes));
+        if k + 1 < frames.len() {
+            // frame_tokens ends a lone frame with end-of-vision; inner frames end with
+            // end-of-frame.
+            *toks.last_mut().expect("a frame has tokens") = END_OF_FRAME;
+        }
+        let at = head.len() + k * frame_len;
+        req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
+        if let Err(e) = prefill(&toks, true, &mut cache) {
+            bar.abandon();
+            return Err(e);
+        }
+        bar.set_message(format!("{} tokens", cache.len()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // The one generation loop over the rest (the text tail, then the answer, all text).
+    let reused = cache.len();
     let mut forward = |step_ids: &[u32]| -> Result<Vec<f32>> {
-        let step_mask: Vec<bool> = (at..at + step_ids.len())
-            .map(|i| mask.get(i).copied().unwrap_or(false))
-            .collect();
-        at += step_ids.len();
         Ok(model
-            .forward_mixed(step_ids, &step_mask, &mut cache, Heads::Text, false)?
+            .forward_mixed(
+                step_ids,
+                &vec![false; step_ids.len()],
+                &mut cache,
+                Heads::Text,
+                false,
+            )?
             .text)
     };
+    req.vision_mask = Some(mask);
     engine.generate_on(
         &req,
-        0,
+        reused,
         &mut forward,
         &mut crate::stream_to_stdout(stop, false),
     )?;

@@ -66,6 +66,22 @@ fn model_dir() -> PathBuf {
     )
     .unwrap();
     std::fs::write(d.join("tokenizer.json"), byte_tokenizer()).unwrap();
+    // A three-frame "video": a directory of frames, taken in name order.
+    std::fs::create_dir_all(d.join("media/video")).unwrap();
+    for (i, f) in [
+        "vq_input.png",
+        "preproc_nonsquare_input.png",
+        "vq_input.png",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::copy(
+            fixture(&format!("lwm-jax/vqgan/{f}")),
+            d.join(format!("media/video/frame_{i}.png")),
+        )
+        .unwrap();
+    }
     // vl_model.json's config (the shapes do not show the head count).
     std::fs::write(
         d.join("config.json"),
@@ -191,6 +207,53 @@ fn images_through_the_api_answer_as_vision_chat_and_bad_ones_are_400() {
     let file_url = format!("file://{}", image.display());
     let (status, v) = ask(&url, &file_url, question);
     assert_eq!(answer(status, &v), want, "file:// URL vs lwm vision-chat");
+
+    // A video: the CLI streams its frames into the cache one by one; the API takes them as
+    // images in order. Same prompt, same answer.
+    let video = media.join("video");
+    let cli = lwm(&[
+        "vision-chat",
+        "--model",
+        &model,
+        "--frame-size",
+        "64",
+        "--video",
+        video.to_str().unwrap(),
+        "--question",
+        "What happens?",
+        "--temperature",
+        "0",
+        "-n",
+        "8",
+    ]);
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let want_video = String::from_utf8_lossy(&cli.stdout).trim_end().to_string();
+    let parts: Vec<serde_json::Value> = std::iter::once(
+        serde_json::json!({"type": "text", "text": "What happens?"}),
+    )
+    .chain((0..3).map(|i| {
+        let f = std::fs::read(video.join(format!("frame_{i}.png"))).unwrap();
+        serde_json::json!({"type": "image_url", "image_url": {"url": data_url("image/png", &f)}})
+    }))
+    .collect();
+    let body = serde_json::json!({"messages": [{"role": "user", "content": parts}],
+        "max_tokens": 8, "temperature": 0});
+    let (status, reply) = post(&url, "/v1/chat/completions", &body.to_string());
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(
+        answer(status, &v),
+        want_video,
+        "3 images vs lwm vision-chat --video"
+    );
+    // BOS, question, <vision>, 3 × (16 codes + a marker), </vision>, " ASSISTANT:".
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() > 3 * 17,
+        "{v}"
+    );
 
     let outside = std::env::temp_dir().join(format!("lwm-outside-{}.png", std::process::id()));
     std::fs::write(&outside, &png).unwrap();

@@ -140,6 +140,21 @@ pub fn question_text(question: &str) -> String {
     format!("You are a helpful assistant. USER: {question}\n")
 }
 
+/// The text around the frames of a vision chat prompt: `[BOS] question <vision>` before
+/// them and `</vision> ASSISTANT:` after (all text ids).
+pub fn chat_prompt_parts(tok: &Tokenizer, question: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let bos = tok.bos_id().context("the tokenizer has no BOS token")?;
+    let sp = |s: &str| tok.encode(s, false, false);
+    let mut head = vec![bos];
+    head.extend(sp(&question_text(question))?);
+    head.extend(sp("<vision>")?);
+    let tail: Vec<u32> = sp("</vision>")?
+        .into_iter()
+        .chain(sp(" ASSISTANT:")?)
+        .collect();
+    Ok((head, tail))
+}
+
 /// Token ids and vision mask of a vision chat prompt over encoded frames (each a list of
 /// codes).
 pub fn chat_prompt(
@@ -147,19 +162,11 @@ pub fn chat_prompt(
     question: &str,
     frames: &[Vec<u32>],
 ) -> Result<(Vec<u32>, Vec<bool>)> {
-    let bos = tok.bos_id().context("the tokenizer has no BOS token")?;
-    let sp = |s: &str| tok.encode(s, false, false);
-    let mut ids = vec![bos];
-    ids.extend(sp(&question_text(question))?);
-    ids.extend(sp("<vision>")?);
+    let (mut ids, tail) = chat_prompt_parts(tok, question)?;
     let mut mask = vec![false; ids.len()];
     let vision = frame_tokens(frames);
     mask.resize(mask.len() + vision.len(), true);
     ids.extend(vision);
-    let tail: Vec<u32> = sp("</vision>")?
-        .into_iter()
-        .chain(sp(" ASSISTANT:")?)
-        .collect();
     mask.resize(mask.len() + tail.len(), false);
     ids.extend(tail);
     Ok((ids, mask))
