@@ -139,13 +139,18 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
         Ok(())
     };
     bar.set_message(format!("{} tokens", cache.len()));
+    let (mut encode_s, mut prefill_s) = (0f64, 0f64);
+    let t = std::time::Instant::now();
     prefill(&head, false, &mut cache)?;
+    prefill_s += t.elapsed().as_secs_f64();
     for (k, f) in frames.iter().enumerate() {
         if stop.load(Ordering::SeqCst) {
             bar.abandon();
             bail!("interrupted");
         }
+        let t = std::time::Instant::now();
         let codes = vqgan.encode(&process_frame(f, s), 1, s, s)?;
+        encode_s += t.elapsed().as_secs_f64();
         let mut toks = frame_tokens(std::slice::from_ref(&codes));
         if k + 1 < frames.len() {
             // frame_tokens ends a lone frame with end-of-vision; inner frames end with
@@ -154,14 +159,23 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
         }
         let at = head.len() + k * frame_len;
         req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
+        let t = std::time::Instant::now();
         if let Err(e) = prefill(&toks, true, &mut cache) {
             bar.abandon();
             return Err(e);
         }
+        prefill_s += t.elapsed().as_secs_f64();
         bar.set_message(format!("{} tokens", cache.len()));
         bar.inc(1);
     }
     bar.finish_and_clear();
+    tracing::info!(
+        "{} frames: VQGAN encode {encode_s:.1} s ({:.2} s/frame), prefill of {} tokens {prefill_s:.1} s ({:.1} tok/s)",
+        frames.len(),
+        encode_s / frames.len() as f64,
+        cache.len(),
+        cache.len() as f64 / prefill_s.max(1e-9)
+    );
     // The one generation loop over the rest (the text tail, then the answer, all text).
     let reused = cache.len();
     let mut forward = |step_ids: &[u32]| -> Result<Vec<f32>> {
