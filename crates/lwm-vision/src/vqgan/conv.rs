@@ -532,14 +532,11 @@ pub fn group_norm_silu(x: &Act, g: &GroupNorm, groups: usize, eps: f64) -> Act {
     let count = (hw * cg) as f64;
     // Per frame and channel: y = x·mul + add, with mul = scale/σ and add = bias − mean·mul.
     let mut coef = vec![(0f32, 0f32); x.n * c];
-    for f in 0..x.n {
+    for (f, parts) in partial.chunks(chunks_per_frame).enumerate() {
         for gi in 0..groups {
-            let (mut a, mut b) = (0f64, 0f64);
-            for k in 0..chunks_per_frame {
-                let (pa, pb) = partial[f * chunks_per_frame + k][gi];
-                a += pa;
-                b += pb;
-            }
+            let (a, b) = parts
+                .iter()
+                .fold((0f64, 0f64), |(a, b), p| (a + p[gi].0, b + p[gi].1));
             let mean = a / count;
             let var = (b / count - mean * mean).max(0.0);
             let inv = 1.0 / (var + eps).sqrt();
