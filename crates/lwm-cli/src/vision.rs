@@ -75,12 +75,7 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
     }
     let vqgan_path = match &a.vqgan {
         Some(p) => p.clone(),
-        None => engine
-            .location
-            .path()
-            .parent()
-            .map(|d| d.join("vqgan"))
-            .context("give --vqgan FILE")?,
+        None => lwm::vqgan::beside(engine.location.path()).context("give --vqgan FILE")?,
     };
     let vqgan = Vqgan::open(&vqgan_path)?;
     let s = a.frame_size;
@@ -178,17 +173,7 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
     );
     // The one generation loop over the rest (the text tail, then the answer, all text).
     let reused = cache.len();
-    let mut forward = |step_ids: &[u32]| -> Result<Vec<f32>> {
-        Ok(model
-            .forward_mixed(
-                step_ids,
-                &vec![false; step_ids.len()],
-                &mut cache,
-                Heads::Text,
-                false,
-            )?
-            .text)
-    };
+    let mut forward = |step_ids: &[u32]| model.forward(step_ids, &mut cache, false);
     req.vision_mask = Some(mask);
     engine.generate_on(
         &req,
@@ -262,12 +247,7 @@ pub fn run_generate(a: VisionGenerateArgs) -> Result<()> {
     let engine = a.model.load()?;
     let vqgan_path = match &a.vqgan {
         Some(p) => p.clone(),
-        None => engine
-            .location
-            .path()
-            .parent()
-            .map(|d| d.join("vqgan"))
-            .context("give --vqgan FILE")?,
+        None => lwm::vqgan::beside(engine.location.path()).context("give --vqgan FILE")?,
     };
     let vqgan = Vqgan::open(&vqgan_path)?;
     let req = VisionGenRequest {

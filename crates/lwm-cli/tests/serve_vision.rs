@@ -8,7 +8,7 @@
 mod common;
 use base64::Engine as _;
 use common::{http, lwm, post, start_server};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -135,6 +135,31 @@ fn data_url(mime: &str, bytes: &[u8]) -> String {
     )
 }
 
+/// `lwm vision-chat`'s greedy 8-token answer about `--image FILE` or `--video DIR`.
+fn vision_chat(model: &str, input: &str, path: &Path, question: &str) -> String {
+    let out = lwm(&[
+        "vision-chat",
+        "--model",
+        model,
+        "--frame-size",
+        "64",
+        input,
+        path.to_str().unwrap(),
+        "--question",
+        question,
+        "--temperature",
+        "0",
+        "-n",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
 fn ask(url: &str, image_url: &str, question: &str) -> (u16, serde_json::Value) {
     let body = serde_json::json!({
         "messages": [{"role": "user", "content": [
@@ -157,27 +182,7 @@ fn images_through_the_api_answer_as_vision_chat_and_bad_ones_are_400() {
     let image = d.join("media/frame.png");
     let question = "What is in the image?";
 
-    let cli = lwm(&[
-        "vision-chat",
-        "--model",
-        &model,
-        "--frame-size",
-        "64",
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        question,
-        "--temperature",
-        "0",
-        "-n",
-        "8",
-    ]);
-    assert!(
-        cli.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cli.stderr)
-    );
-    let want = String::from_utf8_lossy(&cli.stdout).trim_end().to_string();
+    let want = vision_chat(&model, "--image", &image, question);
     assert!(!want.is_empty(), "vision-chat answered nothing");
 
     let media = d.join("media");
@@ -211,27 +216,7 @@ fn images_through_the_api_answer_as_vision_chat_and_bad_ones_are_400() {
     // A video: the CLI streams its frames into the cache one by one; the API takes them as
     // images in order. Same prompt, same answer.
     let video = media.join("video");
-    let cli = lwm(&[
-        "vision-chat",
-        "--model",
-        &model,
-        "--frame-size",
-        "64",
-        "--video",
-        video.to_str().unwrap(),
-        "--question",
-        "What happens?",
-        "--temperature",
-        "0",
-        "-n",
-        "8",
-    ]);
-    assert!(
-        cli.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cli.stderr)
-    );
-    let want_video = String::from_utf8_lossy(&cli.stdout).trim_end().to_string();
+    let want_video = vision_chat(&model, "--video", &video, "What happens?");
     let parts: Vec<serde_json::Value> = std::iter::once(
         serde_json::json!({"type": "text", "text": "What happens?"}),
     )

@@ -492,39 +492,36 @@ impl Model {
         if seqs.iter().any(|s| s.ids.is_empty()) {
             bail!("forward called with no tokens");
         }
-        let normed = if seqs.iter().any(|s| s.vision.is_some()) {
-            // Vision rows: their own embedding table, and cache keys apart from text ids.
-            let mut x = Vec::with_capacity(
-                seqs.iter().map(|s| s.ids.len()).sum::<usize>() * self.config.hidden_size,
-            );
-            let mut keys: Vec<Option<Vec<u32>>> = Vec::with_capacity(seqs.len());
-            for s in seqs.iter() {
-                match s.vision {
-                    Some(m) => {
-                        x.extend(self.embed_mixed(s.ids, m)?);
-                        keys.push(Some(crate::vision_model::cache_keys(s.ids, m)));
-                    }
-                    None => {
-                        x.extend(self.embed_tokens(s.ids)?);
-                        keys.push(None);
-                    }
+        // Each sequence's embedding rows; vision rows (an LWM vision-language prompt) take
+        // their own table and are recorded in the cache under keys apart from text ids.
+        let mut x = Vec::with_capacity(
+            seqs.iter().map(|s| s.ids.len()).sum::<usize>() * self.config.hidden_size,
+        );
+        let mut keys: Vec<Option<Vec<u32>>> = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            match s.vision {
+                Some(m) => {
+                    x.extend(self.embed_mixed(s.ids, m)?);
+                    keys.push(Some(crate::vision_model::cache_keys(s.ids, m)));
+                }
+                None => {
+                    x.extend(self.embed_tokens(s.ids)?);
+                    keys.push(None);
                 }
             }
-            let mut inner: Vec<SeqInput<'_>> = seqs
-                .iter_mut()
-                .zip(&keys)
-                .map(|(s, k)| SeqInput {
-                    ids: k.as_deref().unwrap_or(s.ids),
-                    cache: &mut *s.cache,
-                    all_logits: s.all_logits,
-                    vision: None,
-                })
-                .collect();
-            self.run_layers_batch(x, &mut inner)?
-        } else {
-            let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
-            self.run_layers_batch(self.embed_tokens(&ids)?, seqs)?
-        };
+        }
+        let mut inner: Vec<SeqInput<'_>> = seqs
+            .iter_mut()
+            .zip(&keys)
+            .map(|(s, k)| SeqInput {
+                ids: k.as_deref().unwrap_or(s.ids),
+                cache: &mut *s.cache,
+                all_logits: s.all_logits,
+                vision: None,
+            })
+            .collect();
+        let normed = self.run_layers_batch(x, &mut inner)?;
+        drop(inner);
         let logits = self.apply_head(&self.lm_head, &normed)?;
         if seqs.len() == 1 {
             // `forward`'s case: the logits are that sequence's already, no copy.

@@ -604,9 +604,8 @@ impl Generation {
         if self.finished.is_some() {
             return None;
         }
-        if self.prefilled < self.n_prompt {
-            let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
-            return Some(&self.history[self.prefilled..end]);
+        if let Some(piece) = self.prompt_piece() {
+            return Some(&self.history[piece]);
         }
         if self.ending.is_some() {
             return None;
@@ -618,11 +617,17 @@ impl Generation {
     /// `None` for text (and for every generated token: answers are text).
     pub fn pending_vision(&self) -> Option<&[bool]> {
         let mask = self.vision_mask.as_ref()?;
-        if self.finished.is_some() || self.prefilled >= self.n_prompt {
+        if self.finished.is_some() {
             return None;
         }
-        let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
-        Some(&mask[self.prefilled..end])
+        self.prompt_piece().map(|piece| &mask[piece])
+    }
+
+    /// The prompt positions the next prefill step runs (at most `prefill_chunk`), while
+    /// the prompt is not all prefilled.
+    fn prompt_piece(&self) -> Option<std::ops::Range<usize>> {
+        (self.prefilled < self.n_prompt)
+            .then(|| self.prefilled..(self.prefilled + self.prefill_chunk).min(self.n_prompt))
     }
 
     /// Prompt tokens whose keys/values are held (reused or prefilled).
@@ -640,9 +645,9 @@ impl Generation {
         if let Some(reason) = self.finished {
             bail!("the generation has finished ({})", reason.as_str());
         }
-        if self.prefilled < self.n_prompt {
-            let end = (self.prefilled + self.prefill_chunk).min(self.n_prompt);
-            self.logits = forward(&self.history[self.prefilled..end]).context("prefill failed")?;
+        if let Some(piece) = self.prompt_piece() {
+            let end = piece.end;
+            self.logits = forward(&self.history[piece]).context("prefill failed")?;
             let tokens = end - self.prefilled;
             self.prefilled = end;
             let (done, total) = (end - self.reused, self.n_prompt - self.reused);

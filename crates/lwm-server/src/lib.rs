@@ -112,8 +112,8 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
     // A vision-language model reads images with its VQGAN: the one given, else the `vqgan`
     // file next to its params (the released layout); without one, images are refused.
     let vqgan_path = a.vqgan.clone().or_else(|| {
-        let p = engine.location.path().parent()?.join("vqgan");
-        (engine.model.has_vision() && p.is_file()).then_some(p)
+        lwm_vision::vqgan::beside(engine.location.path())
+            .filter(|p| engine.model.has_vision() && p.is_file())
     });
     let vision = match vqgan_path {
         Some(p) if engine.model.has_vision() => Some(Arc::new(vision::VisionInput::load(
@@ -571,15 +571,11 @@ async fn start(
             ),
         ));
     }
-    let messages = if chat {
-        Some(openai::parse_messages(&obj)?)
+    let (messages, images) = if chat {
+        let (m, images) = openai::parse_messages(&obj)?;
+        (Some(m), images)
     } else {
-        None
-    };
-    let images = if chat {
-        openai::image_parts(&obj)?
-    } else {
-        Vec::new()
+        (None, Vec::new())
     };
     let vision = match (images.first(), &st.vision) {
         (None, _) => None,
@@ -625,10 +621,9 @@ async fn start(
     let tool_choice = params.tool_choice.clone();
     let (ids, grammar, vision_mask) = tokio::task::spawn_blocking(move || {
         let mut vision_mask = None;
-        let ids = match (messages, prompt) {
-            (Some(m), _) if vision.is_some() => {
+        let ids = match (messages, prompt, vision) {
+            (Some(m), _, Some(v)) => {
                 // The VQGAN runs here, off the async workers (seconds per frame).
-                let v = vision.as_ref().expect("checked");
                 let frames = v.encode(&images)?;
                 let (ids, mask) =
                     lwm_vision::vision_chat::chat_prompt(&engine.tokenizer, &m[0].content, &frames)
@@ -641,19 +636,19 @@ async fn start(
                 vision_mask = Some(mask);
                 ids
             }
-            (Some(m), _) if !tools.is_empty() => {
+            (Some(m), _, _) if !tools.is_empty() => {
                 tool_chat_prompt(&engine, &m, &tools).map_err(|e| {
                     ApiError::bad("messages", format!("cannot render the chat prompt: {e:#}"))
                 })?
             }
-            (Some(m), _) => engine.chat_prompt(&m).map(|(_, ids)| ids).map_err(|e| {
+            (Some(m), _, _) => engine.chat_prompt(&m).map(|(_, ids)| ids).map_err(|e| {
                 ApiError::bad("messages", format!("cannot render the chat prompt: {e:#}"))
             })?,
-            (None, Some(Prompt::Text(t))) => engine.tokenize(&t).map_err(|e| {
+            (None, Some(Prompt::Text(t)), _) => engine.tokenize(&t).map_err(|e| {
                 ApiError::bad("prompt", format!("cannot tokenize the prompt: {e:#}"))
             })?,
-            (None, Some(Prompt::Ids(ids))) => ids,
-            (None, None) => Vec::new(),
+            (None, Some(Prompt::Ids(ids)), _) => ids,
+            (None, None, _) => Vec::new(),
         };
         // Every tool schema is compiled on its own, even under tool_choice "none", so a
         // malformed one is reported by its place whatever the choice (inside the combined

@@ -1,6 +1,7 @@
 //! OpenAI request parsing (field by field, so a wrong type names its parameter) and the
 //! error shape `{"error": {"message", "type", "param", "code"}}`.
 
+use crate::vision::ImagePart;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use lwm_engine::chat_template::ChatMessage;
@@ -702,8 +703,11 @@ fn parse_response_format(obj: &Map<String, Value>) -> Result<Option<Constraint>,
     }
 }
 
-/// Chat messages: role + content (a string or a list of text parts).
-pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// Chat messages: role + content (a string or a list of text and image parts), and the
+/// `image_url` parts of user messages, in order, each with where it was.
+pub fn parse_messages(
+    obj: &Map<String, Value>,
+) -> Result<(Vec<ChatMessage>, Vec<ImagePart>), ApiError> {
     let p = "messages";
     let items = match opt(obj, p) {
         None => return Err(ApiError::bad(p, "'messages' is required")),
@@ -722,6 +726,7 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
         ));
     }
     let mut out = Vec::with_capacity(items.len());
+    let mut images = Vec::new();
     for (i, m) in items.iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(ApiError::bad(
@@ -788,8 +793,9 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
                 for (j, part) in parts.iter().enumerate() {
                     match (part.get("type").and_then(Value::as_str), part.get("text")) {
                         (Some("text"), Some(Value::String(t))) => text.push_str(t),
-                        // Checked and collected by `image_parts`.
-                        (Some("image_url"), _) if role == "user" => {}
+                        (Some("image_url"), _) if role == "user" => {
+                            images.push(image_part(part, &format!("messages[{i}].content[{j}]"))?)
+                        }
                         (Some("image_url"), _) => {
                             return Err(ApiError::bad(
                                 &format!("messages[{i}].content[{j}]"),
@@ -821,45 +827,30 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiE
         }
         out.push(msg);
     }
-    Ok(out)
+    Ok((out, images))
 }
 
-/// The `image_url` content parts of the messages, in order, each with where it was.
-pub fn image_parts(obj: &Map<String, Value>) -> Result<Vec<crate::vision::ImagePart>, ApiError> {
-    let mut out = Vec::new();
-    let Some(Value::Array(items)) = opt(obj, "messages") else {
-        return Ok(out);
-    };
-    for (i, m) in items.iter().enumerate() {
-        let Some(Value::Array(parts)) = m.get("content") else {
-            continue;
-        };
-        for (j, part) in parts.iter().enumerate() {
-            if part.get("type").and_then(Value::as_str) != Some("image_url") {
-                continue;
-            }
-            let param = format!("messages[{i}].content[{j}].image_url");
-            // OpenAI's shape is {"url": ..., "detail": ...}; a bare string is accepted too.
-            let url = match part.get("image_url") {
-                Some(Value::String(u)) => u,
-                Some(Value::Object(o)) => match o.get("url") {
-                    Some(Value::String(u)) => u,
-                    _ => return Err(ApiError::bad(&param, "'image_url' needs a string 'url'")),
-                },
-                _ => {
-                    return Err(ApiError::bad(
-                        &param,
-                        "'image_url' must be {\"url\": \"data:image/png;base64,...\"}",
-                    ))
-                }
-            };
-            out.push(crate::vision::ImagePart {
-                param: param.clone(),
-                url: url.clone(),
-            });
+/// One `image_url` content part (at `at`, `messages[i].content[j]`): its URL. OpenAI's
+/// shape is `{"url": ..., "detail": ...}`; a bare string is accepted too.
+fn image_part(part: &Value, at: &str) -> Result<ImagePart, ApiError> {
+    let param = format!("{at}.image_url");
+    let url = match part.get("image_url") {
+        Some(Value::String(u)) => u,
+        Some(Value::Object(o)) => match o.get("url") {
+            Some(Value::String(u)) => u,
+            _ => return Err(ApiError::bad(&param, "'image_url' needs a string 'url'")),
+        },
+        _ => {
+            return Err(ApiError::bad(
+                &param,
+                "'image_url' must be {\"url\": \"data:image/png;base64,...\"}",
+            ))
         }
-    }
-    Ok(out)
+    };
+    Ok(ImagePart {
+        url: url.clone(),
+        param,
+    })
 }
 
 /// An assistant message's `tool_calls`, checked; each `function.arguments` (a JSON string in
@@ -1047,7 +1038,7 @@ mod tests {
 
     #[test]
     fn tool_messages_are_checked() {
-        let msgs = |v: Value| parse_messages(&obj(json!({"messages": v})));
+        let msgs = |v: Value| parse_messages(&obj(json!({"messages": v}))).map(|(m, _)| m);
         let ok = msgs(json!([
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},

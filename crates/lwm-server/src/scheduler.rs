@@ -84,6 +84,18 @@ struct Active {
     waited: u32,
 }
 
+impl Active {
+    /// This request's rows of the step's forward pass (its pending input, over its cache).
+    fn step_input(&mut self) -> SeqInput<'_> {
+        SeqInput {
+            ids: self.generation.pending_input().unwrap_or_default(),
+            cache: &mut self.cache,
+            all_logits: false,
+            vision: self.generation.pending_vision(),
+        }
+    }
+}
+
 /// Steps a prompt piece may be passed over before it goes first.
 const AGING_STEPS: u32 = 4;
 
@@ -236,18 +248,12 @@ fn run_batch(engine: &Engine, active: &mut [Active], metrics: &Metrics) -> Vec<T
     if !chosen.iter().any(|&c| c) {
         return turns;
     }
-    let mut inputs: Vec<SeqInput<'_>> = Vec::new();
-    for (a, _) in active.iter_mut().zip(&chosen).filter(|(_, &c)| c) {
-        let Active {
-            generation, cache, ..
-        } = a;
-        inputs.push(SeqInput {
-            ids: generation.pending_input().unwrap_or_default(),
-            cache,
-            all_logits: false,
-            vision: generation.pending_vision(),
-        });
-    }
+    let mut inputs: Vec<SeqInput<'_>> = active
+        .iter_mut()
+        .zip(&chosen)
+        .filter(|(_, &c)| c)
+        .map(|(a, _)| a.step_input())
+        .collect();
     metrics.forward_steps.fetch_add(1, Ordering::Relaxed);
     metrics
         .batched_sequences
@@ -272,18 +278,10 @@ fn run_batch(engine: &Engine, active: &mut [Active], metrics: &Metrics) -> Vec<T
                 .zip(&chosen)
                 .filter(|(_, &c)| c)
             {
-                let Active {
-                    generation, cache, ..
-                } = a;
                 *t = Turn::Logits(
                     engine
                         .model
-                        .forward_batch(&mut [SeqInput {
-                            ids: generation.pending_input().unwrap_or_default(),
-                            cache,
-                            all_logits: false,
-                            vision: generation.pending_vision(),
-                        }])
+                        .forward_batch(&mut [a.step_input()])
                         .and_then(|mut out| out.pop().context("forward: no output")),
                 );
             }

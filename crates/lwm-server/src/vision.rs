@@ -11,7 +11,7 @@
 use crate::openai::ApiError;
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use lwm_vision::vqgan::preprocess::{decode_image, process_frame};
+use lwm_vision::vqgan::preprocess::{decode_image_within, process_frame};
 use lwm_vision::vqgan::Vqgan;
 use std::path::{Path, PathBuf};
 
@@ -79,7 +79,8 @@ impl VisionInput {
             .iter()
             .map(|p| {
                 let bytes = self.fetch(&p.url).map_err(|m| ApiError::bad(&p.param, m))?;
-                let img = check_and_decode(&bytes).map_err(|m| ApiError::bad(&p.param, m))?;
+                let img = decode_image_within(&bytes, MAX_IMAGE_SIDE)
+                    .map_err(|e| ApiError::bad(&p.param, format!("{e:#}")))?;
                 self.vqgan
                     .encode(&process_frame(&img, s), 1, s, s)
                     .map_err(|e| ApiError::bad(&p.param, format!("cannot encode the image: {e:#}")))
@@ -136,27 +137,4 @@ impl VisionInput {
         }
         std::fs::read(&real).map_err(|e| format!("cannot read '{}': {e}", path.display()))
     }
-}
-
-/// A PNG or JPEG of at most `MAX_IMAGE_SIDE` pixels a side (its header is read first),
-/// decoded to RGB.
-fn check_and_decode(bytes: &[u8]) -> Result<image::RgbImage, String> {
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read the image: {e}"))?;
-    if !matches!(
-        reader.format(),
-        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg)
-    ) {
-        return Err("the image is not a PNG or JPEG".into());
-    }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| format!("the image cannot be decoded: {e}"))?;
-    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
-        return Err(format!(
-            "the image is {w}×{h} pixels; at most {MAX_IMAGE_SIDE} a side is accepted"
-        ));
-    }
-    decode_image(bytes).map_err(|e| format!("{e:#}"))
 }

@@ -389,6 +389,11 @@ impl Vqgan {
     }
 }
 
+/// Where a released LWM checkpoint keeps its VQGAN: the file `vqgan` beside the params.
+pub fn beside(params: &Path) -> Option<std::path::PathBuf> {
+    params.parent().map(|d| d.join("vqgan"))
+}
+
 /// `uint8((x + 1) · 127.5)` with truncation, as the original writes images.
 pub fn to_u8(x: f32) -> u8 {
     ((x + 1.0) * 127.5).clamp(0.0, 255.0) as u8

@@ -17,10 +17,24 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
 
 /// Decode PNG or JPEG bytes to RGB.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
+    decode_image_within(bytes, u32::MAX)
+}
+
+/// `decode_image`, refusing an image wider or taller than `max_side` from its header,
+/// before decoding (a small PNG can inflate to gigabytes): for bytes from the network.
+pub fn decode_image_within(bytes: &[u8], max_side: u32) -> Result<RgbImage> {
     let format = image::guess_format(bytes)
         .ok()
         .filter(|f| matches!(f, image::ImageFormat::Png | image::ImageFormat::Jpeg))
         .context("not a PNG or JPEG image")?;
+    if max_side < u32::MAX {
+        let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
+            .into_dimensions()
+            .context("the image cannot be decoded")?;
+        if w > max_side || h > max_side {
+            bail!("the image is {w}×{h} pixels; at most {max_side} a side is accepted");
+        }
+    }
     let img = image::load_from_memory_with_format(bytes, format)
         .context("the image cannot be decoded")?;
     if img.width() == 0 || img.height() == 0 {
