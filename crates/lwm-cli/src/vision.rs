@@ -134,39 +134,68 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
         Ok(())
     };
     bar.set_message(format!("{} tokens", cache.len()));
-    let (mut encode_s, mut prefill_s) = (0f64, 0f64);
-    let t = std::time::Instant::now();
-    prefill(&head, false, &mut cache)?;
-    prefill_s += t.elapsed().as_secs_f64();
-    for (k, f) in frames.iter().enumerate() {
-        if stop.load(Ordering::SeqCst) {
-            bar.abandon();
-            bail!("interrupted");
-        }
+    // Frames are encoded on their own thread, one ahead of the prefill: frame k+1 goes through
+    // the VQGAN while frame k's tokens go through the model (a bounded channel keeps at most
+    // one encoded frame waiting). The head's prefill overlaps the first frame's encoding.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u32>, f64)>>(1);
+    let (mut encode_s, mut prefill_s, mut wait_s) = (0f64, 0f64, 0f64);
+    let started = std::time::Instant::now();
+    let streamed = std::thread::scope(|scope| -> Result<()> {
+        let (frames, vqgan, stop) = (&frames, &vqgan, &stop);
+        scope.spawn(move || {
+            for f in frames {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let t = std::time::Instant::now();
+                let r = vqgan
+                    .encode(&process_frame(f, s), 1, s, s)
+                    .map(|codes| (codes, t.elapsed().as_secs_f64()));
+                let failed = r.is_err();
+                // A closed channel: the prefill stopped (error or Ctrl-C).
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        // Owned here, so an early return closes the channel before the scope joins the encoder.
+        let rx = rx;
         let t = std::time::Instant::now();
-        let codes = vqgan.encode(&process_frame(f, s), 1, s, s)?;
-        encode_s += t.elapsed().as_secs_f64();
-        let mut toks = frame_tokens(std::slice::from_ref(&codes));
-        if k + 1 < frames.len() {
-            // frame_tokens ends a lone frame with end-of-vision; inner frames end with
-            // end-of-frame.
-            *toks.last_mut().expect("a frame has tokens") = END_OF_FRAME;
-        }
-        let at = head.len() + k * frame_len;
-        req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
-        let t = std::time::Instant::now();
-        if let Err(e) = prefill(&toks, true, &mut cache) {
-            bar.abandon();
-            return Err(e);
-        }
+        prefill(&head, false, &mut cache)?;
         prefill_s += t.elapsed().as_secs_f64();
-        bar.set_message(format!("{} tokens", cache.len()));
-        bar.inc(1);
+        for k in 0..frames.len() {
+            let t = std::time::Instant::now();
+            let (codes, secs) = match rx.recv() {
+                Ok(r) => r?,
+                Err(_) => bail!("interrupted"),
+            };
+            wait_s += t.elapsed().as_secs_f64();
+            encode_s += secs;
+            let mut toks = frame_tokens(std::slice::from_ref(&codes));
+            if k + 1 < frames.len() {
+                // frame_tokens ends a lone frame with end-of-vision; inner frames end with
+                // end-of-frame.
+                *toks.last_mut().expect("a frame has tokens") = END_OF_FRAME;
+            }
+            let at = head.len() + k * frame_len;
+            req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
+            let t = std::time::Instant::now();
+            prefill(&toks, true, &mut cache)?;
+            prefill_s += t.elapsed().as_secs_f64();
+            bar.set_message(format!("{} tokens", cache.len()));
+            bar.inc(1);
+        }
+        Ok(())
+    });
+    if let Err(e) = streamed {
+        bar.abandon();
+        return Err(e);
     }
     bar.finish_and_clear();
     tracing::info!(
-        "{} frames: VQGAN encode {encode_s:.1} s ({:.2} s/frame), prefill of {} tokens {prefill_s:.1} s ({:.1} tok/s)",
+        "{} frames in {:.1} s: VQGAN encode {encode_s:.1} s ({:.2} s/frame, beside the prefill), prefill of {} tokens {prefill_s:.1} s ({:.1} tok/s), {wait_s:.1} s waiting for frames",
         frames.len(),
+        started.elapsed().as_secs_f64(),
         encode_s / frames.len() as f64,
         cache.len(),
         cache.len() as f64 / prefill_s.max(1e-9)
@@ -226,9 +255,10 @@ pub struct VisionGenerateArgs {
 
 pub fn run_generate(a: VisionGenerateArgs) -> Result<()> {
     use lwm::vision_generate::{
-        conditional_prompt, frames_to_rgb, generate_codes, unconditional_prompt, write_frames,
+        conditional_prompt, decode_frames, generate_codes, unconditional_prompt, write_frames,
         PhaseParams, VisionGenRequest,
     };
+    use lwm::vision_model::FRAME_TOKENS;
     let ext = a
         .output
         .extension()
@@ -254,6 +284,7 @@ pub fn run_generate(a: VisionGenerateArgs) -> Result<()> {
         cond_ids: conditional_prompt(&engine.tokenizer, &a.prompt, a.n_frames > 1)?,
         uncond_ids: unconditional_prompt(&engine.tokenizer)?,
         n_frames: a.n_frames,
+        codebook: vqgan.num_codes(),
         image: PhaseParams {
             temperature: a.temperature_image,
             top_k: a.top_k_image,
@@ -267,30 +298,34 @@ pub fn run_generate(a: VisionGenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     let stop = crate::interrupt_flag();
-    let bar = indicatif::ProgressBar::new(a.n_frames as u64);
+    let bar = indicatif::ProgressBar::new((a.n_frames * FRAME_TOKENS) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "generating frames {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+            "generating {bar:30} frame {msg}, {pos}/{len} tokens [{elapsed}<{eta}]",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let frames = generate_codes(&engine.model, &req, &mut |done| {
         bar.set_position(done as u64);
+        bar.set_message(format!(
+            "{}/{}",
+            (done / FRAME_TOKENS + 1).min(a.n_frames),
+            a.n_frames
+        ));
         !stop.load(Ordering::SeqCst)
     })?;
     bar.finish_and_clear();
     if frames.is_empty() {
         bail!("interrupted before the first frame");
     }
-    let grid = (lwm::vision_model::FRAME_CODES as f64).sqrt() as usize;
-    let codes: Vec<u32> = frames.iter().flatten().copied().collect();
-    let decoded = vqgan.decode(&codes, frames.len(), grid, grid)?;
-    let size = grid * vqgan.factor;
-    write_frames(
-        &a.output,
-        &frames_to_rgb(&decoded, frames.len(), size),
-        size,
-    )?;
+    if frames.len() < a.n_frames {
+        eprintln!(
+            "interrupted: writing the {} whole frames generated",
+            frames.len()
+        );
+    }
+    let (rgb, size) = decode_frames(&vqgan, &frames)?;
+    write_frames(&a.output, &rgb, size)?;
     println!("{}", a.output.display());
     Ok(())
 }

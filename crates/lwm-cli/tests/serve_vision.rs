@@ -49,9 +49,10 @@ fn byte_tokenizer() -> String {
     .to_string()
 }
 
-/// The fixture model laid out as a released LWM vision checkpoint, plus a media directory.
-fn model_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lwm-serve-vision-{}", std::process::id()));
+/// The fixture model laid out as a released LWM vision checkpoint, plus a media directory;
+/// `ctx` positions (its RoPE has no other use for the length).
+fn model_dir(tag: &str, ctx: usize) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lwm-serve-vision-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("media")).unwrap();
     std::fs::copy(
@@ -87,8 +88,9 @@ fn model_dir() -> PathBuf {
         d.join("config.json"),
         r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
             "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
-            "rope_theta": 50000000, "bos_token_id": 1, "eos_token_id": 2}"#,
+            "num_key_value_heads": 4, "max_position_embeddings": CTX, "rms_norm_eps": 1e-6,
+            "rope_theta": 50000000, "bos_token_id": 1, "eos_token_id": 2}"#
+            .replace("CTX", &ctx.to_string()),
     )
     .unwrap();
     d
@@ -177,7 +179,7 @@ fn ask(url: &str, image_url: &str, question: &str) -> (u16, serde_json::Value) {
 
 #[test]
 fn images_through_the_api_answer_as_vision_chat_and_bad_ones_are_400() {
-    let d = model_dir();
+    let d = model_dir("chat", 256);
     let model = format!("params::{}", d.join("params").display());
     let image = d.join("media/frame.png");
     let question = "What is in the image?";
@@ -313,4 +315,128 @@ fn a_text_model_refuses_images() {
             .contains("does not take images"),
         "{v}"
     );
+    let (status, reply) = post(&url, "/v1/images/generations", r#"{"prompt": "a cat"}"#);
+    assert!(
+        status == 400 && reply.contains("does not generate images"),
+        "{reply}"
+    );
+}
+
+/// `lwm vision-generate --output x.png`'s PNG for a prompt and seed.
+fn vision_generate(model: &str, out: &Path, prompt: &str, seed: u64) -> Vec<u8> {
+    let o = lwm(&[
+        "vision-generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--output",
+        out.to_str().unwrap(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out).unwrap()
+}
+
+fn b64(v: &serde_json::Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().expect("a b64_json string"))
+        .unwrap()
+}
+
+/// `POST /v1/images/generations` draws what `lwm vision-generate` draws (same prompt, same
+/// seed: the same PNG bytes; image i of `n` takes seed + i), through raw HTTP and through the
+/// official `openai` client; unsupported fields and sizes are 400s naming them.
+#[test]
+fn image_generation_through_the_api_equals_vision_generate() {
+    // The fixture's 256 positions cannot hold a prompt and a frame's 257 tokens.
+    let d = model_dir("gen", 1024);
+    let model = format!("params::{}", d.join("params").display());
+    let want7 = vision_generate(&model, &d.join("seed7.png"), "a red cat", 7);
+    let want8 = vision_generate(&model, &d.join("seed8.png"), "a red cat", 8);
+    assert_ne!(want7, want8);
+    assert!(want7.starts_with(b"\x89PNG"));
+
+    let (_server, url) = start_server(&model, &["--served-model-name", "lwm-vl"]);
+    let body = r#"{"model": "lwm-vl", "prompt": "a red cat", "n": 2, "seed": 7,
+        "size": "256x256", "response_format": "b64_json"}"#;
+    let (status, reply) = post(&url, "/v1/images/generations", body);
+    assert_eq!(status, 200, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(b64(&v["data"][0]["b64_json"]), want7, "image 0 vs --seed 7");
+    assert_eq!(b64(&v["data"][1]["b64_json"]), want8, "image 1 vs --seed 8");
+    assert_eq!(v["size"], "256x256");
+    assert_eq!(v["usage"]["output_tokens"], 2 * 257, "{}", v["usage"]);
+
+    let bad = [
+        (
+            r#"{"prompt": "a cat", "size": "1024x1024"}"#,
+            "size",
+            "256x256",
+        ),
+        (
+            r#"{"prompt": "a cat", "response_format": "url"}"#,
+            "response_format",
+            "b64_json",
+        ),
+        (
+            r#"{"prompt": "a cat", "quality": "hd"}"#,
+            "quality",
+            "not supported",
+        ),
+        (r#"{"prompt": ""}"#, "prompt", "empty"),
+        (r#"{"n": 1}"#, "prompt", "required"),
+        (r#"{"prompt": "a cat", "n": 0}"#, "n", "between 1"),
+        (
+            r#"{"prompt": "a cat", "output_format": "webp"}"#,
+            "output_format",
+            "png",
+        ),
+        (r#"{"prompt": "a cat", "seed": "x"}"#, "seed", "integer"),
+    ];
+    for (body, param, want) in bad {
+        let (status, reply) = post(&url, "/v1/images/generations", body);
+        assert_eq!(status, 400, "{body}: {reply}");
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(v["error"]["param"], param, "{body}: {reply}");
+        assert!(reply.contains(want), "{body}: {reply}");
+    }
+    // A prompt that leaves no room for the image's 257 tokens.
+    let long = serde_json::json!({"prompt": "a cat ".repeat(200)}).to_string();
+    let (status, reply) = post(&url, "/v1/images/generations", &long);
+    assert!(
+        status == 400 && reply.contains("context_length_exceeded"),
+        "{reply}"
+    );
+
+    // The official client (skipped with a note where python3 has no `openai`).
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import base64, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none", max_retries=0)
+r = c.images.generate(model="lwm-vl", prompt="a red cat", size="256x256",
+                      response_format="b64_json", extra_body={"seed": 7})
+sys.stdout.buffer.write(base64.b64decode(r.data[0].b64_json))
+try:
+    c.images.generate(model="lwm-vl", prompt="a red cat", style="vivid")
+    sys.exit("style was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "style", e.body
+"#;
+    match std::process::Command::new(&python)
+        .args(["-c", script, &url])
+        .output()
+    {
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'openai'") => {
+            eprintln!("note: skipping the openai client check: pip install openai")
+        }
+        Ok(o) => {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(o.stdout, want7, "openai client's image vs --seed 7");
+        }
+        Err(e) => eprintln!("note: skipping the openai client check: {e}"),
+    }
+    assert_eq!(http(&url, "GET", "/health", None).0, 200);
+    let _ = std::fs::remove_dir_all(&d);
 }

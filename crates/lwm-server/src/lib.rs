@@ -2,6 +2,7 @@
 //! thread (see `scheduler`), on `lwm-engine`. `lwm serve` parses its flags into
 //! `ServerOptions` and calls `run`.
 
+mod images;
 mod metrics;
 mod openai;
 mod scheduler;
@@ -84,6 +85,8 @@ struct AppState {
     cors_origins: Vec<String>,
     /// The VQGAN and image rules, for a vision-language model with its VQGAN found.
     vision: Option<Arc<vision::VisionInput>>,
+    /// Image generations run one at a time (`images`).
+    image_jobs: tokio::sync::Semaphore,
     created: u64,
     next_id: AtomicU64,
 }
@@ -157,6 +160,7 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins.clone(),
         vision,
+        image_jobs: tokio::sync::Semaphore::new(1),
         created: unix_now(),
         next_id: AtomicU64::new(1),
     });
@@ -164,6 +168,10 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         .route("/", get(chat_page))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route(
+            "/v1/images/generations",
+            post(|State(st): State<Shared>, body: Body| images::generations(st, body)),
+        )
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_by_id))
         .route("/tokenize", post(tokenize))
@@ -360,6 +368,8 @@ async fn props(State(st): State<Shared>) -> Json<Value> {
         "chat_template": template,
         "chat_template_origin": st.engine.chat_template_origin.as_str(),
         "total_slots": st.max_active,
+        // Images in chat and /v1/images/generations (an LWM vision model with its VQGAN).
+        "modalities": {"vision": st.vision.is_some(), "audio": false},
         "default_generation_settings": {
             "n_ctx": st.engine.context_length(),
             "params": {

@@ -210,11 +210,16 @@ pub fn check_fields(obj: &Map<String, Value>, chat: bool) -> Result<(), ApiError
     Ok(())
 }
 
-fn opt<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(crate) fn opt<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
-fn number(obj: &Map<String, Value>, key: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+pub(crate) fn number(
+    obj: &Map<String, Value>,
+    key: &str,
+    lo: f64,
+    hi: f64,
+) -> Result<Option<f64>, ApiError> {
     match opt(obj, key) {
         None => Ok(None),
         Some(v) => {
@@ -232,7 +237,7 @@ fn number(obj: &Map<String, Value>, key: &str, lo: f64, hi: f64) -> Result<Optio
     }
 }
 
-fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
+pub(crate) fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
     match opt(obj, key) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {

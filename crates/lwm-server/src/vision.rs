@@ -62,6 +62,11 @@ impl VisionInput {
         })
     }
 
+    /// The VQGAN (also the decoder of generated images).
+    pub fn vqgan(&self) -> &Vqgan {
+        &self.vqgan
+    }
+
     /// The VQGAN codes of every image, in order (one frame each).
     pub fn encode(&self, parts: &[ImagePart]) -> Result<Vec<Vec<u32>>, ApiError> {
         if parts.len() > self.max_images {

@@ -29,6 +29,9 @@ pub struct VisionGenRequest {
     pub cond_ids: Vec<u32>,
     pub uncond_ids: Vec<u32>,
     pub n_frames: usize,
+    /// Codes sampled: 0..codebook, the VQGAN's codebook size (`Vqgan::num_codes`; LWM's is
+    /// `CODEBOOK_IDS`), so every sampled code decodes.
+    pub codebook: usize,
     pub image: PhaseParams,
     pub video: PhaseParams,
     pub seed: u64,
@@ -54,30 +57,38 @@ pub fn unconditional_prompt(tok: &Tokenizer) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Vision ids that are codebook entries (sampling never leaves them).
+/// Vision ids that are codebook entries in LWM's vision vocabulary (8192 codes, then the
+/// frame markers); sampling never leaves the VQGAN's codebook (`VisionGenRequest::codebook`).
 pub const CODEBOOK_IDS: usize = 8192;
 
-/// `uncond + scale · (cond − uncond)` over the codebook ids only.
-pub fn guide(cond: &[f32], uncond: &[f32], scale: f32) -> Vec<f32> {
-    cond[..CODEBOOK_IDS]
+/// `uncond + scale · (cond − uncond)` over the first `codebook` ids only.
+pub fn guide(cond: &[f32], uncond: &[f32], scale: f32, codebook: usize) -> Vec<f32> {
+    cond[..codebook]
         .iter()
-        .zip(&uncond[..CODEBOOK_IDS])
+        .zip(&uncond[..codebook])
         .map(|(c, u)| u + scale * (c - u))
         .collect()
 }
 
-/// Generate `n_frames` frames of 256 codes each. `on_frame(done)` after each frame; return
-/// false from it to stop early (the frames so far are returned).
+/// Generate `n_frames` frames of 256 codes each. `on_token(done)` after each token (257 a
+/// frame, end-of-frame included), so a caller can show progress and stop within a token;
+/// return false from it to stop early (the whole frames so far are returned).
 pub fn generate_codes(
     model: &Model,
     req: &VisionGenRequest,
-    on_frame: &mut dyn FnMut(usize) -> bool,
+    on_token: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Vec<u32>>> {
     if req.n_frames == 0 {
         bail!("--n-frames must be at least 1");
     }
     if model.config.vision_vocab_size < 8194 {
         bail!("the model has no vision vocabulary (not an LWM vision-language checkpoint)");
+    }
+    if req.codebook == 0 || req.codebook > CODEBOOK_IDS {
+        bail!(
+            "a VQGAN codebook of {} codes does not fit LWM's vision vocabulary (1..={CODEBOOK_IDS})",
+            req.codebook
+        );
     }
     let (cond_ids, uncond_ids) = (&req.cond_ids, &req.uncond_ids);
     let total = cond_ids.len() + req.n_frames * FRAME_TOKENS;
@@ -129,7 +140,7 @@ pub fn generate_codes(
             END_OF_FRAME
         } else {
             let phase = if first { &req.image } else { &req.video };
-            let guided = guide(&cond, &uncond, phase.guidance);
+            let guided = guide(&cond, &uncond, phase.guidance, req.codebook);
             let sampler = if first {
                 &mut image_sampler
             } else {
@@ -139,11 +150,11 @@ pub fn generate_codes(
         };
         if token == END_OF_FRAME {
             frames.push(std::mem::take(&mut current));
-            if !on_frame(frames.len()) || frames.len() == req.n_frames {
-                break;
-            }
         } else {
             current.push(token);
+        }
+        if !on_token(step + 1) || frames.len() == req.n_frames {
+            break;
         }
         cond = model
             .forward_mixed(&[token], &[true], &mut cond_cache, Heads::Vision, false)?
@@ -153,6 +164,32 @@ pub fn generate_codes(
             .vision;
     }
     Ok(frames)
+}
+
+/// Decode generated frames with the VQGAN: 8-bit RGB frames and their side in pixels.
+pub fn decode_frames(
+    vqgan: &crate::vqgan::Vqgan,
+    frames: &[Vec<u32>],
+) -> Result<(Vec<Vec<u8>>, usize)> {
+    let grid = (FRAME_CODES as f64).sqrt() as usize;
+    let codes: Vec<u32> = frames.iter().flatten().copied().collect();
+    let decoded = vqgan.decode(&codes, frames.len(), grid, grid)?;
+    let size = grid * vqgan.factor;
+    Ok((frames_to_rgb(&decoded, frames.len(), size), size))
+}
+
+/// One RGB frame as PNG bytes (what `--output x.png` writes and the images API returns).
+pub fn png_bytes(frame: &[u8], size: usize) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::write_buffer_with_format(
+        &mut out,
+        frame,
+        size as u32,
+        size as u32,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )?;
+    Ok(out.into_inner())
 }
 
 /// Frames (NHWC in [-1, 1], `size × size`) as 8-bit RGB, `uint8((x + 1)·127.5)` truncated.
@@ -182,14 +219,7 @@ pub fn write_frames(path: &std::path::Path, frames: &[Vec<u8>], size: usize) -> 
                     frames.len()
                 );
             }
-            image::save_buffer(
-                &tmp,
-                &frames[0],
-                size as u32,
-                size as u32,
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(anyhow::Error::from)
+            png_bytes(&frames[0], size).and_then(|b| Ok(std::fs::write(&tmp, b)?))
         }
         "gif" => write_gif(&tmp, frames, size),
         "mp4" => write_mp4(&tmp, frames, size),

@@ -225,6 +225,7 @@ fn cfg_generation_yields_whole_frames_of_codebook_ids() {
         cond_ids: vec![1, 331, 209, 464],
         uncond_ids: vec![1, 7],
         n_frames: 2,
+        codebook: 8192,
         image: greedy,
         video: PhaseParams {
             guidance: 3.0,
@@ -238,7 +239,8 @@ fn cfg_generation_yields_whole_frames_of_codebook_ids() {
         true
     })
     .unwrap();
-    assert_eq!(seen, [1, 2]);
+    // Progress after every token, end-of-frame included.
+    assert_eq!(seen, (1..=2 * 257).collect::<Vec<_>>());
     assert_eq!(frames.len(), 2);
     assert!(frames
         .iter()
@@ -254,6 +256,17 @@ fn cfg_generation_yields_whole_frames_of_codebook_ids() {
         .unwrap()
         .vision;
     assert_eq!(frames[0][0], argmax(&cond[..8192]));
+    // Stopped inside the second frame: only the whole first frame comes back.
+    let part = generate_codes(&m, &req, &mut |done| done < 300).unwrap();
+    assert_eq!(part, frames[..1]);
+    // A smaller VQGAN codebook bounds what is sampled, so every code decodes.
+    let small = VisionGenRequest {
+        n_frames: 1,
+        codebook: 512,
+        ..req.clone()
+    };
+    let small = generate_codes(&m, &small, &mut |_| true).unwrap();
+    assert!(small[0].iter().all(|&c| c < 512));
     // A sequence longer than the model's context is refused up front.
     let long = VisionGenRequest { n_frames: 4, ..req };
     let e = generate_codes(&m, &long, &mut |_| true)
