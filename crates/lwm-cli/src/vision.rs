@@ -134,68 +134,44 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
         Ok(())
     };
     bar.set_message(format!("{} tokens", cache.len()));
-    // Frames are encoded on their own thread, one ahead of the prefill: frame k+1 goes through
-    // the VQGAN while frame k's tokens go through the model (a bounded channel keeps at most
-    // one encoded frame waiting). The head's prefill overlaps the first frame's encoding.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u32>, f64)>>(1);
-    let (mut encode_s, mut prefill_s, mut wait_s) = (0f64, 0f64, 0f64);
-    let started = std::time::Instant::now();
-    let streamed = std::thread::scope(|scope| -> Result<()> {
-        let (frames, vqgan, stop) = (&frames, &vqgan, &stop);
-        scope.spawn(move || {
-            for f in frames {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let t = std::time::Instant::now();
-                let r = vqgan
-                    .encode(&process_frame(f, s), 1, s, s)
-                    .map(|codes| (codes, t.elapsed().as_secs_f64()));
-                let failed = r.is_err();
-                // A closed channel: the prefill stopped (error or Ctrl-C).
-                if tx.send(r).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        // Owned here, so an early return closes the channel before the scope joins the encoder.
-        let rx = rx;
-        let t = std::time::Instant::now();
-        prefill(&head, false, &mut cache)?;
-        prefill_s += t.elapsed().as_secs_f64();
-        for k in 0..frames.len() {
-            let t = std::time::Instant::now();
-            let (codes, secs) = match rx.recv() {
-                Ok(r) => r?,
-                Err(_) => bail!("interrupted"),
-            };
-            wait_s += t.elapsed().as_secs_f64();
-            encode_s += secs;
-            let mut toks = frame_tokens(std::slice::from_ref(&codes));
-            if k + 1 < frames.len() {
-                // frame_tokens ends a lone frame with end-of-vision; inner frames end with
-                // end-of-frame.
-                *toks.last_mut().expect("a frame has tokens") = END_OF_FRAME;
-            }
-            let at = head.len() + k * frame_len;
-            req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
-            let t = std::time::Instant::now();
-            prefill(&toks, true, &mut cache)?;
-            prefill_s += t.elapsed().as_secs_f64();
-            bar.set_message(format!("{} tokens", cache.len()));
-            bar.inc(1);
+    // Frames go through the VQGAN and then the model one after the other, each phase on every
+    // core. Encoding frame k+1 on a thread of its own while frame k is prefilled was measured
+    // 11 % slower on 2 cores (docs/bench/vqgan-2026-12-07.md): both phases already keep the
+    // cores busy, and with one thread pool the second caller runs on one thread, which on
+    // more cores would make the VQGAN the bottleneck.
+    let (mut encode_s, mut prefill_s) = (0f64, 0f64);
+    let t = std::time::Instant::now();
+    prefill(&head, false, &mut cache)?;
+    prefill_s += t.elapsed().as_secs_f64();
+    for (k, f) in frames.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            bar.abandon();
+            bail!("interrupted");
         }
-        Ok(())
-    });
-    if let Err(e) = streamed {
-        bar.abandon();
-        return Err(e);
+        let t = std::time::Instant::now();
+        let codes = vqgan.encode(&process_frame(f, s), 1, s, s)?;
+        encode_s += t.elapsed().as_secs_f64();
+        let mut toks = frame_tokens(std::slice::from_ref(&codes));
+        if k + 1 < frames.len() {
+            // frame_tokens ends a lone frame with end-of-vision; inner frames end with
+            // end-of-frame.
+            *toks.last_mut().expect("a frame has tokens") = END_OF_FRAME;
+        }
+        let at = head.len() + k * frame_len;
+        req.prompt_ids[at..at + frame_len].copy_from_slice(&toks);
+        let t = std::time::Instant::now();
+        if let Err(e) = prefill(&toks, true, &mut cache) {
+            bar.abandon();
+            return Err(e);
+        }
+        prefill_s += t.elapsed().as_secs_f64();
+        bar.set_message(format!("{} tokens", cache.len()));
+        bar.inc(1);
     }
     bar.finish_and_clear();
     tracing::info!(
-        "{} frames in {:.1} s: VQGAN encode {encode_s:.1} s ({:.2} s/frame, beside the prefill), prefill of {} tokens {prefill_s:.1} s ({:.1} tok/s), {wait_s:.1} s waiting for frames",
+        "{} frames: VQGAN encode {encode_s:.1} s ({:.2} s/frame), prefill of {} tokens {prefill_s:.1} s ({:.1} tok/s)",
         frames.len(),
-        started.elapsed().as_secs_f64(),
         encode_s / frames.len() as f64,
         cache.len(),
         cache.len() as f64 / prefill_s.max(1e-9)
