@@ -489,6 +489,18 @@ impl Model {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
+        let normed = self.hidden_batch(seqs)?;
+        let logits = self.apply_head(&self.lm_head, &normed)?;
+        if seqs.len() == 1 {
+            // `forward`'s case: the logits are that sequence's already, no copy.
+            return Ok(vec![logits]);
+        }
+        Ok(split_rows(&logits, seqs, self.lm_head.out_dim()))
+    }
+
+    /// `forward_batch` up to the head: each sequence's embedded rows through the layers, the
+    /// final-normed rows out (each sequence's last, or all when `all_logits`).
+    pub(crate) fn hidden_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
         if seqs.iter().any(|s| s.ids.is_empty()) {
             bail!("forward called with no tokens");
         }
@@ -520,48 +532,11 @@ impl Model {
                 vision: None,
             })
             .collect();
-        let normed = self.run_layers_batch(x, &mut inner)?;
-        drop(inner);
-        let logits = self.apply_head(&self.lm_head, &normed)?;
-        if seqs.len() == 1 {
-            // `forward`'s case: the logits are that sequence's already, no copy.
-            return Ok(vec![logits]);
-        }
-        let vocab = self.lm_head.out_dim();
-        let mut rest = &logits[..];
-        Ok(seqs
-            .iter()
-            .map(|s| {
-                let rows = if s.all_logits { s.ids.len() } else { 1 };
-                let (mine, tail) = rest.split_at(rows * vocab);
-                rest = tail;
-                mine.to_vec()
-            })
-            .collect())
+        self.run_layers_batch(x, &mut inner)
     }
 
-    /// The transformer on embedded rows `x` (one per id in `ids`, which the cache records):
-    /// returns the final-normed hidden rows (the last one, or all when `all_rows`).
-    pub(crate) fn run_layers(
-        &self,
-        x: Vec<f32>,
-        ids: &[u32],
-        cache: &mut KvCache,
-        all_rows: bool,
-    ) -> Result<Vec<f32>> {
-        self.run_layers_batch(
-            x,
-            &mut [SeqInput {
-                ids,
-                cache,
-                all_logits: all_rows,
-                vision: None,
-            }],
-        )
-    }
-
-    /// `run_layers` for several sequences whose rows follow each other in `x`: returns
-    /// each sequence's final-normed rows (its last, or all when `all_logits`), in order.
+    /// The transformer on the embedded rows `x` of several sequences, one after the other:
+    /// returns each sequence's final-normed rows (its last, or all when `all_logits`), in order.
     fn run_layers_batch(&self, x: Vec<f32>, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
         let h = self.config.hidden_size;
         let mut runs = Vec::with_capacity(seqs.len());
@@ -849,6 +824,19 @@ pub trait AttentionBackend {
     /// Store the step's keys and values of layer `layer` (rows × n_kv·d, RoPE applied) and
     /// return the attention output of its queries `q` (rows × n_heads·d).
     fn attend(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// A batch's head output (`width` values a row) cut into each sequence's rows.
+pub(crate) fn split_rows(flat: &[f32], seqs: &[SeqInput<'_>], width: usize) -> Vec<Vec<f32>> {
+    let mut rest = flat;
+    seqs.iter()
+        .map(|s| {
+            let rows = if s.all_logits { s.ids.len() } else { 1 };
+            let (mine, tail) = rest.split_at(rows * width);
+            rest = tail;
+            mine.to_vec()
+        })
+        .collect()
 }
 
 /// One sequence's share of a batched forward step (`Model::forward_batch`): the tokens

@@ -7,7 +7,7 @@
 //! 8193 end of vision. A frame is its 16×16 codes row-major plus one of those two markers.
 
 use crate::kv::KvCache;
-use crate::model::Model;
+use crate::model::{split_rows, Model, SeqInput};
 use anyhow::{bail, Context, Result};
 
 /// End of frame (`eof_token` in data.py).
@@ -102,34 +102,54 @@ impl Model {
         heads: Heads,
         all_logits: bool,
     ) -> Result<MixedLogits> {
+        let mut out = self.forward_mixed_batch(
+            &mut [SeqInput {
+                ids,
+                cache,
+                all_logits,
+                vision: Some(vision_mask),
+            }],
+            heads,
+        )?;
+        out.pop().context("forward_mixed: no output")
+    }
+
+    /// `forward_mixed` for several sequences in one step (`forward_batch`: every weight
+    /// product once over all their rows, each row's result as if run alone), e.g. the
+    /// conditional and unconditional rows of classifier-free guidance. A sequence without a
+    /// mask is all text. On an error no cache keeps rows of this step.
+    pub fn forward_mixed_batch(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        heads: Heads,
+    ) -> Result<Vec<MixedLogits>> {
         let vision = self.vision.as_ref().context(
             "this model has no vision embedding/head (not an LWM vision-language checkpoint)",
         )?;
-        if ids.is_empty() {
-            bail!("forward called with no tokens");
+        if seqs.is_empty() {
+            return Ok(Vec::new());
         }
-        let x = self.embed_mixed(ids, vision_mask)?;
-        let keys = cache_keys(ids, vision_mask);
-        let pos0 = cache.len();
-        let out = (|| -> Result<MixedLogits> {
-            let normed = self.run_layers(x, &keys, cache, all_logits)?;
-            let text = if heads != Heads::Vision {
-                self.apply_head(self.lm_head_linear(), &normed)?
-            } else {
-                Vec::new()
-            };
-            let vision_logits = if heads != Heads::Text {
-                self.apply_head(&vision.head, &normed)?
-            } else {
-                Vec::new()
-            };
-            Ok(MixedLogits {
-                text,
-                vision: vision_logits,
-            })
-        })();
+        let pos0: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+        let normed = self.hidden_batch(seqs)?;
+        let head = |want: bool, linear| -> Result<Vec<Vec<f32>>> {
+            if !want {
+                return Ok(vec![Vec::new(); seqs.len()]);
+            }
+            let rows = self.apply_head(linear, &normed)?;
+            Ok(split_rows(&rows, seqs, linear.out_dim()))
+        };
+        let out = head(heads != Heads::Vision, self.lm_head_linear()).and_then(|text| {
+            let vision = head(heads != Heads::Text, &vision.head)?;
+            Ok(text
+                .into_iter()
+                .zip(vision)
+                .map(|(text, vision)| MixedLogits { text, vision })
+                .collect())
+        });
         if out.is_err() {
-            cache.truncate(pos0);
+            for (s, p) in seqs.iter_mut().zip(pos0) {
+                s.cache.truncate(p);
+            }
         }
         out
     }

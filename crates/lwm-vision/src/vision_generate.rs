@@ -2,7 +2,7 @@
 //! `generate_vision` / `_sample_vision`), decoded with the VQGAN.
 //!
 //! Classifier-free guidance runs the conditional prompt and the unconditional one (`<s><vision>`)
-//! side by side (the original's doubled batch; here two KV caches, the same arithmetic) and
+//! side by side (the original's doubled batch: here two KV caches in one batched forward) and
 //! samples from `uncond + scale · (cond − uncond)` of the vision head, restricted to the
 //! codebook ids 0..8191. Every 257th token is forced to end-of-frame (8192), and the sampled
 //! token is fed to both rows. The first frame (the image) and later frames (video) have their
@@ -10,7 +10,7 @@
 //! stop generation (its text-eos check was applied to vision ids).
 
 use anyhow::{bail, Context, Result};
-use lwm_core::model::Model;
+use lwm_core::model::{Model, SeqInput};
 use lwm_core::tokenizer::Tokenizer;
 use lwm_core::vision_model::{Heads, END_OF_FRAME, FRAME_CODES, FRAME_TOKENS};
 use lwm_engine::sampling::{Sampler, SamplingParams};
@@ -101,24 +101,34 @@ pub fn generate_codes(
     }
     let mut cond_cache = model.new_cache();
     let mut uncond_cache = model.new_cache();
-    let mut cond = model
-        .forward_mixed(
-            cond_ids,
-            &vec![false; cond_ids.len()],
-            &mut cond_cache,
+    // Both rows of the guidance in one forward per step (the original's doubled batch): the
+    // weights are read once for the two, and each row's logits are what it gives alone.
+    let mut step_both = |cond_in: (&[u32], &[bool]), uncond_in: (&[u32], &[bool])| {
+        let mut out = model.forward_mixed_batch(
+            &mut [
+                SeqInput {
+                    ids: cond_in.0,
+                    cache: &mut cond_cache,
+                    all_logits: false,
+                    vision: Some(cond_in.1),
+                },
+                SeqInput {
+                    ids: uncond_in.0,
+                    cache: &mut uncond_cache,
+                    all_logits: false,
+                    vision: Some(uncond_in.1),
+                },
+            ],
             Heads::Vision,
-            false,
-        )?
-        .vision;
-    let mut uncond = model
-        .forward_mixed(
-            uncond_ids,
-            &vec![false; uncond_ids.len()],
-            &mut uncond_cache,
-            Heads::Vision,
-            false,
-        )?
-        .vision;
+        )?;
+        let uncond = out.pop().context("no unconditional logits")?.vision;
+        let cond = out.pop().context("no conditional logits")?.vision;
+        anyhow::Ok((cond, uncond))
+    };
+    let (mut cond, mut uncond) = step_both(
+        (cond_ids, &vec![false; cond_ids.len()]),
+        (uncond_ids, &vec![false; uncond_ids.len()]),
+    )?;
     let sampler_for = |p: &PhaseParams, seed: u64| {
         Sampler::new(SamplingParams {
             temperature: p.temperature,
@@ -156,12 +166,7 @@ pub fn generate_codes(
         if !on_token(step + 1) || frames.len() == req.n_frames {
             break;
         }
-        cond = model
-            .forward_mixed(&[token], &[true], &mut cond_cache, Heads::Vision, false)?
-            .vision;
-        uncond = model
-            .forward_mixed(&[token], &[true], &mut uncond_cache, Heads::Vision, false)?
-            .vision;
+        (cond, uncond) = step_both((&[token], &[true]), (&[token], &[true]))?;
     }
     Ok(frames)
 }

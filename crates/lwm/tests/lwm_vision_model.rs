@@ -5,7 +5,7 @@ mod common;
 use candle_core::Tensor;
 use common::fixture;
 use lwm::config::{ModelConfig, RopeLayout, RopeScaling};
-use lwm::model::{ForwardOptions, Model};
+use lwm::model::{ForwardOptions, Model, SeqInput};
 use lwm::vision_model::{frame_tokens, Heads, END_OF_FRAME, END_OF_VISION};
 use lwm::weights::jax::JaxWeights;
 
@@ -256,6 +256,41 @@ fn cfg_generation_yields_whole_frames_of_codebook_ids() {
         .unwrap()
         .vision;
     assert_eq!(frames[0][0], argmax(&cond[..8192]));
+    // Guidance runs both rows in one batched forward: each row's logits are, bit for bit,
+    // what it gives alone.
+    let (mut c, mut u) = (m.new_cache(), m.new_cache());
+    let both = m
+        .forward_mixed_batch(
+            &mut [
+                SeqInput {
+                    ids: &req.cond_ids,
+                    cache: &mut c,
+                    all_logits: false,
+                    vision: Some(&[false; 4]),
+                },
+                SeqInput {
+                    ids: &req.uncond_ids,
+                    cache: &mut u,
+                    all_logits: false,
+                    vision: Some(&[false; 2]),
+                },
+            ],
+            Heads::Vision,
+        )
+        .unwrap();
+    let uncond = m
+        .forward_mixed(
+            &req.uncond_ids,
+            &[false; 2],
+            &mut m.new_cache(),
+            Heads::Vision,
+            false,
+        )
+        .unwrap()
+        .vision;
+    assert_eq!(both[0].vision, cond);
+    assert_eq!(both[1].vision, uncond);
+    assert_eq!((c.len(), u.len()), (4, 2));
     // Stopped inside the second frame: only the whole first frame comes back.
     let part = generate_codes(&m, &req, &mut |done| done < 300).unwrap();
     assert_eq!(part, frames[..1]);
