@@ -76,16 +76,7 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
     }
     if let Some(m) = opt(&obj, "model").map(|v| v.as_str().unwrap_or_default()) {
         if m != st.model_id {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "the model '{m}' does not exist; this server serves '{}'",
-                    st.model_id
-                ),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            });
+            return Err(ApiError::model_not_found(m, &st.model_id));
         }
     }
     let Some(vision) = st.vision.clone() else {

@@ -335,17 +335,7 @@ async fn models(State(st): State<Shared>) -> Json<Value> {
 
 async fn model_by_id(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     if id != st.model_id {
-        return ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model '{id}' does not exist; this server serves '{}'",
-                st.model_id
-            ),
-            kind: "invalid_request_error",
-            param: Some("model".into()),
-            code: Some("model_not_found"),
-        }
-        .into_response();
+        return ApiError::model_not_found(&id, &st.model_id).into_response();
     }
     Json(
         json!({"id": st.model_id, "object": "model", "created": st.created, "owned_by": "lwm",
@@ -550,16 +540,7 @@ async fn start(
     let params = openai::parse_params(&obj, chat, st.engine.tokenizer.vocab_size())?;
     if let Some(m) = &params.model {
         if *m != st.model_id {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "the model '{m}' does not exist; this server serves '{}'",
-                    st.model_id
-                ),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            });
+            return Err(ApiError::model_not_found(m, &st.model_id));
         }
     }
     if params.n > st.max_n {

@@ -38,6 +38,17 @@ impl ApiError {
         }
     }
 
+    /// 404 for a model id this server does not serve (`served`).
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model '{asked}' does not exist; this server serves '{served}'"),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
