@@ -4,9 +4,9 @@
 //! vision-generate`) and decoded to a PNG, returned inline as `b64_json`. The same prompt and
 //! seed give the bytes `lwm vision-generate --output x.png` writes.
 //!
-//! One image is generated at a time (each takes two forward passes per code, off the batched
-//! chat scheduler); further requests wait their turn, and a client that goes away stops its
-//! generation within one token.
+//! One image is generated at a time (each code a two-row forward, off the batched chat
+//! scheduler); up to `--max-queue` further requests wait their turn (more are 429s), and a
+//! client that goes away stops its generation within one token.
 
 use crate::openai::{integer, number, opt, ApiError};
 use crate::{read_json, unix_now, Shared};
@@ -20,7 +20,7 @@ use lwm_vision::vision_generate::{
     PhaseParams, VisionGenRequest,
 };
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The fields this endpoint takes. `user` is accepted and has no effect; `seed`,
@@ -56,6 +56,15 @@ struct CancelOnDrop(Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Counts a request among those waiting for their turn until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -179,7 +188,20 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
         )
         .code("context_length_exceeded"));
     }
-    // One generation at a time; a request waiting here that is dropped just leaves the queue.
+    // One generation at a time; at most --max-queue requests wait for their turn (as chat
+    // requests do), and one that is dropped while waiting just leaves the queue.
+    let ahead = st.image_waiting.fetch_add(1, Ordering::SeqCst);
+    let waiting = Waiting(&st.image_waiting);
+    if ahead >= st.max_queue && st.image_jobs.available_permits() == 0 {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "an image is being generated and {ahead} more requests wait (--max-queue {}); try again later",
+                st.max_queue
+            ),
+        ));
+    }
     let _turn = st.image_jobs.acquire().await.map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -187,6 +209,7 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
             "shutting down",
         )
     })?;
+    drop(waiting);
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
     let engine = st.engine.clone();

@@ -87,6 +87,8 @@ struct AppState {
     vision: Option<Arc<vision::VisionInput>>,
     /// Image generations run one at a time (`images`).
     image_jobs: tokio::sync::Semaphore,
+    /// Image requests waiting for `image_jobs`.
+    image_waiting: std::sync::atomic::AtomicUsize,
     created: u64,
     next_id: AtomicU64,
 }
@@ -161,6 +163,7 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         cors_origins: a.cors_origins.clone(),
         vision,
         image_jobs: tokio::sync::Semaphore::new(1),
+        image_waiting: std::sync::atomic::AtomicUsize::new(0),
         created: unix_now(),
         next_id: AtomicU64::new(1),
     });
