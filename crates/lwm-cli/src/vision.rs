@@ -136,7 +136,7 @@ pub fn run(a: VisionChatArgs) -> Result<()> {
     bar.set_message(format!("{} tokens", cache.len()));
     // Frames go through the VQGAN and then the model one after the other, each phase on every
     // core. Encoding frame k+1 on a thread of its own while frame k is prefilled was measured
-    // 11 % slower on 2 cores (docs/bench/vqgan-2026-12-07.md): both phases already keep the
+    // 4 % slower on 2 cores (docs/bench/vqgan-2026-12-07.md): both phases already keep the
     // cores busy, and with one thread pool the second caller runs on one thread, which on
     // more cores would make the VQGAN the bottleneck.
     let (mut encode_s, mut prefill_s) = (0f64, 0f64);

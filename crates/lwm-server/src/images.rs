@@ -8,7 +8,7 @@
 //! scheduler); up to `--max-queue` further requests wait their turn (more are 429s), and a
 //! client that goes away stops its generation within one token.
 
-use crate::openai::{integer, number, opt, ApiError};
+use crate::openai::{integer, number, opt, seed, string, ApiError};
 use crate::{read_json, unix_now, Shared};
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -83,7 +83,7 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
             format!("'{k}' is not supported by lwm's image generation"),
         ));
     }
-    if let Some(m) = opt(&obj, "model").map(|v| v.as_str().unwrap_or_default()) {
+    if let Some(m) = string(&obj, "model")? {
         if m != st.model_id {
             return Err(ApiError::model_not_found(m, &st.model_id));
         }
@@ -96,16 +96,10 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
         };
         return Err(ApiError::bad("model", why));
     };
-    let prompt = match opt(&obj, "prompt") {
-        Some(Value::String(p)) if !p.trim().is_empty() => p.clone(),
-        Some(Value::String(_)) => return Err(ApiError::bad("prompt", "'prompt' is empty")),
-        Some(v) => {
-            return Err(ApiError::bad(
-                "prompt",
-                format!("'prompt' must be a string, got {v}"),
-            ))
-        }
+    let prompt = match string(&obj, "prompt")? {
         None => return Err(ApiError::bad("prompt", "'prompt' is required")),
+        Some(p) if p.trim().is_empty() => return Err(ApiError::bad("prompt", "'prompt' is empty")),
+        Some(p) => p.to_string(),
     };
     let n = integer(&obj, "n")?.unwrap_or(1) as usize;
     if n == 0 || n > st.max_n {
@@ -154,18 +148,8 @@ async fn generate(st: &Shared, body: Body) -> Result<Value, ApiError> {
             ))
         }
     }
-    if let Some(u) = opt(&obj, "user") {
-        if !u.is_string() {
-            return Err(ApiError::bad("user", "'user' must be a string"));
-        }
-    }
-    let seed =
-        match opt(&obj, "seed") {
-            None => DEFAULT_SEED,
-            Some(v) => v.as_i64().map(|s| s as u64).or(v.as_u64()).ok_or_else(|| {
-                ApiError::bad("seed", format!("'seed' must be an integer, got {v}"))
-            })?,
-        };
+    string(&obj, "user")?;
+    let seed = seed(&obj)?.unwrap_or(DEFAULT_SEED);
     let phase = PhaseParams {
         temperature: number(&obj, "temperature", 0.0, 100.0)?
             .map_or(DEFAULT_IMAGE.temperature, |t| t as f32),

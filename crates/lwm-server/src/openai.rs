@@ -213,11 +213,7 @@ pub fn check_fields(obj: &Map<String, Value>, chat: bool) -> Result<(), ApiError
             }
         }
     }
-    if let Some(v) = opt(obj, "user") {
-        if !v.is_string() {
-            return Err(ApiError::bad("user", "'user' must be a string"));
-        }
-    }
+    string(obj, "user")?;
     Ok(())
 }
 
@@ -245,6 +241,33 @@ pub(crate) fn number(
             }
             Ok(Some(x))
         }
+    }
+}
+
+pub(crate) fn string<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match opt(obj, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(ApiError::bad(
+            key,
+            format!("'{key}' must be a string, got {v}"),
+        )),
+    }
+}
+
+/// `seed`: any integer (a negative one as its two's complement, as OpenAI's int64 seeds).
+pub(crate) fn seed(obj: &Map<String, Value>) -> Result<Option<u64>, ApiError> {
+    match opt(obj, "seed") {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(|s| s as u64)
+            .or(v.as_u64())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad("seed", format!("'seed' must be an integer, got {v}"))),
     }
 }
 
@@ -311,16 +334,7 @@ pub fn parse_params(
     vocab: usize,
 ) -> Result<Params, ApiError> {
     check_fields(obj, chat)?;
-    let model = match opt(obj, "model") {
-        None => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(v) => {
-            return Err(ApiError::bad(
-                "model",
-                format!("'model' must be a string, got {v}"),
-            ))
-        }
-    };
+    let model = string(obj, "model")?.map(str::to_string);
     let n = match integer(obj, "n")? {
         None => 1,
         Some(0) => return Err(ApiError::bad("n", "'n' must be at least 1")),
@@ -385,13 +399,7 @@ pub fn parse_params(
             ))
         }
     };
-    let seed =
-        match opt(obj, "seed") {
-            None => None,
-            Some(v) => Some(v.as_i64().map(|s| s as u64).or(v.as_u64()).ok_or_else(|| {
-                ApiError::bad("seed", format!("'seed' must be an integer, got {v}"))
-            })?),
-        };
+    let seed = seed(obj)?;
     let stream = boolean(obj, "stream")?.unwrap_or(false);
     let include_usage = match opt(obj, "stream_options") {
         None => false,

@@ -4,7 +4,7 @@
 //! Classifier-free guidance runs the conditional prompt and the unconditional one (`<s><vision>`)
 //! side by side (the original's doubled batch: here two KV caches in one batched forward) and
 //! samples from `uncond + scale · (cond − uncond)` of the vision head, restricted to the
-//! codebook ids 0..8191. Every 257th token is forced to end-of-frame (8192), and the sampled
+//! VQGAN's codebook ids (0..8191 for LWM's). Every 257th token is forced to end-of-frame (8192), and the sampled
 //! token is fed to both rows. The first frame (the image) and later frames (video) have their
 //! own temperature, top-k and guidance scale. Unlike the original, sampling code 2 does not
 //! stop generation (its text-eos check was applied to vision ids).
