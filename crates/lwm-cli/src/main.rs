@@ -15,6 +15,7 @@ use std::sync::Arc;
 mod bench;
 mod chat;
 mod convert;
+mod eval;
 mod needle;
 mod pull;
 mod ring;
@@ -70,6 +71,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Needle-in-a-haystack evaluation: create a set, run it, report (heatmap + table).
     Needle(needle::NeedleArgs),
+    /// Long-context evaluation: RULER's synthetic tasks (or its own files), effective length.
+    Eval(eval::EvalArgs),
     /// Train or extend a model from a TOML config (stages, checkpoints, --resume).
     Train(train::TrainArgs),
     /// Training tokens/s and peak memory per sequence length (blockwise attention).
@@ -961,6 +964,7 @@ fn main() {
         Command::RingBench(a) => ring::bench(a),
         Command::Convert(a) => convert::run(a),
         Command::Needle(a) => needle::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::cmd_train(a),
         Command::TrainBench(a) => train::cmd_train_bench(a),
         Command::Serve(a) => serve::run(a),

@@ -1,6 +1,7 @@
 //! A tiny deterministic generator (xorshift64) for benchmark prompts and test data: the
 //! same seed gives the same stream on every platform and every `rand` version.
 
+#[derive(Debug, Clone)]
 pub struct XorShift(u64);
 
 impl XorShift {

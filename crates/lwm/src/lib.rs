@@ -15,6 +15,6 @@ pub use lwm_core::{
 pub use lwm_engine::{
     chat_template, constrain, generate, model_source, prompt_cache, pull, ring, sampling,
 };
-pub use lwm_eval::needle;
+pub use lwm_eval::{needle, ruler};
 pub use lwm_train as train;
 pub use lwm_vision::{vision_chat, vision_generate, vqgan};

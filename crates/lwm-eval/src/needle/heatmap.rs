@@ -2,25 +2,13 @@
 //! font (no system fonts needed), `png` encodes it.
 
 use super::report::Summary;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
-use std::sync::Once;
 
-const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 const WIDTH: u32 = 1000;
 const HEIGHT: u32 = 640;
-
-fn register_font() -> Result<()> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-            .map_err(|_| anyhow!("the bundled heatmap font is not a valid TTF"));
-    });
-    result
-}
 
 /// Accuracy colour: red (0) through yellow (0.5) to green (1).
 pub fn accuracy_color(a: f64) -> RGBColor {
@@ -36,7 +24,7 @@ pub fn accuracy_color(a: f64) -> RGBColor {
 
 /// Render the heatmap to RGB8 pixels (`WIDTH x HEIGHT`).
 pub fn render(summary: &Summary, title: &str) -> Result<(Vec<u8>, u32, u32)> {
-    register_font()?;
+    crate::plot::register_font()?;
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     draw(summary, title, &mut buf).map_err(|e| anyhow!("drawing the heatmap: {e}"))?;
     Ok((buf, WIDTH, HEIGHT))
@@ -159,17 +147,5 @@ fn draw(summary: &Summary, title: &str, buf: &mut [u8]) -> Result<(), Box<dyn st
 /// Write the heatmap PNG.
 pub fn write_png(summary: &Summary, title: &str, path: &Path) -> Result<()> {
     let (pixels, w, h) = render(summary, title)?;
-    let f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc
-        .write_header()
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writer
-        .write_image_data(&pixels)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writer.finish()?;
-    Ok(())
+    crate::plot::write_rgb_png(path, &pixels, w, h)
 }
