@@ -378,7 +378,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
     let run_all = |generate: &mut lwm::needle::run::Generator| -> Result<bool> {
         for ((_, task, lines), ids) in files.iter().zip(&prompts) {
             let pred_path = input::pred_path(&a.out, task);
-            let done = input::done_indices(&pred_path)?;
+            let done = input::done_count(&pred_path, lines)?;
             let todo: Vec<_> = lines
                 .iter()
                 .zip(ids)

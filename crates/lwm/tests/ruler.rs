@@ -60,9 +60,11 @@ fn every_synthetic_task_fills_its_length_and_holds_its_answers() {
                 s.id,
                 s.length
             );
-            // One more haystack unit would not fit: the prompt is within a unit of full.
+            // One more haystack unit would not fit: the prompt is within a unit of full
+            // (fwe: RULER's walk in steps of a 32nd of the length, and zipf counts step).
+            let slack = if task.name == "fwe" { len / 8 } else { 80 };
             assert!(
-                s.length + 80 > len,
+                s.length + slack > len,
                 "{}: only {} of {len} tokens used",
                 s.id,
                 s.length
@@ -331,13 +333,13 @@ fn a_small_run_scores_through_the_model_and_ruler_files_round_trip() {
     let out = dir.join("pred");
     std::fs::create_dir_all(&out).unwrap();
     let pred_path = input::pred_path(&out, "niah_single_1");
-    assert!(input::done_indices(&pred_path).unwrap().is_empty());
+    assert_eq!(input::done_count(&pred_path, &lines).unwrap(), 0);
     input::append_pred(&pred_path, &lines[0], &got[0].pred).unwrap();
     let written: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(&pred_path).unwrap().trim()).unwrap();
     assert_eq!(written["pred"], got[0].pred.as_str());
     assert_eq!(written["token_position_answer"], 7);
-    assert_eq!(input::done_indices(&pred_path).unwrap().len(), 1);
+    assert_eq!(input::done_count(&pred_path, &lines).unwrap(), 1);
     let (sc, _, n) = input::score_file(&pred_path, "niah_single_1").unwrap();
     assert_eq!((sc, n), (got[0].score, 1));
 
@@ -355,9 +357,175 @@ fn a_small_run_scores_through_the_model_and_ruler_files_round_trip() {
     let mut text = std::fs::read_to_string(&pred_path).unwrap();
     text.push_str("{\"index\": 1, \"pr");
     std::fs::write(&pred_path, &text).unwrap();
-    assert_eq!(input::done_indices(&pred_path).unwrap().len(), 1);
+    assert_eq!(input::done_count(&pred_path, &lines).unwrap(), 1);
     assert!(std::fs::read_to_string(&pred_path)
         .unwrap()
         .ends_with("}\n"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fixture(rel: &str) -> std::path::PathBuf {
+    common::fixture(&format!("ruler/{rel}"))
+}
+
+/// RULER's random parts masked: 7-digit numbers, 5-digit values, UUIDs, hyphenated word
+/// keys and upper-case variable names.
+fn mask(text: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |w: &mut String, out: &mut String| {
+        let is = |f: fn(char) -> bool| !w.is_empty() && w.chars().all(f);
+        let m = if is(|c| c.is_ascii_digit()) && (w.len() == 7 || w.len() == 5) {
+            "<num>"
+        } else if w.len() == 36 && w.matches('-').count() == 4 {
+            "<uuid>"
+        } else if w.matches('-').count() == 1
+            && !w.starts_with('-')
+            && !w.ends_with('-')
+            && is(|c| c.is_ascii_lowercase() || c == '-')
+        {
+            "<key>"
+        } else if (w.len() == 5 || w.len() == 3) && is(|c| c.is_ascii_uppercase()) && w != "VAR" {
+            "<VAR>"
+        } else {
+            w.as_str()
+        };
+        out.push_str(m);
+        w.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// Lines of a masked text with their counts.
+fn line_counts(text: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in mask(text).split('\n') {
+        *m.entry(l.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn samples_match_what_rulers_own_generators_write() {
+    let Some(e) = engine() else { return };
+    let m = material();
+    let wrap = ChatWrap::new(e.own_chat_template(), &e.tokenizer).unwrap();
+    for len in [1024, 2048] {
+        for task in ["niah_single_1", "niah_multikey_3", "vt", "fwe"] {
+            let file = fixture(&format!("{len}/{task}/validation.jsonl"));
+            assert_eq!(input::task_name(&file), task);
+            let theirs = input::read(&file).unwrap();
+            for (i, r) in theirs.iter().enumerate() {
+                // RULER's `length` is its prompt's tokens plus the answer budget: our
+                // tokenizer and chat wrap count RULER's text the same.
+                let t = Task::by_name(task).unwrap();
+                let ids = wrap
+                    .encode(&e.tokenizer, &format!("{}{}", r.input, r.answer_prefix))
+                    .unwrap();
+                assert_eq!(
+                    r.raw["length"].as_u64().unwrap() as usize,
+                    ids.len() + t.tokens_to_generate(),
+                    "{task} {len}: RULER's length"
+                );
+                let ours = sample(&e, &m, task, len, i);
+                assert_eq!(ours.answer_prefix.len() > 0, !r.answer_prefix.is_empty());
+                assert_eq!(
+                    mask(&ours.answer_prefix),
+                    mask(&r.answer_prefix),
+                    "{task} {len}"
+                );
+                assert_eq!(ours.outputs.len(), r.outputs.len(), "{task} {len}");
+                // Same length within one haystack unit (RULER searches its size once per
+                // task for its first draw; we search per sample).
+                let diff = ours
+                    .length
+                    .abs_diff(r.raw["length"].as_u64().unwrap() as usize);
+                // (fwe: RULER fixes its word count from its first draw, so its own samples
+                // differ by ~8 % in tokens; see the fixture's two.)
+                // (niah_multikey_3: a UUID needle line is ~50 tokens; two lines either way.)
+                let tolerance = match task {
+                    "fwe" => len / 8,
+                    "niah_multikey_3" => 100,
+                    _ => 40,
+                };
+                assert!(
+                    diff <= tolerance,
+                    "{task} {len}: length {} vs RULER's {}",
+                    ours.length,
+                    r.raw["length"]
+                );
+                if task == "fwe" {
+                    // Same template around a coded text of about the same number of words.
+                    let split = |s: &str| {
+                        let (a, rest) = s.split_once("coded words. ").unwrap();
+                        let (ctx, b) = rest.rsplit_once("\nQuestion:").unwrap();
+                        (a.to_string(), ctx.split(' ').count(), b.to_string())
+                    };
+                    let (oa, on, ob) = split(&ours.input);
+                    let (ra, rn, rb) = split(&r.input);
+                    assert_eq!((oa, ob), (ra, rb), "fwe {len}: template");
+                    assert!(on.abs_diff(rn) * 5 <= rn, "fwe {len}: {on} vs {rn} words");
+                    for o in &r.outputs {
+                        assert_eq!(o.len(), 6);
+                    }
+                    continue;
+                }
+                // Every distinct line (masked) is RULER's, and each appears as often
+                // but for the haystack's own line (a unit or two either way).
+                let (ol, rl) = (line_counts(&ours.input), line_counts(&r.input));
+                assert_eq!(
+                    ol.keys().collect::<Vec<_>>(),
+                    rl.keys().collect::<Vec<_>>(),
+                    "{task} {len}: distinct lines"
+                );
+                let most = rl.iter().max_by_key(|x| x.1).unwrap().0.clone();
+                for (line, n) in &rl {
+                    if *line == most {
+                        assert!(
+                            ol[line].abs_diff(*n) <= 2,
+                            "{task} {len}: {} vs {n} haystack lines",
+                            ol[line]
+                        );
+                    } else {
+                        assert_eq!(ol[line], *n, "{task} {len}: line {line:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn scores_equal_rulers_metric_functions() {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("scores.json")).unwrap()).unwrap();
+    for c in v["cases"].as_array().unwrap() {
+        let pred = c["pred"].as_str().unwrap();
+        let refs: Vec<String> = c["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        assert_eq!(
+            round(score(Metric::MatchAll, pred, &refs)),
+            c["string_match_all"].as_f64().unwrap(),
+            "{pred:?}"
+        );
+        assert_eq!(
+            score(Metric::MatchPart, pred, &refs),
+            c["string_match_part"].as_f64().unwrap(),
+            "{pred:?}"
+        );
+    }
 }

@@ -8,7 +8,6 @@ use super::score::{round2, score};
 use super::tasks::metric_for_name;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +41,6 @@ pub fn read(path: &Path) -> Result<Vec<InputLine>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read RULER file {}", path.display()))?;
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -75,9 +73,6 @@ pub fn read(path: &Path) -> Result<Vec<InputLine>> {
             Some(Value::String(s)) => s.clone(),
             Some(_) => bail!("{}: 'answer_prefix' must be a string", at()),
         };
-        if !seen.insert(index) {
-            bail!("{}: index {index} appears twice", at());
-        }
         out.push(InputLine {
             index,
             input,
@@ -93,28 +88,37 @@ pub fn read(path: &Path) -> Result<Vec<InputLine>> {
 }
 
 /// The prediction file of `task` in `out_dir` (`<task>.jsonl`, as RULER's call_api.py
-/// names it), and the indices it already holds (to resume).
+/// names it).
 pub fn pred_path(out_dir: &Path, task: &str) -> PathBuf {
     out_dir.join(format!("{task}.jsonl"))
 }
 
-/// Indices already predicted; an unreadable line is an error naming it (a cut-off last
-/// line, from an interrupted write, is dropped from the file and rerun).
-pub fn done_indices(path: &Path) -> Result<HashSet<i64>> {
-    let mut done = HashSet::new();
+/// How many of `lines` the prediction file already answers. Predictions are written in
+/// the input's order, so they are its first lines; each must carry its line's `index`
+/// (RULER's generators may repeat an index, so the position is what identifies a line).
+/// A cut-off last line (an interrupted write) is dropped from the file and rerun; any
+/// other unreadable or foreign line is an error that changes nothing.
+pub fn done_count(path: &Path, lines: &[InputLine]) -> Result<usize> {
     if !path.exists() {
-        return Ok(done);
+        return Ok(0);
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut good = 0;
+    let (mut good, mut done) = (0, 0);
     for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
         let complete = line.ends_with(b"\n");
         match serde_json::from_slice::<Value>(line) {
             Ok(v) if v.get("pred").is_some() => {
-                let idx = v.get("index").and_then(Value::as_i64).with_context(|| {
-                    format!("{} line {} has no integer 'index'", path.display(), i + 1)
-                })?;
-                done.insert(idx);
+                let idx = v.get("index").and_then(Value::as_i64);
+                if lines.get(done).map(|l| l.index) != idx {
+                    bail!(
+                        "{} line {} answers index {idx:?}, not the input's line {} (index {:?}); it belongs to another input file: use another --out",
+                        path.display(),
+                        i + 1,
+                        done + 1,
+                        lines.get(done).map(|l| l.index)
+                    );
+                }
+                done += 1;
                 good += line.len();
             }
             _ if !complete => {

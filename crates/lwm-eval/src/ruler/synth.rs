@@ -640,6 +640,28 @@ pub fn make_sample(
         let t = tokens(&d)?;
         Ok((t <= budget).then_some((d, t)))
     };
+    if let Kind::FrequentWords { .. } = task.kind {
+        // RULER's own walk for this task (freq_words_extraction.py): from budget/6 words
+        // up in steps of budget/32 while the prompt stays under the budget, one step
+        // back, then down while over it. It stops short of the budget by up to a step.
+        let step = (budget / 32).max(1);
+        let mut n = (budget / 6).max(1);
+        while tokens(&draft(n)?)? < budget {
+            n += step;
+        }
+        n = n.saturating_sub(step).max(1);
+        loop {
+            let d = draft(n)?;
+            let t = tokens(&d)?;
+            if t <= budget || n <= step {
+                if t > budget {
+                    bail!("fwe at length {length}: the shortest coded text takes {t} tokens, over the {budget} available");
+                }
+                return finish(task, length, index, d, t, gen);
+            }
+            n -= step;
+        }
+    }
     let Some(mut best) = fits(lo)?.map(|x| (lo, x)) else {
         let t = tokens(&draft(lo)?)?;
         bail!(
@@ -673,6 +695,17 @@ pub fn make_sample(
         }
     }
     let (_, (d, t)) = best;
+    finish(task, length, index, d, t, gen)
+}
+
+fn finish(
+    task: &Task,
+    length: usize,
+    index: usize,
+    d: Draft,
+    t: usize,
+    gen: usize,
+) -> Result<Sample> {
     let (_, ap) = task.template();
     // RULER cuts at the last occurrence of the answer prefix's first 10 characters.
     let at = d
