@@ -382,7 +382,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
             let todo: Vec<_> = lines
                 .iter()
                 .zip(ids)
-                .filter(|(l, _)| !done.contains(&l.index))
+                .skip(done)
                 .collect();
             let b = bar(todo.len() as u64, "samples");
             b.set_message(task.clone());
