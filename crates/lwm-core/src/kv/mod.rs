@@ -11,6 +11,8 @@
 
 pub mod cache;
 pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod shard;
 pub mod types;
 pub mod view;

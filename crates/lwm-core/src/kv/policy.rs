@@ -14,6 +14,8 @@
 //! row keeps the position it was computed at, and a new token takes the next position of
 //! the sequence (`KvCache::next_pos`), not the row count.
 
+use super::{KvCache, QuantKvView};
+use crate::attention::partial::dot;
 use std::fmt;
 use std::str::FromStr;
 
@@ -187,6 +189,94 @@ pub fn snapkv_select(scores: &[f32], keep: usize, kernel: usize) -> Vec<usize> {
     order.truncate(keep);
     order.sort_unstable();
     order
+}
+
+/// Queries kept during SnapKV's observation steps: per layer the RoPE'd query rows (rows ×
+/// n_heads·d, appended step after step) and the cache row each query takes.
+#[derive(Debug, Clone, Default)]
+pub struct ObservedQueries {
+    pub q: Vec<Vec<f32>>,
+    pub rows: Vec<usize>,
+}
+
+impl ObservedQueries {
+    /// Keep `layer`'s queries `q` (rows of `width` values) of a step whose rows start at
+    /// cache row `row0`.
+    pub fn push(&mut self, layer: usize, q: &[f32], row0: usize, width: usize) {
+        if self.q.len() <= layer {
+            self.q.resize(layer + 1, Vec::new());
+        }
+        self.q[layer].extend_from_slice(q);
+        if layer == 0 {
+            self.rows.extend(row0..row0 + q.len() / width.max(1));
+        }
+    }
+}
+
+/// SnapKV's scores of KV head `g` of one layer (`kv`, keys decoded to f32), from the
+/// observed queries `q` (rows × n_heads·d) at cache rows `rows`:
+///   p[h,i,j]  = softmax_{j' <= rows[i]} (q[i,h] · k[j'] / sqrt(d))[j]
+///   score[j]  = Σ_i Σ_{h in g's group} p[h,i,j]
+pub fn snapkv_head_scores(
+    kv: &QuantKvView,
+    g: usize,
+    q: &[f32],
+    rows: &[usize],
+    n_heads: usize,
+) -> Vec<f32> {
+    let (d, n) = (kv.d, kv.len);
+    let group = n_heads / kv.k.len();
+    let width = n_heads * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    kv.decode_block(g, 0, n, &mut k, &mut v);
+    let mut score = vec![0.0f32; n];
+    let mut p = Vec::with_capacity(n);
+    for (i, &row) in rows.iter().enumerate() {
+        let seen = (row + 1).min(n);
+        for h in g * group..(g + 1) * group {
+            let qh = &q[i * width + h * d..i * width + (h + 1) * d];
+            p.clear();
+            p.extend(k[..seen * d].chunks_exact(d).map(|kj| scale * dot(qh, kj)));
+            let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            p.iter_mut().for_each(|x| *x = (*x - m).exp());
+            let sum: f32 = p.iter().sum();
+            for (s, x) in score.iter_mut().zip(&p) {
+                *s += x / sum;
+            }
+        }
+    }
+    score
+}
+
+/// SnapKV's compaction, once the whole prompt (P rows, nothing evicted) is in: every
+/// layer's KV head keeps the `budget − window` prefix rows (of the first P − window) with
+/// the largest pooled scores (`snapkv_head_scores`, `snapkv_select`) and the last `window`
+/// rows (the observation window itself): `budget` rows, different ones per head.
+pub fn snapkv_compact(
+    cache: &mut KvCache,
+    obs: &ObservedQueries,
+    n_heads: usize,
+    budget: usize,
+    window: usize,
+    kernel: usize,
+) {
+    let rows = cache.rows();
+    if rows <= budget || cache.has_evicted() {
+        return;
+    }
+    let prefix = rows - window;
+    let n_kv = cache.layers.first().map_or(0, |l| l.k.len());
+    let cache_ref = &*cache;
+    let keep: Vec<Vec<usize>> = crate::parallel::map(cache.layers.len() * n_kv, |i| {
+        let (layer, g) = (i / n_kv, i % n_kv);
+        let kv = cache_ref.quant_view(layer);
+        let scores = snapkv_head_scores(&kv, g, &obs.q[layer], &obs.rows, n_heads);
+        let mut keep = snapkv_select(&scores[..prefix], budget - window, kernel);
+        keep.extend(prefix..rows);
+        keep
+    });
+    cache.retain_rows(|layer, g| keep[layer * n_kv + g].clone());
 }
 
 #[cfg(test)]
