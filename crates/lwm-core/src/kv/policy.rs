@@ -64,12 +64,16 @@ impl KvPolicy {
         *self == KvPolicy::Full
     }
 
-    /// How many leading tokens of a prompt of `prompt` tokens may come from a reused cache:
-    /// SnapKV must itself run its last OBS prompt tokens (it observes their queries).
+    /// How many leading tokens of a prompt of `prompt` tokens may come from a cache that
+    /// evicted nothing (a `Full` one): as many as hold the same keys under this policy.
+    /// Sinks + window: the first N+W (nothing is evicted before). SnapKV must itself run
+    /// its last OBS prompt tokens (it observes their queries).
     pub fn reusable_prefix(&self, prompt: usize) -> usize {
         match *self {
+            KvPolicy::Full => prompt,
+            KvPolicy::SinksWindow { sinks, window } => prompt.min(sinks + window),
             KvPolicy::SnapKv { budget, window, .. } if prompt > budget => prompt - window,
-            _ => prompt,
+            KvPolicy::SnapKv { .. } => prompt,
         }
     }
 }
@@ -351,6 +355,7 @@ mod tests {
         };
         assert_eq!(sw.max_rows(10), 10);
         assert_eq!(sw.max_rows(1000), 20);
+        assert_eq!(sw.reusable_prefix(1000), 20);
         let snap: KvPolicy = "snapkv:64,window:8".parse().unwrap();
         assert_eq!(snap.rows_after(1000, 5), 69);
         assert_eq!(snap.rows_after(50, 5), 55);
