@@ -721,7 +721,14 @@ impl Model {
                         all_logits: false,
                         vision: None,
                     }];
-                    let normed = self.hidden_batch_observed(&mut seq, Some(observed))?;
+                    let normed = match self.hidden_batch_observed(&mut seq, Some(observed)) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Part of the layers saw this step: the observation is lost.
+                            state.observed = None;
+                            return Err(e);
+                        }
+                    };
                     logits = self.apply_head(&self.lm_head, &normed)?;
                     if p0 + b == prompt {
                         let c = &self.config;

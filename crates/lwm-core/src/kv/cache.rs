@@ -79,7 +79,8 @@ impl KvCache {
         self.rows < self.tokens.len()
     }
 
-    /// Positions of the rows held in `layer`'s KV head `head`, ascending.
+    /// Positions of the rows held in `layer`'s KV head `head`, in row order: ascending,
+    /// except that sinks + window eviction reuses the slots of evicted rows.
     pub fn positions(&self, layer: usize, head: usize) -> Vec<usize> {
         match self.positions.get(layer) {
             Some(l) => l[head].iter().map(|&p| p as usize).collect(),
@@ -234,14 +235,7 @@ impl KvCache {
     pub fn retain_rows(&mut self, mut keep: impl FnMut(usize, usize) -> Vec<usize>) {
         let d = self.head_dim;
         let (kb, vb) = (self.types.k.row_bytes(d), self.types.v.row_bytes(d));
-        if self.positions.is_empty() {
-            let all: Vec<u32> = (0..self.rows as u32).collect();
-            self.positions = self
-                .layers
-                .iter()
-                .map(|l| vec![all.clone(); l.k.len()])
-                .collect();
-        }
+        self.track_positions();
         let mut kept = None;
         for (li, l) in self.layers.iter_mut().enumerate() {
             for h in 0..l.k.len() {
@@ -275,15 +269,63 @@ impl KvCache {
     }
 
     /// StreamingLLM's eviction: keep the first `sinks` rows (positions 0..sinks, which are
-    /// never evicted) and the last `window`; nothing happens while at most sinks+window are
-    /// held.
+    /// never moved) and the `window` latest positions; nothing happens while at most
+    /// sinks+window rows are held. The rows past sinks+window that stay (a step's newest)
+    /// move into the slots of the evicted ones, so a decode step copies one row per head,
+    /// not the window (the window's rows are then not in position order; attention reads
+    /// every held row alike).
     pub fn evict_to_sinks_window(&mut self, sinks: usize, window: usize) {
-        let n = self.rows;
-        if n <= sinks + window {
+        let (n, keep) = (self.rows, sinks + window);
+        if n <= keep {
             return;
         }
-        let keep: Vec<usize> = (0..sinks).chain(n - window..n).collect();
-        self.retain_rows(|_, _| keep.clone());
+        // Every head holds the same positions under this policy.
+        let pos = self.positions(0, 0);
+        let mut by_age: Vec<usize> = (sinks..n).collect();
+        by_age.sort_unstable_by_key(|&r| pos[r]);
+        let mut dropped = vec![false; n];
+        for &r in &by_age[..n - keep] {
+            dropped[r] = true;
+        }
+        let holes = (sinks..keep).filter(|&r| dropped[r]);
+        let moves: Vec<(usize, usize)> = (keep..n).filter(|&r| !dropped[r]).zip(holes).collect();
+        self.move_rows(&moves, keep);
+    }
+
+    /// Start recording each row's position (row r holds position r so far).
+    fn track_positions(&mut self) {
+        if self.positions.is_empty() {
+            let all: Vec<u32> = (0..self.rows as u32).collect();
+            self.positions = self
+                .layers
+                .iter()
+                .map(|l| vec![all.clone(); l.k.len()])
+                .collect();
+        }
+    }
+
+    /// Copy row `from` to row `to` for each `(from, to)` in every layer and KV head, then
+    /// keep the first `rows` rows (between steps).
+    fn move_rows(&mut self, moves: &[(usize, usize)], rows: usize) {
+        let d = self.head_dim;
+        let (kb, vb) = (self.types.k.row_bytes(d), self.types.v.row_bytes(d));
+        self.track_positions();
+        for (l, pos) in self.layers.iter_mut().zip(&mut self.positions) {
+            for h in 0..l.k.len() {
+                for &(from, to) in moves {
+                    l.k[h].copy_within(from * kb..(from + 1) * kb, to * kb);
+                    l.v[h].copy_within(from * vb..(from + 1) * vb, to * vb);
+                    pos[h][to] = pos[h][from];
+                }
+                l.k[h].truncate(rows * kb);
+                l.v[h].truncate(rows * vb);
+                pos[h].truncate(rows);
+            }
+        }
+        self.rows = rows;
+        if self.rows == self.tokens.len() {
+            self.positions.clear();
+        }
     }
 
     /// A new cache holding a copy of this one's first `len` tokens (another request with
@@ -373,6 +415,11 @@ mod tests {
         c.append(0, &[10.0; 8], &[-10.0; 8], 1);
         c.commit(&[10]);
         assert_eq!(c.positions(0, 0), [0, 1, 7, 8, 9, 10]);
+        // Evicting again moves the newest row into the oldest window row's slot.
+        let mut ring = c.clone();
+        ring.evict_to_sinks_window(2, 3);
+        assert_eq!(ring.positions(0, 1), [0, 1, 10, 8, 9]);
+        assert_eq!(head_keys(&ring, 1), [0.0, 1.0, 10.0, 8.0, 9.0]);
         c.retain_rows(|_, h| if h == 0 { vec![0, 2, 5] } else { vec![1, 3, 4] });
         assert_eq!(c.positions(0, 0), [0, 7, 10]);
         assert_eq!(c.positions(0, 1), [1, 8, 9]);
