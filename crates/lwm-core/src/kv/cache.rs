@@ -311,15 +311,15 @@ impl KvCache {
         let (kb, vb) = (self.types.k.row_bytes(d), self.types.v.row_bytes(d));
         self.track_positions();
         for (l, pos) in self.layers.iter_mut().zip(&mut self.positions) {
-            for h in 0..l.k.len() {
+            for ((k, v), p) in l.k.iter_mut().zip(&mut l.v).zip(pos) {
                 for &(from, to) in moves {
-                    l.k[h].copy_within(from * kb..(from + 1) * kb, to * kb);
-                    l.v[h].copy_within(from * vb..(from + 1) * vb, to * vb);
-                    pos[h][to] = pos[h][from];
+                    k.copy_within(from * kb..(from + 1) * kb, to * kb);
+                    v.copy_within(from * vb..(from + 1) * vb, to * vb);
+                    p[to] = p[from];
                 }
-                l.k[h].truncate(rows * kb);
-                l.v[h].truncate(rows * vb);
-                pos[h].truncate(rows);
+                k.truncate(rows * kb);
+                v.truncate(rows * vb);
+                p.truncate(rows);
             }
         }
         self.rows = rows;
