@@ -16,8 +16,9 @@
 use crate::attention::{causal_attention_quant, Chunking};
 use crate::config::ModelConfig;
 use crate::decoder::{decoder_layer, DecoderOps, NormSite, RowBlock};
+use crate::kv::policy::{snapkv_compact, ObservedQueries};
 pub use crate::kv::PositionRun;
-use crate::kv::{KvCache, KvTypes};
+use crate::kv::{KvCache, KvPolicy, KvTypes};
 use crate::quant::ggml_cpu::{self, FaOptions, Isa};
 use crate::quant::half::{matmul_half, HalfMatrix};
 use crate::quant::QMatrix;
@@ -501,6 +502,15 @@ impl Model {
     /// `forward_batch` up to the head: each sequence's embedded rows through the layers, the
     /// final-normed rows out (each sequence's last, or all when `all_logits`).
     pub(crate) fn hidden_batch(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
+        self.hidden_batch_observed(seqs, None)
+    }
+
+    /// `hidden_batch`, copying every layer's RoPE'd queries into `observe` (one sequence).
+    fn hidden_batch_observed(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        observe: Option<&mut ObservedQueries>,
+    ) -> Result<Vec<f32>> {
         if seqs.iter().any(|s| s.ids.is_empty()) {
             bail!("forward called with no tokens");
         }
@@ -532,19 +542,28 @@ impl Model {
                 vision: None,
             })
             .collect();
-        self.run_layers_batch(x, &mut inner)
+        self.run_layers_batch(x, &mut inner, observe)
     }
 
     /// The transformer on the embedded rows `x` of several sequences, one after the other:
     /// returns each sequence's final-normed rows (its last, or all when `all_logits`), in order.
-    fn run_layers_batch(&self, x: Vec<f32>, seqs: &mut [SeqInput<'_>]) -> Result<Vec<f32>> {
+    fn run_layers_batch(
+        &self,
+        x: Vec<f32>,
+        seqs: &mut [SeqInput<'_>],
+        observe: Option<&mut ObservedQueries>,
+    ) -> Result<Vec<f32>> {
+        if observe.is_some() && seqs.len() != 1 {
+            bail!("observing queries needs a batch of one sequence");
+        }
         let h = self.config.hidden_size;
         let mut runs = Vec::with_capacity(seqs.len());
         let mut row0 = 0;
         for s in seqs.iter() {
+            // RoPE positions continue the sequence, whatever a KV policy evicted.
             runs.push(PositionRun {
                 row0,
-                pos0: s.cache.len(),
+                pos0: s.cache.next_pos(),
                 len: s.ids.len(),
             });
             row0 += s.ids.len();
@@ -554,6 +573,7 @@ impl Model {
                 model: self,
                 seqs: &mut *seqs,
                 runs: &runs,
+                observe,
             };
             self.forward_layers(x, &runs, &mut attention)
         };
@@ -649,6 +669,105 @@ impl Model {
         prefill_in_pieces(ids, chunk, progress, |piece| {
             self.forward(piece, cache, false)
         })
+    }
+
+    /// `forward` (last token's logits) of one sequence under a KV policy: its steps are the
+    /// prompt pieces, then one token at a time, in order.
+    /// * `Full`: `forward` itself.
+    /// * `SinksWindow`: `forward`, then evict to the sinks and the window (every step).
+    /// * `SnapKv` with a prompt longer than the budget: prompt positions before the last
+    ///   OBS run as usual; those OBS run with their queries kept (a piece crossing the
+    ///   boundary is split there), and the step that completes the prompt compacts every
+    ///   layer and KV head to its budget (`snapkv_compact`). The decode is `forward`.
+    pub fn forward_policy(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        state: &mut PolicyState,
+    ) -> Result<Vec<f32>> {
+        match state.policy {
+            KvPolicy::Full => self.forward(ids, cache, false),
+            KvPolicy::SinksWindow { sinks, window } => {
+                let logits = self.forward(ids, cache, false)?;
+                cache.evict_to_sinks_window(sinks, window);
+                Ok(logits)
+            }
+            KvPolicy::SnapKv {
+                budget,
+                window,
+                kernel,
+            } => {
+                let prompt = state.prompt_len;
+                let p0 = cache.next_pos();
+                if prompt <= budget || p0 >= prompt {
+                    return self.forward(ids, cache, false);
+                }
+                let w0 = prompt - window;
+                let observed = state.observed.get_or_insert_with(ObservedQueries::default);
+                if p0 > w0 && observed.rows.len() != p0 - w0 {
+                    bail!("snapkv: the cache holds {p0} prompt tokens, but the observation window starts at {w0}: its queries were not seen");
+                }
+                // Before the window, in the window, after the prompt.
+                let a = w0.saturating_sub(p0).min(ids.len());
+                let b = (prompt - p0).min(ids.len());
+                let mut logits = Vec::new();
+                if a > 0 {
+                    logits = self.forward(&ids[..a], cache, false)?;
+                }
+                if b > a {
+                    let mut seq = [SeqInput {
+                        ids: &ids[a..b],
+                        cache: &mut *cache,
+                        all_logits: false,
+                        vision: None,
+                    }];
+                    let normed = match self.hidden_batch_observed(&mut seq, Some(observed)) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Part of the layers saw this step: the observation is lost.
+                            state.observed = None;
+                            return Err(e);
+                        }
+                    };
+                    logits = self.apply_head(&self.lm_head, &normed)?;
+                    if p0 + b == prompt {
+                        let c = &self.config;
+                        snapkv_compact(
+                            cache,
+                            observed,
+                            c.num_attention_heads,
+                            budget,
+                            window,
+                            kernel,
+                        );
+                        state.observed = None;
+                    }
+                }
+                if ids.len() > b {
+                    logits = self.forward(&ids[b..], cache, false)?;
+                }
+                Ok(logits)
+            }
+        }
+    }
+}
+
+/// A sequence's KV policy and what it needs across steps (`Model::forward_policy`).
+#[derive(Debug, Clone)]
+pub struct PolicyState {
+    pub policy: KvPolicy,
+    /// Prompt tokens of the sequence (SnapKV compacts once they are all in).
+    pub prompt_len: usize,
+    observed: Option<ObservedQueries>,
+}
+
+impl PolicyState {
+    pub fn new(policy: KvPolicy, prompt_len: usize) -> Self {
+        Self {
+            policy,
+            prompt_len,
+            observed: None,
+        }
     }
 }
 
@@ -857,13 +976,18 @@ struct BatchAttention<'a, 'b> {
     model: &'a Model,
     seqs: &'a mut [SeqInput<'b>],
     runs: &'a [PositionRun],
+    /// SnapKV's observation: the queries of every layer, kept (one sequence).
+    observe: Option<&'a mut ObservedQueries>,
 }
 
 impl AttentionBackend for BatchAttention<'_, '_> {
     fn attend(&mut self, li: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         let c = &self.model.config;
-        if let ([s], [r]) = (&mut *self.seqs, self.runs) {
-            return Ok(attend_cache(self.model, s.cache, r.pos0, li, q, k, v));
+        if let ([s], [_]) = (&mut *self.seqs, self.runs) {
+            if let Some(obs) = self.observe.as_deref_mut() {
+                obs.push(li, q, s.cache.rows(), c.num_attention_heads * c.head_dim);
+            }
+            return Ok(attend_cache(self.model, s.cache, li, q, k, v));
         }
         let (qw, kw) = (
             c.num_attention_heads * c.head_dim,
@@ -875,7 +999,6 @@ impl AttentionBackend for BatchAttention<'_, '_> {
             out.extend(attend_cache(
                 self.model,
                 s.cache,
-                r.pos0,
                 li,
                 &q[rows.start * qw..rows.end * qw],
                 &k[rows.start * kw..rows.end * kw],
@@ -887,11 +1010,12 @@ impl AttentionBackend for BatchAttention<'_, '_> {
 }
 
 /// Store one sequence's new keys/values of layer `li` in its cache and attend its query
-/// rows (at positions `pos0..`) to everything the cache holds up to each row.
+/// rows to everything the cache holds up to each row. The mask runs over row indices (the
+/// step's rows follow the `cache.rows()` held, all of which precede them): equal to the
+/// positions while nothing is evicted, and the right mask after a KV policy evicted rows.
 fn attend_cache(
     model: &Model,
     cache: &mut KvCache,
-    pos0: usize,
     li: usize,
     q: &[f32],
     k: &[f32],
@@ -901,6 +1025,7 @@ fn attend_cache(
     let (nh, hd) = (c.num_attention_heads, c.head_dim);
     let opts = &model.options;
     let n = q.len() / (nh * hd);
+    let pos0 = cache.rows();
     cache.append(li, k, v, n);
     let view = cache.quant_view(li);
     if ggml_one_chunk(opts, cache.types, n, view.len) {

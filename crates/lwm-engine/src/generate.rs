@@ -8,9 +8,9 @@ use crate::model_source::{resolve, ModelLocation};
 use crate::sampling::{logprobs, Sampler, SamplingParams};
 use anyhow::{bail, Context, Result};
 use lwm_core::config::{lwm_preset, ModelConfig};
-use lwm_core::kv::{KvCache, KvTypes};
+use lwm_core::kv::{KvCache, KvPolicy, KvTypes};
 use lwm_core::memory_plan::MemoryPlan;
-use lwm_core::model::{ForwardOptions, Model, Numerics};
+use lwm_core::model::{ForwardOptions, Model, Numerics, PolicyState};
 use lwm_core::tokenizer::{GgufVocab, StreamDecoder, Tokenizer};
 use lwm_core::weights::gguf::GgufFile;
 use lwm_core::weights::hf::{load_hf_config, HfWeights};
@@ -385,7 +385,10 @@ impl Engine {
     }
 
     /// Generate, reusing the longest prefix of the prompt that `cache` already holds (the
-    /// cache is cut back to that prefix first, so a cache from any earlier request is safe).
+    /// cache is cut back to that prefix first, so a cache from any earlier request is safe;
+    /// one whose rows a KV policy evicted is emptied). The cache keeps rows as
+    /// `req.kv_policy` says (`Model::forward_policy`); `kv_bytes` reports what it holds at
+    /// the end.
     pub fn generate_with_cache(
         &self,
         req: &GenerateRequest,
@@ -393,15 +396,20 @@ impl Engine {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerateOutput> {
         let reuse = self.prepare_cache(req, cache, 0)?;
-        let mut step = |ids: &[u32]| self.model.forward(ids, cache, false);
-        self.generate_on(req, reuse, &mut step, on_text)
+        let mut policy = PolicyState::new(req.kv_policy, req.prompt_ids.len());
+        let mut step = |ids: &[u32]| self.model.forward_policy(ids, cache, &mut policy);
+        let mut out = self.generate_on(req, reuse, &mut step, on_text)?;
+        out.kv_bytes = cache.bytes() as u64;
+        Ok(out)
     }
 
     /// Make `cache` ready for `req`: check the prompt, keep the longest prefix of it the
     /// cache holds (checked id by id; at least one prompt token must run to produce
     /// logits), refuse before anything grows when the run cannot fit beside
     /// `pending_bytes` already promised elsewhere (other requests' caches), and reserve
-    /// the cache's room. Returns how many prompt tokens are held.
+    /// the cache's room (under `req.kv_policy`: the rows it may hold; SnapKV's last OBS
+    /// prompt tokens always run, it observes their queries). Returns how many prompt tokens
+    /// are held.
     pub fn prepare_cache(
         &self,
         req: &GenerateRequest,
@@ -409,16 +417,25 @@ impl Engine {
         pending_bytes: u64,
     ) -> Result<usize> {
         let total = req.run_tokens(self.context_length())?;
+        let n_prompt = req.prompt_ids.len();
         let reuse = cache
             .common_prefix(&req.prompt_keys())
-            .min(req.prompt_ids.len() - 1);
+            .min(n_prompt - 1)
+            .min(req.kv_policy.reusable_prefix(n_prompt));
         cache.truncate(reuse);
+        // Rows held at most: sinks + window between steps, plus a step's own rows.
+        let rows = match req.kv_policy {
+            KvPolicy::SinksWindow { .. } => {
+                (req.kv_policy.max_rows(total) + req.prefill_chunk.max(1)).min(total)
+            }
+            _ => total,
+        };
         if let Some(mut avail) = lwm_core::memory_plan::available_memory() {
             avail.bytes = avail.bytes.saturating_sub(pending_bytes);
-            self.memory_plan_for(total, req.prefill_chunk, cache.types)
+            self.memory_plan_for(rows, req.prefill_chunk, cache.types)
                 .check_fits(cache.bytes() as u64, &avail)?;
         }
-        cache.reserve_total(total);
+        cache.reserve_total(rows);
         Ok(reuse)
     }
 
@@ -432,6 +449,13 @@ impl Engine {
         ring: &mut crate::ring::RingSession,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerateOutput> {
+        if !req.kv_policy.is_full() {
+            return Err(lwm_core::Error::InvalidRequest(format!(
+                "kv policy {} is not supported on the ring",
+                req.kv_policy
+            ))
+            .into());
+        }
         let total = req.run_tokens(self.context_length())?;
         let reuse = ring.reuse_prefix(&req.prompt_ids)?;
         if let Some(avail) = lwm_core::memory_plan::available_memory() {
@@ -775,6 +799,7 @@ impl Generation {
             decode_secs: self
                 .decode_started
                 .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            kv_bytes: 0,
         }
     }
 }
@@ -812,6 +837,9 @@ pub struct GenerateRequest {
     /// An LWM vision-language prompt: which prompt ids are vision ids (frame codes and
     /// markers); `None`: all text.
     pub vision_mask: Option<Vec<bool>>,
+    /// Which KV rows the cache keeps (`Engine::generate_with_cache`; the ring and the
+    /// server run `Full` only).
+    pub kv_policy: KvPolicy,
 }
 
 /// Progress callback of a long prefill.
@@ -838,6 +866,7 @@ impl GenerateRequest {
             grammar: None,
             top_logprobs: None,
             vision_mask: None,
+            kv_policy: KvPolicy::Full,
         }
     }
 
@@ -881,6 +910,9 @@ pub struct GenerateOutput {
     pub reused_tokens: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Bytes of keys and values the KV cache holds at the end (what a KV policy saves);
+    /// 0 on the ring (its shards live in the workers).
+    pub kv_bytes: u64,
 }
 
 /// Streams text while watching for stop strings: text that could still turn into a stop
@@ -944,6 +976,118 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::StopMatcher;
+
+    /// KV policies through the engine on the tiny LLaMA fixture (f32, exact numerics).
+    mod kv_policy {
+        use super::super::*;
+        use lwm_core::weights::gguf::GgufFile;
+
+        fn tiny_engine() -> Engine {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lwm/tests/fixtures");
+            let path = dir.join("tiny-llama/tiny-llama-f32.gguf");
+            let file = GgufFile::open(&path).unwrap();
+            let cfg = file.config().unwrap();
+            Engine {
+                model: Model::load(&file, cfg, ForwardOptions::default()).unwrap(),
+                tokenizer: Tokenizer::from_file(&dir.join("tokenizer/spm-tiny.model")).unwrap(),
+                chat_template: None,
+                chat_template_origin: TemplateOrigin::Default,
+                location: ModelLocation::Gguf(path),
+                quantization: "f32".into(),
+                file_bytes: 0,
+                weights_digest: 0,
+                grammar_compiler: std::sync::OnceLock::new(),
+            }
+        }
+
+        fn request(prompt: usize, max_tokens: usize, policy: &str) -> GenerateRequest {
+            let ids = (0..prompt as u32).map(|i| (i * 37 + 11) % 256).collect();
+            let mut req = GenerateRequest::new(ids, max_tokens, SamplingParams::greedy());
+            req.ignore_eos = true;
+            req.prefill_chunk = 16;
+            req.kv_policy = policy.parse().unwrap();
+            req
+        }
+
+        /// Bytes of one row in every layer and KV head.
+        fn row_bytes(e: &Engine) -> u64 {
+            let c = e.config();
+            (c.num_hidden_layers
+                * c.num_key_value_heads
+                * e.model.options.kv_types().row_pair_bytes(c.head_dim)) as u64
+        }
+
+        fn generate(e: &Engine, req: &GenerateRequest, cache: &mut KvCache) -> GenerateOutput {
+            e.generate_with_cache(req, cache, &mut |_| true).unwrap()
+        }
+
+        #[test]
+        fn policies_that_evict_nothing_generate_what_full_does() {
+            let e = tiny_engine();
+            let full = e.generate(&request(40, 12, "full"), &mut |_| true).unwrap();
+            assert_eq!(full.ids.len(), 12);
+            // The last sampled token never runs: 40 + 11 rows.
+            assert_eq!(full.kv_bytes, 51 * row_bytes(&e));
+            for policy in ["sinks:4,window:60", "snapkv:48", "snapkv:40,window:8"] {
+                let out = e.generate(&request(40, 12, policy), &mut |_| true).unwrap();
+                assert_eq!(out.ids, full.ids, "{policy}");
+                assert_eq!(out.kv_bytes, full.kv_bytes, "{policy}");
+            }
+        }
+
+        #[test]
+        fn evicting_policies_hold_their_rows_and_follow_the_model() {
+            let e = tiny_engine();
+            for (policy, rows) in [
+                ("sinks:4,window:8", 12),
+                ("snapkv:16,window:4,kernel:3", 16 + 9),
+            ] {
+                let req = request(40, 10, policy);
+                let mut cache = e.model.new_cache();
+                let out = generate(&e, &req, &mut cache);
+                assert_eq!(cache.rows(), rows, "{policy}");
+                assert_eq!(out.kv_bytes, rows as u64 * row_bytes(&e), "{policy}");
+                // The engine's tokens are the greedy ones of the model under the policy.
+                let mut own = e.model.new_cache();
+                let mut st = PolicyState::new(req.kv_policy, 40);
+                let mut logits = Vec::new();
+                for piece in req.prompt_ids.chunks(16) {
+                    logits = e.model.forward_policy(piece, &mut own, &mut st).unwrap();
+                }
+                let mut ids = Vec::new();
+                for _ in 0..10 {
+                    let id = logits
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .unwrap()
+                        .0 as u32;
+                    ids.push(id);
+                    logits = e.model.forward_policy(&[id], &mut own, &mut st).unwrap();
+                }
+                assert_eq!(out.ids, ids, "{policy}");
+                // An evicted cache is not reused: the same request again starts afresh.
+                let again = generate(&e, &req, &mut cache);
+                assert_eq!(again.reused_tokens, 0, "{policy}");
+                assert_eq!(again.ids, out.ids, "{policy}");
+            }
+        }
+
+        #[test]
+        fn a_full_prefix_is_reused_only_where_the_policy_would_hold_the_same_rows() {
+            let e = tiny_engine();
+            let mut cache = e.model.new_cache();
+            generate(&e, &request(40, 2, "full"), &mut cache);
+            let snap = generate(&e, &request(40, 4, "snapkv:16,window:4"), &mut cache);
+            assert_eq!(snap.reused_tokens, 36);
+            let fresh = e.generate(&request(40, 4, "snapkv:16,window:4"), &mut |_| true);
+            assert_eq!(snap.ids, fresh.unwrap().ids);
+            let mut cache = e.model.new_cache();
+            generate(&e, &request(40, 2, "full"), &mut cache);
+            let sinks = generate(&e, &request(40, 4, "sinks:4,window:8"), &mut cache);
+            assert_eq!(sinks.reused_tokens, 12);
+        }
+    }
 
     #[test]
     fn stop_strings_split_across_pieces_are_caught_and_cut() {

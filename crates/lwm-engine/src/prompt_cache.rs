@@ -44,6 +44,9 @@ pub fn model_identity(weights_digest: u64, config: &ModelConfig, numerics: Numer
 
 /// Save the first `n_tokens` tokens of `cache` to `path` (atomically).
 pub fn save(path: &Path, identity: u64, cache: &KvCache, n_tokens: usize) -> Result<()> {
+    if cache.has_evicted() {
+        bail!("a KV cache whose rows a KV policy evicted cannot be saved as a prompt cache");
+    }
     let n = n_tokens.min(cache.len());
     let d = cache.head_dim;
     let (kb, vb) = (cache.types.k.row_bytes(d), cache.types.v.row_bytes(d));

@@ -331,16 +331,23 @@ fn admit(
     };
     // The caches in flight grow up to their reservation: count what they may still take.
     let growing: u64 = active.iter().map(|a| a.cache.unfilled_bytes() as u64).sum();
-    let started = engine
-        .prepare_cache(&job.request, &mut cache, growing)
-        .and_then(|reuse| {
-            Generation::new(
-                &engine.tokenizer,
-                engine.context_length(),
-                &job.request,
-                reuse,
-            )
-        });
+    let policy = job.request.kv_policy;
+    let started = if policy.is_full() {
+        engine.prepare_cache(&job.request, &mut cache, growing)
+    } else {
+        Err(lwm_core::Error::InvalidRequest(format!(
+            "kv policy {policy} is not supported in the server"
+        ))
+        .into())
+    };
+    let started = started.and_then(|reuse| {
+        Generation::new(
+            &engine.tokenizer,
+            engine.context_length(),
+            &job.request,
+            reuse,
+        )
+    });
     match started {
         Ok(generation) if job.events.send(Event::Admitted).is_ok() => Some(Active {
             job,

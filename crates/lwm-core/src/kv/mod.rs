@@ -1,6 +1,7 @@
 //! The one key/value store of every path: element types (`types`), the per-sequence cache
 //! (`cache`), read views for the attention drivers (`view`), and a ring worker's shard of a
-//! sequence (`shard`, a cache of the rows it owns plus their positions).
+//! sequence (`shard`, a cache of the rows it owns plus their positions), and the policies
+//! that evict rows of a long sequence (`policy`: StreamingLLM sinks + window, SnapKV).
 //!
 //! Keys are grouped into `kv_block`s of `key_chunk` consecutive positions, aligned to
 //! multiples of `key_chunk` (block `b` holds positions `b·kc .. (b+1)·kc`). Attention
@@ -9,11 +10,15 @@
 //! number of workers is summed in the same order as on one.
 
 pub mod cache;
+pub mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod shard;
 pub mod types;
 pub mod view;
 
 pub use cache::{KvCache, LayerKv};
+pub use policy::KvPolicy;
 pub use shard::{KvShard, ShardView};
 pub use types::{KvType, KvTypes};
 pub use view::{KvView, QuantKvView};
