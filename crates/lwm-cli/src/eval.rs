@@ -68,6 +68,10 @@ struct RulerArgs {
     /// predictions go to OUT/<task>.jsonl with a `pred` field.
     #[arg(long)]
     input: Vec<PathBuf>,
+    /// KV-cache policy: `full`, `sinks:N,window:W` (StreamingLLM's attention sinks and a
+    /// recent window) or `snapkv:BUDGET[,window:OBS][,kernel:K]` (SnapKV).
+    #[arg(long, default_value = "full")]
+    kv_policy: lwm::kv::KvPolicy,
     /// Run directory (samples, results, summary, chart), or with --input the folder of
     /// prediction files.
     #[arg(long)]
@@ -196,7 +200,7 @@ fn cmd_ruler(a: RulerArgs) -> Result<()> {
         haystack: haystack.name.clone(),
         chat_format: wrap.name.clone(),
         kv_type: engine.model.options.kv_types().name(),
-        kv_policy: "full".into(),
+        kv_policy: a.kv_policy.to_string(),
         threshold: a.threshold,
     };
     params.write_or_check(&a.out)?;
@@ -269,6 +273,7 @@ fn cmd_ruler(a: RulerArgs) -> Result<()> {
             .as_ref()
             .map(|t| t.stop_strings())
             .unwrap_or_default(),
+        kv_policy: a.kv_policy.clone(),
     };
     let mut n = 0usize;
     let mut on_result = |r: &SampleResult| {
@@ -379,11 +384,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
         for ((_, task, lines), ids) in files.iter().zip(&prompts) {
             let pred_path = input::pred_path(&a.out, task);
             let done = input::done_count(&pred_path, lines)?;
-            let todo: Vec<_> = lines
-                .iter()
-                .zip(ids)
-                .skip(done)
-                .collect();
+            let todo: Vec<_> = lines.iter().zip(ids).skip(done).collect();
             let b = bar(todo.len() as u64, "samples");
             b.set_message(task.clone());
             for (line, ids) in todo {
@@ -404,6 +405,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
                 );
                 req.stop = stop.clone();
                 req.prefill_chunk = a.model.prefill_chunk;
+                req.kv_policy = a.kv_policy.clone();
                 let out = generate(&req, &mut |_| !interrupt.load(Ordering::SeqCst))?;
                 if out.finish_reason == lwm::generate::FinishReason::Cancelled {
                     return Ok(true);

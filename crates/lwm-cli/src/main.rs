@@ -356,6 +356,16 @@ struct GenerateArgs {
     /// the same tokens (checked against the model and the tokens; a bad file is ignored).
     #[arg(long, help_heading = "Input")]
     prompt_cache: Option<PathBuf>,
+    /// KV-cache policy: `full`, `sinks:N,window:W` (attention sinks plus a recent window)
+    /// or `snapkv:BUDGET[,window:OBS][,kernel:K]` (SnapKV: keep what the prompt's last
+    /// queries attend to). One process only (not the ring).
+    #[arg(
+        long,
+        default_value = "full",
+        conflicts_with = "prompt_cache",
+        help_heading = "Context"
+    )]
+    kv_policy: lwm::kv::KvPolicy,
     /// Print timing to stderr at the end.
     #[arg(long, help_heading = "Output")]
     verbose: bool,
@@ -500,6 +510,7 @@ fn output_json(out: &GenerateOutput) -> serde_json::Value {
         "decode_seconds": out.decode_secs,
         "prefill_tokens_per_second": (out.prompt_tokens - out.reused_tokens) as f64 / out.prefill_secs.max(1e-9),
         "decode_tokens_per_second": out.ids.len() as f64 / out.decode_secs.max(1e-9),
+        "kv_cache_bytes": out.kv_bytes,
     })
 }
 
@@ -564,6 +575,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
     req.grammar = a.structured.grammar(&engine)?;
+    req.kv_policy = a.kv_policy.clone();
     let stop = interrupt_flag();
     let on_ring = |s: &mut lwm::ring::RingSession| {
         engine.generate_on_ring(&req, s, &mut stream_to_stdout(stop.clone(), a.json))

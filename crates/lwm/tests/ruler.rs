@@ -292,6 +292,7 @@ fn a_small_run_scores_through_the_model_and_ruler_files_round_trip() {
             .as_ref()
             .map(|t| t.stop_strings())
             .unwrap_or_default(),
+        kv_policy: Default::default(),
     };
     let mut cache = e.model.new_cache();
     let mut generate = |req: &lwm::generate::GenerateRequest, on: &mut dyn FnMut(&str) -> bool| {

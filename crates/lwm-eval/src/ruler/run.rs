@@ -48,6 +48,7 @@ impl crate::jsonl::Keyed for Sample {
 pub struct RunOptions {
     pub prefill_chunk: usize,
     pub stop: Vec<String>,
+    pub kv_policy: lwm_core::kv::KvPolicy,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -81,6 +82,7 @@ pub fn run_samples(
         let mut req = GenerateRequest::new(ids, s.tokens_to_generate, greedy());
         req.stop = opts.stop.clone();
         req.prefill_chunk = opts.prefill_chunk;
+        req.kv_policy = opts.kv_policy.clone();
         let out = generate(&req, &mut |_| !interrupt.load(Ordering::SeqCst))?;
         if out.finish_reason == FinishReason::Cancelled {
             totals.interrupted = true;
@@ -99,7 +101,7 @@ pub fn run_samples(
             finish_reason: out.finish_reason.as_str().to_string(),
             prefill_secs: out.prefill_secs,
             decode_secs: out.decode_secs,
-            kv_bytes: 0,
+            kv_bytes: out.kv_bytes,
         };
         on_result(&r)?;
         totals.samples += 1;
