@@ -31,14 +31,17 @@ enum EvalCommand {
     #[command(
         after_help = "Examples:\n  lwm eval ruler --lengths 1024,2048,4096,8192 --tasks all --samples 4 --out runs/ruler\n  lwm eval ruler -m model.gguf --kv-type q8_0 --tasks niah_single_1,vt --out runs/q8\n  lwm eval ruler -m model.gguf --input RULER/data/niah_single_1/validation.jsonl --out preds/\n  lwm eval compare runs/ruler runs/q8"
     )]
-    Ruler(RulerArgs),
+    Ruler(Box<RulerArgs>),
     /// Re-render a RULER run directory's summary, chart and table.
     Report {
         /// A run directory of `lwm eval ruler --out`.
         dir: PathBuf,
     },
     /// One table over several RULER run directories (KV types and policies side by side).
-    Compare { dirs: Vec<PathBuf> },
+    Compare {
+        /// Run directories of `lwm eval ruler --out`.
+        dirs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -82,8 +85,8 @@ struct RulerArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     match a.command {
-        EvalCommand::Ruler(a) if !a.input.is_empty() => cmd_input(a),
-        EvalCommand::Ruler(a) => cmd_ruler(a),
+        EvalCommand::Ruler(a) if !a.input.is_empty() => cmd_input(*a),
+        EvalCommand::Ruler(a) => cmd_ruler(*a),
         EvalCommand::Report { dir } => {
             if !dir.is_dir() {
                 bail!("{} is not a directory", dir.display());
@@ -273,7 +276,7 @@ fn cmd_ruler(a: RulerArgs) -> Result<()> {
             .as_ref()
             .map(|t| t.stop_strings())
             .unwrap_or_default(),
-        kv_policy: a.kv_policy.clone(),
+        kv_policy: a.kv_policy,
     };
     let mut n = 0usize;
     let mut on_result = |r: &SampleResult| {
@@ -405,7 +408,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
                 );
                 req.stop = stop.clone();
                 req.prefill_chunk = a.model.prefill_chunk;
-                req.kv_policy = a.kv_policy.clone();
+                req.kv_policy = a.kv_policy;
                 let out = generate(&req, &mut |_| !interrupt.load(Ordering::SeqCst))?;
                 if out.finish_reason == lwm::generate::FinishReason::Cancelled {
                     return Ok(true);

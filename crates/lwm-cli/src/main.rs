@@ -575,7 +575,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     req.prefill_chunk = a.model.prefill_chunk;
     req.on_prefill = prefill_bar(req.prompt_ids.len());
     req.grammar = a.structured.grammar(&engine)?;
-    req.kv_policy = a.kv_policy.clone();
+    req.kv_policy = a.kv_policy;
     let stop = interrupt_flag();
     let on_ring = |s: &mut lwm::ring::RingSession| {
         engine.generate_on_ring(&req, s, &mut stream_to_stdout(stop.clone(), a.json))

@@ -105,8 +105,8 @@ fn niah_uses_rulers_wording() {
     let s = sample(&e, &m, "niah_single_1", 1024, 0);
     assert!(s.input.contains("A special magic number is hidden within the following text. Make sure to memorize it. I will quiz you about the number afterwards.\n"));
     assert!(s.input.contains("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"));
-    let needle = format!("One of the special magic numbers for ");
-    assert_eq!(s.input.matches(&needle).count(), 1);
+    let needle = "One of the special magic numbers for ";
+    assert_eq!(s.input.matches(needle).count(), 1);
     assert!(s.input.contains(&format!(" is: {}.", s.outputs[0])));
     assert!(s
         .answer_prefix
@@ -438,7 +438,7 @@ fn samples_match_what_rulers_own_generators_write() {
                     "{task} {len}: RULER's length"
                 );
                 let ours = sample(&e, &m, task, len, i);
-                assert_eq!(ours.answer_prefix.len() > 0, !r.answer_prefix.is_empty());
+                assert_eq!(!ours.answer_prefix.is_empty(), !r.answer_prefix.is_empty());
                 assert_eq!(
                     mask(&ours.answer_prefix),
                     mask(&r.answer_prefix),

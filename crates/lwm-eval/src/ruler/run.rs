@@ -82,7 +82,7 @@ pub fn run_samples(
         let mut req = GenerateRequest::new(ids, s.tokens_to_generate, greedy());
         req.stop = opts.stop.clone();
         req.prefill_chunk = opts.prefill_chunk;
-        req.kv_policy = opts.kv_policy.clone();
+        req.kv_policy = opts.kv_policy;
         let out = generate(&req, &mut |_| !interrupt.load(Ordering::SeqCst))?;
         if out.finish_reason == FinishReason::Cancelled {
             totals.interrupted = true;
