@@ -262,6 +262,13 @@ fn summary_effective_length_and_weighted_averages() {
     );
     assert_eq!(s.scores["a"][&2048].score, 80.0);
     assert_eq!(s.samples_done, 8);
+    // A length where one task has no result yet has no average (it would mislead the
+    // effective length), and the weighted averages wait for it.
+    let partial = summarize("m", "l", &tasks, &[1024, 2048], 1, &rs[..3], 85.6);
+    assert_eq!(partial.lengths[1].average, None);
+    assert!(!partial.lengths[1].complete && partial.lengths[0].complete);
+    assert_eq!(partial.effective_length, Some(1024));
+    assert_eq!(partial.weighted_average_inc, None);
     let below = summarize(
         "m",
         "l",

@@ -25,10 +25,13 @@ pub struct Cell {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LengthStats {
     pub context_length: usize,
-    /// Mean over the tasks with results at this length.
+    /// Mean over the tasks, once every task has all its samples at this length (a partial
+    /// average would mislead the effective length).
     pub average: Option<f64>,
-    /// Tasks of the grid done at this length.
+    /// Tasks of the grid with results at this length.
     pub tasks_done: usize,
+    /// Every task has all its samples at this length.
+    pub complete: bool,
     pub mean_prompt_tokens: f64,
     /// Mean KV bytes held at the end of an answer.
     pub mean_kv_bytes: f64,
@@ -76,8 +79,10 @@ pub fn summarize(
             .collect();
         done += at.len();
         let mut task_scores = Vec::new();
+        let mut complete = true;
         for t in tasks {
             let rs: Vec<&&SampleResult> = at.iter().filter(|r| &r.task == t).collect();
+            complete &= rs.len() >= samples_per_cell;
             if rs.is_empty() {
                 continue;
             }
@@ -97,9 +102,10 @@ pub fn summarize(
         let rate = |tokens: usize, s: f64| if s > 0.0 { tokens as f64 / s } else { 0.0 };
         stats.push(LengthStats {
             context_length: len,
-            average: (!task_scores.is_empty())
+            average: (complete && !task_scores.is_empty())
                 .then(|| round2(task_scores.iter().sum::<f64>() / task_scores.len() as f64)),
             tasks_done: task_scores.len(),
+            complete,
             mean_prompt_tokens: prompt as f64 / n,
             mean_kv_bytes: at.iter().map(|r| r.kv_bytes as f64).sum::<f64>() / n,
             prefill_tokens_per_sec: rate(prompt, secs(|r| r.prefill_secs)),
@@ -222,7 +228,7 @@ pub fn compare_table(runs: &[Summary]) -> String {
     for l in &lengths {
         out += &format!(" avg {l} |");
     }
-    out += " effective length | wAvg inc / dec | KV MiB at longest | prefill tok/s | decode tok/s |\n|---|";
+    out += " effective length | wAvg inc / dec | KV MiB at longest complete length | prefill tok/s | decode tok/s |\n|---|";
     for _ in &lengths {
         out += "---|";
     }
@@ -237,14 +243,9 @@ pub fn compare_table(runs: &[Summary]) -> String {
                 .and_then(|x| x.average);
             out += &a.map_or(" - |".to_string(), |a| format!(" {a:.1} |"));
         }
-        let last = s.lengths.iter().rev().find(|x| x.tasks_done > 0);
+        let last = s.lengths.iter().rev().find(|x| x.complete);
         let mean = |f: fn(&LengthStats) -> f64| {
-            let v: Vec<f64> = s
-                .lengths
-                .iter()
-                .filter(|x| x.tasks_done > 0)
-                .map(f)
-                .collect();
+            let v: Vec<f64> = s.lengths.iter().filter(|x| x.complete).map(f).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         };
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
