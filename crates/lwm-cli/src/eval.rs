@@ -6,8 +6,8 @@ use clap::{Args, Subcommand};
 use lwm::needle::haystack::Haystack;
 use lwm::ruler::report::{compare_table, DEFAULT_THRESHOLD};
 use lwm::ruler::run::{run_samples, RunOptions, SampleResult};
-use lwm::ruler::synth::{make_sample, ChatWrap, Material, Sample};
-use lwm::ruler::tasks::parse_tasks;
+use lwm::ruler::synth::{make_sample, ChatWrap, Material, QaData, Sample};
+use lwm::ruler::tasks::{parse_tasks, QaDataset};
 use lwm::ruler::{
     input, write_report, ResultsFile, RunParams, SamplesFile, CHART_FILE, RESULTS_FILE,
     SAMPLES_FILE, SUMMARY_FILE,
@@ -51,8 +51,9 @@ struct RulerArgs {
     /// Lengths in tokens (prompt + answer budget), comma-separated.
     #[arg(long, default_value = "1024,2048,4096,8192")]
     lengths: String,
-    /// `all` (RULER's 11 synthetic tasks) or a comma list: niah_single_1..3,
-    /// niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe.
+    /// `all` (RULER's 11 synthetic tasks, and qa_1/qa_2 when their files are given) or a
+    /// comma list: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery,
+    /// vt, cwe, fwe, qa_1, qa_2.
     #[arg(long, default_value = "all")]
     tasks: String,
     /// Samples per task and length.
@@ -61,6 +62,12 @@ struct RulerArgs {
     /// Seed of every sample (RULER's default 42).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// SQuAD v2 dev JSON (RULER's qa_1; its `json/squad.json`): enables qa_1.
+    #[arg(long)]
+    qa_squad: Option<PathBuf>,
+    /// HotpotQA dev JSON (RULER's qa_2; its `json/hotpotqa.json`): enables qa_2.
+    #[arg(long)]
+    qa_hotpotqa: Option<PathBuf>,
     /// Prose for the essay haystacks (default: the bundled public-domain text).
     #[arg(long)]
     haystack: Vec<PathBuf>,
@@ -173,7 +180,15 @@ fn prepare_context(engine: &mut lwm::generate::Engine, longest: usize, chunk: us
 
 fn cmd_ruler(a: RulerArgs) -> Result<()> {
     let t0 = Instant::now();
-    let tasks = parse_tasks(&a.tasks)?;
+    let mut qa = Vec::new();
+    if let Some(p) = &a.qa_squad {
+        qa.push((QaDataset::Squad, QaData::read(p, QaDataset::Squad)?));
+    }
+    if let Some(p) = &a.qa_hotpotqa {
+        qa.push((QaDataset::HotpotQa, QaData::read(p, QaDataset::HotpotQa)?));
+    }
+    let at_hand: Vec<QaDataset> = qa.iter().map(|(d, _)| *d).collect();
+    let tasks = parse_tasks(&a.tasks, &at_hand)?;
     let lengths = parse_lengths(&a.lengths)?;
     if a.samples == 0 {
         bail!("--samples must be at least 1");
@@ -232,7 +247,8 @@ fn cmd_ruler(a: RulerArgs) -> Result<()> {
         .filter(|g| !samples.contains_key(&g.3))
         .collect();
     if !missing.is_empty() {
-        let material = Material::from_text(&haystack.text)?;
+        let mut material = Material::from_text(&haystack.text)?;
+        material.qa = std::mem::take(&mut qa);
         let b = bar(missing.len() as u64, "samples drawn");
         for (t, len, i, _) in missing {
             b.set_message(format!("{} at {len}", t.name));

@@ -10,8 +10,8 @@ use lwm::ruler::input;
 use lwm::ruler::report::summarize;
 use lwm::ruler::run::{run_samples, RunOptions, SampleResult};
 use lwm::ruler::score::score;
-use lwm::ruler::synth::{make_sample, split_sentences, ChatWrap, Material, Sample};
-use lwm::ruler::tasks::{parse_tasks, Metric, Task, TASKS};
+use lwm::ruler::synth::{make_sample, split_sentences, ChatWrap, Material, QaData, Sample};
+use lwm::ruler::tasks::{parse_tasks, Metric, QaDataset, Task, TASKS};
 use std::sync::atomic::AtomicBool;
 
 fn engine() -> Option<Engine> {
@@ -48,7 +48,7 @@ fn prompt_tokens(e: &Engine, s: &Sample) -> usize {
 fn every_synthetic_task_fills_its_length_and_holds_its_answers() {
     let Some(e) = engine() else { return };
     let m = material();
-    for task in parse_tasks("all").unwrap() {
+    for task in parse_tasks("all", &[]).unwrap() {
         for len in [1024, 4096] {
             let s = sample(&e, &m, task.name, len, 0);
             let gen = task.tokens_to_generate();
@@ -192,14 +192,22 @@ fn variable_tracking_cwe_and_fwe_answers_are_what_the_text_implies() {
 #[test]
 fn task_names_and_metrics_follow_ruler() {
     assert_eq!(TASKS.len(), 13);
-    assert_eq!(parse_tasks("all").unwrap().len(), 11);
-    assert_eq!(parse_tasks("vt, cwe,vt").unwrap().len(), 2);
-    let err = parse_tasks("niah_single_9").unwrap_err().to_string();
+    assert_eq!(parse_tasks("all", &[]).unwrap().len(), 11);
+    assert_eq!(parse_tasks("vt, cwe,vt", &[]).unwrap().len(), 2);
+    let err = parse_tasks("niah_single_9", &[]).unwrap_err().to_string();
     assert!(err.contains("unknown task 'niah_single_9'"), "{err}");
-    assert!(parse_tasks("qa_1")
-        .unwrap_err()
-        .to_string()
-        .contains("--input"));
+    let err = parse_tasks("qa_1", &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("--qa-squad") && err.contains("--input"),
+        "{err}"
+    );
+    assert_eq!(parse_tasks("all", &[QaDataset::Squad]).unwrap().len(), 12);
+    assert_eq!(
+        parse_tasks("all", &[QaDataset::Squad, QaDataset::HotpotQa])
+            .unwrap()
+            .len(),
+        13
+    );
     assert_eq!(Task::by_name("qa_2").unwrap().metric(), Metric::MatchPart);
     let refs = vec!["Paris".to_string(), "France".to_string()];
     assert_eq!(score(Metric::MatchPart, "it is paris", &refs), 100.0);
@@ -535,5 +543,57 @@ fn scores_equal_rulers_metric_functions() {
             c["string_match_part"].as_f64().unwrap(),
             "{pred:?}"
         );
+    }
+}
+
+#[test]
+fn qa_tasks_read_squad_and_hotpotqa_as_ruler_does() {
+    let squad = QaData::read(&fixture("qa/squad.json"), QaDataset::Squad).unwrap();
+    // 9 distinct paragraphs; the unanswerable question is left out, as RULER does.
+    assert_eq!(squad.docs.len(), 9);
+    assert_eq!(squad.qas.len(), 4);
+    assert_eq!(squad.qas[0].outputs, ["1811"]);
+    assert_eq!(
+        squad.qas[0].more_context.len(),
+        2,
+        "the article's other paragraphs"
+    );
+    let hot = QaData::read(&fixture("qa/hotpotqa.json"), QaDataset::HotpotQa).unwrap();
+    assert_eq!(hot.qas[0].context.len(), 2);
+    assert!(hot.docs.contains(
+        &"Danube\nThe Danube flows through ten countries before it reaches the Black Sea."
+            .to_string()
+    ));
+    let err = QaData::read(&fixture("qa/hotpotqa.json"), QaDataset::Squad).unwrap_err();
+    assert!(format!("{err:#}").contains("is not a SQuAD v2"), "{err:#}");
+
+    let Some(e) = engine() else { return };
+    let mut m = material();
+    m.qa = vec![(QaDataset::Squad, squad), (QaDataset::HotpotQa, hot)];
+    let wrap = ChatWrap::new(e.own_chat_template(), &e.tokenizer).unwrap();
+    for (task, gold) in [
+        ("qa_1", "first lit in 1811"),
+        ("qa_2", "flows through ten countries"),
+    ] {
+        let s = make_sample(
+            &Task::by_name(task).unwrap(),
+            512,
+            0,
+            42,
+            &wrap,
+            &e.tokenizer,
+            &m,
+        )
+        .unwrap();
+        assert!(s.input.contains(gold), "{task}: the gold document");
+        assert!(s.input.contains("Document 1:\n"));
+        assert!(s
+            .input
+            .contains("Answer the question based on the given documents."));
+        assert_eq!(s.answer_prefix, " Answer:");
+        assert!(s.length <= 512);
+        // Every document fits in 512 tokens here (the fixtures are tiny): all are used,
+        // the rest repeats them as RULER does beyond the dataset's size.
+        assert!(s.input.matches("Document ").count() >= 9, "{task}");
     }
 }

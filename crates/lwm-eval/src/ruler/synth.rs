@@ -10,7 +10,7 @@
 //! `.`, `!` or `?` before a space (RULER: nltk's punkt); each sample's haystack size is
 //! searched for that sample (RULER searches once per task, then steps down per sample).
 
-use super::tasks::{Draw, Haystack, Kind, Task};
+use super::tasks::{Draw, Haystack, Kind, QaDataset, Task};
 use anyhow::{bail, Context, Result};
 use lwm_core::rng::XorShift;
 use lwm_core::tokenizer::Tokenizer;
@@ -165,6 +165,8 @@ pub struct Material {
     pub vocab: Vec<String>,
     /// The haystack text split at whitespace (RULER: `re.sub(r'\s+', " ", essay).split(" ")`).
     pub essay_words: Vec<String>,
+    /// QA questions and documents, per dataset given.
+    pub qa: Vec<(QaDataset, QaData)>,
 }
 
 impl Material {
@@ -184,6 +186,7 @@ impl Material {
         Ok(Self {
             vocab: vocab.into_iter().collect(),
             essay_words,
+            qa: Vec::new(),
         })
     }
 
@@ -584,6 +587,193 @@ fn fwe(task: &Task, wrap: &ChatWrap, vocab_size: usize, n: usize, rng: &mut Rng)
     })
 }
 
+/// One QA question: its answers, the documents that hold them, and (SQuAD) the other
+/// paragraphs of the same article, which RULER adds first as distractors.
+#[derive(Debug, Clone)]
+pub struct QaItem {
+    pub query: String,
+    pub outputs: Vec<String>,
+    pub context: Vec<usize>,
+    pub more_context: Vec<usize>,
+}
+
+/// A QA dataset as RULER reads it (qa.py): the distinct documents, sorted, and the
+/// answerable questions in file order.
+#[derive(Debug, Clone, Default)]
+pub struct QaData {
+    pub qas: Vec<QaItem>,
+    pub docs: Vec<String>,
+}
+
+impl QaData {
+    pub fn read(path: &std::path::Path, dataset: QaDataset) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read QA file {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let d = match dataset {
+            QaDataset::Squad => Self::squad(&v),
+            QaDataset::HotpotQa => Self::hotpotqa(&v),
+        }
+        .with_context(|| {
+            format!(
+                "{} is not a {} file",
+                path.display(),
+                match dataset {
+                    QaDataset::Squad => "SQuAD v2 (data/paragraphs/qas)",
+                    QaDataset::HotpotQa => "HotpotQA (question/answer/context)",
+                }
+            )
+        })?;
+        if d.qas.is_empty() {
+            bail!("{} holds no answerable question", path.display());
+        }
+        Ok(d)
+    }
+
+    fn index(docs: Vec<String>) -> (Vec<String>, std::collections::HashMap<String, usize>) {
+        let set: BTreeSet<String> = docs.into_iter().collect();
+        let docs: Vec<String> = set.into_iter().collect();
+        let at = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.clone(), i))
+            .collect();
+        (docs, at)
+    }
+
+    fn squad(v: &serde_json::Value) -> Option<Self> {
+        let data = v.get("data")?.as_array()?;
+        let para = |p: &serde_json::Value| p.get("context")?.as_str().map(str::to_string);
+        let mut all = Vec::new();
+        for d in data {
+            for p in d.get("paragraphs")?.as_array()? {
+                all.push(para(p)?);
+            }
+        }
+        let (docs, at) = Self::index(all);
+        let mut qas = Vec::new();
+        for d in data {
+            let ps = d.get("paragraphs")?.as_array()?;
+            let article: Vec<usize> = ps
+                .iter()
+                .filter_map(|p| at.get(&para(p)?).copied())
+                .collect();
+            for p in ps {
+                let me = at[&para(p)?];
+                for q in p.get("qas")?.as_array()? {
+                    if q.get("is_impossible")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false)
+                    {
+                        continue;
+                    }
+                    let outputs: Vec<String> = q
+                        .get("answers")?
+                        .as_array()?
+                        .iter()
+                        .filter_map(|a| a.get("text")?.as_str().map(str::to_string))
+                        .collect();
+                    qas.push(QaItem {
+                        query: q.get("question")?.as_str()?.to_string(),
+                        outputs,
+                        context: vec![me],
+                        more_context: article.iter().copied().filter(|&i| i != me).collect(),
+                    });
+                }
+            }
+        }
+        Some(Self { qas, docs })
+    }
+
+    fn hotpotqa(v: &serde_json::Value) -> Option<Self> {
+        let data = v.as_array()?;
+        // A document is its title, a newline, then its sentences joined.
+        let doc = |c: &serde_json::Value| -> Option<String> {
+            let c = c.as_array()?;
+            let title = c.first()?.as_str()?;
+            let sents: Vec<&str> = c
+                .get(1)?
+                .as_array()?
+                .iter()
+                .filter_map(|s| s.as_str())
+                .collect();
+            Some(format!("{title}\n{}", sents.concat()))
+        };
+        let mut all = Vec::new();
+        for d in data {
+            for c in d.get("context")?.as_array()? {
+                all.push(doc(c)?);
+            }
+        }
+        let (docs, at) = Self::index(all);
+        let mut qas = Vec::new();
+        for d in data {
+            let context = d
+                .get("context")?
+                .as_array()?
+                .iter()
+                .map(|c| doc(c).map(|x| at[&x]))
+                .collect::<Option<Vec<_>>>()?;
+            qas.push(QaItem {
+                query: d.get("question")?.as_str()?.to_string(),
+                outputs: vec![d.get("answer")?.as_str()?.to_string()],
+                context,
+                more_context: Vec::new(),
+            });
+        }
+        Some(Self { qas, docs })
+    }
+}
+
+/// QA (qa.py): question `index`'s gold documents, then its article's other paragraphs,
+/// then random others, `n` documents in all, shuffled, numbered "Document i:".
+fn qa(
+    task: &Task,
+    wrap: &ChatWrap,
+    data: &QaData,
+    index: usize,
+    n: usize,
+    rng: &mut Rng,
+) -> Result<Draft> {
+    let item = &data.qas[index % data.qas.len()];
+    let mut docs: Vec<usize> = item.context.clone();
+    if n < data.docs.len() {
+        let want = n.saturating_sub(docs.len());
+        if want > item.more_context.len() {
+            docs.extend(&item.more_context);
+            let others: Vec<usize> = (0..data.docs.len()).filter(|i| !docs.contains(i)).collect();
+            let extra = want - item.more_context.len();
+            docs.extend(
+                rng.sample(others.len(), extra)
+                    .into_iter()
+                    .map(|i| others[i]),
+            );
+        } else {
+            let pick = rng.sample(item.more_context.len(), want);
+            docs.extend(pick.into_iter().map(|i| item.more_context[i]));
+        }
+    } else {
+        docs = (0..n).map(|i| i % data.docs.len()).collect();
+    }
+    rng.shuffle(&mut docs);
+    let context = docs
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| format!("Document {}:\n{}", i + 1, data.docs[d]))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let (tt, ap) = task.template();
+    let text = wrap
+        .template(tt, ap)
+        .replace("{query}", &item.query)
+        .replace("{context}", &context);
+    Ok(Draft {
+        text,
+        outputs: item.outputs.clone(),
+    })
+}
+
 /// Build sample `index` of `task` at `length`: the largest haystack whose prompt tokens
 /// plus the answer budget fit `length`.
 pub fn make_sample(
@@ -622,16 +812,25 @@ pub fn make_sample(
             Kind::VariableTracking { .. } => vt(task, wrap, &example, n, &mut rng),
             Kind::CommonWords { .. } => cwe(task, wrap, m, n, length < 4096, &mut rng),
             Kind::FrequentWords { .. } => fwe(task, wrap, fwe_vocab, n, &mut rng),
-            Kind::Qa => bail!(
-                "{} is not generated here; run RULER's file with --input",
-                task.name
-            ),
+            Kind::Qa { dataset } => {
+                let data =
+                    m.qa.iter()
+                        .find(|(d, _)| *d == dataset)
+                        .map(|(_, q)| q)
+                        .with_context(|| format!("{}: no QA file was given", task.name))?;
+                qa(task, wrap, data, index, n, &mut rng)
+            }
         }
     };
     let tokens = |d: &Draft| -> Result<usize> { Ok(wrap.encode(tok, &d.text)?.len()) };
     // The smallest haystack each generator accepts.
     let lo = match task.kind {
         Kind::CommonWords { common, .. } => common + 1,
+        Kind::Qa { dataset } => {
+            m.qa.iter()
+                .find(|(d, _)| *d == dataset)
+                .map_or(1, |(_, q)| q.qas[index % q.qas.len()].context.len().max(1))
+        }
         Kind::FrequentWords { .. } => 1,
         _ => 1,
     };
@@ -710,7 +909,7 @@ fn finish(
     // RULER cuts at the last occurrence of the answer prefix's first 10 characters.
     let at = d
         .text
-        .rfind(&ap[..10])
+        .rfind(&ap[..ap.len().min(10)])
         .context("the answer prefix went missing from the prompt")?;
     Ok(Sample {
         id: format!("{}/{length}/{index}", task.name),

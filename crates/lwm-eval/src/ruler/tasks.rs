@@ -60,8 +60,11 @@ pub enum Kind {
     FrequentWords {
         alpha: f64,
     },
-    /// Question answering over documents: only from RULER's own files (`--input`).
-    Qa,
+    /// Question answering over documents: the gold paragraph(s) among distractors, from
+    /// a local SQuAD (v2 JSON) or HotpotQA (JSON) file.
+    Qa {
+        dataset: QaDataset,
+    },
 }
 
 /// How a prediction is scored against the reference answers (RULER's
@@ -71,6 +74,12 @@ pub enum Kind {
 pub enum Metric {
     MatchAll,
     MatchPart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QaDataset {
+    Squad,
+    HotpotQa,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -206,11 +215,15 @@ pub const TASKS: [Task; 13] = [
     },
     Task {
         name: "qa_1",
-        kind: Kind::Qa,
+        kind: Kind::Qa {
+            dataset: QaDataset::Squad,
+        },
     },
     Task {
         name: "qa_2",
-        kind: Kind::Qa,
+        kind: Kind::Qa {
+            dataset: QaDataset::HotpotQa,
+        },
     },
 ];
 
@@ -226,7 +239,7 @@ impl Task {
             Kind::VariableTracking { .. } => 30,
             Kind::CommonWords { .. } => 120,
             Kind::FrequentWords { .. } => 50,
-            Kind::Qa => 32,
+            Kind::Qa { .. } => 32,
         }
     }
 
@@ -237,20 +250,23 @@ impl Task {
             Kind::VariableTracking { .. } => (VT_TEMPLATE, VT_ANSWER),
             Kind::CommonWords { .. } => (CWE_TEMPLATE, CWE_ANSWER),
             Kind::FrequentWords { .. } => (FWE_TEMPLATE, FWE_ANSWER),
-            Kind::Qa => (QA_TEMPLATE, QA_ANSWER),
+            Kind::Qa { .. } => (QA_TEMPLATE, QA_ANSWER),
         }
     }
 
     pub fn metric(&self) -> Metric {
         match self.kind {
-            Kind::Qa => Metric::MatchPart,
+            Kind::Qa { .. } => Metric::MatchPart,
             _ => Metric::MatchAll,
         }
     }
 
-    /// Generated here; QA needs RULER's SQuAD/HotpotQA files (run those with `--input`).
-    pub fn is_synthetic(&self) -> bool {
-        !matches!(self.kind, Kind::Qa)
+    /// The QA dataset a task reads, if it is a QA task.
+    pub fn qa_dataset(&self) -> Option<QaDataset> {
+        match self.kind {
+            Kind::Qa { dataset } => Some(dataset),
+            _ => None,
+        }
     }
 }
 
@@ -264,11 +280,13 @@ pub fn metric_for_name(name: &str) -> Metric {
     }
 }
 
-/// Parse `--tasks`: `all` (the 11 synthetic tasks), or a comma list of task names.
-pub fn parse_tasks(spec: &str) -> Result<Vec<Task>> {
+/// Parse `--tasks`: `all` (the 11 synthetic tasks, and the QA tasks whose data file is
+/// given), or a comma list of task names. `qa_files` says which QA datasets are at hand.
+pub fn parse_tasks(spec: &str, qa_files: &[QaDataset]) -> Result<Vec<Task>> {
     let spec = spec.trim();
-    if spec == "all" || spec == "synthetic" {
-        return Ok(TASKS.iter().copied().filter(Task::is_synthetic).collect());
+    let at_hand = |t: &Task| t.qa_dataset().is_none_or(|d| qa_files.contains(&d));
+    if spec == "all" {
+        return Ok(TASKS.iter().copied().filter(at_hand).collect());
     }
     let mut out: Vec<Task> = Vec::new();
     for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -279,9 +297,13 @@ pub fn parse_tasks(spec: &str) -> Result<Vec<Task>> {
                 known.join(", ")
             );
         };
-        if !t.is_synthetic() {
+        if !at_hand(&t) {
+            let flag = match t.qa_dataset() {
+                Some(QaDataset::Squad) => "--qa-squad FILE (SQuAD v2 dev JSON)",
+                _ => "--qa-hotpotqa FILE (HotpotQA dev JSON)",
+            };
             bail!(
-                "--tasks: {name} answers questions over SQuAD/HotpotQA documents, which lwm does not ship; generate it with RULER's prepare.py and run that file with --input"
+                "--tasks: {name} answers questions over documents lwm does not ship; give {flag}, or run RULER's own file with --input"
             );
         }
         if !out.contains(&t) {
