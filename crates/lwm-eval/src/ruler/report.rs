@@ -297,6 +297,7 @@ fn draw(s: &Summary, title: &str, buf: &mut [u8]) -> Result<(), Box<dyn std::err
                 String::new()
             }
         })
+        .light_line_style(WHITE)
         .x_desc("context length (tokens)")
         .y_desc("score (%)")
         .draw()?;
