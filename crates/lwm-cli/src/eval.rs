@@ -14,8 +14,7 @@ use lwm::ruler::{
 };
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -131,19 +130,6 @@ fn parse_lengths(s: &str) -> Result<Vec<usize>> {
     v.sort_unstable();
     v.dedup();
     Ok(v)
-}
-
-fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || {
-        if f.swap(true, Ordering::SeqCst) {
-            // Second Ctrl-C: finished samples are already on disk.
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: stopping after the current sample (Ctrl-C again to quit now; finished samples are saved)");
-    });
-    flag
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -284,7 +270,7 @@ fn cmd_ruler(a: RulerArgs) -> Result<()> {
     let b = bar(work, "tokens");
     let total = todo.len();
     b.set_message(format!("sample 0/{total}"));
-    let interrupt = interrupt_flag();
+    let interrupt = crate::needle::interrupt_flag("sample");
     let opts = RunOptions {
         prefill_chunk: a.model.prefill_chunk,
         stop: engine
@@ -393,7 +379,7 @@ fn cmd_input(a: RulerArgs) -> Result<()> {
     prepare_context(&mut engine, longest, a.model.prefill_chunk)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let interrupt = interrupt_flag();
+    let interrupt = crate::needle::interrupt_flag("sample");
     let stop = engine
         .chat_template
         .as_ref()

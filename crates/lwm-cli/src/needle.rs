@@ -242,15 +242,16 @@ fn load_or_create_set(a: &RunArgs, engine: &lwm::generate::Engine) -> Result<Nee
     Ok(set)
 }
 
-fn interrupt_flag() -> Arc<AtomicBool> {
+/// Ctrl-C stops after the current `unit` (a cell, a sample): finished ones are on disk.
+/// A second Ctrl-C quits at once.
+pub(crate) fn interrupt_flag(unit: &'static str) -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     let _ = ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
-            // Second Ctrl-C: finished cells are already on disk.
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: stopping after the current cell (Ctrl-C again to quit now; finished cells are saved)");
+        eprintln!("\ninterrupt: stopping after the current {unit} (Ctrl-C again to quit now; finished {unit}s are saved)");
     });
     flag
 }
@@ -362,7 +363,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     );
     let total_cells = ordered.len();
     bar.set_message(format!("cell 0/{total_cells}"));
-    let interrupt = interrupt_flag();
+    let interrupt = interrupt_flag("cell");
     let opts = RunOptions {
         answer_tokens,
         prefill_chunk: a.model.prefill_chunk,
