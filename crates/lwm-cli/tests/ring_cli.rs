@@ -258,24 +258,8 @@ mod mpi {
         let dir = std::env::temp_dir().join(format!("lwm-mpi-train-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut data = String::new();
-        for i in 0..60u64 {
-            let key = (i * 7919) % 1000;
-            let filler = "sand. ".repeat(1 + (i % 3) as usize);
-            data.push_str(&format!(
-                "{{\"prompt\": \"{filler}the key is {key}. {filler}key?\", \"answer\": \" {key}\"}}\n"
-            ));
-        }
-        std::fs::write(dir.join("data.jsonl"), data).unwrap();
-        let config = |out: &str| {
-            format!(
-                "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n\
-                 num_attention_heads = 4\nnum_key_value_heads = 2\n[data]\nfiles = [\"data.jsonl\"]\n\
-                 fields = \"[prompt],answer\"\n[optim]\nlr = 3e-3\nwarmup_steps = 1\n[train]\n\
-                 seq_len = 96\nbatch_size = 2\ngrad_accum = 2\nsteps = 4\nquery_chunk = 16\n\
-                 key_chunk = 16\nout_dir = \"{out}\"\n"
-            )
-        };
+        common::tiny_train_data(&dir);
+        let config = |out: &str| common::tiny_train_config(out, 4, 0);
         let losses = |out: &str| -> Vec<f64> {
             std::fs::read_to_string(dir.join(out).join("train.jsonl"))
                 .unwrap()
@@ -359,18 +343,31 @@ mod mpi {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A hung rank: the job ends, and every rank's error names the hung one, also the ranks
+    /// that only waited on a neighbour stalled behind it (rank 0 waits on 3, 3 on 2).
     #[test]
     fn a_hung_mpi_rank_is_named_and_the_job_ends() {
         let Some(model) = default_model() else { return };
         let t0 = Instant::now();
         let out = mpirun(
-            3,
-            &[("LWM_RING_FAULT", "hang:1")],
-            &generate_args(&model, &["--mesh-dim", "1,1,1,3", "--ring-timeout", "3"]),
+            4,
+            &[("LWM_RING_FAULT", "hang:2")],
+            &generate_args(&model, &["--mesh-dim", "1,1,1,4", "--ring-timeout", "3"]),
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
-        assert!(err.contains("rank 1"), "{err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(!errors.is_empty(), "{err}");
+        for e in &errors {
+            assert!(
+                e.contains("rank 2 sent no") || e.contains("rank 2 stalled the ring"),
+                "names rank 2 as the cause: {e}"
+            );
+        }
+        assert!(
+            errors.iter().any(|e| e.starts_with("error: [rank 0]")),
+            "rank 0 reports: {err}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
         assert!(
             out.stdout.iter().all(|b| b.is_ascii_whitespace()),

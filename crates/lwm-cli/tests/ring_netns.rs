@@ -468,3 +468,94 @@ fn a_host_that_never_starts_is_named() {
     assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
     println!("host never started: the job ended after {took:?}");
 }
+
+/// `lwm train` under mpirun across hosts with a rank killed mid-run: the job ends within the
+/// bound naming the rank, `latest` still names a whole checkpoint, and `--resume` from it
+/// finishes with one process's losses (the resume is exact).
+#[test]
+fn training_with_a_rank_killed_keeps_the_last_good_checkpoint() {
+    if !available() {
+        return;
+    }
+    let _one = serial();
+    let dir = std::env::temp_dir().join(format!("lwm-netns-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    common::tiny_train_data(&dir);
+    const STEPS: u64 = 120;
+    let train = |out: &str| -> Vec<String> {
+        let cfg = dir.join(format!("{out}.toml"));
+        std::fs::write(&cfg, common::tiny_train_config(out, STEPS, 1)).unwrap();
+        [
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // Loss per global step, the last line of a step winning (a step logged before the
+    // kill and run again after the resume).
+    let losses = |out: &str| -> std::collections::BTreeMap<u64, f64> {
+        std::fs::read_to_string(dir.join(out).join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["global_step"].as_u64().unwrap(),
+                    v["loss"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    ok_stdout(&lwm(&strs(&train("one"))));
+    let want = losses("one");
+    assert_eq!(want.len() as u64, STEPS);
+
+    let hosts = Hosts::up("lwmtrn", 2, 86);
+    let mut job = hosts.mpirun(2, &strs(&train("mpi")));
+    let latest = dir.join("mpi").join("latest");
+    let step_of =
+        |name: &str| -> u64 { name.trim().rsplit("step").next().unwrap().parse().unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&latest).map_or(0, |s| step_of(&s)) < 5 {
+        assert!(job.child.try_wait().unwrap().is_none(), "{}", job.stderr());
+        assert!(Instant::now() < deadline, "no checkpoint: {}", job.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    hosts.kill_rank(1);
+    let (status, took) = job.finish(FAULT_LIMIT);
+    let err = short(&job.stderr());
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("rank 1"), "names the rank: {err}");
+    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
+    let kept = std::fs::read_to_string(&latest).unwrap();
+    let at = step_of(&kept);
+    assert!((5..STEPS).contains(&at), "latest = {kept}");
+    let ckpt = dir.join("mpi").join("checkpoints").join(kept.trim());
+    for f in ["state.json", "model.safetensors", "optimizer.safetensors"] {
+        assert!(ckpt.join(f).is_file(), "{} lacks {f}", ckpt.display());
+    }
+    println!("training: rank killed after checkpoint {at}; the job ended {took:?} after the kill");
+
+    let mut args = train("mpi");
+    args.push("--resume".into());
+    let mut job = hosts.mpirun(2, &strs(&args));
+    let (status, _) = job.finish(Duration::from_secs(300));
+    assert!(status.success(), "resume: {}", short(&job.stderr()));
+    let got = losses("mpi");
+    assert_eq!(got.len() as u64, STEPS, "every step logged once resumed");
+    for (step, b) in &want {
+        let a = got[step];
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "step {step}: loss {a} across hosts (resumed at {at}) vs one process {b}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -159,3 +159,29 @@ pub fn http(url: &str, method: &str, path: &str, body: Option<&str>) -> (u16, St
 pub fn post(url: &str, path: &str, body: &str) -> (u16, String) {
     http(url, "POST", path, Some(body))
 }
+
+/// A tiny training job's data (`dir/data.jsonl`: 60 key/answer records).
+pub fn tiny_train_data(dir: &std::path::Path) {
+    let mut data = String::new();
+    for i in 0..60u64 {
+        let key = (i * 7919) % 1000;
+        let filler = "sand. ".repeat(1 + (i % 3) as usize);
+        data.push_str(&format!(
+            "{{\"prompt\": \"{filler}the key is {key}. {filler}key?\", \"answer\": \" {key}\"}}\n"
+        ));
+    }
+    std::fs::write(dir.join("data.jsonl"), data).unwrap();
+}
+
+/// Its config (a 2-layer model of width 32, sequences of 96 split evenly by 2 and 3
+/// workers), writing to `out` (relative to the config's directory); `save_every` 0 saves
+/// only at the end.
+pub fn tiny_train_config(out: &str, steps: u64, save_every: u64) -> String {
+    format!(
+        "[model]\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n\
+         num_attention_heads = 4\nnum_key_value_heads = 2\n[data]\nfiles = [\"data.jsonl\"]\n\
+         fields = \"[prompt],answer\"\n[optim]\nlr = 3e-3\nwarmup_steps = 1\n[train]\n\
+         seq_len = 96\nbatch_size = 2\ngrad_accum = 2\nsteps = {steps}\nsave_every = {save_every}\n\
+         query_chunk = 16\nkey_chunk = 16\nout_dir = \"{out}\"\n"
+    )
+}

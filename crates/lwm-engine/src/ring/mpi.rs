@@ -3,7 +3,7 @@
 //! worker computes; receives poll `MPI_Improbe` so a silent rank is named after the
 //! timeout instead of blocking forever.
 
-use super::transport::{timeout_error, Block, Ring, Tag};
+use super::transport::{f32_to_u32, root_of_stall, timeout_error, u32_to_f32, Block, Ring, Tag};
 use anyhow::{bail, Result};
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
@@ -39,6 +39,49 @@ impl MpiRing {
         })
     }
 
+    /// The error for a receive from `src` that timed out, naming the rank at the root of the
+    /// stall rather than the neighbour that merely waited behind it: this rank tells every
+    /// other whom it waited on, listens for the same from the others for a short grace, and
+    /// follows the chain (`root_of_stall`).
+    fn blame(&mut self, src: usize, tag: Tag, after: Duration) -> anyhow::Error {
+        let report = std::sync::Arc::new(vec![u32_to_f32(src as u32)]);
+        let me = self.rank;
+        for dst in (0..self.size).filter(|&r| r != me) {
+            let _ = self.send(dst, Tag::Silent, report.clone());
+        }
+        let mut waited_on = std::collections::BTreeMap::from([(self.rank, src)]);
+        let grace = (after / 4).min(BLAME_GRACE);
+        let t0 = Instant::now();
+        while t0.elapsed() < grace {
+            let probe = self
+                .world
+                .any_process()
+                .immediate_matched_probe_with_tag(Tag::Silent as i32);
+            match probe {
+                Some(matched) => {
+                    let (data, status) = matched.matched_receive_vec::<f32>();
+                    if let Some(&x) = data.first() {
+                        waited_on.insert(status.source_rank() as usize, f32_to_u32(x) as usize);
+                    }
+                }
+                None => std::thread::sleep(POLL),
+            }
+        }
+        let root = root_of_stall(src, &waited_on);
+        if root == src {
+            return timeout_error(src, tag, after);
+        }
+        let chain: Vec<String> = waited_on
+            .iter()
+            .map(|(r, on)| format!("{r} on {on}"))
+            .collect();
+        anyhow::anyhow!(
+            "ring worker rank {root} stalled the ring: it died, hangs or lost its link, and rank {src}, whose {tag:?} this rank waited {:.1}s for, was waiting behind it (ranks that timed out, waiting: {}); giving up (raise --ring-timeout if its steps are that slow)",
+            after.as_secs_f64(),
+            chain.join(", ")
+        )
+    }
+
     /// Complete the sends the receivers have taken (lets MPI make progress, too).
     fn reap(&mut self) {
         let mut still = Vec::with_capacity(self.pending.len());
@@ -60,6 +103,10 @@ unsafe impl Send for MpiRing {}
 /// How long a polling receive sleeps between probes: short next to a block's compute,
 /// long enough not to steal a core from the co-located workers.
 const POLL: Duration = Duration::from_micros(200);
+
+/// How long a rank that timed out listens for the others' reports before naming a culprit:
+/// ranks stalled behind the same fault time out within a step's time of each other.
+const BLAME_GRACE: Duration = Duration::from_secs(1);
 
 impl Ring for MpiRing {
     fn rank(&self) -> usize {
@@ -104,7 +151,7 @@ impl Ring for MpiRing {
             self.reap();
             if let Some(t) = timeout {
                 if start.elapsed() >= t {
-                    return Err(timeout_error(src, tag, t));
+                    return Err(self.blame(src, tag, t));
                 }
             }
             std::thread::sleep(POLL);

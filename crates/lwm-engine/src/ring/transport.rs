@@ -28,6 +28,8 @@ pub enum Tag {
     TrainKv = 6,
     /// Training: gradients (and per-update scalars) summed over the ranks.
     Grads = 7,
+    /// After a timeout, to every rank: which rank this one waited on in vain (MPI).
+    Silent = 8,
 }
 
 pub trait Ring: Send {
@@ -76,6 +78,42 @@ pub fn timeout_error(src: usize, tag: Tag, after: Duration) -> anyhow::Error {
     )
 }
 
+/// The rank at the root of a stall. Every rank that timed out reports whom it waited on
+/// (`waited_on[r]`); a rank waiting on a rank that itself waited follows the chain to the
+/// first rank that reported nothing: that one died, hangs or lost its link, while the
+/// others only waited behind it. Stops at a cycle (ranks all waiting on each other).
+pub fn root_of_stall(first: usize, waited_on: &std::collections::BTreeMap<usize, usize>) -> usize {
+    let mut at = first;
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(&next) = waited_on.get(&at) {
+        if !seen.insert(at) {
+            break;
+        }
+        at = next;
+    }
+    at
+}
+
 pub fn tag_error(src: usize, want: Tag, got: i32) -> anyhow::Error {
     anyhow::anyhow!("ring protocol error: rank {src} sent tag {got} where {want:?} was expected")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::root_of_stall;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn the_stall_is_traced_to_the_rank_that_reported_nothing() {
+        // sp = 4, rank 2 hung: 3 waits on 2, 0 on 3, 1 on 0.
+        let waited: BTreeMap<usize, usize> = [(3, 2), (0, 3), (1, 0)].into();
+        for first in [3, 0, 1, 2] {
+            assert_eq!(root_of_stall(first, &waited), 2, "from {first}");
+        }
+        // Only this rank's own report: the neighbour it waited on is named.
+        assert_eq!(root_of_stall(1, &[(0, 1)].into()), 1);
+        // Everyone waiting on everyone (no report missing): stops, names a rank of the cycle.
+        let cycle: BTreeMap<usize, usize> = [(0, 1), (1, 2), (2, 0)].into();
+        assert!(root_of_stall(0, &cycle) < 3);
+    }
 }
