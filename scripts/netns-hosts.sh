@@ -137,11 +137,15 @@ agent)
     echo "ssh: connect to host $host port 22: Connection timed out" >&2
     exit 255
   fi
-  exec ip netns exec "$ns" /bin/sh -c "$*"
+  # Each host has its own /tmp for Open MPI's session directories, as real hosts do (all
+  # hosts here share one hostname, and a stale directory of a killed job would collide).
+  mkdir -p "$state_root/$name/tmp-$i"
+  exec ip netns exec "$ns" env TMPDIR="$state_root/$name/tmp-$i" /bin/sh -c "$*"
   ;;
 mpirun)
   name=${2:?name}; shift 2; load "$name"
-  exec mpirun --allow-run-as-root --hostfile "$state_root/$name/hostfile" \
+  mkdir -p "$state_root/$name/tmp-launch"
+  TMPDIR="$state_root/$name/tmp-launch" exec mpirun --allow-run-as-root --hostfile "$state_root/$name/hostfile" \
     --mca plm_rsh_agent "$state_root/$name/agent" \
     --mca btl tcp,self --mca btl_tcp_if_include "10.$NET.0.0/24" \
     --mca oob_tcp_if_include "10.$NET.0.0/24" \

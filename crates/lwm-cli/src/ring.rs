@@ -6,7 +6,7 @@ use crate::ModelArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use lwm::generate::Engine;
-use lwm::ring::{MeshDim, RingOptions, RingSession};
+use lwm::ring::{MeshDim, RingOptions, RingSession, WorkerStats};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Clone, Default)]
@@ -169,9 +169,10 @@ pub struct RingBenchArgs {
     /// Prompt tokens to prefill (a deterministic synthetic prompt).
     #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
-    /// Ring sizes to measure, comma-separated.
-    #[arg(long, default_value = "1,2,4")]
-    pub sp: String,
+    /// Ring sizes to measure, comma-separated (default 1,2,4; under mpirun the job's size,
+    /// one MPI process per worker).
+    #[arg(long)]
+    pub sp: Option<String>,
     /// Runs per ring size (the spread is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -189,11 +190,22 @@ fn spread(xs: &[f64]) -> (f64, f64, f64) {
 /// Prefill time, per-worker KV bytes and compute vs wait per key/value block, per ring size.
 pub fn bench(a: RingBenchArgs) -> Result<()> {
     let engine = a.model.load()?;
-    let sps: Vec<usize> =
-        a.sp.split(',')
-            .map(|s| s.trim().parse::<usize>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| anyhow::anyhow!("--sp '{}' must be comma-separated sizes", a.sp))?;
+    // Under mpirun the ring is the job's processes, over MPI (across hosts when the
+    // hostfile says so): one ring size, the job's.
+    let world = mpi_world_size().filter(|&n| n > 1);
+    let sp_text = match (&a.sp, world) {
+        (Some(s), Some(n)) if s.trim() != n.to_string() => {
+            bail!("started by mpirun with {n} processes: --sp must be {n} (or left out)")
+        }
+        (_, Some(n)) => n.to_string(),
+        (Some(s), None) => s.clone(),
+        (None, None) => "1,2,4".to_string(),
+    };
+    let sps: Vec<usize> = sp_text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--sp '{sp_text}' must be comma-separated sizes"))?;
     if sps.contains(&0) || a.tokens < 2 || a.repeats == 0 {
         bail!("--sp sizes, --repeats must be >= 1 and --tokens >= 2");
     }
@@ -207,20 +219,37 @@ pub fn bench(a: RingBenchArgs) -> Result<()> {
         fault: None,
     };
     let pressure = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
-    let mut rows = Vec::new();
-    for &sp in &sps {
+    // Each repeat prefills the same prompt into an empty ring; its figures are the
+    // difference of the workers' counters around it.
+    let measure = |s: &mut RingSession| -> Result<(Vec<f64>, Vec<WorkerStats>)> {
         let mut secs = Vec::new();
         let mut last = Vec::new();
         for _ in 0..a.repeats {
-            let (t, stats) = lwm::ring::with_thread_ring(&engine.model, sp, opts, |s| {
-                let t0 = Instant::now();
-                s.prefill(&ids, a.model.prefill_chunk, |_| {})?;
-                let t = t0.elapsed().as_secs_f64();
-                Ok((t, s.stats()?))
-            })?;
-            secs.push(t);
-            last = stats;
+            s.clear()?;
+            let before = s.stats()?;
+            let t0 = Instant::now();
+            s.prefill(&ids, a.model.prefill_chunk, |_| {})?;
+            secs.push(t0.elapsed().as_secs_f64());
+            last = s.stats()?;
+            for (w, b) in last.iter_mut().zip(&before) {
+                w.times.compute_secs -= b.times.compute_secs;
+                w.times.wait_secs -= b.times.wait_secs;
+                w.times.blocks -= b.times.blocks;
+                w.times.bytes_sent -= b.times.bytes_sent;
+            }
         }
+        Ok((secs, last))
+    };
+    let mut rows = Vec::new();
+    for &sp in &sps {
+        let (secs, last) = match world {
+            None => lwm::ring::with_thread_ring(&engine.model, sp, opts, measure)?,
+            Some(n) => match run_mpi(&engine, n, opts, measure)? {
+                Role::Root(r) => r,
+                // The other ranks served rank 0's prefills; only rank 0 prints.
+                _ => return Ok(()),
+            },
+        };
         let (lo, med, hi) = spread(&secs);
         let kv: Vec<usize> = last.iter().map(|s| s.kv_bytes).collect();
         let blocks: usize = last.iter().map(|s| s.times.blocks).sum::<usize>().max(1);
@@ -238,6 +267,15 @@ pub fn bench(a: RingBenchArgs) -> Result<()> {
             "compute_ms_per_block": 1e3 * compute / blocks as f64,
             "wait_ms_per_block": 1e3 * wait / blocks as f64,
             "bytes_per_block": sent as f64 / blocks as f64,
+            "transport": if world.is_some() { "mpi" } else { "threads" },
+            "prefill_chunk": a.model.prefill_chunk,
+            "per_worker": last.iter().map(|w| serde_json::json!({
+                "rank": w.rank,
+                "blocks": w.times.blocks,
+                "compute_secs": w.times.compute_secs,
+                "wait_secs": w.times.wait_secs,
+                "bytes_sent": w.times.bytes_sent,
+            })).collect::<Vec<_>>(),
         });
         if !a.json {
             println!(
