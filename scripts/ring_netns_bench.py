@@ -5,7 +5,7 @@ Every rank runs in its own host (scripts/netns-hosts.sh), MPI over TCP on veth l
 egress is limited by tbf. For each ring size, link rate, prompt length and prefill chunk it
 runs `mpirun ... lwm ring-bench --json` and records prefill time and, per worker, attention
 compute vs wait per key/value block and bytes sent, next to what docs/scaling.md's condition
-predicts for the wait (transfer per block minus compute per block, if positive).
+predicts for the wait (a shard's transfer time minus a step's compute, if positive).
 
     sudo python3 scripts/ring_netns_bench.py --lwm target/release/lwm --model default \\
         --sp 2,4 --rates off,1gbit,300mbit,100mbit --tokens 4096 --chunks 4096,256 \\
@@ -81,7 +81,11 @@ def main():
                         per_block_bytes = run["bytes_per_block"]
                         b = rate_bytes(rate)
                         compute_ms = run["compute_ms_per_block"]
-                        predicted = None if b is None else max(0.0, 1e3 * per_block_bytes / b - compute_ms)
+                        # Per layer sp steps, sp - 1 of them hand on a shard of S bytes; the
+                        # transfer of step s + 1's shard runs during step s's compute, so each
+                        # of those waits max(0, S/B - compute). Averaged over the sp blocks.
+                        shard = per_block_bytes * sp / (sp - 1)
+                        predicted = None if b is None else (sp - 1) / sp * max(0.0, 1e3 * shard / b - compute_ms)
                         row = {"sp": sp, "rate": rate, "tokens": tokens, "prefill_chunk": chunk,
                                "prefill_secs": run["prefill_secs"], "tok_s": run["tokens_per_sec_median"],
                                "compute_ms_per_block": compute_ms, "wait_ms_per_block": run["wait_ms_per_block"],
