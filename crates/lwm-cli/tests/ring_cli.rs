@@ -2,20 +2,10 @@
 //! processes started by mpirun) prints what one worker prints, and bad meshes or dead
 //! workers end in one clear error.
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{default_model, lwm};
-
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "lwm failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::{default_model, long_logits_args, lwm, ok_stdout as stdout, strs};
 
 const PROMPT: &str =
     "The ring passes keys and values from worker to worker while each computes, so";
@@ -63,21 +53,6 @@ fn logits_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     ];
     v.extend_from_slice(extra);
     v
-}
-
-/// `lwm logits` on a ~2000-token prompt (several key blocks per worker), top-20 as JSON.
-fn long_logits_args(model: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["logits", "-m", model, "--json", "--top", "20", "-t", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    v.extend(["-p".to_string(), common::records(110)]);
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// The cases: both numerics, the KV types f16 (the default), q8_0 and f32, and
@@ -165,7 +140,7 @@ fn bad_meshes_are_refused_with_the_reason() {
 mod mpi {
     use super::common::{needle_answers, needle_small_grid_args};
     use super::*;
-    use std::process::Command;
+    use std::process::{Command, Output};
 
     fn mpirun(n: usize, env: &[(&str, &str)], args: &[&str]) -> Output {
         let mut c = Command::new("mpirun");

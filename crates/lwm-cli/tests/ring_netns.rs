@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{default_model, lwm};
+use common::{default_model, long_logits_args, lwm, ok_stdout, strs};
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns-hosts.sh")
@@ -267,16 +267,6 @@ fn short(s: &str) -> String {
 const PROMPT: &str =
     "The ring passes keys and values from worker to worker while each computes, so";
 
-fn long_logits_args(model: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["logits", "-m", model, "--json", "--top", "20", "-t", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    v.extend(["-p".to_string(), common::records(110)]);
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
 fn generate_args<'a>(model: &'a str, n: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "generate",
@@ -297,21 +287,42 @@ fn generate_args<'a>(model: &'a str, n: &'a str, extra: &[&'a str]) -> Vec<&'a s
     v
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn ok_stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "lwm failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// The fault bound of the issue: every rank ended, one error, within 10 s of the fault.
 const FAULT_LIMIT: Duration = Duration::from_secs(10);
+
+/// The issue's bound on a fault: the job failed, within 10 s of the fault, and nothing is
+/// left running in any host. `printed` says whether the answer may have begun (a stream).
+/// Returns stderr (without the prompt echoed back).
+fn ended_by_fault(hosts: &Hosts, job: &mut Job, what: &str, printed: bool) -> String {
+    let (status, took) = job.finish(FAULT_LIMIT);
+    let err = short(&job.stderr());
+    assert!(!status.success(), "{what}: {err}");
+    if !printed {
+        assert!(
+            job.stdout().trim().is_empty(),
+            "{what}: partial output: {}",
+            job.stdout()
+        );
+    }
+    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{what}: {err}");
+    println!("{what}: the job ended {took:?} after the fault");
+    err
+}
+
+/// Hosts for one test when this machine can make them (the model fetched, namespaces
+/// allowed), holding the one-at-a-time lock.
+fn hosts_for(
+    name: &str,
+    n: usize,
+    net: u8,
+) -> Option<(String, std::sync::MutexGuard<'static, ()>, Hosts)> {
+    let model = default_model()?;
+    if !available() {
+        return None;
+    }
+    let one = serial();
+    Some((model, one, Hosts::up(name, n, net)))
+}
 
 /// Across hosts the ring computes one worker's logits bit for bit (a ~2000-token prompt,
 /// several key blocks per worker) and one worker's greedy text, for sp = 2, 3, 4, and its
@@ -355,12 +366,9 @@ fn across_hosts_sp_2_3_4_print_one_workers_logits_and_text() {
 /// its host and ends every rank; nothing was printed.
 #[test]
 fn a_rank_killed_mid_prefill_is_named_and_the_job_ends() {
-    let Some(model) = default_model() else { return };
-    if !available() {
+    let Some((model, _one, hosts)) = hosts_for("lwmkp", 3, 82) else {
         return;
-    }
-    let _one = serial();
-    let hosts = Hosts::up("lwmkp", 3, 82);
+    };
     let from = hosts.sent(1);
     let mut job = hosts.mpirun(
         3,
@@ -368,30 +376,18 @@ fn a_rank_killed_mid_prefill_is_named_and_the_job_ends() {
     );
     hosts.wait_sent(&mut job, 1, from, 4 << 20);
     hosts.kill_rank(1);
-    let (status, took) = job.finish(FAULT_LIMIT);
-    let err = short(&job.stderr());
-    assert!(!status.success(), "{err}");
+    let err = ended_by_fault(&hosts, &mut job, "rank killed mid-prefill", false);
     assert!(err.contains("rank 1"), "names the rank: {err}");
     assert!(err.contains(&hosts.addr(1)), "names the host: {err}");
-    assert!(
-        job.stdout().trim().is_empty(),
-        "partial output: {}",
-        job.stdout()
-    );
-    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
-    println!("rank killed mid-prefill: the job ended {took:?} after the kill");
 }
 
 /// A rank killed while the ring decodes: the tokens already streamed stay, the job ends
 /// within the bound with the rank named, and the answer is not passed off as complete.
 #[test]
 fn a_rank_killed_mid_decode_is_named_and_the_job_ends() {
-    let Some(model) = default_model() else { return };
-    if !available() {
+    let Some((model, _one, hosts)) = hosts_for("lwmkd", 2, 83) else {
         return;
-    }
-    let _one = serial();
-    let hosts = Hosts::up("lwmkd", 2, 83);
+    };
     let mut job = hosts.mpirun(
         2,
         &generate_args(&model, "400", &["--mesh-dim", "1,1,1,2", "--ignore-eos"]),
@@ -403,24 +399,17 @@ fn a_rank_killed_mid_decode_is_named_and_the_job_ends() {
         std::thread::sleep(Duration::from_millis(20));
     }
     hosts.kill_rank(1);
-    let (status, took) = job.finish(FAULT_LIMIT);
-    let err = short(&job.stderr());
-    assert!(!status.success(), "{err}");
+    let err = ended_by_fault(&hosts, &mut job, "rank killed mid-decode", true);
     assert!(err.contains("rank 1"), "names the rank: {err}");
-    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
-    println!("rank killed mid-decode: the job ended {took:?} after the kill");
 }
 
 /// A link cut in the middle of the ring (its host's cable pulled): mpirun loses that
 /// host's daemon and names it; the ranks that waited on it end too.
 #[test]
 fn a_link_cut_mid_ring_is_named_and_the_job_ends() {
-    let Some(model) = default_model() else { return };
-    if !available() {
+    let Some((model, _one, hosts)) = hosts_for("lwmcut", 3, 84) else {
         return;
-    }
-    let _one = serial();
-    let hosts = Hosts::up("lwmcut", 3, 84);
+    };
     let from = hosts.sent(1);
     let mut job = hosts.mpirun(
         3,
@@ -431,42 +420,21 @@ fn a_link_cut_mid_ring_is_named_and_the_job_ends() {
     );
     hosts.wait_sent(&mut job, 1, from, 4 << 20);
     hosts.cut(1);
-    let (status, took) = job.finish(FAULT_LIMIT);
-    let err = short(&job.stderr());
-    assert!(!status.success(), "{err}");
+    let err = ended_by_fault(&hosts, &mut job, "link cut mid-ring", false);
     assert!(err.contains(&hosts.addr(1)), "names the host: {err}");
-    assert!(
-        job.stdout().trim().is_empty(),
-        "partial output: {}",
-        job.stdout()
-    );
-    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
-    println!("link cut mid-ring: the job ended {took:?} after the cut");
 }
 
 /// A host that never starts (unreachable when mpirun launches): the job fails at once,
 /// naming the host, and the daemons already started on the others are gone.
 #[test]
 fn a_host_that_never_starts_is_named() {
-    let Some(model) = default_model() else { return };
-    if !available() {
+    let Some((model, _one, hosts)) = hosts_for("lwmoff", 3, 85) else {
         return;
-    }
-    let _one = serial();
-    let hosts = Hosts::up("lwmoff", 3, 85);
+    };
     hosts.power_off(2);
     let mut job = hosts.mpirun(3, &generate_args(&model, "4", &["--mesh-dim", "1,1,1,3"]));
-    let (status, took) = job.finish(FAULT_LIMIT);
-    let err = short(&job.stderr());
-    assert!(!status.success(), "{err}");
+    let err = ended_by_fault(&hosts, &mut job, "host never started", false);
     assert!(err.contains(&hosts.addr(2)), "names the host: {err}");
-    assert!(
-        job.stdout().trim().is_empty(),
-        "partial output: {}",
-        job.stdout()
-    );
-    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
-    println!("host never started: the job ended after {took:?}");
 }
 
 /// `lwm train` under mpirun across hosts with a rank killed mid-run: the job ends within the
@@ -529,11 +497,8 @@ fn training_with_a_rank_killed_keeps_the_last_good_checkpoint() {
         std::thread::sleep(Duration::from_millis(10));
     }
     hosts.kill_rank(1);
-    let (status, took) = job.finish(FAULT_LIMIT);
-    let err = short(&job.stderr());
-    assert!(!status.success(), "{err}");
+    let err = ended_by_fault(&hosts, &mut job, "training rank killed", true);
     assert!(err.contains("rank 1"), "names the rank: {err}");
-    assert_eq!(hosts.leftovers(), Vec::<String>::new(), "{err}");
     let kept = std::fs::read_to_string(&latest).unwrap();
     let at = step_of(&kept);
     assert!((5..STEPS).contains(&at), "latest = {kept}");
@@ -541,7 +506,7 @@ fn training_with_a_rank_killed_keeps_the_last_good_checkpoint() {
     for f in ["state.json", "model.safetensors", "optimizer.safetensors"] {
         assert!(ckpt.join(f).is_file(), "{} lacks {f}", ckpt.display());
     }
-    println!("training: rank killed after checkpoint {at}; the job ended {took:?} after the kill");
+    println!("training: rank killed after checkpoint {at}");
 
     let mut args = train("mpi");
     args.push("--resume".into());

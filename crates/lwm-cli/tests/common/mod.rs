@@ -185,3 +185,28 @@ pub fn tiny_train_config(out: &str, steps: u64, save_every: u64) -> String {
          query_chunk = 16\nkey_chunk = 16\nout_dir = \"{out}\"\n"
     )
 }
+
+/// `lwm logits` on a ~2000-token prompt (several ring key blocks per worker), top-20 as JSON.
+pub fn long_logits_args(model: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["logits", "-m", model, "--json", "--top", "20", "-t", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(["-p".to_string(), records(110)]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A command's stdout, after checking that it succeeded.
+pub fn ok_stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "lwm failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
