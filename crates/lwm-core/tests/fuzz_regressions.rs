@@ -142,3 +142,16 @@ fn token_embedding_without_dimensions_is_an_error() {
     let e = format!("{:#}", g.config().unwrap_err());
     assert!(e.contains("'token_embd.weight' has no dimensions"), "{e}");
 }
+
+#[test]
+fn tensor_without_elements_is_refused() {
+    // Found by the gguf fuzz target (debug assertions on): a 0-element F32 tensor made
+    // candle build a slice of f32 from the empty buffer's dangling, unaligned pointer
+    // (`slice::from_raw_parts` precondition) when the tensor was loaded.
+    let f = gguf(&[], &[("output_norm.weight", &[0], 0, 0)], &[0; 32]);
+    let e = open_err("empty.gguf", &f);
+    assert!(
+        e.contains("tensor 'output_norm.weight' has shape [0], which holds no elements"),
+        "{e}"
+    );
+}

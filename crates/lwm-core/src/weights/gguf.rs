@@ -201,6 +201,14 @@ impl GgufFile {
                     path.display()
                 );
             };
+            // candle views a tensor's bytes as a slice of its blocks; an empty buffer has
+            // no aligned address, which trips the slice's precondition (undefined behaviour).
+            if elems == 0 {
+                bail!(
+                    "{}: tensor '{name}' has shape {dims:?}, which holds no elements",
+                    path.display()
+                );
+            }
             if !elems.is_multiple_of(dtype.block_size()) {
                 bail!("{}: tensor '{name}' has {elems} elements, not a multiple of the {dtype:?} block size", path.display());
             }
