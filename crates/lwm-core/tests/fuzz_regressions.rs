@@ -32,7 +32,7 @@ fn gguf(
         v.extend(t.to_le_bytes());
         v.extend(off.to_le_bytes());
     }
-    while v.len() % 32 != 0 {
+    while !v.len().is_multiple_of(32) {
         v.push(0);
     }
     v.extend(data);
