@@ -1,3 +1,4 @@
+#![allow(dead_code)] // not every target uses every helper
 // Shared by the targets (`#[path]`-included): a per-process scratch directory on tmpfs
 // where the input is written for the entry points that take a path.
 use std::path::PathBuf;
