@@ -516,6 +516,43 @@ async fn handle(st: Shared, body: Body, chat: bool) -> Response {
     response
 }
 
+/// Everything the server checks of a request body before it needs a model: the JSON, the
+/// fields (`parse_params`), the messages or prompt, the tools' call grammar, and the chat
+/// rendered through the fallback ChatML template and the LWM format. The request fuzzer
+/// (`fuzz/fuzz_targets/server_request.rs`) runs it on arbitrary bytes; `Err` is the message
+/// a client would get.
+pub fn check_request(body: &[u8], chat: bool, vocab: usize) -> Result<String, String> {
+    use lwm_engine::chat_template::DEFAULT_CHAT_TEMPLATE;
+    let obj = openai::parse_body(body).map_err(|e| e.message)?;
+    let params = openai::parse_params(&obj, chat, vocab).map_err(|e| e.message)?;
+    if !params.tool_schemas.is_empty() {
+        let mode = if params.tool_choice == ToolChoice::Auto {
+            ToolMode::Auto
+        } else {
+            ToolMode::Required
+        };
+        tool_call_grammar(&params.tool_schemas, mode).map_err(|e| format!("tools: {e:#}"))?;
+    }
+    if !chat {
+        return match openai::parse_prompt(&obj, vocab).map_err(|e| e.message)? {
+            Prompt::Text(t) => Ok(t),
+            Prompt::Ids(ids) => Ok(format!("{} token ids", ids.len())),
+        };
+    }
+    let (messages, _images) = openai::parse_messages(&obj).map_err(|e| e.message)?;
+    let chatml = ChatTemplate::jinja(DEFAULT_CHAT_TEMPLATE.into(), "<s>".into(), "</s>".into())
+        .map_err(|e| format!("{e:#}"))?;
+    let mut out = String::new();
+    for template in [chatml, ChatTemplate::Lwm] {
+        let prepared = template.prepare_tool_chat(&messages, &params.tools);
+        match template.render_with_tools(&prepared, &params.tools, true) {
+            Ok(text) => out.push_str(&text),
+            Err(e) => return Err(format!("cannot render the chat prompt: {e:#}")),
+        }
+    }
+    Ok(out)
+}
+
 /// Render a chat with tools: the template gets `tools` (and its fallbacks, see
 /// `ChatTemplate::prepare_tool_chat`), then the text is tokenized as `Engine::chat_prompt`
 /// does.

@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use std::collections::HashMap;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,9 +83,103 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File, u64)> {
         .metadata()
         .with_context(|| format!("cannot stat model file {}", path.display()))?
         .len();
-    let content = Content::read(&mut std::io::BufReader::new(&file))
+    let mut reader = std::io::BufReader::new(&file);
+    // candle's reader divides by `general.alignment` without checking it: a 0 there would
+    // panic inside candle, so the metadata is walked once first to find it.
+    if general_alignment(&mut reader, file_len) == Some(0) {
+        bail!(
+            "{}: not a readable GGUF file: general.alignment is 0 (it must be a positive power of two)",
+            path.display()
+        );
+    }
+    reader
+        .seek(std::io::SeekFrom::Start(0))
+        .with_context(|| format!("cannot read model file {}", path.display()))?;
+    let content = Content::read(&mut reader)
         .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
     Ok((content, file, file_len))
+}
+
+/// The integer value of `general.alignment` in a GGUF header, found by skipping over the
+/// metadata without keeping it; None where the key is absent or not an integer, or the
+/// header is malformed (candle's reader then names the problem).
+fn general_alignment(r: &mut impl Read, file_len: u64) -> Option<u64> {
+    fn u32_(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn skip(r: &mut impl Read, n: u64) -> Option<()> {
+        (std::io::copy(&mut r.take(n), &mut std::io::sink()).ok()? == n).then_some(())
+    }
+    // Skip one value of type `t`; returns its integer value for the integer types.
+    fn value(r: &mut impl Read, t: u32, v1: bool, depth: usize) -> Option<Option<u64>> {
+        let len = |r: &mut dyn Read| -> Option<u64> {
+            let mut r = r;
+            if v1 {
+                u32_(&mut r).map(u64::from)
+            } else {
+                u64_(&mut r)
+            }
+        };
+        let fixed = |n: u64, r: &mut dyn Read| -> Option<Option<u64>> {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b[..n as usize]).ok()?;
+            Some(Some(u64::from_le_bytes(b)))
+        };
+        match t {
+            0 | 1 | 7 => fixed(1, r),
+            2 | 3 => fixed(2, r),
+            4 | 5 => fixed(4, r),
+            10 | 11 => fixed(8, r),
+            6 => skip(r, 4).map(|_| None),
+            12 => skip(r, 8).map(|_| None),
+            8 => {
+                let n = len(r)?;
+                skip(r, n).map(|_| None)
+            }
+            9 if depth < 64 => {
+                let et = u32_(r)?;
+                let n = len(r)?;
+                for _ in 0..n {
+                    value(r, et, v1, depth + 1)?;
+                }
+                Some(None)
+            }
+            _ => None,
+        }
+    }
+    let mut r = r.take(file_len);
+    if u32_(&mut r)? != 0x4655_4747 {
+        return None;
+    }
+    let v1 = u32_(&mut r)? == 1;
+    let count = |r: &mut std::io::Take<&mut _>| if v1 { u32_(r).map(u64::from) } else { u64_(r) };
+    let _tensors = count(&mut r)?;
+    let kvs = count(&mut r)?;
+    for _ in 0..kvs {
+        let n = count(&mut r)?;
+        let mut key = Vec::new();
+        (&mut r).take(n).read_to_end(&mut key).ok()?;
+        if key.len() as u64 != n {
+            return None;
+        }
+        let t = u32_(&mut r)?;
+        let v = value(&mut r, t, v1, 0)?;
+        if key == b"general.alignment" {
+            // candle reads 8-bit to 32-bit integers (signed ones when not negative) here.
+            return match t {
+                0..=5 => v,
+                _ => None,
+            };
+        }
+    }
+    None
 }
 
 impl GgufFile {
@@ -99,18 +194,41 @@ impl GgufFile {
                     path.display()
                 );
             }
-            let elems = info.shape.elem_count();
+            let dims = info.shape.dims();
+            let Some(elems) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+                bail!(
+                    "{}: tensor '{name}' has shape {dims:?}, whose element count overflows",
+                    path.display()
+                );
+            };
+            // candle views a tensor's bytes as a slice of its blocks; an empty buffer has
+            // no aligned address, which trips the slice's precondition (undefined behaviour).
+            if elems == 0 {
+                bail!(
+                    "{}: tensor '{name}' has shape {dims:?}, which holds no elements",
+                    path.display()
+                );
+            }
             if !elems.is_multiple_of(dtype.block_size()) {
                 bail!("{}: tensor '{name}' has {elems} elements, not a multiple of the {dtype:?} block size", path.display());
             }
-            let bytes = (elems / dtype.block_size() * dtype.type_size()) as u64;
-            let start = content.tensor_data_offset + info.offset;
-            if start + bytes > file_len {
-                bail!(
-                    "{}: file is truncated or corrupt: tensor '{name}' needs bytes {start}..{} but the file has {file_len} bytes",
+            let bytes = (elems / dtype.block_size()).checked_mul(dtype.type_size());
+            let start = content.tensor_data_offset.checked_add(info.offset);
+            let end = match (start, bytes) {
+                (Some(s), Some(b)) => s.checked_add(b as u64),
+                _ => None,
+            };
+            match (start, end) {
+                (Some(start), Some(end)) if end > file_len => bail!(
+                    "{}: file is truncated or corrupt: tensor '{name}' needs bytes {start}..{end} but the file has {file_len} bytes",
+                    path.display()
+                ),
+                (_, None) => bail!(
+                    "{}: file is corrupt: tensor '{name}' ({elems} elements of {dtype:?} at offset {} of the data section) ends past any possible file size",
                     path.display(),
-                    start + bytes
-                );
+                    info.offset
+                ),
+                _ => {}
             }
             if let Some(c) = canonical_name(name) {
                 names.insert(c, name.clone());
@@ -194,7 +312,8 @@ impl GgufFile {
             .with_context(|| format!("{p}: tensor 'token_embd.weight' is missing"))?;
         let vocab = self
             .meta_usize(&format!("{arch}.vocab_size"))
-            .unwrap_or(embd.shape.dims()[0]);
+            .or(embd.shape.dims().first().copied())
+            .with_context(|| format!("{p}: tensor 'token_embd.weight' has no dimensions"))?;
         let rope_scaling = match self
             .meta_str(&format!("{arch}.rope.scaling.type"))
             .as_deref()

@@ -67,7 +67,7 @@ struct Pickle<'a> {
 
 impl<'a> Pickle<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos + n > self.data.len() {
+        if n > self.data.len() - self.pos {
             bail!(
                 "pickle is truncated: {n} bytes wanted at offset {} of {}",
                 self.pos,
@@ -183,12 +183,14 @@ fn build(target: &Val, state: &Val) -> Result<()> {
             let Val::Bytes(raw) = &*s[4] else {
                 bail!("numpy array data is not bytes");
             };
-            let numel: usize = shape.iter().product();
-            if raw.len() != numel * 4 {
+            let bytes = shape
+                .iter()
+                .try_fold(4usize, |n, &d| n.checked_mul(d))
+                .with_context(|| format!("numpy array shape {shape:?} is too large"))?;
+            if raw.len() != bytes {
                 bail!(
-                    "numpy array of shape {shape:?} holds {} bytes, expected {}",
-                    raw.len(),
-                    numel * 4
+                    "numpy array of shape {shape:?} holds {} bytes, expected {bytes}",
+                    raw.len()
                 );
             }
             let data = raw
@@ -210,7 +212,7 @@ pub fn load_arrays(bytes: &[u8]) -> Result<BTreeMap<String, NdArray>> {
         pos: 0,
     };
     let mut stack: Vec<Rc<Val>> = Vec::new();
-    let mut memo: BTreeMap<u64, Rc<Val>> = BTreeMap::new();
+    let mut memo = Memo(BTreeMap::new());
     let pop = |stack: &mut Vec<Rc<Val>>| stack.pop().context("pickle stack underflow");
     let pop_mark = |stack: &mut Vec<Rc<Val>>| -> Result<Vec<Rc<Val>>> {
         let m = stack
@@ -380,14 +382,82 @@ pub fn load_arrays(bytes: &[u8]) -> Result<BTreeMap<String, NdArray>> {
         }
     };
     let mut out = BTreeMap::new();
-    flatten(&root, String::new(), &mut out)?;
+    let mut budget = bytes.len();
+    flatten(&root, String::new(), 0, &mut budget, &mut out)?;
     if out.is_empty() {
         bail!("the pickle holds no arrays");
     }
     Ok(out)
 }
 
-fn flatten(v: &Val, prefix: String, out: &mut BTreeMap<String, NdArray>) -> Result<()> {
+/// The memo of a pickle being read. A dict or list can hold itself through the memo
+/// (`}q\0h\0h\0s`); dropping the memo empties every memoized dict and list, which breaks
+/// every such cycle (a cycle needs a memo reference), so nothing leaks.
+struct Memo(BTreeMap<u64, Rc<Val>>);
+
+impl std::ops::Deref for Memo {
+    type Target = BTreeMap<u64, Rc<Val>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Memo {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Memo {
+    fn drop(&mut self) {
+        for v in self.0.values() {
+            match &**v {
+                Val::List(l) => l.borrow_mut().clear(),
+                Val::Dict(d) => d.borrow_mut().clear(),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Val {
+    /// Without recursion: a pickle can nest tuples a million deep (`N` then `\x85`s),
+    /// more than the stack holds for a recursive drop.
+    fn drop(&mut self) {
+        let mut todo: Vec<Rc<Val>> = Vec::new();
+        let take = |v: &mut Val, todo: &mut Vec<Rc<Val>>| match v {
+            Val::Tuple(items) => todo.append(items),
+            Val::List(items) => todo.append(items.get_mut()),
+            Val::Dict(items) => todo.extend(items.get_mut().drain(..).flat_map(|(k, v)| [k, v])),
+            _ => {}
+        };
+        take(self, &mut todo);
+        while let Some(v) = todo.pop() {
+            if let Ok(mut v) = Rc::try_unwrap(v) {
+                take(&mut v, &mut todo);
+            }
+        }
+    }
+}
+
+/// Nesting accepted in the pickled tree (VQGAN params are 3-4 levels deep).
+const MAX_DEPTH: usize = 64;
+
+/// Collect the arrays under `v`. `budget` is what is left of the file's byte count: an
+/// array memoized once and referenced many times would otherwise be copied each time,
+/// without bound.
+fn flatten(
+    v: &Val,
+    prefix: String,
+    depth: usize,
+    budget: &mut usize,
+    out: &mut BTreeMap<String, NdArray>,
+) -> Result<()> {
+    if depth > MAX_DEPTH {
+        bail!(
+            "pickle nests containers more than {MAX_DEPTH} deep at '{prefix}' (or a dict/list contains itself)"
+        );
+    }
     let join = |k: &str| {
         if prefix.is_empty() {
             k.to_string()
@@ -403,17 +473,17 @@ fn flatten(v: &Val, prefix: String, out: &mut BTreeMap<String, NdArray>) -> Resu
                     Val::Int(i) => i.to_string(),
                     other => bail!("pickle dict key is a {}", kind(other)),
                 };
-                flatten(x, join(&key), out)?;
+                flatten(x, join(&key), depth + 1, budget, out)?;
             }
         }
         Val::Tuple(items) => {
             for (i, x) in items.iter().enumerate() {
-                flatten(x, join(&i.to_string()), out)?;
+                flatten(x, join(&i.to_string()), depth + 1, budget, out)?;
             }
         }
         Val::List(items) => {
             for (i, x) in items.borrow().iter().enumerate() {
-                flatten(x, join(&i.to_string()), out)?;
+                flatten(x, join(&i.to_string()), depth + 1, budget, out)?;
             }
         }
         Val::Array(a) => {
@@ -421,6 +491,11 @@ fn flatten(v: &Val, prefix: String, out: &mut BTreeMap<String, NdArray>) -> Resu
                 .borrow()
                 .clone()
                 .context("numpy array without data (no BUILD)")?;
+            let bytes = arr.data.len() * 4;
+            if bytes > *budget {
+                bail!("pickle refers to its arrays more often than its size allows (shared arrays at '{prefix}' and elsewhere hold more data than the file)");
+            }
+            *budget -= bytes;
             out.insert(prefix, arr);
         }
         other => bail!(
