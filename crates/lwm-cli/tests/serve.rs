@@ -147,3 +147,75 @@ fn a_request_beyond_memory_is_refused_by_type_and_the_server_keeps_serving_like_
     assert!(!served.is_empty());
     assert_eq!(generated.strip_suffix('\n').unwrap_or(&generated), served);
 }
+
+/// The value of an unlabelled Prometheus sample in /metrics.
+fn metric(url: &str, name: &str) -> u64 {
+    let (status, text) = common::http(url, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// (KV bytes held, KV bytes reserved) once the engine is idle: it publishes its gauges at
+/// the end of a step, just after the last answer went out, so wait for them to settle.
+fn idle_kv_bytes(url: &str) -> (u64, u64) {
+    let t0 = Instant::now();
+    loop {
+        let held = metric(url, "lwm_kv_cache_bytes");
+        let reserved = metric(url, "lwm_kv_cache_reserved_bytes");
+        let settled = metric(url, "lwm_active_requests") == 0 && reserved == held;
+        if settled || t0.elapsed().as_secs() > 10 {
+            return (held, reserved);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Found by the soak (docs/bench/soak-2026-12-07.md): a reused KV cache kept the room an
+/// earlier, longer request had reserved (truncating a cache kept its capacity, and idle
+/// caches kept their request's reservation), so once long prompts had passed through, every
+/// cache in circulation held a long prompt's worth of memory and RSS climbed for minutes.
+/// Now an idle cache holds its rows only, and a request's cache holds what it needs.
+#[test]
+fn reused_caches_do_not_keep_an_earlier_longer_reservation() {
+    let Some(model) = default_model() else { return };
+    let (_server, url) = start_server(&model, &[]);
+    let chat = |content: &str, max_tokens: usize| {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": content}],
+                                      "max_tokens": max_tokens, "temperature": 0});
+        let (status, reply) = post(&url, "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 200, "{reply}");
+    };
+    // A long document with a long reservation, then short chats: each takes the idle
+    // cache (they share the chat template's prefix) and gives it back.
+    let doc = "The harbour committee met to review the accounts. ".repeat(250);
+    chat(&format!("{doc}\nSummarise."), 200);
+    let (_, after_long) = idle_kv_bytes(&url);
+    assert!(after_long > 0);
+    for topic in ["bees", "trains", "the sea"] {
+        chat(&format!("One word about {topic}."), 4);
+        // Idle: every cache is in the pool and holds its rows only.
+        let (held, reserved) = idle_kv_bytes(&url);
+        assert_eq!(reserved, held, "idle caches keep unwritten room");
+        assert!(
+            reserved * 4 < after_long,
+            "a short chat's cache holds {reserved} bytes, the long one's {after_long}"
+        );
+    }
+    // And the memory a released long cache held goes back to the OS (glibc kept it in its
+    // arenas: RSS stayed at the high-water mark), round after round.
+    let rss = || metric(&url, "lwm_resident_memory_bytes");
+    for round in 0..2 {
+        chat(&format!("Meeting {round}.\n{doc}\nSummarise."), 8);
+        let (_, long) = idle_kv_bytes(&url);
+        let held = rss();
+        chat("One word about bees.", 4);
+        let (_, short) = idle_kv_bytes(&url);
+        let released = rss();
+        assert!(
+            released + (long - short) / 2 < held,
+            "round {round}: RSS {released} once a {long}-byte cache was released, {held} while held"
+        );
+    }
+}

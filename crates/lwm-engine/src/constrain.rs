@@ -195,12 +195,24 @@ impl GrammarCompiler {
             .factory
             .create_parser(grammar)
             .map_err(|e| anyhow!("invalid {}: {e}", constraint.kind()))?;
-        Ok(Grammar {
+        let grammar = Grammar {
             parser,
             eos_id: self.eos_id,
             unique: Arc::new(unique),
             words: self.words.clone(),
-        })
+        };
+        // A grammar that matches nothing (a schema that only refers to itself, `{"$ref":
+        // "#"}`) compiles, but allows no first token: refuse it here, as the caller's error,
+        // rather than fail the generation's first step (the server's 500).
+        grammar.start().allowed(self.words.len()).map_err(|e| {
+            let why = format!("{e:#}");
+            let why = why.lines().next().unwrap_or_default();
+            anyhow!(
+                "invalid {}: no output can match it ({why})",
+                constraint.kind()
+            )
+        })?;
+        Ok(grammar)
     }
 }
 

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub batched_sequences: AtomicU64,
     pub queue_depth: AtomicU64,
     pub active: AtomicU64,
+    /// KV bytes written, and reserved (written or not), by the caches of the requests in
+    /// flight and the idle caches kept for prefix reuse.
+    pub kv_bytes: AtomicU64,
+    pub kv_reserved_bytes: AtomicU64,
     pub request_seconds: Histogram,
     pub queue_wait: Histogram,
     pub time_to_first_token: Histogram,
@@ -78,6 +82,8 @@ impl Default for Metrics {
             batched_sequences: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             active: AtomicU64::new(0),
+            kv_bytes: AtomicU64::new(0),
+            kv_reserved_bytes: AtomicU64::new(0),
             request_seconds: Histogram::new(LATENCY_BOUNDS),
             queue_wait: Histogram::new(LATENCY_BOUNDS),
             time_to_first_token: Histogram::new(LATENCY_BOUNDS),
@@ -135,6 +141,16 @@ impl Metrics {
                 "lwm_active_requests",
                 "Requests being generated.",
                 &self.active,
+            ),
+            (
+                "lwm_kv_cache_bytes",
+                "KV bytes held by the caches of the requests in flight and the idle caches.",
+                &self.kv_bytes,
+            ),
+            (
+                "lwm_kv_cache_reserved_bytes",
+                "KV bytes reserved (held or not yet written) by those caches.",
+                &self.kv_reserved_bytes,
             ),
         ];
         for (name, help, v) in gauges {

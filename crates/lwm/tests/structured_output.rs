@@ -202,4 +202,10 @@ fn invalid_constraints_are_errors_not_panics() {
         let e = engine.compile_constraint(&c).unwrap_err();
         assert!(!format!("{e:#}").is_empty());
     }
+    // Compiles in llguidance but matches nothing: refused at compile time (the server's
+    // 400), not at the generation's first step (it was a 500 there).
+    let e = engine
+        .compile_constraint(&Constraint::JsonSchema(serde_json::json!({"$ref": "#"})))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("no output can match"), "{e:#}");
 }

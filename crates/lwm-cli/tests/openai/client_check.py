@@ -220,6 +220,12 @@ expect_api_error("messages wrong type", 400, lambda: client.chat.completions.cre
 expect_api_error("invalid schema", 400, lambda: client.chat.completions.create(
     model=MODEL, messages=msgs,
     response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "minItems": 4, "maxItems": 1}}}))
+# A schema that matches nothing (it only refers to itself) compiles in llguidance: it must
+# be a 400 before generation starts, streamed or not (it was a 500, found by the soak).
+for stream in (False, True):
+    expect_api_error(f"schema matching nothing (stream={stream})", 400, lambda: client.chat.completions.create(
+        model=MODEL, messages=msgs, stream=stream,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}))
 expect_api_error("prompt over context", 400, lambda: client.completions.create(model=MODEL, prompt="word " * 10000, max_tokens=1))
 expect_api_error("max_tokens over limit", 400, lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=10**9))
 

@@ -92,18 +92,33 @@ impl KvCache {
         self.tokens.is_empty()
     }
 
-    /// Reserve room for `tokens` tokens in total, so growth never doubles a buffer.
+    /// Reserve room for `tokens` tokens in total, so growth never doubles a buffer. Room
+    /// beyond that (and beyond the rows held), left by an earlier, longer use of a reused
+    /// cache, is released: a short request in a cache a long prompt once filled holds (and
+    /// is charged by the memory plan for) only what it needs.
     pub fn reserve_total(&mut self, tokens: usize) {
         let (kb, vb) = (
             self.types.k.row_bytes(self.head_dim),
             self.types.v.row_bytes(self.head_dim),
         );
         for l in &mut self.layers {
-            for b in &mut l.k {
-                b.reserve_exact((tokens * kb).saturating_sub(b.len()));
+            for (bufs, rb) in [(&mut l.k, kb), (&mut l.v, vb)] {
+                for b in bufs {
+                    let want = (tokens * rb).max(b.len());
+                    if b.capacity() > want {
+                        b.shrink_to(want);
+                    }
+                    b.reserve_exact(want - b.len());
+                }
             }
-            for b in &mut l.v {
-                b.reserve_exact((tokens * vb).saturating_sub(b.len()));
+        }
+    }
+
+    /// Release the room reserved beyond the rows held (a cache kept idle for prefix reuse).
+    pub fn shrink_to_fit(&mut self) {
+        for l in &mut self.layers {
+            for b in l.k.iter_mut().chain(&mut l.v) {
+                b.shrink_to_fit();
             }
         }
     }
@@ -384,6 +399,28 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reused cache holds what its current use needs, not what a longer earlier use
+    /// reserved (the server's pool kept every cache a long prompt had grown: RSS climbed
+    /// through a soak).
+    #[test]
+    fn reserve_total_releases_room_beyond_the_new_total() {
+        let mut c = filled(3);
+        c.reserve_total(1000);
+        assert_eq!(c.unfilled_bytes(), 4 * (1000 - 3) * 4 * 4);
+        c.truncate(2);
+        c.reserve_total(10);
+        assert_eq!(c.unfilled_bytes(), 4 * (10 - 2) * 4 * 4);
+        assert!(c.layers[0].k.iter().all(|b| b.capacity() == 10 * 4 * 4));
+        // Never below the rows held.
+        c.reserve_total(1);
+        assert_eq!(c.unfilled_bytes(), 0);
+        assert_eq!(c.len(), 2);
+        c.reserve_total(100);
+        c.shrink_to_fit();
+        assert_eq!(c.unfilled_bytes(), 0);
+        assert_eq!(c.positions(0, 1), vec![0, 1]);
+    }
 
     /// A 1-layer, 2-head f32 cache whose row for position p holds p (keys) and -p (values).
     fn filled(n: usize) -> KvCache {
