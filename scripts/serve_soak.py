@@ -605,6 +605,13 @@ def main():
             [s["t"] for s in kv_half], [s["kv_reserved_mib"] for s in kv_half])
         print(f"KV caches reserved: peak {rss['kv_reserved_peak_mib']:.0f} MiB, end of load {rss['kv_reserved_end_mib']:.0f} MiB, "
               f"slope over the last half {rss['kv_reserved_slope_last_half_mib_per_min']:+.2f} MiB/min")
+        if key_rss in kv_pts[0]:
+            # Diagnostic, not a pass/fail: RSS less the KV caches in use, whose size follows
+            # the requests in flight (long prompts come and go), so a leak elsewhere shows.
+            rss["rss_minus_kv_slope_last_half_mib_per_min"] = slope_mib_per_min(
+                [s["t"] for s in kv_half], [s[key_rss] - s["kv_reserved_mib"] for s in kv_half])
+            print(f"RSS less the KV caches: slope over the last half {rss['rss_minus_kv_slope_last_half_mib_per_min']:+.2f} MiB/min "
+                  "(diagnostic)")
     fd_pts = [s for s in series if "fds" in s]
     if fd_pts:
         print(f"fds start {fd_pts[0]['fds']} end {fd_pts[-1]['fds']} max {max(s['fds'] for s in fd_pts)}; "
