@@ -212,7 +212,7 @@ pub fn load_arrays(bytes: &[u8]) -> Result<BTreeMap<String, NdArray>> {
         pos: 0,
     };
     let mut stack: Vec<Rc<Val>> = Vec::new();
-    let mut memo = Memo(BTreeMap::new());
+    let mut memo = Memo(BTreeMap::new(), Vec::new());
     let pop = |stack: &mut Vec<Rc<Val>>| stack.pop().context("pickle stack underflow");
     let pop_mark = |stack: &mut Vec<Rc<Val>>| -> Result<Vec<Rc<Val>>> {
         let m = stack
@@ -363,12 +363,12 @@ pub fn load_arrays(bytes: &[u8]) -> Result<BTreeMap<String, NdArray>> {
             0x94 => {
                 let v = stack.last().context("pickle stack underflow")?.clone();
                 let idx = memo.len() as u64;
-                memo.insert(idx, v);
+                memo.put(idx, v);
             }
             b'q' | b'r' => {
                 let idx = if op == b'q' { p.le(1)? } else { p.le(4)? };
                 let v = stack.last().context("pickle stack underflow")?.clone();
-                memo.insert(idx, v);
+                memo.put(idx, v);
             }
             b'h' | b'j' => {
                 let idx = if op == b'h' { p.le(1)? } else { p.le(4)? };
@@ -392,8 +392,18 @@ pub fn load_arrays(bytes: &[u8]) -> Result<BTreeMap<String, NdArray>> {
 
 /// The memo of a pickle being read. A dict or list can hold itself through the memo
 /// (`}q\0h\0h\0s`); dropping the memo empties every memoized dict and list, which breaks
-/// every such cycle (a cycle needs a memo reference), so nothing leaks.
-struct Memo(BTreeMap<u64, Rc<Val>>);
+/// every such cycle (a cycle needs a memo reference), so nothing leaks. Values a later PUT
+/// replaced are kept for that too (a list memoized, made to hold itself, then its slot
+/// reused: found by the fuzzer, `fuzz/found/vqgan_pickle-leak-self-list`).
+struct Memo(BTreeMap<u64, Rc<Val>>, Vec<Rc<Val>>);
+
+impl Memo {
+    fn put(&mut self, idx: u64, v: Rc<Val>) {
+        if let Some(old) = self.0.insert(idx, v) {
+            self.1.push(old);
+        }
+    }
+}
 
 impl std::ops::Deref for Memo {
     type Target = BTreeMap<u64, Rc<Val>>;
@@ -410,7 +420,7 @@ impl std::ops::DerefMut for Memo {
 
 impl Drop for Memo {
     fn drop(&mut self) {
-        for v in self.0.values() {
+        for v in self.0.values().chain(&self.1) {
             match &**v {
                 Val::List(l) => l.borrow_mut().clear(),
                 Val::Dict(d) => d.borrow_mut().clear(),
