@@ -219,3 +219,57 @@ fn reused_caches_do_not_keep_an_earlier_longer_reservation() {
         );
     }
 }
+
+/// SIGTERM (how systemd, Docker and Kubernetes stop a service) is a graceful shutdown, as
+/// Ctrl-C is: the request in flight is answered in full, then the server exits 0. Before,
+/// only Ctrl-C was handled and SIGTERM killed the process mid-answer.
+#[cfg(unix)]
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
+    let Some(model) = default_model() else {
+        return;
+    };
+    let (mut server, url) = start_server(&model, &[]);
+    let pid = server.0.id().to_string();
+    let body = r#"{"messages":[{"role":"user","content":"Count from one to fifty in words."}],
+        "max_tokens":300,"temperature":0,"ignore_eos":true}"#;
+    let asker = {
+        let url = url.clone();
+        std::thread::spawn(move || post(&url, "/v1/chat/completions", body))
+    };
+    // Wait until the request is being generated (the scheduler holds it), then signal.
+    let t0 = Instant::now();
+    while common::http(&url, "GET", "/metrics", None)
+        .1
+        .lines()
+        .all(|l| !l.starts_with("lwm_active_requests 1"))
+    {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the request never became active"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let kill = Command::new("kill").args(["-TERM", &pid]).status();
+    if !kill.is_ok_and(|s| s.success()) {
+        eprintln!("note: no `kill` to send SIGTERM with; skipping");
+        return;
+    }
+    let (status, answer) = asker.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 300, "{answer}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{answer}");
+    let t1 = Instant::now();
+    let code = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            t1.elapsed().as_secs() < 20,
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+}

@@ -198,10 +198,7 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
         // Tests and scripts wait for this line.
         eprintln!("lwm serve: model '{model_id}' listening on http://{local}");
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-                eprintln!("lwm serve: shutting down");
-            })
+            .with_graceful_shutdown(shutdown_signal())
             .await
             .context("server failed")
     })?;
@@ -209,6 +206,29 @@ pub fn run(engine: Engine, a: ServerOptions) -> Result<()> {
     drop(rt);
     let _ = engine_thread.join();
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what systemd, Docker and Kubernetes send to stop a service): stop
+/// accepting, let the requests in flight finish, then exit 0.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("lwm serve: shutting down");
 }
 
 async fn not_found() -> ApiError {
