@@ -4,6 +4,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fancy_regex::Regex;
@@ -219,12 +220,26 @@ pub(crate) struct PreTokenizer {
 }
 
 impl PreTokenizer {
-    fn compile(name: &str, patterns: &[&str]) -> Result<Self> {
+    /// The patterns are the fixed ones of `PRE_TYPES`, so each is compiled once per process
+    /// and cloned after (a clone shares the compiled program): compiling the lookaround
+    /// patterns costs about a millisecond, paid by every tokenizer built (tests, fuzzing,
+    /// tools that load several vocabularies).
+    fn compile(name: &str, patterns: &[&'static str]) -> Result<Self> {
+        static COMPILED: OnceLock<Mutex<HashMap<&'static str, Regex>>> = OnceLock::new();
+        let cache = COMPILED.get_or_init(Default::default);
         let regexes = patterns
             .iter()
-            .map(|p| {
-                Regex::new(p)
-                    .with_context(|| format!("compiling pre-tokenizer regex {p:?} for {name:?}"))
+            .map(|&p| {
+                if let Some(re) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(p) {
+                    return Ok(re.clone());
+                }
+                let re = Regex::new(p)
+                    .with_context(|| format!("compiling pre-tokenizer regex {p:?} for {name:?}"))?;
+                cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p, re.clone());
+                Ok(re)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
