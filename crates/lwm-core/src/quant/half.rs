@@ -31,9 +31,24 @@
 //!
 //! `Numerics::Ggml` (llama.cpp parity) first rounds the activations to the weight's type,
 //! as `ggml_vec_dot_f16` / `ggml_vec_dot_bf16` take f16 / bf16 operands (`round_x`).
+//!
+//! bf16 weights with rounded activations on a CPU with AVX-512 BF16 (`HalfIsa::Avx512Bf16`)
+//! multiply with `vdpbf16ps`: 32 products per instruction instead of the FMA's 16, and
+//! no widening. Its lanes take pairs, so the order of one output becomes
+//!
+//! ```text
+//!   for each block of KC columns, in order:
+//!       acc[l] (16 lanes) over the block's whole 32-column chunks c, in order:
+//!           acc[l] += w[c+2l+1]·x[c+2l+1];  acc[l] += w[c+2l]·x[c+2l]   (each add rounded;
+//!           the products are exact; subnormals flushed to zero)
+//!       s = tree sum of acc as for AVX-512 above; s += the block's last cols % 32 products, in order
+//!       y += s
+//! ```
+//!
+//! which `dpbf16_reference` (tests) reproduces bit for bit in portable code.
 
 use super::matmul::kernel_cap;
-use super::{has_avx2, has_avx512f, Kernel};
+use super::{has_avx2, has_avx512_bf16, has_avx512f, Kernel};
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
@@ -188,6 +203,9 @@ pub enum HalfIsa {
     Avx2,
     /// AVX-512F, 16 lanes.
     Avx512,
+    /// AVX-512F + AVX-512 BF16: `vdpbf16ps` for bf16 weights times bf16-rounded activations
+    /// (`round_x`); everything else as `Avx512`.
+    Avx512Bf16,
 }
 
 impl HalfIsa {
@@ -200,6 +218,9 @@ impl HalfIsa {
         if has_avx512f() {
             v.push(HalfIsa::Avx512);
         }
+        if has_avx512_bf16() {
+            v.push(HalfIsa::Avx512Bf16);
+        }
         v
     }
 
@@ -208,6 +229,7 @@ impl HalfIsa {
         match kernel_cap() {
             Kernel::Scalar => HalfIsa::Scalar,
             Kernel::Avx2 if has_avx2() => HalfIsa::Avx2,
+            _ if has_avx512_bf16() => HalfIsa::Avx512Bf16,
             _ if has_avx512f() => HalfIsa::Avx512,
             _ if has_avx2() => HalfIsa::Avx2,
             _ => HalfIsa::Scalar,
@@ -221,6 +243,9 @@ impl HalfIsa {
             }
             HalfIsa::Avx512 if !has_avx512f() => {
                 bail!("half matmul: AVX-512 kernel requested but this CPU lacks AVX-512F")
+            }
+            HalfIsa::Avx512Bf16 if !has_avx512_bf16() => {
+                bail!("half matmul: AVX-512 BF16 kernel requested but this CPU lacks AVX512_BF16")
             }
             _ => Ok(()),
         }
@@ -289,6 +314,19 @@ pub fn matmul_half_with(
     } else {
         x
     };
+    // The bf16 dot products take the rounded activations as bf16 bits (exact: they are
+    // bf16 values already).
+    let dp = isa == HalfIsa::Avx512Bf16 && w.kind == HalfKind::Bf16 && opts.round_x;
+    let isa = if isa == HalfIsa::Avx512Bf16 && !dp {
+        HalfIsa::Avx512
+    } else {
+        isa
+    };
+    let xb: Vec<u16> = if dp {
+        x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()
+    } else {
+        Vec::new()
+    };
     let threads = candle_core::utils::get_num_threads().max(1);
     let macs = w.rows * w.cols * n;
     let yp = y.as_mut_ptr() as usize;
@@ -299,7 +337,7 @@ pub fn matmul_half_with(
             p: yp as *mut f32,
             stride: w.rows,
         };
-        unsafe { rows_task(isa, w, x, n, r0, nr, out) };
+        unsafe { rows_task(isa, w, x, &xb, n, r0, nr, out) };
     };
     if opts.single_thread || threads == 1 || macs < PAR_MIN_MACS {
         run(0, w.rows);
@@ -331,11 +369,15 @@ impl OutPtr {
 
 /// Outputs of weight rows r0..r0+nr for all n activation rows.
 ///
+/// `xb`: for `HalfIsa::Avx512Bf16`, the activations as bf16 bits.
+///
 /// SAFETY: `isa` is available; `out` as `OutPtr::add` requires for those rows.
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_task(
     isa: HalfIsa,
     w: &HalfMatrix,
     x: &[f32],
+    xb: &[u16],
     n: usize,
     r0: usize,
     nr: usize,
@@ -343,6 +385,8 @@ unsafe fn rows_task(
 ) {
     let bf = w.kind == HalfKind::Bf16;
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        HalfIsa::Avx512Bf16 => simd::dp::run(w, xb, n, r0, nr, out),
         #[cfg(target_arch = "x86_64")]
         HalfIsa::Avx512 => {
             if bf {
@@ -748,6 +792,150 @@ mod simd {
             }
         }
     }
+
+    /// bf16 weights × bf16 activations with `vdpbf16ps` (the order of the module comment).
+    /// No scratch: the weights are read as they are stored, 32 per load.
+    pub(super) mod dp {
+        use super::super::{HalfMatrix, OutPtr, GEMM_MIN_ROWS, KC, NB};
+        use super::{Vec32, V16};
+        use std::arch::x86_64::*;
+
+        /// Columns per `vdpbf16ps`.
+        const C: usize = 32;
+        /// Activation rows per register tile (× 4 weight rows: 16 accumulators, 4
+        /// activation vectors and a weight vector of the 32 zmm).
+        const AR: usize = 4;
+
+        #[inline(always)]
+        unsafe fn load(p: *const u16) -> __m512bh {
+            // SAFETY (caller): 32 readable u16 at p.
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
+        }
+
+        #[inline(always)]
+        fn bf(b: u16) -> f32 {
+            f32::from_bits((b as u32) << 16)
+        }
+
+        /// SAFETY: AVX-512F and AVX512_BF16 available; `out` as `rows_task` requires;
+        /// `xb` holds n rows of `w.cols` bf16 activations.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bf16")]
+        pub(in super::super) unsafe fn run(
+            w: &HalfMatrix,
+            xb: &[u16],
+            n: usize,
+            r0: usize,
+            nr: usize,
+            out: OutPtr,
+        ) {
+            let cols = w.cols;
+            let blk = Block {
+                w: w.data.as_ptr(),
+                x: xb.as_ptr(),
+                cols,
+                out,
+            };
+            if n < GEMM_MIN_ROWS {
+                // The mat-vec: all columns of up to 4 activation rows against 4 weight
+                // rows at a time, so a small batch reads the weights once.
+                let mut a = 0;
+                while a < n {
+                    let ar = (n - a).min(AR);
+                    let mut r = r0;
+                    while r < r0 + nr {
+                        let wr = if r + 4 <= r0 + nr { 4 } else { 1 };
+                        for k0 in (0..cols).step_by(KC) {
+                            blk.tiles(wr, ar, r, a, k0);
+                        }
+                        r += wr;
+                    }
+                    a += ar;
+                }
+                return;
+            }
+            // The GEMM: per block of NB activation rows and KC columns, 4 weight rows
+            // (4 KB, in L1) against every 4 activation rows of the block (in L2).
+            for a0 in (0..n).step_by(NB) {
+                let na = NB.min(n - a0);
+                for k0 in (0..cols).step_by(KC) {
+                    let mut r = r0;
+                    while r < r0 + nr {
+                        let wr = if r + 4 <= r0 + nr { 4 } else { 1 };
+                        let mut a = a0;
+                        while a < a0 + na {
+                            let ar = if a + AR <= a0 + na { AR } else { 1 };
+                            blk.tiles(wr, ar, r, a, k0);
+                            a += ar;
+                        }
+                        r += wr;
+                    }
+                }
+            }
+        }
+
+        /// The operands: row-major bf16 weights and activations, `cols` apart.
+        struct Block {
+            w: *const u16,
+            x: *const u16,
+            cols: usize,
+            out: OutPtr,
+        }
+
+        impl Block {
+            /// Weight rows r..r+wr × activation rows a..a+ar over the KC block at k0
+            /// (wr ∈ {1, 4}, ar ≤ 4).
+            #[inline(always)]
+            unsafe fn tiles(&self, wr: usize, ar: usize, r: usize, a: usize, k0: usize) {
+                match (wr, ar) {
+                    (4, 4) => self.tile::<4, 4>(r, a, k0),
+                    (4, 3) => self.tile::<4, 3>(r, a, k0),
+                    (4, 2) => self.tile::<4, 2>(r, a, k0),
+                    (4, _) => self.tile::<4, 1>(r, a, k0),
+                    (_, 4) => self.tile::<1, 4>(r, a, k0),
+                    (_, 3) => self.tile::<1, 3>(r, a, k0),
+                    (_, 2) => self.tile::<1, 2>(r, a, k0),
+                    _ => self.tile::<1, 1>(r, a, k0),
+                }
+            }
+
+            /// Adds this KC block's sums of weight rows r..r+WR × activation rows a..a+A
+            /// to the outputs.
+            #[inline(always)]
+            #[allow(clippy::needless_range_loop)]
+            unsafe fn tile<const WR: usize, const A: usize>(&self, r: usize, a: usize, k0: usize) {
+                let cols = self.cols;
+                let kc = KC.min(cols - k0);
+                let full = kc / C * C;
+                let wp = self.w.add(r * cols + k0);
+                let xp = self.x.add(a * cols + k0);
+                let mut acc = [[_mm512_setzero_ps(); A]; WR];
+                let mut k = 0;
+                while k < full {
+                    let mut xv = [_mm512_setzero_ps(); A]
+                        .map(|z| std::mem::transmute::<__m512, __m512bh>(z));
+                    for j in 0..A {
+                        xv[j] = load(xp.add(j * cols + k));
+                    }
+                    for i in 0..WR {
+                        let wv = load(wp.add(i * cols + k));
+                        for j in 0..A {
+                            acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv[j]);
+                        }
+                    }
+                    k += C;
+                }
+                for i in 0..WR {
+                    for j in 0..A {
+                        let mut s = V16(acc[i][j]).hsum();
+                        for k in full..kc {
+                            s += bf(*wp.add(i * cols + k)) * bf(*xp.add(j * cols + k));
+                        }
+                        self.out.add(a + j, r + i, s);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -835,22 +1023,90 @@ mod tests {
     /// and the GEMM sum in the same order) nor on the thread split.
     #[test]
     fn results_do_not_depend_on_the_batch() {
-        let w = matrix(HalfKind::F16, 45, 1031, 3);
-        let x = rand_vec(17 * 1031, 4);
-        for isa in HalfIsa::available() {
-            let opts = HalfOptions {
-                isa: Some(isa),
-                ..Default::default()
-            };
-            let all = matmul_half_with(&w, &x, 17, &opts).unwrap();
-            for a in [0, 5, 16] {
-                let one = matmul_half_with(&w, &x[a * 1031..(a + 1) * 1031], 1, &opts).unwrap();
-                assert_eq!(one, all[a * 45..(a + 1) * 45], "{isa:?} row {a}");
+        for (kind, round_x) in [(HalfKind::F16, false), (HalfKind::Bf16, true)] {
+            let w = matrix(kind, 45, 1031, 3);
+            let x = rand_vec(17 * 1031, 4);
+            for isa in HalfIsa::available() {
+                let opts = HalfOptions {
+                    isa: Some(isa),
+                    round_x,
+                    ..Default::default()
+                };
+                let all = matmul_half_with(&w, &x, 17, &opts).unwrap();
+                for a in [0, 5, 16] {
+                    let one = matmul_half_with(&w, &x[a * 1031..(a + 1) * 1031], 1, &opts).unwrap();
+                    assert_eq!(one, all[a * 45..(a + 1) * 45], "{isa:?} {kind:?} row {a}");
+                }
+                // The mat-vec's small batches (rows sharing weight loads) too.
+                for n in [2, 3, 4, 5, 11] {
+                    let few = matmul_half_with(&w, &x[..n * 1031], n, &opts).unwrap();
+                    assert_eq!(few, all[..n * 45], "{isa:?} {kind:?} n={n}");
+                }
             }
-            // The mat-vec's small batches (rows sharing weight loads) too.
-            for n in [2, 3, 5, 11] {
-                let few = matmul_half_with(&w, &x[..n * 1031], n, &opts).unwrap();
-                assert_eq!(few, all[..n * 45], "{isa:?} n={n}");
+        }
+    }
+
+    /// The `vdpbf16ps` order of the module comment in portable code (x already rounded).
+    fn dpbf16_reference(w: &HalfMatrix, x: &[f32], n: usize) -> Vec<f32> {
+        let (rows, cols) = (w.rows, w.cols);
+        let wf = w.to_f32();
+        let mut y = vec![0.0f32; n * rows];
+        for a in 0..n {
+            let xr = &x[a * cols..(a + 1) * cols];
+            for r in 0..rows {
+                let wr = &wf[r * cols..(r + 1) * cols];
+                let mut out = 0.0f32;
+                for k0 in (0..cols).step_by(KC) {
+                    let kc = KC.min(cols - k0);
+                    let full = kc / 32 * 32;
+                    let mut acc = [0.0f32; 16];
+                    for c in (k0..k0 + full).step_by(32) {
+                        for (l, v) in acc.iter_mut().enumerate() {
+                            *v += wr[c + 2 * l + 1] * xr[c + 2 * l + 1];
+                            *v += wr[c + 2 * l] * xr[c + 2 * l];
+                        }
+                    }
+                    let mut half = [0.0f32; 8];
+                    for l in 0..8 {
+                        half[l] = acc[l] + acc[l + 8];
+                    }
+                    let mut s = crate::quant::hsum8(&half);
+                    for k in k0 + full..k0 + kc {
+                        s += wr[k] * xr[k];
+                    }
+                    out += s;
+                }
+                y[a * rows + r] = out;
+            }
+        }
+        y
+    }
+
+    /// The AVX-512 BF16 kernel (where the CPU has it) gives the portable model of
+    /// `vdpbf16ps` bit for bit: mat-vec and GEMM row counts, odd shapes, KC tails, threads.
+    #[test]
+    fn bf16_dot_product_kernel_equals_its_portable_order() {
+        if !HalfIsa::available().contains(&HalfIsa::Avx512Bf16) {
+            eprintln!("note: no AVX512_BF16 on this CPU; the vdpbf16ps kernel is not run");
+            return;
+        }
+        for (rows, cols) in [(1, 1), (7, 31), (37, 77), (19, 1031), (45, 600), (9, 4096)] {
+            let w = matrix(HalfKind::Bf16, rows, cols, (rows * 13 + cols) as u64);
+            for n in [1, 2, 3, 4, 5, 11, 12, 17, 64, 70] {
+                let x: Vec<f32> = rand_vec(n * cols, (n * 5 + cols) as u64)
+                    .into_iter()
+                    .map(|v| HalfKind::Bf16.round(v))
+                    .collect();
+                let expect = dpbf16_reference(&w, &x, n);
+                for single_thread in [true, false] {
+                    let opts = HalfOptions {
+                        isa: Some(HalfIsa::Avx512Bf16),
+                        round_x: true,
+                        single_thread,
+                    };
+                    let got = matmul_half_with(&w, &x, n, &opts).unwrap();
+                    assert_eq!(got, expect, "[{rows},{cols}] n={n} single={single_thread}");
+                }
             }
         }
     }
@@ -908,6 +1164,25 @@ mod tests {
                     std::hint::black_box(matmul_half(&f16m, &x, n, true).unwrap());
                 });
                 report("f16 (ggml x)", t, f16m.storage_bytes());
+                for isa in [HalfIsa::Avx512, HalfIsa::Avx512Bf16] {
+                    if !HalfIsa::available().contains(&isa) {
+                        continue;
+                    }
+                    let opts = HalfOptions {
+                        isa: Some(isa),
+                        round_x: true,
+                        single_thread: false,
+                    };
+                    let t = best(reps, &mut || {
+                        std::hint::black_box(matmul_half_with(&bf, &x, n, &opts).unwrap());
+                    });
+                    let name = if isa == HalfIsa::Avx512 {
+                        "bf16 x fma"
+                    } else {
+                        "bf16 x dpbf16"
+                    };
+                    report(name, t, bf.storage_bytes());
+                }
                 let xt = Tensor::from_slice(&x, (n, cols), &candle_core::Device::Cpu).unwrap();
                 let t = best(reps, &mut || {
                     let y = xt.matmul(&wt.t().unwrap()).unwrap();

@@ -328,6 +328,23 @@ pub fn has_avx512_vnni() -> bool {
     }
 }
 
+/// AVX-512 BF16 on top of AVX-512F (checked once): `vdpbf16ps` multiplies 32 bf16 pairs
+/// and adds them into 16 f32 lanes, two per lane, odd element first, each add rounded
+/// (products of two bf16 are exact in f32), subnormal inputs and results flushed to zero.
+#[inline]
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| has_avx512f() && is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// IEEE half bits -> f32 (exact).
 #[inline]
 pub(crate) fn f16_bits_to_f32(b: u16) -> f32 {
