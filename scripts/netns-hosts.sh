@@ -3,12 +3,14 @@
 # network namespace with its own address on a bridge, reached by mpirun through a launcher that
 # stands in for ssh (`ip netns exec`), so every rank runs in its own host and MPI's messages
 # cross veth links over TCP (btl tcp,self: no shared-memory shortcut). Links can be shaped
-# (tbf: bandwidth) and cut (ip link set down).
+# (tbf: bandwidth; latency: scripts/nfq_delay.py through an NFQUEUE rule, since netem is
+# absent from some kernels) and cut (ip link set down).
 #
 #   netns-hosts.sh check                   can this machine make hosts? (exit 2 and the reason if not)
 #   netns-hosts.sh up NAME N [NET]         hosts NAME-h0..h(N-1) at 10.NET.0.10+i (NET default 77)
 #   netns-hosts.sh down NAME               kill everything in them and remove them
 #   netns-hosts.sh shape NAME RATE [I..]   egress bandwidth of the hosts' links (tbf), e.g. 100mbit; RATE off removes it
+#   netns-hosts.sh delay NAME MS [I..]     one-way latency: the hosts' incoming packets wait MS ms; MS off removes it
 #   netns-hosts.sh cut NAME I              take host I's link down (a cable pulled)
 #   netns-hosts.sh power-off NAME I        host I is unreachable: link down, the launcher fails like ssh to a dead host
 #   netns-hosts.sh pids NAME I             processes running in host I
@@ -16,7 +18,7 @@
 #   netns-hosts.sh mpirun NAME [mpirun args...]   mpirun over the hosts' hostfile, TCP only
 #
 # Needs root (CAP_NET_ADMIN) and iproute2; Open MPI for `mpirun`. The kernel must have veth and
-# bridge; tbf for `shape` (netem, for latency, is absent from some kernels and is not used).
+# bridge; tbf for `shape`; for `delay` iptables-legacy, the kernel's NFQUEUE and python3.
 set -euo pipefail
 
 state_root=${LWM_NETNS_STATE:-/run/lwm-netns}
@@ -106,6 +108,38 @@ shape)
     fi
   done
   ;;
+delay)
+  name=${2:?name}; ms=${3:?milliseconds}; shift 3; load "$name"
+  hosts=("$@"); [ ${#hosts[@]} -gt 0 ] || hosts=($(seq 0 $((N - 1))))
+  # The interpreter itself, not a version manager's shim (a shell script that can take
+  # seconds to start on a busy machine, and whose pid is not the program's).
+  [ "$ms" = off ] || py=$(python3 -c 'import sys; print(sys.executable)') || die "delay needs python3"
+  for i in "${hosts[@]}"; do
+    ns=$(ns_of "$name" "$i"); pidf="$state_root/$name/delay-$i.pid"
+    if [ -f "$pidf" ]; then
+      # The old program must be gone (its queue unbound) before a new one binds.
+      old=$(cat "$pidf"); kill "$old" 2>/dev/null || true; rm -f "$pidf"
+      for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rule=(PREROUTING -i eth0 -j NFQUEUE --queue-num 0 --queue-bypass)
+    while ip netns exec "$ns" iptables-legacy -t mangle -D "${rule[@]}" 2>/dev/null; do :; done
+    [ "$ms" = off ] && continue
+    # Packets arriving over the link wait in queue 0 for the delay program; with no
+    # program bound they pass (bypass). On arrival, not on departure: a packet held on
+    # the way out still counts against its socket's TCP small-queue budget (~1 ms of
+    # data), which then throttles the sender to a trickle (4.8 Mbit/s at 10 ms; on
+    # arrival 1.3 Gbit/s). iptables (legacy): this kernel has xt NFQUEUE but not nft's
+    # queue expression.
+    command -v iptables-legacy >/dev/null || die "delay needs iptables-legacy (Debian: iptables)"
+    ip netns exec "$ns" iptables-legacy -t mangle -A "${rule[@]}" ||
+      die "host $i: the kernel refused an NFQUEUE rule (no xt_NFQUEUE / nfnetlink_queue)"
+    log="$state_root/$name/delay-$i.log"; : > "$log"  # before the start: the child's own truncation is late
+    ip netns exec "$ns" "$py" "$(dirname "$self")/nfq_delay.py" --queue 0 --delay-ms "$ms" >"$log" 2>&1 &
+    echo $! > "$pidf"
+    for _ in $(seq 100); do grep -q '^nfq_delay:' "$log" 2>/dev/null && break; sleep 0.1; done
+    grep -q '^nfq_delay:' "$log" || { cat "$log" >&2; die "host $i: the delay program did not start"; }
+  done
+  ;;
 cut)
   name=${2:?name}; i=${3:?host}; load "$name"
   ip -n "$(ns_of "$name" "$i")" link set eth0 down
@@ -152,7 +186,7 @@ mpirun)
     --mca oob_tcp_keepalive_time 1 --mca oob_tcp_keepalive_intvl 1 --mca oob_tcp_keepalive_probes 2 "$@"
   ;;
 *)
-  sed -n '2,22p' "$self" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$self"
   exit 2
   ;;
 esac

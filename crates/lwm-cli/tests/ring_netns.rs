@@ -362,6 +362,68 @@ fn across_hosts_sp_2_3_4_print_one_workers_logits_and_text() {
     }
 }
 
+/// With latency on every link (`netns-hosts.sh delay`: each packet a host receives waits
+/// 3 ms, in user space through NFQUEUE, since this kernel has no netem) the ring still
+/// prints one worker's logits bit for bit, and the delay really was on its path: every
+/// host's queue rule saw the ring's packets. Skipped, saying why, where the kernel or
+/// iptables refuses the queue.
+#[test]
+fn with_latency_on_every_link_the_ring_prints_one_workers_logits() {
+    let Some((model, _one, hosts)) = hosts_for("lwmlat", 3, 87) else {
+        return;
+    };
+    let out = run_script(&["delay", "lwmlat", "3"]);
+    if !out.status.success() {
+        println!(
+            "netns ring latency: skipped: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    }
+    let want = ok_stdout(&lwm(&strs(&long_logits_args(&model, &[]))));
+    let mut job = hosts.mpirun(
+        3,
+        &strs(&long_logits_args(&model, &["--mesh-dim", "1,1,1,3"])),
+    );
+    let (status, took) = job.finish(Duration::from_secs(600));
+    assert!(status.success(), "{}", short(&job.stderr()));
+    assert_eq!(
+        job.stdout(),
+        want,
+        "logits, sp = 3 across hosts with 3 ms links"
+    );
+    for i in 0..3 {
+        // Packets the host's queue rule sent through the delay program.
+        let rule = Command::new("ip")
+            .args(["netns", "exec", &format!("lwmlat-h{i}")])
+            .args([
+                "iptables-legacy",
+                "-t",
+                "mangle",
+                "-L",
+                "PREROUTING",
+                "-v",
+                "-x",
+                "-n",
+            ])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&rule.stdout);
+        let packets: u64 = table
+            .lines()
+            .find(|l| l.contains("NFQUEUE"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            packets > 100,
+            "host {i}: {packets} packets delayed\n{table}"
+        );
+    }
+    println!("netns ring latency: sp = 3 with 3 ms links took {took:?}");
+    let _ = run_script(&["delay", "lwmlat", "off"]);
+}
+
 /// A rank killed (SIGKILL) in the middle of the ring's prefill: mpirun names the rank and
 /// its host and ends every rank; nothing was printed.
 #[test]
