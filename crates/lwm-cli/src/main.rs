@@ -957,35 +957,6 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// A forward pass allocates its activations afresh (a 512-token prefill of a 7B layer: tens
-/// of MB per product). glibc serves blocks over its mmap threshold (at most 32 MiB) with
-/// fresh mappings and unmaps them on free, so every forward paid page faults, zeroing and
-/// TLB-shootdown interrupts for the same buffers again: a fifth of a bf16 prefill's time
-/// on the 2-core VM (perf). With blocks up to 512 MiB taken from the heap, and up to 1 GiB
-/// of freed heap kept before trimming, they are reused instead: 229 -> 310 tok/s for that
-/// prefill, the same peak RSS. The server still hands freed memory back (`malloc_trim`).
-/// A `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES` set by the
-/// user wins.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let set_by_user = [
-            "MALLOC_MMAP_THRESHOLD_",
-            "MALLOC_TRIM_THRESHOLD_",
-            "GLIBC_TUNABLES",
-        ]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
-        if !set_by_user {
-            // SAFETY: mallopt takes no pointers; called before any other thread exists.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-            }
-        }
-    }
-}
-
 fn main() {
     // `lwm info --metadata | head` ends quietly, as other Unix tools do, instead of
     // panicking on the closed pipe.
@@ -993,7 +964,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tune_allocator();
     let cli = Cli::parse_from(llama_cpp_args(std::env::args_os()));
     init_logging(&cli.log_level);
     let result = match cli.command {
