@@ -155,3 +155,20 @@ fn tensor_without_elements_is_refused() {
         "{e}"
     );
 }
+
+/// A tokenizer.json whose vocabulary gives one token the id 3 888 888 888 (found by the
+/// tokenizer fuzzer, `fuzz/found/tokenizer-huge-token-id`; its first byte picks the file
+/// name): the id table would have taken 93 GB and the process aborted. Now one error naming
+/// the token and its id.
+#[test]
+fn a_token_id_far_past_the_vocabulary_is_refused_before_sizing_a_table() {
+    let input = include_bytes!("../../../fuzz/found/tokenizer-huge-token-id");
+    assert_eq!(input[0] % 3, 0, "the fuzz input selects tokenizer.json");
+    let p = write("tokenizer.json", &input[1..]);
+    let err = match lwm_core::tokenizer::Tokenizer::from_file(&p) {
+        Ok(_) => panic!("loaded a tokenizer with id 3888888888"),
+        Err(e) => format!("{e:#}"),
+    };
+    std::fs::remove_file(p).ok();
+    assert!(err.contains("3888888888") && err.contains("\"l\""), "{err}");
+}

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use super::byte_level::byte_level_decode;
@@ -107,6 +107,9 @@ fn post_processor_bos(pp: &Value) -> Option<String> {
     }
 }
 
+/// Token ids a tokenizer.json may use (the largest real vocabularies hold about 2^18).
+const MAX_TOKEN_IDS: usize = 1 << 24;
+
 impl HfTokenizer {
     pub(crate) fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -138,6 +141,24 @@ impl HfTokenizer {
 
         let vocab = tok.get_vocab(true);
         let n = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        // Pieces are a table indexed by id, so an id far past the entries would size it:
+        // one id of 3.9e9 asked for 93 GB (found by the tokenizer fuzzer). Real vocabularies
+        // number their tokens nearly densely and stay under 2^24.
+        let room = (2 * vocab.len())
+            .max(vocab.len() + 65_536)
+            .min(MAX_TOKEN_IDS);
+        if n > room {
+            let (text, id) = vocab
+                .iter()
+                .max_by_key(|(_, &id)| id)
+                .map(|(t, &id)| (t.as_str(), id))
+                .unwrap_or_default();
+            bail!(
+                "tokenizer.json gives token {text:?} the id {id}, beyond what {} tokens can number \
+                 (ids must stay below {room})",
+                vocab.len()
+            );
+        }
         let added = tok.get_added_tokens_decoder();
         let mut pieces = vec![Vec::new(); n];
         for (text, &id) in &vocab {
