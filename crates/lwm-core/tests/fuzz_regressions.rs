@@ -53,6 +53,7 @@ fn write(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("lwm-fuzz-regress-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(&p, bytes).unwrap();
     p
 }
@@ -171,4 +172,24 @@ fn a_token_id_far_past_the_vocabulary_is_refused_before_sizing_a_table() {
     };
     std::fs::remove_file(p).ok();
     assert!(err.contains("3888888888") && err.contains("\"l\""), "{err}");
+}
+
+/// A BPE tokenizer.json whose vocabulary holds single letters and whose merges include
+/// `l l` (found by the tokenizer fuzzer, `fuzz/found/tokenizer-merge-longer-than-vocab`):
+/// the `tokenizers` crate sliced a buffer as long as the longest entry and panicked. Now
+/// one error naming the merge.
+#[test]
+fn a_merge_longer_than_every_vocabulary_entry_is_refused_without_a_panic() {
+    let input = include_bytes!("../../../fuzz/found/tokenizer-merge-longer-than-vocab");
+    assert_eq!(input[0] % 3, 0, "the fuzz input selects tokenizer.json");
+    let p = write("merges/tokenizer.json", &input[1..]);
+    let err = match lwm_core::tokenizer::Tokenizer::from_file(&p) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    std::fs::remove_file(p).ok();
+    assert!(
+        err.contains("\"H\" + \"e\"") && err.contains("longer than any"),
+        "{err}"
+    );
 }

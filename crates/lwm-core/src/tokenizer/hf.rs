@@ -107,6 +107,41 @@ fn post_processor_bos(pp: &Value) -> Option<String> {
     }
 }
 
+/// A BPE merge `a b` makes the token `a` + `b` (less `b`'s continuing-subword prefix),
+/// which must be in the vocabulary. The `tokenizers` crate (0.23) builds the merged string
+/// in a buffer as long as the longest vocabulary entry before it looks the token up, and
+/// panics when the merge is longer (a vocabulary of single letters with the merge `l l`;
+/// found by the tokenizer fuzzer) or `b` is shorter than the prefix. Refused here with the
+/// crate's own reason instead.
+fn check_bpe_merges(json: &Value) -> Result<()> {
+    let Some(model) = json.get("model").filter(|m| m["type"] == "BPE") else {
+        return Ok(());
+    };
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array())
+    else {
+        return Ok(()); // the crate reports the missing parts itself
+    };
+    let longest = vocab.keys().map(String::len).max().unwrap_or(0);
+    let prefix = model["continuing_subword_prefix"]
+        .as_str()
+        .map_or(0, str::len);
+    for m in merges {
+        let pair = match m {
+            Value::String(s) => s.split_once(' '),
+            Value::Array(v) if v.len() == 2 => v[0].as_str().zip(v[1].as_str()),
+            _ => None,
+        };
+        let Some((a, b)) = pair else { continue };
+        if b.len() < prefix || a.len() + b.len() - prefix > longest {
+            bail!(
+                "the merge {a:?} + {b:?} makes a token longer than any in the vocabulary \
+                 ({longest} bytes), so it is not in the vocabulary"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Token ids a tokenizer.json may use (the largest real vocabularies hold about 2^18).
 const MAX_TOKEN_IDS: usize = 1 << 24;
 
@@ -115,7 +150,21 @@ impl HfTokenizer {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let json: Value = serde_json::from_slice(&bytes)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let tok = tokenizers::Tokenizer::from_bytes(&bytes)
+        check_bpe_merges(&json).with_context(|| format!("tokenizer.json {}", path.display()))?;
+        // The `tokenizers` crate panics on some malformed files (the merge check above
+        // covers the one the fuzzer found); any other panic is this file's error too.
+        let tok = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                anyhow!(
+                    "loading tokenizer.json {}: the tokenizers library failed on it ({why})",
+                    path.display()
+                )
+            })?
             .map_err(|e| anyhow!("loading tokenizer.json {}: {e}", path.display()))?;
         let config = path
             .parent()
