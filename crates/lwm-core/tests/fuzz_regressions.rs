@@ -193,3 +193,16 @@ fn a_merge_longer_than_every_vocabulary_entry_is_refused_without_a_panic() {
         "{err}"
     );
 }
+
+/// `general.alignment` 0 under the key `general.alignment\0\0\0` (found by the gguf fuzzer,
+/// `fuzz/found/gguf-alignment-nul-padded-key`): the check compared the key as written,
+/// candle drops trailing NULs and divided by the 0. Now the same error as the plain key.
+#[test]
+fn an_alignment_under_a_nul_padded_key_is_checked_as_candle_reads_it() {
+    let input = include_bytes!("../../../fuzz/found/gguf-alignment-nul-padded-key");
+    let err = open_err("twice.gguf", input);
+    assert!(err.contains("general.alignment is 0"), "{err}");
+    let p = write("twice2.gguf", input);
+    assert!(read_content(&p).is_err());
+    std::fs::remove_file(p).ok();
+}

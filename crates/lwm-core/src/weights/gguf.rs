@@ -100,9 +100,10 @@ pub fn read_content(path: &Path) -> Result<(Content, std::fs::File, u64)> {
     Ok((content, file, file_len))
 }
 
-/// The integer value of `general.alignment` in a GGUF header, found by skipping over the
-/// metadata without keeping it; None where the key is absent or not an integer, or the
-/// header is malformed (candle's reader then names the problem).
+/// The integer value of `general.alignment` in a GGUF header (its last occurrence, as
+/// candle reads it), found by skipping over the metadata without keeping it; None where
+/// the key is absent or not an integer, or the header is malformed (candle's reader then
+/// names the problem).
 fn general_alignment(r: &mut impl Read, file_len: u64) -> Option<u64> {
     fn u32_(r: &mut impl Read) -> Option<u32> {
         let mut b = [0u8; 4];
@@ -162,6 +163,8 @@ fn general_alignment(r: &mut impl Read, file_len: u64) -> Option<u64> {
     let count = |r: &mut std::io::Take<&mut _>| if v1 { u32_(r).map(u64::from) } else { u64_(r) };
     let _tensors = count(&mut r)?;
     let kvs = count(&mut r)?;
+    // candle keeps the metadata in a map, so of a key given twice the last one counts.
+    let mut alignment = None;
     for _ in 0..kvs {
         let n = count(&mut r)?;
         let mut key = Vec::new();
@@ -171,15 +174,20 @@ fn general_alignment(r: &mut impl Read, file_len: u64) -> Option<u64> {
         }
         let t = u32_(&mut r)?;
         let v = value(&mut r, t, v1, 0)?;
+        // candle drops a key's trailing NULs ("general.alignment\0\0\0" is the key too;
+        // found by the gguf fuzzer).
+        while key.last() == Some(&0) {
+            key.pop();
+        }
         if key == b"general.alignment" {
             // candle reads 8-bit to 32-bit integers (signed ones when not negative) here.
-            return match t {
+            alignment = match t {
                 0..=5 => v,
                 _ => None,
             };
         }
     }
-    None
+    alignment
 }
 
 impl GgufFile {
