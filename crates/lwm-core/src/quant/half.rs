@@ -310,26 +310,26 @@ pub fn matmul_half_with(
     if n == 0 || w.rows == 0 {
         return Ok(y);
     }
-    let rounded;
-    let x = if opts.round_x {
-        rounded = x.iter().map(|&v| w.kind.round(v)).collect::<Vec<f32>>();
-        &rounded[..]
-    } else {
-        x
-    };
-    // The bf16 dot products take the rounded activations as bf16 bits (exact: they are
-    // bf16 values already).
+    // The bf16 dot products take the activations rounded to bf16 as their bits, and read
+    // nothing else; the other kernels take them rounded (or not) as f32.
     let dp = isa == HalfIsa::Avx512Bf16 && w.kind == HalfKind::Bf16 && opts.round_x;
     let isa = if isa == HalfIsa::Avx512Bf16 && !dp {
         HalfIsa::Avx512
     } else {
         isa
     };
-    let xb: Vec<u16> = if dp {
-        x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()
+    let (rounded, xb): (Vec<f32>, Vec<u16>) = if dp {
+        let bits = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        (Vec::new(), bits)
+    } else if opts.round_x {
+        (x.iter().map(|&v| w.kind.round(v)).collect(), Vec::new())
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
+    let x = if opts.round_x && !dp { &rounded[..] } else { x };
     let threads = candle_core::utils::get_num_threads().max(1);
     let macs = w.rows * w.cols * n;
     let yp = y.as_mut_ptr() as usize;
