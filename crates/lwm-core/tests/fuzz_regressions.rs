@@ -163,15 +163,24 @@ fn tensor_without_elements_is_refused() {
 /// the token and its id.
 #[test]
 fn a_token_id_far_past_the_vocabulary_is_refused_before_sizing_a_table() {
-    let input = include_bytes!("../../../fuzz/found/tokenizer-huge-token-id");
+    let err = tokenizer_json_err(
+        "huge-id",
+        include_bytes!("../../../fuzz/found/tokenizer-huge-token-id"),
+    );
+    assert!(err.contains("3888888888") && err.contains("\"l\""), "{err}");
+}
+
+/// The error of loading a tokenizer fuzz input (its first byte picks the file name; these
+/// pick tokenizer.json) from its own directory `dir`.
+fn tokenizer_json_err(dir: &str, input: &[u8]) -> String {
     assert_eq!(input[0] % 3, 0, "the fuzz input selects tokenizer.json");
-    let p = write("tokenizer.json", &input[1..]);
+    let p = write(&format!("{dir}/tokenizer.json"), &input[1..]);
     let err = match lwm_core::tokenizer::Tokenizer::from_file(&p) {
-        Ok(_) => panic!("loaded a tokenizer with id 3888888888"),
+        Ok(_) => panic!("{dir}: loaded"),
         Err(e) => format!("{e:#}"),
     };
     std::fs::remove_file(p).ok();
-    assert!(err.contains("3888888888") && err.contains("\"l\""), "{err}");
+    err
 }
 
 /// A BPE tokenizer.json whose vocabulary holds single letters and whose merges include
@@ -180,14 +189,10 @@ fn a_token_id_far_past_the_vocabulary_is_refused_before_sizing_a_table() {
 /// one error naming the merge.
 #[test]
 fn a_merge_longer_than_every_vocabulary_entry_is_refused_without_a_panic() {
-    let input = include_bytes!("../../../fuzz/found/tokenizer-merge-longer-than-vocab");
-    assert_eq!(input[0] % 3, 0, "the fuzz input selects tokenizer.json");
-    let p = write("merges/tokenizer.json", &input[1..]);
-    let err = match lwm_core::tokenizer::Tokenizer::from_file(&p) {
-        Ok(_) => panic!("loaded"),
-        Err(e) => format!("{e:#}"),
-    };
-    std::fs::remove_file(p).ok();
+    let err = tokenizer_json_err(
+        "merges",
+        include_bytes!("../../../fuzz/found/tokenizer-merge-longer-than-vocab"),
+    );
     assert!(
         err.contains("\"H\" + \"e\"") && err.contains("longer than any"),
         "{err}"
@@ -200,9 +205,9 @@ fn a_merge_longer_than_every_vocabulary_entry_is_refused_without_a_panic() {
 #[test]
 fn an_alignment_under_a_nul_padded_key_is_checked_as_candle_reads_it() {
     let input = include_bytes!("../../../fuzz/found/gguf-alignment-nul-padded-key");
-    let err = open_err("twice.gguf", input);
+    let err = open_err("nul-key.gguf", input);
     assert!(err.contains("general.alignment is 0"), "{err}");
-    let p = write("twice2.gguf", input);
+    let p = write("nul-key-content.gguf", input);
     assert!(read_content(&p).is_err());
     std::fs::remove_file(p).ok();
 }
