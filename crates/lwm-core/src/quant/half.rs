@@ -5,7 +5,11 @@
 //! JAX bytes as `u16`); a kernel widens them to f32 as it reads them (f16: `vcvtph2ps`;
 //! bf16: the bits shifted left by 16, which is exact) and multiplies with f32 FMAs.
 //!
-//! Accumulation order of one output element (`y[a][r] = Σ_k x[a][k]·w[r][k]`), the same in
+//! f16 matrices are stored in row panels and multiplied by `half_panels` (one FMA chain per
+//! output, the same bits on every ISA). bf16 matrices stay row-major, because `vdpbf16ps`
+//! multiplies pairs of adjacent columns; the rest of this module is their kernels.
+//!
+//! bf16 accumulation order of one output element (`y[a][r] = Σ_k x[a][k]·w[r][k]`), the same in
 //! the mat-vec and the tiled GEMM, so a row's result depends on neither `n`, the thread
 //! split nor the tiling (only on the ISA):
 //!
@@ -47,6 +51,7 @@
 //!
 //! which `dpbf16_reference` (tests) reproduces bit for bit in portable code.
 
+use super::half_panels;
 use super::matmul::kernel_cap;
 use super::{has_avx2, has_avx512_bf16, has_avx512f, Kernel};
 use anyhow::{bail, Result};
@@ -87,13 +92,15 @@ impl HalfKind {
     }
 }
 
-/// A weight matrix `[rows = out, cols = in]` of f16 or bf16 values, row-major.
+/// A weight matrix `[rows = out, cols = in]` of f16 or bf16 values.
 #[derive(Clone)]
 pub struct HalfMatrix {
     pub kind: HalfKind,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<u16>,
+    /// The bit patterns: bf16 row-major (`vdpbf16ps` pairs adjacent columns); f16 in row
+    /// panels (`half_panels`: 32 rows column by column, the last panel zero-padded).
+    data: Vec<u16>,
 }
 
 impl std::fmt::Debug for HalfMatrix {
@@ -109,21 +116,35 @@ impl std::fmt::Debug for HalfMatrix {
 }
 
 impl HalfMatrix {
+    /// From row-major bit patterns.
     pub fn new(kind: HalfKind, rows: usize, cols: usize, data: Vec<u16>) -> Result<Self> {
-        if data.len() != rows * cols {
+        if Some(data.len()) != rows.checked_mul(cols) {
             bail!(
                 "{} matrix [{rows}, {cols}] needs {} values, got {}",
                 kind.name(),
-                rows * cols,
+                rows.saturating_mul(cols),
                 data.len()
             );
         }
+        let data = match kind {
+            HalfKind::Bf16 => data,
+            HalfKind::F16 => half_panels::pack(rows, cols, |i| data[i])?,
+        };
         Ok(Self {
             kind,
             rows,
             cols,
             data,
         })
+    }
+
+    /// The bit pattern of weight (r, k).
+    #[inline]
+    pub fn bits(&self, r: usize, k: usize) -> u16 {
+        match self.kind {
+            HalfKind::Bf16 => self.data[r * self.cols + k],
+            HalfKind::F16 => self.data[half_panels::index(self.cols, r, k)],
+        }
     }
 
     /// `Some` for 2-D GGUF F16 / BF16 tensors (their bytes, copied once), `None` otherwise.
@@ -138,11 +159,25 @@ impl HalfMatrix {
             return Ok(None);
         }
         let bytes = q.data()?;
-        let data = bytes
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        Ok(Some(Self::new(kind, dims[0], dims[1], data)?))
+        let (rows, cols) = (dims[0], dims[1]);
+        if Some(bytes.len()) != rows.checked_mul(cols).and_then(|v| v.checked_mul(2)) {
+            bail!(
+                "{} matrix [{rows}, {cols}] has {} bytes",
+                kind.name(),
+                bytes.len()
+            );
+        }
+        let at = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        let data = match kind {
+            HalfKind::Bf16 => (0..rows * cols).map(at).collect(),
+            HalfKind::F16 => half_panels::pack(rows, cols, at)?,
+        };
+        Ok(Some(Self {
+            kind,
+            rows,
+            cols,
+            data,
+        }))
     }
 
     /// `Some` for 2-D candle tensors of dtype F16 / BF16 (their values, never widened),
@@ -174,23 +209,25 @@ impl HalfMatrix {
         Ok(Some(Self::new(kind, dims[0], dims[1], data)?))
     }
 
-    /// Bytes the weights occupy (2 per weight).
+    /// Bytes the weights occupy (2 per weight; f16 also the last panel's padding).
     pub fn storage_bytes(&self) -> usize {
         self.data.len() * 2
     }
 
     /// Row `r` widened to f32 (exact).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let row = &self.data[r * self.cols..(r + 1) * self.cols];
-        for (o, &b) in out.iter_mut().zip(row) {
-            *o = self.kind.to_f32(b);
+        for (k, o) in out.iter_mut().enumerate().take(self.cols) {
+            *o = self.kind.to_f32(self.bits(r, k));
         }
     }
 
-    /// The whole matrix widened to f32 (`--dequantize`).
+    /// The whole matrix widened to f32, row-major (`--dequantize`).
     pub fn to_f32(&self) -> Vec<f32> {
-        let k = self.kind;
-        self.data.iter().map(|&b| k.to_f32(b)).collect()
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_to_f32(r, row);
+        }
+        out
     }
 }
 
@@ -325,7 +362,7 @@ pub fn matmul_half_with(
             .collect();
         (Vec::new(), bits)
     } else if opts.round_x {
-        (x.iter().map(|&v| w.kind.round(v)).collect(), Vec::new())
+        (round_slice(w.kind, x), Vec::new())
     } else {
         (Vec::new(), Vec::new())
     };
@@ -333,6 +370,29 @@ pub fn matmul_half_with(
     let threads = candle_core::utils::get_num_threads().max(1);
     let macs = w.rows * w.cols * n;
     let yp = y.as_mut_ptr() as usize;
+    if w.kind == HalfKind::F16 {
+        let panels = half_panels::padded_rows(w.rows) / half_panels::PANEL;
+        let run = |p0: usize, np: usize| {
+            // SAFETY: every task writes only the outputs of its panels' rows (disjoint
+            // between tasks), and y outlives the parallel region.
+            let out = half_panels::Out {
+                p: yp as *mut f32,
+                stride: w.rows,
+                rows: w.rows,
+            };
+            unsafe { panels_task(isa, w, x, n, p0, np, out) };
+        };
+        if opts.single_thread || threads == 1 || macs < PAR_MIN_MACS {
+            run(0, panels);
+        } else {
+            let chunk = panels.div_ceil(threads * 4).max(1);
+            crate::parallel::for_each(panels.div_ceil(chunk), |t| {
+                let p0 = t * chunk;
+                run(p0, chunk.min(panels - p0));
+            });
+        }
+        return Ok(y);
+    }
     let run = |r0: usize, nr: usize| {
         // SAFETY: every task writes only columns r0..r0+nr of y's rows (disjoint between
         // tasks), and y outlives the parallel region.
@@ -353,6 +413,34 @@ pub fn matmul_half_with(
         });
     }
     Ok(y)
+}
+
+/// `x` rounded to `kind` (nearest even), as f32: `HalfKind::round` of every value, f16
+/// with F16C's conversions where the CPU has them (the same IEEE rounding, 8 at a time).
+pub fn round_slice(kind: HalfKind, x: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if kind == HalfKind::F16 && has_avx2() {
+        let mut out = vec![0.0f32; x.len()];
+        // SAFETY: F16C available (has_avx2 checks it); out has x.len() values.
+        unsafe { round_f16_f16c(x, &mut out) };
+        return out;
+    }
+    x.iter().map(|&v| kind.round(v)).collect()
+}
+
+/// SAFETY: F16C available; `out.len() == x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_f16_f16c(x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let full = x.len() / 8 * 8;
+    for i in (0..full).step_by(8) {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(i)));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in full..x.len() {
+        out[i] = HalfKind::F16.round(x[i]);
+    }
 }
 
 /// Where outputs go: `y[a][r]` at `p + a·stride + r`.
@@ -386,27 +474,39 @@ unsafe fn rows_task(
     nr: usize,
     out: OutPtr,
 ) {
-    let bf = w.kind == HalfKind::Bf16;
     match isa {
         #[cfg(target_arch = "x86_64")]
         HalfIsa::Avx512Bf16 => simd::dp::run(w, xb, n, r0, nr, out),
         #[cfg(target_arch = "x86_64")]
-        HalfIsa::Avx512 => {
-            if bf {
-                simd::run_avx512::<true>(w, x, n, r0, nr, out)
-            } else {
-                simd::run_avx512::<false>(w, x, n, r0, nr, out)
-            }
+        HalfIsa::Avx512 => simd::run_avx512(w, x, n, r0, nr, out),
+        #[cfg(target_arch = "x86_64")]
+        HalfIsa::Avx2 => simd::run_avx2(w, x, n, r0, nr, out),
+        _ => scalar_task(w, x, n, r0, nr, out),
+    }
+}
+
+/// f16 outputs of panels p0..p0+np for all n activation rows (`half_panels`).
+///
+/// SAFETY: `isa` is available; `out` is y (n × w.rows) and no other thread writes these
+/// panels' outputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_task(
+    isa: HalfIsa,
+    w: &HalfMatrix,
+    x: &[f32],
+    n: usize,
+    p0: usize,
+    np: usize,
+    out: half_panels::Out,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        HalfIsa::Avx512 | HalfIsa::Avx512Bf16 => {
+            half_panels::simd::run_avx512(&w.data, w.cols, x, n, p0, np, out)
         }
         #[cfg(target_arch = "x86_64")]
-        HalfIsa::Avx2 => {
-            if bf {
-                simd::run_avx2::<true>(w, x, n, r0, nr, out)
-            } else {
-                simd::run_avx2::<false>(w, x, n, r0, nr, out)
-            }
-        }
-        _ => scalar_task(w, x, n, r0, nr, out),
+        HalfIsa::Avx2 => half_panels::simd::run_avx2(&w.data, w.cols, x, n, p0, np, out),
+        _ => half_panels::portable(&w.data, w.cols, x, n, p0, np, out),
     }
 }
 
@@ -445,7 +545,7 @@ mod simd {
     use super::{HalfMatrix, OutPtr, GEMM_MIN_ROWS, KC, NB, RB};
     use std::arch::x86_64::*;
 
-    /// One vector width's operations (`BF`: the weights are bf16, else f16).
+    /// One vector width's operations on bf16 weights.
     pub(super) trait Vec32: Copy {
         const L: usize;
         /// Activation rows per GEMM register tile (× 4 weight rows): the accumulators, the
@@ -455,7 +555,7 @@ mod simd {
         const AR: usize;
         unsafe fn zero() -> Self;
         /// L weights at `p`, widened.
-        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self;
+        unsafe fn load_w(p: *const u16) -> Self;
         unsafe fn load(p: *const f32) -> Self;
         unsafe fn store(self, p: *mut f32);
         unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
@@ -476,16 +576,12 @@ mod simd {
             V8(_mm256_setzero_ps())
         }
         #[inline(always)]
-        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self {
+        unsafe fn load_w(p: *const u16) -> Self {
             let h = _mm_loadu_si128(p as *const __m128i);
-            if BF {
-                V8(_mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(h),
-                    16,
-                )))
-            } else {
-                V8(_mm256_cvtph_ps(h))
-            }
+            V8(_mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(h),
+                16,
+            )))
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
@@ -513,16 +609,12 @@ mod simd {
             V16(_mm512_setzero_ps())
         }
         #[inline(always)]
-        unsafe fn load_w<const BF: bool>(p: *const u16) -> Self {
+        unsafe fn load_w(p: *const u16) -> Self {
             let h = _mm256_loadu_si256(p as *const __m256i);
-            if BF {
-                V16(_mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(h),
-                    16,
-                )))
-            } else {
-                V16(_mm512_cvtph_ps(h))
-            }
+            V16(_mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(h),
+                16,
+            )))
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
@@ -545,17 +637,13 @@ mod simd {
     }
 
     #[inline(always)]
-    fn to_f32<const BF: bool>(b: u16) -> f32 {
-        if BF {
-            f32::from_bits((b as u32) << 16)
-        } else {
-            half::f16::from_bits(b).to_f32()
-        }
+    fn bf16_to_f32(b: u16) -> f32 {
+        f32::from_bits((b as u32) << 16)
     }
 
     /// SAFETY: AVX-512F available; `out` as `rows_task` requires.
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    pub(super) unsafe fn run_avx512<const BF: bool>(
+    pub(super) unsafe fn run_avx512(
         w: &HalfMatrix,
         x: &[f32],
         n: usize,
@@ -563,12 +651,12 @@ mod simd {
         nr: usize,
         out: OutPtr,
     ) {
-        run::<V16, BF>(w, x, n, r0, nr, out)
+        run::<V16>(w, x, n, r0, nr, out)
     }
 
     /// SAFETY: AVX2/FMA/F16C available; `out` as `rows_task` requires.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn run_avx2<const BF: bool>(
+    pub(super) unsafe fn run_avx2(
         w: &HalfMatrix,
         x: &[f32],
         n: usize,
@@ -576,11 +664,11 @@ mod simd {
         nr: usize,
         out: OutPtr,
     ) {
-        run::<V8, BF>(w, x, n, r0, nr, out)
+        run::<V8>(w, x, n, r0, nr, out)
     }
 
     #[inline(always)]
-    unsafe fn run<V: Vec32, const BF: bool>(
+    unsafe fn run<V: Vec32>(
         w: &HalfMatrix,
         x: &[f32],
         n: usize,
@@ -594,14 +682,14 @@ mod simd {
             let mut a = 0;
             while a < n {
                 match n - a {
-                    1 => matvec::<V, BF, 1>(w, x, a, r0, nr, out),
-                    2 => matvec::<V, BF, 2>(w, x, a, r0, nr, out),
-                    _ => matvec::<V, BF, 3>(w, x, a, r0, nr, out),
+                    1 => matvec::<V, 1>(w, x, a, r0, nr, out),
+                    2 => matvec::<V, 2>(w, x, a, r0, nr, out),
+                    _ => matvec::<V, 3>(w, x, a, r0, nr, out),
                 }
                 a += (n - a).min(3);
             }
         } else {
-            gemm::<V, BF>(w, x, n, r0, nr, out);
+            gemm::<V>(w, x, n, r0, nr, out);
         }
     }
 
@@ -609,7 +697,7 @@ mod simd {
     /// weight rows at a time (4 × AR independent FMA chains sharing each weight and
     /// activation load).
     #[inline(always)]
-    unsafe fn matvec<V: Vec32, const BF: bool, const AR: usize>(
+    unsafe fn matvec<V: Vec32, const AR: usize>(
         w: &HalfMatrix,
         x: &[f32],
         a: usize,
@@ -619,7 +707,7 @@ mod simd {
     ) {
         let mut r = r0;
         while r + 4 <= r0 + nr {
-            let y = rows_dot::<V, BF, 4, AR>(w, x, a, r);
+            let y = rows_dot::<V, 4, AR>(w, x, a, r);
             for (i, ys) in y.iter().enumerate() {
                 for (j, v) in ys.iter().enumerate() {
                     out.add(a + j, r + i, *v);
@@ -628,7 +716,7 @@ mod simd {
             r += 4;
         }
         while r < r0 + nr {
-            let y = rows_dot::<V, BF, 1, AR>(w, x, a, r);
+            let y = rows_dot::<V, 1, AR>(w, x, a, r);
             for (j, v) in y[0].iter().enumerate() {
                 out.add(a + j, r, *v);
             }
@@ -640,7 +728,7 @@ mod simd {
     /// module's order (so the row count changes no bit).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn rows_dot<V: Vec32, const BF: bool, const WR: usize, const AR: usize>(
+    unsafe fn rows_dot<V: Vec32, const WR: usize, const AR: usize>(
         w: &HalfMatrix,
         x: &[f32],
         a: usize,
@@ -661,7 +749,7 @@ mod simd {
                     xv[j] = V::load(xp.add(j * cols + k));
                 }
                 for i in 0..WR {
-                    let wv = V::load_w::<BF>(wp.add(i * cols + k));
+                    let wv = V::load_w(wp.add(i * cols + k));
                     for j in 0..AR {
                         acc[i][j] = V::fma(wv, xv[j], acc[i][j]);
                     }
@@ -672,7 +760,7 @@ mod simd {
                 for j in 0..AR {
                     let mut s = acc[i][j].hsum();
                     for k in k0 + full..k0 + kc {
-                        s += to_f32::<BF>(*wp.add(i * cols + k)) * *xp.add(j * cols + k);
+                        s += bf16_to_f32(*wp.add(i * cols + k)) * *xp.add(j * cols + k);
                     }
                     y[i][j] += s;
                 }
@@ -685,7 +773,7 @@ mod simd {
     /// rows × KC columns into `scratch` once, then run 4 × `V::AR` register tiles of
     /// (weight rows × activation rows) over it.
     #[inline(always)]
-    unsafe fn gemm<V: Vec32, const BF: bool>(
+    unsafe fn gemm<V: Vec32>(
         w: &HalfMatrix,
         x: &[f32],
         n: usize,
@@ -709,11 +797,11 @@ mod simd {
                         let dst = sp.add(i * KC);
                         let mut k = 0;
                         while k < full {
-                            V::load_w::<BF>(src.add(k)).store(dst.add(k));
+                            V::load_w(src.add(k)).store(dst.add(k));
                             k += V::L;
                         }
                         for k in full..kc {
-                            *dst.add(k) = to_f32::<BF>(*src.add(k));
+                            *dst.add(k) = bf16_to_f32(*src.add(k));
                         }
                     }
                     let tile = Tile {
@@ -969,9 +1057,17 @@ mod tests {
         let isas = HalfIsa::available();
         eprintln!("half ISAs on this CPU: {isas:?}");
         for kind in [HalfKind::F16, HalfKind::Bf16] {
-            for (rows, cols) in [(1, 1), (7, 13), (37, 77), (19, 1031), (45, 600)] {
+            for (rows, cols) in [
+                (1, 1),
+                (7, 13),
+                (37, 77),
+                (19, 1031),
+                (45, 600),
+                (64, 33),
+                (160, 300),
+            ] {
                 let w = matrix(kind, rows, cols, (rows * 31 + cols) as u64);
-                for n in [1, 2, 3, 5, 11, 17, 64, 70] {
+                for n in [1, 2, 3, 5, 11, 12, 13, 17, 64, 70, 100] {
                     let x = rand_vec(n * cols, (n * 7 + cols) as u64);
                     for round_x in [false, true] {
                         let opts = |isa, single_thread| HalfOptions {
@@ -988,8 +1084,8 @@ mod tests {
                                 let xs =
                                     xs.iter().map(|&v| if round_x { kind.round(v) } else { v });
                                 let terms: Vec<f64> = xs
-                                    .zip(&w.data[r * cols..(r + 1) * cols])
-                                    .map(|(v, &b)| v as f64 * kind.to_f32(b) as f64)
+                                    .zip((0..cols).map(|k| w.bits(r, k)))
+                                    .map(|(v, b)| v as f64 * kind.to_f32(b) as f64)
                                     .collect();
                                 let exact: f64 = terms.iter().sum();
                                 let scale: f64 = terms.iter().map(|t| t.abs()).sum::<f64>() + 1e-30;
@@ -1003,12 +1099,18 @@ mod tests {
                         for &isa in &isas {
                             for single in [true, false] {
                                 let y = matmul_half_with(&w, &x, n, &opts(isa, single)).unwrap();
+                                if kind == HalfKind::F16 {
+                                    // One FMA chain per output (`half_panels`): the same
+                                    // bits on every ISA.
+                                    assert_eq!(y, reference, "{isa:?} [{rows},{cols}] n={n} round={round_x} single={single}");
+                                    continue;
+                                }
                                 for (i, (g, e)) in y.iter().zip(&reference).enumerate() {
                                     let (a, r) = (i / rows, i % rows);
                                     let scale: f32 = x[a * cols..(a + 1) * cols]
                                         .iter()
-                                        .zip(&w.data[r * cols..(r + 1) * cols])
-                                        .map(|(v, &b)| (v * kind.to_f32(b)).abs())
+                                        .zip((0..cols).map(|k| w.bits(r, k)))
+                                        .map(|(v, b)| (v * kind.to_f32(b)).abs())
                                         .sum();
                                     assert!(
                                         (g - e).abs() <= 1e-5 * scale + 1e-30,
@@ -1139,13 +1241,13 @@ mod tests {
         );
         for (rows, cols) in [(4096, 4096), (11008, 4096)] {
             let f16m = matrix(HalfKind::F16, rows, cols, 1);
-            let mut bf = f16m.clone();
-            bf.kind = HalfKind::Bf16;
-            for v in bf.data.iter_mut() {
-                *v = half::bf16::from_f32(HalfKind::F16.to_f32(*v)).to_bits();
-            }
-            let wt =
-                Tensor::from_vec(f16m.to_f32(), (rows, cols), &candle_core::Device::Cpu).unwrap();
+            let wf = f16m.to_f32();
+            let bf_bits = wf
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let bf = HalfMatrix::new(HalfKind::Bf16, rows, cols, bf_bits).unwrap();
+            let wt = Tensor::from_vec(wf, (rows, cols), &candle_core::Device::Cpu).unwrap();
             for n in [1usize, 2, 3, 4, 8, 16, 512] {
                 let x = rand_vec(n * cols, 5);
                 let reps = if n < 8 { 20 } else { 3 };
@@ -1194,6 +1296,36 @@ mod tests {
                 });
                 report("f32 candle", t, rows * cols * 4);
             }
+        }
+    }
+
+    /// The vector rounding to f16 is `half`'s, value for value, across the f16 range's
+    /// edges: subnormals, ties, overflow to infinity, signed zero, NaN.
+    #[test]
+    fn slice_rounding_equals_the_scalar_rounding() {
+        let mut x = rand_vec(1003, 11);
+        x.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v *= [1e-7, 1e-5, 1.0, 3e4, 7e4][i % 5]);
+        x.extend([
+            0.0,
+            -0.0,
+            65504.0,
+            65520.0,
+            -65520.0,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+            5.96e-8,
+            2.98e-8,
+            1.0 + 0.5 * 9.765625e-4,
+            1.0 + 1.5 * 9.765625e-4,
+        ]);
+        for kind in [HalfKind::F16, HalfKind::Bf16] {
+            let got = round_slice(kind, &x);
+            for (g, &v) in got.iter().zip(&x) {
+                assert_eq!(g.to_bits(), kind.round(v).to_bits(), "{kind:?} {v:e}");
+            }
+            assert!(round_slice(kind, &[f32::NAN])[0].is_nan());
         }
     }
 

@@ -20,6 +20,7 @@
 
 pub mod ggml_cpu;
 pub mod half;
+pub mod half_panels;
 pub mod interleave;
 pub mod matmul;
 pub mod q4_0;
