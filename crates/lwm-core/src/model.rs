@@ -1140,12 +1140,15 @@ mod tests {
             let lin =
                 Linear::from_weight(Weight::Dense(t.clone()), "w", out_dim, in_dim, "t").unwrap();
             assert!(matches!(lin, Linear::Half(_)), "{dt:?}");
-            // f16 keeps whole panels of 32 rows (the last one zero-padded).
-            let stored_rows = match dt {
-                candle_core::DType::F16 => out_dim.next_multiple_of(32),
-                _ => out_dim,
+            // Whole panels of 32 rows (the last one zero-padded); bf16 columns in pairs.
+            let stored_cols = match dt {
+                candle_core::DType::BF16 => in_dim.next_multiple_of(2),
+                _ => in_dim,
             };
-            assert_eq!(lin.storage_bytes(), 2 * stored_rows * in_dim);
+            assert_eq!(
+                lin.storage_bytes(),
+                2 * out_dim.next_multiple_of(32) * stored_cols
+            );
             let dense = lin.to_dense().unwrap();
             assert!(matches!(dense, Linear::Dense(_)));
             assert_eq!(dense.storage_bytes(), 4 * out_dim * in_dim);
