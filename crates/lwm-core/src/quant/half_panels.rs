@@ -160,6 +160,8 @@ pub(super) unsafe fn portable(
     }
 }
 
+// The tiles index accumulators [row vector][activation row] by both loop variables.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd {
     use super::{Op, Out, KC, NB, PANEL};
@@ -622,7 +624,6 @@ pub(super) mod simd {
         /// steps: loads the chains from `yp` (`y[j][row]` at `yp + j·ys + i·L + lane`),
         /// continues them, stores them back.
         #[inline(always)]
-        #[allow(clippy::needless_range_loop)]
         unsafe fn tile<V: Lanes, K: Step<V>, const RV: usize, const AR: usize>(
             &self,
             v: usize,
