@@ -145,26 +145,51 @@ impl HalfMatrix {
         if dims.len() != 2 {
             return Ok(None);
         }
-        let flat = t.flatten_all()?;
-        // `into_iter().map().collect()` into a type of the same layout reuses the buffer.
-        let (kind, data): (HalfKind, Vec<u16>) = match t.dtype() {
-            DType::F16 => (
-                HalfKind::F16,
-                flat.to_vec1::<half::f16>()?
-                    .into_iter()
-                    .map(|h| h.to_bits())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                HalfKind::Bf16,
-                flat.to_vec1::<half::bf16>()?
-                    .into_iter()
-                    .map(|h| h.to_bits())
-                    .collect(),
-            ),
+        let kind = match t.dtype() {
+            DType::F16 => HalfKind::F16,
+            DType::BF16 => HalfKind::Bf16,
             _ => return Ok(None),
         };
-        Ok(Some(Self::new(kind, dims[0], dims[1], data)?))
+        let (rows, cols) = (dims[0], dims[1]);
+        // Packed straight from the tensor's buffer when it is a contiguous CPU one (no
+        // widened or row-major copy next to the panels); through a copy otherwise.
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let data = match cpu {
+                candle_core::CpuStorage::F16(v) => {
+                    let v = &v[start..end];
+                    half_panels::pack(kind.name(), rows, cols, 1, |i| v[i].to_bits())?
+                }
+                candle_core::CpuStorage::BF16(v) => {
+                    let v = &v[start..end];
+                    half_panels::pack(kind.name(), rows, cols, 2, |i| v[i].to_bits())?
+                }
+                _ => bail!("{} tensor whose buffer holds another type", kind.name()),
+            };
+            return Ok(Some(Self {
+                kind,
+                rows,
+                cols,
+                data,
+            }));
+        }
+        drop(storage);
+        let flat = t.flatten_all()?;
+        let data: Vec<u16> = match kind {
+            HalfKind::F16 => flat
+                .to_vec1::<half::f16>()?
+                .into_iter()
+                .map(|h| h.to_bits())
+                .collect(),
+            HalfKind::Bf16 => flat
+                .to_vec1::<half::bf16>()?
+                .into_iter()
+                .map(|h| h.to_bits())
+                .collect(),
+        };
+        Ok(Some(Self::new(kind, rows, cols, data)?))
     }
 
     /// Bytes the weights occupy (2 per weight, and the panels' padding).
@@ -670,6 +695,31 @@ mod tests {
                 assert_eq!(g.to_bits(), kind.round(v).to_bits(), "{kind:?} {v:e}");
             }
             assert!(round_slice(kind, &[f32::NAN])[0].is_nan());
+        }
+    }
+
+    /// A candle tensor is packed from its own buffer when contiguous, through a copy when
+    /// not (a transposed view); both give its values.
+    #[test]
+    fn tensors_pack_contiguous_or_strided() {
+        let v = rand_vec(35 * 9, 21);
+        let t = Tensor::from_vec(v, (35, 9), &candle_core::Device::Cpu).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            for view in [
+                t.to_dtype(dt).unwrap(),
+                t.to_dtype(dt).unwrap().t().unwrap(),
+            ] {
+                let m = HalfMatrix::from_tensor(&view).unwrap().unwrap();
+                let expect: Vec<f32> = view
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!((m.rows, m.cols), view.dims2().unwrap());
+                assert_eq!(m.to_f32(), expect, "{dt:?} {:?}", view.dims());
+            }
         }
     }
 
