@@ -377,7 +377,7 @@ fn interleaved_layouts_equal_the_row_layout_bit_for_bit() {
                 rows_layout.dequantize_row(r, &mut b);
                 assert_eq!(bits(&a), bits(&b), "{dtype:?} row {r}");
             }
-            for n in [1, 2, 3, 4, 5, 9] {
+            for n in [1, 2, 3, 4, 5, 9, 14] {
                 seed += 1;
                 let x = rand_vec(n * cols, seed, [0.02f32, 1.0, 30.0][seed as usize % 3]);
                 let mut kernels = vec![Kernel::Scalar, Kernel::Auto];

@@ -202,6 +202,12 @@ pub fn matmul_many_with(
                     // `rows` starts on a group boundary and n_rows is whole groups (`row_align`).
                     let groups = n_rows / q8_0_x8::GROUP;
                     #[cfg(target_arch = "x86_64")]
+                    if isa == Isa::Vnni && ys.len() >= 2 {
+                        // SAFETY: AVX-512 F/VL/VNNI checked (`resolve`); as below.
+                        unsafe { q8_0_x8::avx512::groups_x_acts(rows, groups, ys, out) };
+                        return;
+                    }
+                    #[cfg(target_arch = "x86_64")]
                     if avx2 {
                         // SAFETY: AVX2/FMA/F16C checked (`resolve`); `rows` holds `groups` groups.
                         unsafe { q8_0_x8::avx2::groups_x_acts(rows, groups, ys, out) };

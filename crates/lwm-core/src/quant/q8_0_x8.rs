@@ -103,3 +103,116 @@ pub(crate) mod avx2 {
         }
     }
 }
+
+/// The same products with AVX-512 VNNI, a register tile of the group's 8 rows × up to 4
+/// activation rows. Two rows share a 512-bit vector (their quants are adjacent in a
+/// cell), and `vpdpbusd` takes the weights offset to unsigned:
+///
+/// ```text
+///   Σ_{4 bytes of lane l} q·q_y = Σ (q + 128)·q_y − 128·Σ q_y      (exact in i32)
+/// ```
+///
+/// so a lane's sum is one `vpdpbusd` started from −128·Σ q_y (shared by the 8 rows) instead
+/// of AVX2's sign, sign, `maddubs` and `madd`. Lane l still sums elements 4l..4l+3 of the
+/// block and every float step (`d·d_y`, the FMA into lane l, ggml's 8-lane sum at the end)
+/// is the AVX2 kernel's, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::super::q8::BlockQ8_0;
+    use super::super::q8_0::avx2::hsum;
+    use super::{CELL_BYTES, GROUP, QS};
+    use std::arch::x86_64::*;
+
+    /// Activation rows per register tile (× 4 row pairs: 16 accumulators).
+    const AR: usize = 4;
+    /// Groups per block of the GEMM: their cells (8 × 34 bytes × blocks per row, 35 KB at
+    /// 4096 columns each) stay in L2 while every activation tile passes over them.
+    const GB: usize = 8;
+
+    /// As `avx2::groups_x_acts`: `out[row * n + a]`.
+    ///
+    /// SAFETY: AVX-512 F/VL/VNNI and AVX2/FMA/F16C available; `w` holds `n_groups` groups
+    /// of `ys[0].len()` blocks; every `ys[a]` has that many blocks; `out` has
+    /// `n_groups · 8 · ys.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn groups_x_acts(w: &[u8], n_groups: usize, ys: &[&[BlockQ8_0]], out: &mut [f32]) {
+        let n = ys.len();
+        let nb = ys.first().map_or(0, |y| y.len());
+        debug_assert!(w.len() >= n_groups * nb * CELL_BYTES);
+        debug_assert!(out.len() >= n_groups * GROUP * n);
+        for g0 in (0..n_groups).step_by(GB) {
+            for g in g0..(g0 + GB).min(n_groups) {
+                let gp = w.as_ptr().add(g * nb * CELL_BYTES);
+                let mut a = 0;
+                while a < n {
+                    let acts = &ys[a..];
+                    let o = &mut out[g * GROUP * n..];
+                    match n - a {
+                        1 => tile::<1>(gp, nb, acts, o, a, n),
+                        2 => tile::<2>(gp, nb, acts, o, a, n),
+                        3 => tile::<3>(gp, nb, acts, o, a, n),
+                        _ => tile::<AR>(gp, nb, acts, o, a, n),
+                    }
+                    a += (n - a).min(AR);
+                }
+            }
+        }
+    }
+
+    /// The group at `gp` × activation rows `ys[0..A]` (rows a0.. of the product): writes
+    /// `out[j · n + a0 + a]` for the group's rows j.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const A: usize>(
+        gp: *const u8,
+        nb: usize,
+        ys: &[&[BlockQ8_0]],
+        out: &mut [f32],
+        a0: usize,
+        n: usize,
+    ) {
+        let c80 = _mm512_set1_epi8(-128);
+        let zero = _mm512_setzero_si512();
+        // Row pair p's scales: d[2p] in lanes 0..8, d[2p + 1] in lanes 8..16.
+        let idx: [__m512i; 4] = std::array::from_fn(|p| {
+            let (lo, hi) = (2 * p as i32, 2 * p as i32 + 1);
+            _mm512_setr_epi32(
+                lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi,
+            )
+        });
+        let mut acc = [[_mm512_setzero_ps(); A]; 4];
+        for b in 0..nb {
+            let cell = gp.add(b * CELL_BYTES);
+            let d8 = _mm256_cvtph_ps(_mm_loadu_si128(cell as *const __m128i));
+            let d16 = _mm512_castps256_ps512(d8);
+            let mut qx = [zero; 4];
+            let mut dp = [_mm512_setzero_ps(); 4];
+            for p in 0..4 {
+                let q = _mm512_loadu_si512(cell.add(QS + 64 * p) as *const __m512i);
+                qx[p] = _mm512_xor_si512(q, c80);
+                dp[p] = _mm512_permutexvar_ps(idx[p], d16);
+            }
+            for a in 0..A {
+                let yb = ys[a].get_unchecked(b);
+                let qy =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i));
+                let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c80, qy));
+                let dy = _mm512_set1_ps(yb.d);
+                for p in 0..4 {
+                    let s = _mm512_dpbusd_epi32(neg, qx[p], qy);
+                    let dd = _mm512_mul_ps(dp[p], dy);
+                    acc[p][a] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), acc[p][a]);
+                }
+            }
+        }
+        for p in 0..4 {
+            for a in 0..A {
+                let v = acc[p][a];
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                out[2 * p * n + a0 + a] = hsum(lo);
+                out[(2 * p + 1) * n + a0 + a] = hsum(hi);
+            }
+        }
+    }
+}
