@@ -320,6 +320,7 @@ pub fn has_avx512_vnni() -> bool {
             has_avx2()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
         })
     }

@@ -157,7 +157,11 @@ impl RowFormat for Q4K {
         ys: &[&[BlockQ8K]],
         out: &mut [f32],
     ) -> bool {
-        avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        if ys.len() >= 2 {
+            avx512::rows_x_acts(w, stride, n_rows, ys, out);
+        } else {
+            avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        }
         true
     }
 }
@@ -231,26 +235,26 @@ pub(super) mod avx2 {
     };
 
     #[inline(always)]
-    unsafe fn scale_ctrl(s: i8) -> __m256i {
+    pub(super) unsafe fn scale_ctrl(s: i8) -> __m256i {
         _mm256_loadu_si256(SCALE_CTRL.as_ptr().add(s as usize) as *const __m256i)
     }
 
     /// The two f16 scales of the block at `b` as f32: `[d, dmin, 0, 0]`.
     #[inline(always)]
-    unsafe fn d_dmin(b: *const u8) -> __m128 {
+    pub(super) unsafe fn d_dmin(b: *const u8) -> __m128 {
         _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()))
     }
 
     /// ggml's `acc_m` reduction: (m0 + m2) + (m1 + m3).
     #[inline(always)]
-    unsafe fn hsum4(m: __m128) -> f32 {
+    pub(super) unsafe fn hsum4(m: __m128) -> f32 {
         let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
         _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)))
     }
 
     /// `q8s[l] = bsums[2l] + bsums[2l+1]` (ggml's `_mm_hadd_epi16` of the two halves).
     #[inline(always)]
-    unsafe fn q8sums(y: &BlockQ8K) -> __m128i {
+    pub(super) unsafe fn q8sums(y: &BlockQ8K) -> __m128i {
         let s = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
         _mm_hadd_epi16(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1))
     }
@@ -591,13 +595,14 @@ mod tests {
         }
     }
 
-    /// Every mat-vec and GEMM tile width (n = 1..9, 16, 17: tiles of 8 and every remainder), odd row counts and widths.
+    /// Every mat-vec and GEMM tile width (n = 1..9, 16, 17: tiles of 8 and every remainder), odd row counts and widths;
+    /// 34 and 70 rows span the AVX-512 kernel's blocks of 16 row pairs.
     #[test]
     fn avx2_equals_scalar_on_odd_shapes() {
         if !crate::quant::has_avx2() {
             return;
         }
-        for rows in [1, 3, 5, 13] {
+        for rows in [1, 3, 5, 13, 34, 70] {
             for k in [1, 2, 3, 5] {
                 let cols = 256 * k;
                 let (w, _) = q4k_bytes(rows, cols, rows as u64 * 7 + k as u64);
@@ -818,6 +823,191 @@ mod tests {
                 std::hint::black_box(qmm.forward(&xt).unwrap());
             });
             report("candle", t);
+        }
+    }
+}
+
+/// The GEMM with 512-bit vectors (AVX-512 F/BW/VL/VNNI): two weight rows per vector (lanes
+/// 0..8 row r, 8..16 row r + 1, each exactly the 8 lanes of ggml's AVX2 loop) × up to 4
+/// activation rows per register tile. A sub-block is one `vpmaddubsw` and one `vpdpwssd`
+/// per row pair and activation row, on the activation's 32 quants broadcast to both
+/// halves; the integer sums are exact and every float step (`d`, `dmin`, the FMAs, ggml's
+/// sums at the end) is the AVX2 kernel's, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use super::super::q8::BlockQ8K;
+    use super::super::q8_0::avx2::hsum;
+    use super::avx2::{d_dmin, hsum4, q8sums, scale_ctrl, scales_mins_simd};
+    use super::BLOCK_BYTES;
+    use std::arch::x86_64::*;
+
+    /// Activation rows per register tile.
+    const A: usize = 4;
+    /// Row pairs per block of the GEMM: their weights (32 rows, 74 KB at 4096 columns) stay
+    /// in L2 while every activation tile passes over them.
+    const PB: usize = 16;
+
+    /// `acc + vpmaddwd(a, b)` as one `vpdpwssd`. Written in assembly because LLVM
+    /// reassociates the intrinsic's adds across a chain and emits `vpmaddwd` + `vpaddd`
+    /// (80 of the kernel's 90 were split), one more instruction per sub-block and row pair.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        let mut acc = acc;
+        // SAFETY: register-only arithmetic; the callers run with AVX-512 VNNI.
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
+    ///
+    /// SAFETY: AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C available; `w` holds `n_rows` rows of
+    /// `stride` bytes (whole blocks); every `ys[a]` has `stride / BLOCK_BYTES` blocks; `out`
+    /// has `n_rows · ys.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
+        let n = ys.len();
+        let nb = stride / BLOCK_BYTES;
+        debug_assert!(w.len() >= n_rows * stride);
+        debug_assert_eq!(out.len(), n_rows * n);
+        debug_assert!(ys.iter().all(|y| y.len() == nb));
+        let pairs = n_rows / 2;
+        // Per activation tile and block, each row's `q8sums` in both 128-bit halves (what
+        // the mins products take), computed once for every row pair.
+        let mut q8s = vec![_mm256_setzero_si256(); nb * A];
+        for p0 in (0..pairs).step_by(PB) {
+            let mut a = 0;
+            while a < n {
+                let at = (n - a).min(A);
+                for i in 0..nb {
+                    for k in 0..at {
+                        q8s[i * A + k] = _mm256_broadcastsi128_si256(q8sums(&ys[a + k][i]));
+                    }
+                }
+                for p in p0..(p0 + PB).min(pairs) {
+                    let wp = w.as_ptr().add(2 * p * stride);
+                    let o = &mut out[2 * p * n..];
+                    let t = (wp, stride, nb, &ys[a..], &q8s[..], a, n);
+                    match at {
+                        1 => tile::<1>(t, o),
+                        2 => tile::<2>(t, o),
+                        3 => tile::<3>(t, o),
+                        _ => tile::<A>(t, o),
+                    }
+                }
+                a += at;
+            }
+        }
+        if n_rows % 2 == 1 {
+            let r = n_rows - 1;
+            super::avx2::rows_x_acts_vnni(&w[r * stride..], stride, 1, ys, &mut out[r * n..]);
+        }
+    }
+
+    /// Rows r, r + 1 (at `wp`, `stride` apart) × activation rows `ys[0..AT]` (a0.. of the
+    /// product; their `q8sums` at `q8s[i · A + a]`): writes `out[k · n + a0 + a]` for k = 0, 1.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop, clippy::type_complexity)]
+    unsafe fn tile<const AT: usize>(
+        (wp, stride, nb, ys, q8s, a0, n): (
+            *const u8,
+            usize,
+            usize,
+            &[&[BlockQ8K]],
+            &[__m256i],
+            usize,
+            usize,
+        ),
+        out: &mut [f32],
+    ) {
+        let m4 = _mm512_set1_epi8(0xF);
+        let ctrl: [__m512i; 8] =
+            std::array::from_fn(|s| _mm512_broadcast_i64x4(scale_ctrl(s as i8)));
+        let mut acc = [_mm512_setzero_ps(); AT];
+        let mut acc_m = [_mm256_setzero_ps(); AT];
+        for i in 0..nb {
+            let b0 = wp.add(i * BLOCK_BYTES);
+            let b1 = b0.add(stride);
+            let sm0 = scales_mins_simd(b0);
+            let sm1 = scales_mins_simd(b1);
+            // Row r's scales in the low 128-bit lanes, row r + 1's in the high ones.
+            let sc = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_broadcastsi128_si256(sm0)),
+                _mm256_broadcastsi128_si256(sm1),
+                1,
+            );
+            let q8: [*const i8; AT] = std::array::from_fn(|a| ys[a].get_unchecked(i).qs.as_ptr());
+            let mut sumi = [_mm512_setzero_si512(); AT];
+            for j in 0..4 {
+                let bits = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(
+                        b0.add(16 + 32 * j) as *const __m256i
+                    )),
+                    _mm256_loadu_si256(b1.add(16 + 32 * j) as *const __m256i),
+                    1,
+                );
+                // Sub-block 2j (low nibbles), then 2j + 1 (high nibbles).
+                let q4 = _mm512_and_si512(bits, m4);
+                let s = _mm512_shuffle_epi8(sc, ctrl[2 * j]);
+                for a in 0..AT {
+                    let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        q8[a].add(64 * j) as *const __m256i
+                    ));
+                    sumi[a] = dpwssd(sumi[a], _mm512_maddubs_epi16(q4, y), s);
+                }
+                let q4 = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4);
+                let s = _mm512_shuffle_epi8(sc, ctrl[2 * j + 1]);
+                for a in 0..AT {
+                    let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        q8[a].add(64 * j + 32) as *const __m256i
+                    ));
+                    sumi[a] = dpwssd(sumi[a], _mm512_maddubs_epi16(q4, y), s);
+                }
+            }
+            let (x0, x1) = (d_dmin(b0), d_dmin(b1));
+            // [x.d of row r ×8 | of row r + 1 ×8] and [x.dmin of r ×4 | of r + 1 ×4].
+            let xd = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_broadcastss_ps(x0))),
+                _mm256_castps_pd(_mm256_broadcastss_ps(x1)),
+                1,
+            ));
+            let xmin = _mm256_set_m128(
+                _mm_broadcastss_ps(_mm_movehdup_ps(x1)),
+                _mm_broadcastss_ps(_mm_movehdup_ps(x0)),
+            );
+            let mins = _mm256_set_m128i(
+                _mm_cvtepu8_epi16(_mm_srli_si128(sm1, 8)),
+                _mm_cvtepu8_epi16(_mm_srli_si128(sm0, 8)),
+            );
+            for a in 0..AT {
+                let yb = ys[a].get_unchecked(i);
+                // d = y.d · x.d; dmin = (−y.d) · x.dmin (ggml's two products).
+                let d = _mm512_mul_ps(xd, _mm512_set1_ps(yb.d));
+                acc[a] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[a]), acc[a]);
+                let prod = _mm256_madd_epi16(mins, *q8s.get_unchecked(i * A + a));
+                let dmin = _mm256_mul_ps(_mm256_set1_ps(-yb.d), xmin);
+                acc_m[a] = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(prod), acc_m[a]);
+            }
+        }
+        for a in 0..AT {
+            let lo = _mm512_castps512_ps256(acc[a]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
+            let m_lo = _mm256_castps256_ps128(acc_m[a]);
+            let m_hi = _mm256_extractf128_ps(acc_m[a], 1);
+            out[a0 + a] = hsum(lo) + hsum4(m_lo);
+            out[n + a0 + a] = hsum(hi) + hsum4(m_hi);
         }
     }
 }
