@@ -828,7 +828,7 @@ mod tests {
 }
 
 /// The GEMM with 512-bit vectors (AVX-512 F/BW/VL/VNNI): two weight rows per vector (lanes
-/// 0..8 row r, 8..16 row r + 1, each exactly the 8 lanes of ggml's AVX2 loop) × up to 4
+/// 0..8 row r, 8..16 row r + 1, each exactly the 8 lanes of ggml's AVX2 loop) × up to 6
 /// activation rows per register tile. A sub-block is one `vpmaddubsw` and one `vpdpwssd`
 /// per row pair and activation row, on the activation's 32 quants broadcast to both
 /// halves; the integer sums are exact and every float step (`d`, `dmin`, the FMAs, ggml's
@@ -837,33 +837,16 @@ mod tests {
 pub(super) mod avx512 {
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::dpwssd512;
     use super::avx2::{d_dmin, hsum4, q8sums, scale_ctrl, scales_mins_simd};
     use super::BLOCK_BYTES;
     use std::arch::x86_64::*;
 
     /// Activation rows per register tile.
-    const A: usize = 4;
+    const A: usize = 6;
     /// Row pairs per block of the GEMM: their weights (32 rows, 74 KB at 4096 columns) stay
     /// in L2 while every activation tile passes over them.
     const PB: usize = 16;
-
-    /// `acc + vpmaddwd(a, b)` as one `vpdpwssd`. Written in assembly because LLVM
-    /// reassociates the intrinsic's adds across a chain and emits `vpmaddwd` + `vpaddd`
-    /// (80 of the kernel's 90 were split), one more instruction per sub-block and row pair.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-        let mut acc = acc;
-        // SAFETY: register-only arithmetic; the callers run with AVX-512 VNNI.
-        std::arch::asm!(
-            "vpdpwssd {acc}, {a}, {b}",
-            acc = inout(zmm_reg) acc,
-            a = in(zmm_reg) a,
-            b = in(zmm_reg) b,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-        acc
-    }
 
     /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
     ///
@@ -904,6 +887,8 @@ pub(super) mod avx512 {
                         1 => tile::<1>(t, o),
                         2 => tile::<2>(t, o),
                         3 => tile::<3>(t, o),
+                        4 => tile::<4>(t, o),
+                        5 => tile::<5>(t, o),
                         _ => tile::<A>(t, o),
                     }
                 }
@@ -965,7 +950,7 @@ pub(super) mod avx512 {
                     let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(
                         q8[a].add(64 * j) as *const __m256i
                     ));
-                    sumi[a] = dpwssd(sumi[a], _mm512_maddubs_epi16(q4, y), s);
+                    sumi[a] = dpwssd512(sumi[a], _mm512_maddubs_epi16(q4, y), s);
                 }
                 let q4 = _mm512_and_si512(_mm512_srli_epi16(bits, 4), m4);
                 let s = _mm512_shuffle_epi8(sc, ctrl[2 * j + 1]);
@@ -973,7 +958,7 @@ pub(super) mod avx512 {
                     let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(
                         q8[a].add(64 * j + 32) as *const __m256i
                     ));
-                    sumi[a] = dpwssd(sumi[a], _mm512_maddubs_epi16(q4, y), s);
+                    sumi[a] = dpwssd512(sumi[a], _mm512_maddubs_epi16(q4, y), s);
                 }
             }
             let (x0, x1) = (d_dmin(b0), d_dmin(b1));

@@ -137,13 +137,17 @@ impl RowFormat for Q6K {
         ys: &[&[BlockQ8K]],
         out: &mut [f32],
     ) -> bool {
-        avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        if ys.len() >= 3 {
+            avx512::rows_x_acts(w, stride, n_rows, ys, out);
+        } else {
+            avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        }
         true
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
     use super::super::row_kernels::simd::scaled_pairs_acc;
@@ -289,15 +293,15 @@ mod avx2 {
     /// the 16 scales as i16 and `d`.
     #[derive(Clone, Copy)]
     #[repr(C, align(32))]
-    struct Prepared {
-        q: [__m256i; 8],
-        s: [__m256i; 8],
-        sc16: __m256i,
-        d: f32,
+    pub(super) struct Prepared {
+        pub(super) q: [__m256i; 8],
+        pub(super) s: [__m256i; 8],
+        pub(super) sc16: __m256i,
+        pub(super) d: f32,
     }
 
     #[inline(always)]
-    unsafe fn prepare(b: *const u8, p: &mut Prepared) {
+    pub(super) unsafe fn prepare(b: *const u8, p: &mut Prepared) {
         let s = scales(b);
         for h in 0..2 {
             for (k, q) in half_quants(b, h).into_iter().enumerate() {
@@ -463,6 +467,178 @@ mod avx2 {
     }
 }
 
+/// The GEMM with 512-bit vectors (AVX-512 F/BW/VL/VNNI): two weight rows per vector (lanes
+/// 0..8 row r, 8..16 row r + 1, each exactly the 8 lanes of ggml's AVX2 loop) × up to 6
+/// activation rows per register tile, on blocks unpacked once per row pair (`prepare`).
+/// A chunk is one `vpmaddubsw` and one `vpdpwssd` per row pair and activation row, on the
+/// activation's 32 quants broadcast to both halves; the integers are exact and the float
+/// step per block (`d = y.d · x.d`, the FMA, ggml's 8-lane sum at the end) is the AVX2
+/// kernel's, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::q8::BlockQ8K;
+    use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::dpwssd512;
+    use super::avx2::{prepare, Prepared};
+    use super::BLOCK_BYTES;
+    use std::arch::x86_64::*;
+
+    /// Activation rows per register tile (12 accumulators, 6 sums).
+    const AR: usize = 6;
+    /// Row pairs unpacked together; every activation row of the group passes over them.
+    const PB: usize = 2;
+    /// About the activation bytes one pass over the weights multiplies: they stay in L2
+    /// while the row pairs are unpacked and multiplied.
+    const ACT_BYTES: usize = 256 << 10;
+
+    /// A block of two rows unpacked: each chunk's quants and `madd` scales with row r in
+    /// the low 256 bits and row r + 1 in the high ones, the 16 scales of both as i16, and
+    /// `[x.d of r ×8 | x.d of r + 1 ×8]`.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Pair {
+        q: [__m512i; 8],
+        s: [__m512i; 8],
+        sc16: __m512i,
+        d: __m512,
+    }
+
+    #[inline(always)]
+    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    #[inline(always)]
+    unsafe fn prepare_pair(b0: *const u8, b1: *const u8, out: &mut Pair) {
+        let (mut p0, mut p1) = (
+            std::mem::zeroed::<Prepared>(),
+            std::mem::zeroed::<Prepared>(),
+        );
+        prepare(b0, &mut p0);
+        prepare(b1, &mut p1);
+        for c in 0..8 {
+            out.q[c] = join(p0.q[c], p1.q[c]);
+            out.s[c] = join(p0.s[c], p1.s[c]);
+        }
+        out.sc16 = join(p0.sc16, p1.sc16);
+        out.d = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(p0.d))),
+            _mm256_castps_pd(_mm256_set1_ps(p1.d)),
+            1,
+        ));
+    }
+
+    /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
+    ///
+    /// SAFETY: AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C available; `w` holds `n_rows` rows of
+    /// `stride` bytes (whole blocks); every `ys[a]` has `stride / BLOCK_BYTES` blocks; `out`
+    /// has `n_rows · ys.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
+        let n = ys.len();
+        let nb = stride / BLOCK_BYTES;
+        assert!(w.len() >= n_rows * stride && out.len() == n_rows * n);
+        assert!(ys.iter().all(|y| y.len() == nb));
+        let wp = w.as_ptr();
+        let pairs = n_rows / 2;
+        let mut prep = vec![std::mem::zeroed::<Pair>(); PB * nb];
+        // Opaque to the optimizer, as in the AVX2 tile: unrolled, the chunk loop
+        // interleaves the activation rows and runs out of registers.
+        let chunks = std::hint::black_box(8usize);
+        let group = (ACT_BYTES / (nb * std::mem::size_of::<BlockQ8K>())).max(1) * AR;
+        for g0 in (0..n).step_by(group) {
+            let g1 = (g0 + group).min(n);
+            for p0 in (0..pairs).step_by(PB) {
+                let pb = PB.min(pairs - p0);
+                for (k, pr) in prep[..pb * nb].iter_mut().enumerate() {
+                    let b0 = wp.add(2 * (p0 + k / nb) * stride + k % nb * BLOCK_BYTES);
+                    prepare_pair(b0, b0.add(stride), pr);
+                }
+                let mut a0 = g0;
+                while a0 < g1 {
+                    let ar = (g1 - a0).min(AR);
+                    for p in 0..pb {
+                        let t = Tile {
+                            p: prep.as_ptr().add(p * nb),
+                            nb,
+                            ys: &ys[a0..],
+                            chunks,
+                        };
+                        let o = &mut out[2 * (p0 + p) * n + a0..];
+                        match ar {
+                            1 => t.run::<1>(o, n),
+                            2 => t.run::<2>(o, n),
+                            3 => t.run::<3>(o, n),
+                            4 => t.run::<4>(o, n),
+                            5 => t.run::<5>(o, n),
+                            _ => t.run::<AR>(o, n),
+                        }
+                    }
+                    a0 += ar;
+                }
+            }
+        }
+        if n_rows % 2 == 1 {
+            let r = n_rows - 1;
+            super::avx2::rows_x_acts_vnni(&w[r * stride..], stride, 1, ys, &mut out[r * n..]);
+        }
+    }
+
+    /// One unpacked row pair (`nb` blocks at `p`) and its activation rows.
+    struct Tile<'a> {
+        p: *const Pair,
+        nb: usize,
+        ys: &'a [&'a [BlockQ8K]],
+        chunks: usize,
+    }
+
+    impl Tile<'_> {
+        /// The pair × activation rows `ys[0..A]`: `out[k · n + a]` for rows k = 0, 1.
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn run<const A: usize>(&self, out: &mut [f32], n: usize) {
+            let mut acc = [_mm512_setzero_ps(); A];
+            for i in 0..self.nb {
+                let pr = &*self.p.add(i);
+                let yb: [&BlockQ8K; A] = std::array::from_fn(|a| self.ys[a].get_unchecked(i));
+                let mut sumi = [_mm512_setzero_si512(); A];
+                for c in 0..self.chunks {
+                    let q = *pr.q.get_unchecked(c);
+                    let s = *pr.s.get_unchecked(c);
+                    for a in 0..A {
+                        let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            yb[a].qs.as_ptr().add(32 * c) as *const __m256i,
+                        ));
+                        sumi[a] = dpwssd512(sumi[a], _mm512_maddubs_epi16(q, y), s);
+                    }
+                }
+                for a in 0..A {
+                    // acc = fma(y.d · x.d, f32(sumi − 32·Σ sc·bsums), acc), per row.
+                    let bsums = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        yb[a].bsums.as_ptr() as *const __m256i
+                    ));
+                    let sub = _mm512_slli_epi32(_mm512_madd_epi16(bsums, pr.sc16), 5);
+                    let d = _mm512_mul_ps(_mm512_set1_ps(yb[a].d), pr.d);
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sumi[a], sub));
+                    acc[a] = _mm512_fmadd_ps(d, v, acc[a]);
+                }
+            }
+            for a in 0..A {
+                let lo = _mm512_castps512_ps256(acc[a]);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
+                out[a] = hsum(lo);
+                out[n + a] = hsum(hi);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,8 +723,8 @@ mod tests {
         if !crate::quant::has_avx2() {
             return;
         }
-        for rows in [1, 3, 5, 13] {
-            for n in [1, 2, 3, 5, 6, 7, 9] {
+        for rows in [1, 3, 5, 13, 34] {
+            for n in [1, 2, 3, 5, 6, 7, 9, 14] {
                 for k in [1, 2, 3, 6] {
                     let cols = QK_K * k;
                     let seed = (rows * 100 + n * 10 + k) as u64;
