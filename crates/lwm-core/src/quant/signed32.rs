@@ -70,7 +70,11 @@ impl<S: Signed32> RowFormat for S {
         ys: &[&[BlockQ8_0]],
         out: &mut [f32],
     ) -> bool {
-        avx2::rows_x_acts_vnni::<S>(w, stride, n_rows, ys, out);
+        if ys.len() >= 2 {
+            avx512::rows_x_acts::<S>(w, stride, n_rows, ys, out);
+        } else {
+            avx2::rows_x_acts_vnni::<S>(w, stride, n_rows, ys, out);
+        }
         true
     }
 }
@@ -226,5 +230,145 @@ pub(crate) mod avx2 {
             return;
         }
         gemm_rows::<Gemm<S, VNNI>>(wp, stride, n_rows, ys, out);
+    }
+}
+
+/// The GEMM with AVX-512 VNNI: two weight rows per 512-bit vector (lanes 0..8 row r, 8..16
+/// row r + 1, each the 8 lanes of ggml's AVX2 loop) × up to 8 activation rows per register
+/// tile. The quants are offset to unsigned for `vpdpbusd`, and each lane's sum starts from
+/// −128·Σ q_y (shared by both rows):
+///
+/// ```text
+///   Σ_{4 bytes of lane l} q·q_y = Σ (q + 128)·q_y − 128·Σ q_y      (exact in i32)
+/// ```
+///
+/// so the integers are the AVX2 kernel's, and so is every float step (`dd = f32(x.d)·y.d`,
+/// the FMA into lane l, ggml's 8-lane sum), hence the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::super::q8::BlockQ8_0;
+    use super::super::q8_0::avx2::hsum;
+    use super::Signed32;
+    use std::arch::x86_64::*;
+
+    /// Activation rows per register tile (16 accumulators with two row pairs).
+    const AR: usize = 8;
+    /// Row pairs per register tile.
+    const RP: usize = 2;
+
+    /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
+    ///
+    /// SAFETY: AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C available; `w` holds `n_rows` rows of
+    /// `stride` bytes (whole blocks); every `ys[a]` has `stride / S::BYTES` blocks; `out` has
+    /// `n_rows · ys.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts<S: Signed32>(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8_0]],
+        out: &mut [f32],
+    ) {
+        let n = ys.len();
+        assert!(w.len() >= n_rows * stride && out.len() == n_rows * n);
+        assert!(ys.iter().all(|y| y.len() * S::BYTES == stride));
+        let wp = w.as_ptr();
+        let mut r = 0;
+        while r + 2 <= n_rows {
+            let rp = if r + 2 * RP <= n_rows { RP } else { 1 };
+            let mut a = 0;
+            while a < n {
+                let at = (n - a).min(AR);
+                let acts = &ys[a..];
+                let o = &mut out[r * n + a..];
+                let p = wp.add(r * stride);
+                macro_rules! go {
+                    ($rp:literal) => {
+                        match at {
+                            1 => tile::<S, $rp, 1>(p, stride, acts, o, n),
+                            2 => tile::<S, $rp, 2>(p, stride, acts, o, n),
+                            3 => tile::<S, $rp, 3>(p, stride, acts, o, n),
+                            4 => tile::<S, $rp, 4>(p, stride, acts, o, n),
+                            5 => tile::<S, $rp, 5>(p, stride, acts, o, n),
+                            6 => tile::<S, $rp, 6>(p, stride, acts, o, n),
+                            7 => tile::<S, $rp, 7>(p, stride, acts, o, n),
+                            _ => tile::<S, $rp, AR>(p, stride, acts, o, n),
+                        }
+                    };
+                }
+                if rp == RP {
+                    go!(2)
+                } else {
+                    go!(1)
+                }
+                a += at;
+            }
+            r += 2 * rp;
+        }
+        if r < n_rows {
+            super::avx2::rows_x_acts_vnni::<S>(&w[r * stride..], stride, 1, ys, &mut out[r * n..]);
+        }
+    }
+
+    /// Row pairs p (rows 2p, 2p + 1 of the `2·P` rows at `w`, `stride` apart) × activation
+    /// rows `ys[0..A]`: writes `out[k · n + a]` for the tile's rows k.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<S: Signed32, const P: usize, const A: usize>(
+        w: *const u8,
+        stride: usize,
+        ys: &[&[BlockQ8_0]],
+        out: &mut [f32],
+        n: usize,
+    ) {
+        let nb = stride / S::BYTES;
+        let c80 = _mm512_set1_epi8(-128);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[_mm512_setzero_ps(); A]; P];
+        for b in 0..nb {
+            let mut qx = [zero; P];
+            let mut dp = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                let b0 = w.add(2 * p * stride + b * S::BYTES);
+                let b1 = b0.add(stride);
+                let q = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(S::quants_avx2(b0)),
+                    S::quants_avx2(b1),
+                    1,
+                );
+                qx[p] = _mm512_xor_si512(q, c80);
+                // [x.d of row 2p ×8 | of row 2p + 1 ×8]
+                let d = _mm_cvtph_ps(_mm_unpacklo_epi16(
+                    _mm_cvtsi32_si128((b0 as *const u16).read_unaligned() as i32),
+                    _mm_cvtsi32_si128((b1 as *const u16).read_unaligned() as i32),
+                ));
+                dp[p] = _mm512_permutexvar_ps(
+                    _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                    _mm512_castps128_ps512(d),
+                );
+            }
+            for a in 0..A {
+                let yb = ys[a].get_unchecked(b);
+                let qy =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(yb.qs.as_ptr() as *const __m256i));
+                let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c80, qy));
+                let dy = _mm512_set1_ps(yb.d);
+                for p in 0..P {
+                    let s = _mm512_dpbusd_epi32(neg, qx[p], qy);
+                    // f32(x.d)·y.d: a vector product is the same IEEE product.
+                    let dd = _mm512_mul_ps(dp[p], dy);
+                    acc[p][a] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), acc[p][a]);
+                }
+            }
+        }
+        for p in 0..P {
+            for a in 0..A {
+                let v = acc[p][a];
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                out[2 * p * n + a] = hsum(lo);
+                out[(2 * p + 1) * n + a] = hsum(hi);
+            }
+        }
     }
 }
