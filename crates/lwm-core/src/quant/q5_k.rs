@@ -128,13 +128,17 @@ impl RowFormat for Q5K {
         ys: &[&[BlockQ8K]],
         out: &mut [f32],
     ) -> bool {
-        avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        if ys.len() >= 2 {
+            avx512::rows_x_acts(w, stride, n_rows, ys, out);
+        } else {
+            avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
+        }
         true
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::super::q4_k::avx2::scales_mins_gpr;
     use super::super::q8::BlockQ8K;
     use super::super::q8_0::avx2::hsum;
@@ -145,7 +149,7 @@ mod avx2 {
 
     /// (d, dmin) of the block at `p`.
     #[inline(always)]
-    unsafe fn d_dmin(p: *const u8) -> (f32, f32) {
+    pub(super) unsafe fn d_dmin(p: *const u8) -> (f32, f32) {
         let h = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
         (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)))
     }
@@ -236,7 +240,7 @@ mod avx2 {
 
     /// Lane k of the result: the sum of the 8 i32 of `v[k]` (exact).
     #[inline(always)]
-    unsafe fn hsum4_i32(v: &[__m256i; 4]) -> __m128i {
+    pub(super) unsafe fn hsum4_i32(v: &[__m256i; 4]) -> __m128i {
         let h01 = _mm256_hadd_epi32(v[0], v[1]);
         let h23 = _mm256_hadd_epi32(v[2], v[3]);
         let h = _mm256_hadd_epi32(h01, h23);
@@ -404,6 +408,202 @@ mod avx2 {
             return;
         }
         gemm_rows::<Gemm<VNNI>>(wp, stride, n_rows, ys, out);
+    }
+}
+
+/// The GEMM with 512-bit vectors (AVX-512 F/BW/VL/VNNI): two weight rows per vector (lanes
+/// 0..8 row r, 8..16 row r + 1, each exactly the 8 lanes of ggml's AVX2 loop) × up to 4
+/// activation rows per register tile; per sub-block pair one `vpmaddubsw` and one
+/// `vpdpwssd` per sub-block, row pair and activation row, on the activation's quants
+/// broadcast to both halves. The mins part is the AVX2 tile's (4 (row, activation) sums at
+/// a time, then the FMA of each), so every integer and float step, and the bits, are the
+/// same.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::q4_k::avx2::scales_mins_gpr;
+    use super::super::q8::BlockQ8K;
+    use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::dpwssd512;
+    use super::avx2::{d_dmin, hsum4_i32};
+    use super::{BLOCK_BYTES, QH, QS};
+    use std::arch::x86_64::*;
+
+    /// Activation rows per register tile (2·A (row, activation) pairs: A ≤ 4 keeps the
+    /// mins sums in 2 vectors of 4).
+    const A: usize = 4;
+    /// Row pairs per block of the GEMM: their weights stay in L2 while every activation
+    /// tile passes over them.
+    const PB: usize = 16;
+
+    #[inline(always)]
+    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// Bit `BIT` of every byte of `h` moved to bit 4 (other bits garbage).
+    #[inline(always)]
+    unsafe fn bit_to_4<const BIT: usize>(h: __m512i) -> __m512i {
+        // A 16-bit shift by ≤ 4 keeps each byte's bit 4 within its own byte.
+        match BIT {
+            0 => _mm512_slli_epi16::<4>(h),
+            1 => _mm512_slli_epi16::<3>(h),
+            2 => _mm512_slli_epi16::<2>(h),
+            3 => _mm512_slli_epi16::<1>(h),
+            4 => h,
+            5 => _mm512_srli_epi16::<1>(h),
+            6 => _mm512_srli_epi16::<2>(h),
+            _ => _mm512_srli_epi16::<3>(h),
+        }
+    }
+
+    /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
+    ///
+    /// SAFETY: AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C available; `w` holds `n_rows` rows of
+    /// `stride` bytes (whole blocks); every `ys[a]` has `stride / BLOCK_BYTES` blocks; `out`
+    /// has `n_rows · ys.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn rows_x_acts(
+        w: &[u8],
+        stride: usize,
+        n_rows: usize,
+        ys: &[&[BlockQ8K]],
+        out: &mut [f32],
+    ) {
+        let n = ys.len();
+        let nb = stride / BLOCK_BYTES;
+        assert!(w.len() >= n_rows * stride && out.len() == n_rows * n);
+        assert!(ys.iter().all(|y| y.len() == nb));
+        let pairs = n_rows / 2;
+        for p0 in (0..pairs).step_by(PB) {
+            let mut a = 0;
+            while a < n {
+                let at = (n - a).min(A);
+                for p in p0..(p0 + PB).min(pairs) {
+                    let wp = w.as_ptr().add(2 * p * stride);
+                    let o = &mut out[2 * p * n + a..];
+                    let t = (wp, stride, nb, &ys[a..], n);
+                    match at {
+                        1 => tile::<1>(t, o),
+                        2 => tile::<2>(t, o),
+                        3 => tile::<3>(t, o),
+                        _ => tile::<A>(t, o),
+                    }
+                }
+                a += at;
+            }
+        }
+        if n_rows % 2 == 1 {
+            let r = n_rows - 1;
+            super::avx2::rows_x_acts_vnni(&w[r * stride..], stride, 1, ys, &mut out[r * n..]);
+        }
+    }
+
+    /// Rows r, r + 1 (at `wp`, `stride` apart) × activation rows `ys[0..AT]`: writes
+    /// `out[k · n + a]` for k = 0, 1.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop, clippy::type_complexity)]
+    unsafe fn tile<const AT: usize>(
+        (wp, stride, nb, ys, n): (*const u8, usize, usize, &[&[BlockQ8K]], usize),
+        out: &mut [f32],
+    ) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m10 = _mm512_set1_epi8(0x10);
+        // Byte pairs (8+t, 8+t): each min twice, beside the two bsums of its sub-block.
+        let mdup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        let mut acc = [_mm512_setzero_ps(); AT];
+        // Lane k = r·AT + a of summs[k / 4]: summs of (row r, activation row a).
+        let mut summs = [_mm_setzero_ps(); 2];
+        for b in 0..nb {
+            let p = [wp.add(b * BLOCK_BYTES), wp.add(stride + b * BLOCK_BYTES)];
+            let yb: [&BlockQ8K; AT] = std::array::from_fn(|a| ys[a].get_unchecked(b));
+            let mut mprod = [_mm256_setzero_si256(); 8];
+            let mut dmin = [0.0f32; 8];
+            let mut d = [[0.0f32; AT]; 2];
+            let mut sc = [_mm256_setzero_si256(); 2];
+            for r in 0..2 {
+                let (xd, xmin) = d_dmin(p[r]);
+                let sm = scales_mins_gpr(p[r]);
+                let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, mdup));
+                for a in 0..AT {
+                    let bs = _mm256_loadu_si256(yb[a].bsums.as_ptr() as *const __m256i);
+                    mprod[r * AT + a] = _mm256_madd_epi16(mins, bs);
+                    dmin[r * AT + a] = -yb[a].d * xmin;
+                    d[r][a] = yb[a].d * xd;
+                }
+                let s16 = _mm256_cvtepu8_epi16(sm);
+                sc[r] = _mm256_permute2x128_si256::<0x00>(s16, s16);
+            }
+            for h in 0..(2 * AT).div_ceil(4) {
+                let v = [
+                    mprod[4 * h],
+                    mprod[4 * h + 1],
+                    mprod[4 * h + 2],
+                    mprod[4 * h + 3],
+                ];
+                let isum = _mm_cvtepi32_ps(hsum4_i32(&v));
+                let dm = _mm_loadu_ps(dmin.as_ptr().add(4 * h));
+                summs[h] = _mm_fmadd_ps(dm, isum, summs[h]);
+            }
+            let scales = join(sc[0], sc[1]);
+            let hbits = join(
+                _mm256_loadu_si256(p[0].add(QH) as *const __m256i),
+                _mm256_loadu_si256(p[1].add(QH) as *const __m256i),
+            );
+            let mut sumi = [_mm512_setzero_si512(); AT];
+            macro_rules! pair {
+                ($j:literal, $b0:literal, $b1:literal) => {{
+                    let q = join(
+                        _mm256_loadu_si256(p[0].add(QS + 32 * $j) as *const __m256i),
+                        _mm256_loadu_si256(p[1].add(QS + 32 * $j) as *const __m256i),
+                    );
+                    let q0 = _mm512_or_si512(
+                        _mm512_and_si512(q, m4),
+                        _mm512_and_si512(bit_to_4::<$b0>(hbits), m10),
+                    );
+                    let q1 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4),
+                        _mm512_and_si512(bit_to_4::<$b1>(hbits), m10),
+                    );
+                    // Scale s (i16 lane s of each 128-bit lane) to every i16 lane.
+                    let s0 = _mm512_shuffle_epi8(
+                        scales,
+                        _mm512_set1_epi16((2 * $b0 + 1) << 8 | 2 * $b0),
+                    );
+                    let s1 = _mm512_shuffle_epi8(
+                        scales,
+                        _mm512_set1_epi16((2 * $b1 + 1) << 8 | 2 * $b1),
+                    );
+                    for a in 0..AT {
+                        let y = yb[a].qs.as_ptr().add(64 * $j) as *const __m256i;
+                        let y0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(y));
+                        let y1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(y.add(1)));
+                        sumi[a] = dpwssd512(sumi[a], _mm512_maddubs_epi16(q0, y0), s0);
+                        sumi[a] = dpwssd512(sumi[a], _mm512_maddubs_epi16(q1, y1), s1);
+                    }
+                }};
+            }
+            pair!(0, 0, 1);
+            pair!(1, 2, 3);
+            pair!(2, 4, 5);
+            pair!(3, 6, 7);
+            for a in 0..AT {
+                let dv = _mm512_castpd_ps(_mm512_insertf64x4(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(d[0][a]))),
+                    _mm256_castps_pd(_mm256_set1_ps(d[1][a])),
+                    1,
+                ));
+                acc[a] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(sumi[a]), acc[a]);
+            }
+        }
+        let mut sm = [0.0f32; 8];
+        _mm_storeu_ps(sm.as_mut_ptr(), summs[0]);
+        _mm_storeu_ps(sm.as_mut_ptr().add(4), summs[1]);
+        for a in 0..AT {
+            let lo = _mm512_castps512_ps256(acc[a]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
+            out[a] = hsum(lo) + sm[a];
+            out[n + a] = hsum(hi) + sm[AT + a];
+        }
     }
 }
 
