@@ -558,16 +558,25 @@ mod tests {
     }
 
     /// The AVX-512 BF16 kernel (where the CPU has it) gives the portable model of
-    /// `vdpbf16ps` bit for bit: mat-vec and GEMM row counts, odd shapes, KC tails, threads.
+    /// `vdpbf16ps` bit for bit: mat-vec and GEMM row counts, odd shapes and odd column
+    /// counts (a zero pair half), column blocks, whole and partial panels, threads.
     #[test]
     fn bf16_dot_product_kernel_equals_its_portable_order() {
         if !HalfIsa::available().contains(&HalfIsa::Avx512Bf16) {
             eprintln!("note: no AVX512_BF16 on this CPU; the vdpbf16ps kernel is not run");
             return;
         }
-        for (rows, cols) in [(1, 1), (7, 31), (37, 77), (19, 1031), (45, 600), (9, 4100)] {
+        for (rows, cols) in [
+            (1, 1),
+            (7, 31),
+            (37, 77),
+            (19, 1031),
+            (45, 600),
+            (9, 4100),
+            (160, 301),
+        ] {
             let w = matrix(HalfKind::Bf16, rows, cols, (rows * 13 + cols) as u64);
-            for n in [1, 2, 3, 4, 5, 11, 12, 17, 64, 70] {
+            for n in [1, 2, 3, 4, 5, 11, 12, 17, 64, 70, 100] {
                 let x: Vec<f32> = rand_vec(n * cols, (n * 5 + cols) as u64)
                     .into_iter()
                     .map(|v| HalfKind::Bf16.round(v))
