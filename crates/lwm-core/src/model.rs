@@ -1102,7 +1102,11 @@ mod tests {
             let lin = Linear::from_weight(weight, "w", out_dim, in_dim, "test").unwrap();
             if matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) {
                 assert!(matches!(lin, Linear::Half(_)), "{dtype:?}");
-                assert_eq!(lin.storage_bytes(), 2 * out_dim * in_dim);
+                // Whole panels of 32 rows (`half_panels`).
+                assert_eq!(
+                    lin.storage_bytes(),
+                    2 * out_dim.next_multiple_of(32) * in_dim
+                );
             }
             for n in [1, 40] {
                 let x = rand_vec(n * in_dim, 7 + n as u64);
