@@ -836,8 +836,7 @@ mod tests {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx512 {
     use super::super::q8::BlockQ8K;
-    use super::super::q8_0::avx2::hsum;
-    use super::super::row_kernels::simd::dpwssd512;
+    use super::super::row_kernels::simd::{dpwssd512, hsum_halves, join256, splat_halves};
     use super::avx2::{d_dmin, hsum4, q8sums, scale_ctrl, scales_mins_simd};
     use super::BLOCK_BYTES;
     use std::arch::x86_64::*;
@@ -928,20 +927,16 @@ pub(super) mod avx512 {
             let sm0 = scales_mins_simd(b0);
             let sm1 = scales_mins_simd(b1);
             // Row r's scales in the low 128-bit lanes, row r + 1's in the high ones.
-            let sc = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_broadcastsi128_si256(sm0)),
+            let sc = join256(
+                _mm256_broadcastsi128_si256(sm0),
                 _mm256_broadcastsi128_si256(sm1),
-                1,
             );
             let q8: [*const i8; AT] = std::array::from_fn(|a| ys[a].get_unchecked(i).qs.as_ptr());
             let mut sumi = [_mm512_setzero_si512(); AT];
             for j in 0..4 {
-                let bits = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(
-                        b0.add(16 + 32 * j) as *const __m256i
-                    )),
+                let bits = join256(
+                    _mm256_loadu_si256(b0.add(16 + 32 * j) as *const __m256i),
                     _mm256_loadu_si256(b1.add(16 + 32 * j) as *const __m256i),
-                    1,
                 );
                 // Sub-block 2j (low nibbles), then 2j + 1 (high nibbles).
                 let q4 = _mm512_and_si512(bits, m4);
@@ -963,11 +958,7 @@ pub(super) mod avx512 {
             }
             let (x0, x1) = (d_dmin(b0), d_dmin(b1));
             // [x.d of row r ×8 | of row r + 1 ×8] and [x.dmin of r ×4 | of r + 1 ×4].
-            let xd = _mm512_castpd_ps(_mm512_insertf64x4(
-                _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_broadcastss_ps(x0))),
-                _mm256_castps_pd(_mm256_broadcastss_ps(x1)),
-                1,
-            ));
+            let xd = splat_halves(_mm_cvtss_f32(x0), _mm_cvtss_f32(x1));
             let xmin = _mm256_set_m128(
                 _mm_broadcastss_ps(_mm_movehdup_ps(x1)),
                 _mm_broadcastss_ps(_mm_movehdup_ps(x0)),
@@ -987,12 +978,11 @@ pub(super) mod avx512 {
             }
         }
         for a in 0..AT {
-            let lo = _mm512_castps512_ps256(acc[a]);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
+            let (lo, hi) = hsum_halves(acc[a]);
             let m_lo = _mm256_castps256_ps128(acc_m[a]);
             let m_hi = _mm256_extractf128_ps(acc_m[a], 1);
-            out[a0 + a] = hsum(lo) + hsum4(m_lo);
-            out[n + a0 + a] = hsum(hi) + hsum4(m_hi);
+            out[a0 + a] = lo + hsum4(m_lo);
+            out[n + a0 + a] = hi + hsum4(m_hi);
         }
     }
 }

@@ -422,8 +422,7 @@ pub(super) mod avx2 {
 mod avx512 {
     use super::super::q4_k::avx2::scales_mins_gpr;
     use super::super::q8::BlockQ8K;
-    use super::super::q8_0::avx2::hsum;
-    use super::super::row_kernels::simd::dpwssd512;
+    use super::super::row_kernels::simd::{dpwssd512, hsum_halves, join256, splat_halves};
     use super::avx2::{d_dmin, hsum4_i32};
     use super::{BLOCK_BYTES, QH, QS};
     use std::arch::x86_64::*;
@@ -434,11 +433,6 @@ mod avx512 {
     /// Row pairs per block of the GEMM: their weights stay in L2 while every activation
     /// tile passes over them.
     const PB: usize = 16;
-
-    #[inline(always)]
-    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
-        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-    }
 
     /// Bit `BIT` of every byte of `h` moved to bit 4 (other bits garbage).
     #[inline(always)]
@@ -544,15 +538,15 @@ mod avx512 {
                 let dm = _mm_loadu_ps(dmin.as_ptr().add(4 * h));
                 summs[h] = _mm_fmadd_ps(dm, isum, summs[h]);
             }
-            let scales = join(sc[0], sc[1]);
-            let hbits = join(
+            let scales = join256(sc[0], sc[1]);
+            let hbits = join256(
                 _mm256_loadu_si256(p[0].add(QH) as *const __m256i),
                 _mm256_loadu_si256(p[1].add(QH) as *const __m256i),
             );
             let mut sumi = [_mm512_setzero_si512(); AT];
             macro_rules! pair {
                 ($j:literal, $b0:literal, $b1:literal) => {{
-                    let q = join(
+                    let q = join256(
                         _mm256_loadu_si256(p[0].add(QS + 32 * $j) as *const __m256i),
                         _mm256_loadu_si256(p[1].add(QS + 32 * $j) as *const __m256i),
                     );
@@ -587,11 +581,7 @@ mod avx512 {
             pair!(2, 4, 5);
             pair!(3, 6, 7);
             for a in 0..AT {
-                let dv = _mm512_castpd_ps(_mm512_insertf64x4(
-                    _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(d[0][a]))),
-                    _mm256_castps_pd(_mm256_set1_ps(d[1][a])),
-                    1,
-                ));
+                let dv = splat_halves(d[0][a], d[1][a]);
                 acc[a] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(sumi[a]), acc[a]);
             }
         }
@@ -599,10 +589,9 @@ mod avx512 {
         _mm_storeu_ps(sm.as_mut_ptr(), summs[0]);
         _mm_storeu_ps(sm.as_mut_ptr().add(4), summs[1]);
         for a in 0..AT {
-            let lo = _mm512_castps512_ps256(acc[a]);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
-            out[a] = hsum(lo) + sm[a];
-            out[n + a] = hsum(hi) + sm[AT + a];
+            let (lo, hi) = hsum_halves(acc[a]);
+            out[a] = lo + sm[a];
+            out[n + a] = hi + sm[AT + a];
         }
     }
 }

@@ -477,8 +477,7 @@ pub(super) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::q8::BlockQ8K;
-    use super::super::q8_0::avx2::hsum;
-    use super::super::row_kernels::simd::dpwssd512;
+    use super::super::row_kernels::simd::{dpwssd512, hsum_halves, join256, splat_halves};
     use super::avx2::{prepare, Prepared};
     use super::BLOCK_BYTES;
     use std::arch::x86_64::*;
@@ -504,11 +503,6 @@ mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
-        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-    }
-
-    #[inline(always)]
     unsafe fn prepare_pair(b0: *const u8, b1: *const u8, out: &mut Pair) {
         let (mut p0, mut p1) = (
             std::mem::zeroed::<Prepared>(),
@@ -517,15 +511,11 @@ mod avx512 {
         prepare(b0, &mut p0);
         prepare(b1, &mut p1);
         for c in 0..8 {
-            out.q[c] = join(p0.q[c], p1.q[c]);
-            out.s[c] = join(p0.s[c], p1.s[c]);
+            out.q[c] = join256(p0.q[c], p1.q[c]);
+            out.s[c] = join256(p0.s[c], p1.s[c]);
         }
-        out.sc16 = join(p0.sc16, p1.sc16);
-        out.d = _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(p0.d))),
-            _mm256_castps_pd(_mm256_set1_ps(p1.d)),
-            1,
-        ));
+        out.sc16 = join256(p0.sc16, p1.sc16);
+        out.d = splat_halves(p0.d, p1.d);
     }
 
     /// `out[r * ys.len() + a]` = row r · ys[a] for `n_rows` rows `stride` bytes apart.
@@ -630,10 +620,9 @@ mod avx512 {
                 }
             }
             for a in 0..A {
-                let lo = _mm512_castps512_ps256(acc[a]);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[a]), 1));
-                out[a] = hsum(lo);
-                out[n + a] = hsum(hi);
+                let (lo, hi) = hsum_halves(acc[a]);
+                out[a] = lo;
+                out[n + a] = hi;
             }
         }
     }

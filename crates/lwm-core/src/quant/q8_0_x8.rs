@@ -119,7 +119,7 @@ pub(crate) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::super::q8::BlockQ8_0;
-    use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::hsum_halves;
     use super::{CELL_BYTES, GROUP, QS};
     use std::arch::x86_64::*;
 
@@ -207,11 +207,9 @@ pub(crate) mod avx512 {
         }
         for p in 0..4 {
             for a in 0..A {
-                let v = acc[p][a];
-                let lo = _mm512_castps512_ps256(v);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-                out[2 * p * n + a0 + a] = hsum(lo);
-                out[(2 * p + 1) * n + a0 + a] = hsum(hi);
+                let (lo, hi) = hsum_halves(acc[p][a]);
+                out[2 * p * n + a0 + a] = lo;
+                out[(2 * p + 1) * n + a0 + a] = hi;
             }
         }
     }

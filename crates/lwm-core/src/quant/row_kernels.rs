@@ -144,6 +144,42 @@ pub unsafe fn gemm_rows<T: RowTile>(
 pub mod simd {
     use std::arch::x86_64::*;
 
+    /// `[lo | hi]` as one 512-bit vector: the two-rows-per-vector layout of the AVX-512
+    /// GEMMs (row r in the low half, row r + 1 in the high one).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; inline into a function that enables it.
+    #[inline(always)]
+    pub unsafe fn join256(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// `[a ×8 | b ×8]`: a per-row f32 factor in that layout.
+    ///
+    /// # Safety
+    /// As `join256`.
+    #[inline(always)]
+    pub unsafe fn splat_halves(a: f32, b: f32) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(a))),
+            _mm256_castps_pd(_mm256_set1_ps(b)),
+            1,
+        ))
+    }
+
+    /// ggml's 8-lane sum (`q8_0::avx2::hsum`) of each half: the two rows' results in that
+    /// layout.
+    ///
+    /// # Safety
+    /// As `join256`.
+    #[inline(always)]
+    pub unsafe fn hsum_halves(v: __m512) -> (f32, f32) {
+        let hsum = super::super::q8_0::avx2::hsum;
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        (hsum(lo), hsum(hi))
+    }
+
     /// `acc + vpmaddwd(a, b)` on 512-bit vectors as one `vpdpwssd`. Written in assembly
     /// because LLVM reassociates the intrinsic's adds along a chain and emits `vpmaddwd` +
     /// `vpaddd` (in the Q4_K GEMM, 80 of its 90 were split): one more instruction per

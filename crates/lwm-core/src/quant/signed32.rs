@@ -121,7 +121,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    unsafe fn scale(p: *const u8) -> f32 {
+    pub(super) unsafe fn scale(p: *const u8) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             (p as *const u16).read_unaligned() as i32,
         )))
@@ -247,7 +247,8 @@ pub(crate) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::super::q8::BlockQ8_0;
-    use super::super::q8_0::avx2::hsum;
+    use super::super::row_kernels::simd::{hsum_halves, join256, splat_halves};
+    use super::avx2::scale;
     use super::Signed32;
     use std::arch::x86_64::*;
 
@@ -331,21 +332,10 @@ pub(crate) mod avx512 {
             for p in 0..P {
                 let b0 = w.add(2 * p * stride + b * S::BYTES);
                 let b1 = b0.add(stride);
-                let q = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(S::quants_avx2(b0)),
-                    S::quants_avx2(b1),
-                    1,
-                );
+                let q = join256(S::quants_avx2(b0), S::quants_avx2(b1));
                 qx[p] = _mm512_xor_si512(q, c80);
                 // [x.d of row 2p ×8 | of row 2p + 1 ×8]
-                let d = _mm_cvtph_ps(_mm_unpacklo_epi16(
-                    _mm_cvtsi32_si128((b0 as *const u16).read_unaligned() as i32),
-                    _mm_cvtsi32_si128((b1 as *const u16).read_unaligned() as i32),
-                ));
-                dp[p] = _mm512_permutexvar_ps(
-                    _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                    _mm512_castps128_ps512(d),
-                );
+                dp[p] = splat_halves(scale(b0), scale(b1));
             }
             for a in 0..A {
                 let yb = ys[a].get_unchecked(b);
@@ -363,11 +353,9 @@ pub(crate) mod avx512 {
         }
         for p in 0..P {
             for a in 0..A {
-                let v = acc[p][a];
-                let lo = _mm512_castps512_ps256(v);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-                out[2 * p * n + a] = hsum(lo);
-                out[(2 * p + 1) * n + a] = hsum(hi);
+                let (lo, hi) = hsum_halves(acc[p][a]);
+                out[2 * p * n + a] = lo;
+                out[(2 * p + 1) * n + a] = hi;
             }
         }
     }
