@@ -9,9 +9,11 @@
 //!
 //! Every output element is one full-row dot product in llama.cpp's order (see `q4_1`,
 //! `q8_0`), computed by a single task, so the result is the same for any thread count or
-//! chunking.
+//! chunking. The K-quants follow llama.cpp's two CPU paths: `vec_dot` below 8 activation
+//! rows, its integer tiles (`k_tiles`) from 8 on.
 
-use super::q8::{self, BlockQ8_0, BlockQ8_1, QK};
+use super::k_tiles::{self, SuperBlock};
+use super::q8::{self, BlockQ8K, BlockQ8_0, BlockQ8_1, QK, QK_K};
 use super::row_kernels::{rows_x_acts_scalar, RowFormat};
 use super::{
     has_avx2, has_avx512_vnni, q4_0, q4_1, q4_1_x8, q4_k, q5_0, q5_k, q6_k, q8_0, q8_0_x8, Layout,
@@ -35,7 +37,7 @@ pub enum Kernel {
 
 /// The instruction set a product runs with, resolved from `Kernel` and the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(super) enum Isa {
     Scalar,
     Avx2,
     Vnni,
@@ -232,9 +234,9 @@ pub fn matmul_many_with(
                 }
             })
         }
-        QType::Q4K => run_rows::<q4_k::Q4K>(ws, x, n, isa, par),
-        QType::Q6K => run_rows::<q6_k::Q6K>(ws, x, n, isa, par),
-        QType::Q5K => run_rows::<q5_k::Q5K>(ws, x, n, isa, par),
+        QType::Q4K => run_k_quant::<q4_k::Q4K>(ws, x, n, isa, par),
+        QType::Q6K => run_k_quant::<q6_k::Q6K>(ws, x, n, isa, par),
+        QType::Q5K => run_k_quant::<q5_k::Q5K>(ws, x, n, isa, par),
         QType::Q4_0 => run_rows::<q4_0::Q4_0>(ws, x, n, isa, par),
         QType::Q5_0 => run_rows::<q5_0::Q5_0>(ws, x, n, isa, par),
     })
@@ -266,6 +268,32 @@ fn run_rows<F: RowFormat>(
             }
         }
         rows_x_acts_scalar::<F>(rows, stride, n_rows, ys, out)
+    })
+}
+
+/// Activation rows from which the K-quants take the integer tiles (`k_tiles`), as
+/// llama.cpp's CPU backend does; below, the row kernels (`vec_dot`'s order).
+pub const K_TILES_MIN_ROWS: usize = 8;
+
+/// `y_i = x · W_iᵀ` for a K-quant: `k_tiles` from `K_TILES_MIN_ROWS` activation rows on.
+fn run_k_quant<F: SuperBlock>(
+    ws: &[&QMatrix],
+    x: &[f32],
+    n: usize,
+    isa: Isa,
+    par: bool,
+) -> Vec<Vec<f32>> {
+    if n < K_TILES_MIN_ROWS {
+        return run_rows::<F>(ws, x, n, isa, par);
+    }
+    let nb = ws[0].cols / QK_K;
+    let acts = quantize_rows(x, n, nb, QK_K, par, BlockQ8K::ZERO, |xr, o| {
+        F::quantize_acts(xr, o, true)
+    });
+    let ys: Vec<&[BlockQ8K]> = acts.chunks(nb).collect();
+    let tiles = k_tiles::ActTiles::new(&ys, nb, F::SUB);
+    drive(ws, &acts, nb, n, par, |_, rows, stride, n_rows, _, out| {
+        k_tiles::rows_x_acts::<F>(isa, rows, stride, n_rows, &tiles, out)
     })
 }
 

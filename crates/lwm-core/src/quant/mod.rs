@@ -22,6 +22,7 @@ pub mod ggml_cpu;
 pub mod half;
 pub mod half_panels;
 pub mod interleave;
+pub mod k_tiles;
 pub mod matmul;
 pub mod q4_0;
 pub mod q4_1;

@@ -39,6 +39,7 @@
 
 use super::f16_bits_to_f32;
 use super::hsum8;
+use super::k_tiles::SuperBlock;
 use super::q8::{self, BlockQ8K, QK_K};
 use super::row_kernels::RowFormat;
 
@@ -163,6 +164,32 @@ impl RowFormat for Q4K {
             avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
         }
         true
+    }
+}
+
+impl SuperBlock for Q4K {
+    const SUB: usize = 32;
+    const HAS_MIN: bool = true;
+    const BIAS: i32 = 0;
+
+    #[inline(always)]
+    fn unpack(b: &[u8], codes: &mut [u8], scales: &mut [i32], mins: &mut [i32]) -> (f32, f32) {
+        let sm = scales_mins(&b[4..16]);
+        for s in 0..8 {
+            scales[s] = sm[s] as i32;
+            mins[s] = sm[8 + s] as i32;
+        }
+        let qs = &b[16..16 + 128];
+        for j in 0..4 {
+            for l in 0..32 {
+                codes[64 * j + l] = qs[32 * j + l] & 0xF;
+                codes[64 * j + 32 + l] = qs[32 * j + l] >> 4;
+            }
+        }
+        (
+            f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            f16_bits_to_f32(u16::from_le_bytes([b[2], b[3]])),
+        )
     }
 }
 

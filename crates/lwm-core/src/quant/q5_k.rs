@@ -23,6 +23,7 @@
 //! llama.cpp's x86 CPU backend neither repacks Q5_K (its repacked Q5_K kernels are ARM's)
 //! nor hands it to llamafile's tinyBLAS, so this is every mul_mat's per-element order.
 
+use super::k_tiles::SuperBlock;
 use super::q4_k::scales_mins;
 use super::q8::{self, BlockQ8K, QK_K};
 use super::row_kernels::RowFormat;
@@ -134,6 +135,30 @@ impl RowFormat for Q5K {
             avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
         }
         true
+    }
+}
+
+impl SuperBlock for Q5K {
+    const SUB: usize = 32;
+    const HAS_MIN: bool = true;
+    const BIAS: i32 = 0;
+
+    #[inline(always)]
+    fn unpack(b: &[u8], codes: &mut [u8], scales: &mut [i32], mins: &mut [i32]) -> (f32, f32) {
+        let sm = scales_mins(&b[SCALES..QH]);
+        for s in 0..8 {
+            scales[s] = sm[s] as i32;
+            mins[s] = sm[8 + s] as i32;
+        }
+        let (qh, qs) = (&b[QH..QH + 32], &b[QS..QS + 128]);
+        for j in 0..4 {
+            for l in 0..32 {
+                let (q, h) = (qs[32 * j + l], qh[l] >> (2 * j));
+                codes[64 * j + l] = (q & 0xF) | ((h & 1) << 4);
+                codes[64 * j + 32 + l] = (q >> 4) | ((h & 2) << 3);
+            }
+        }
+        block_d_dmin(b)
     }
 }
 

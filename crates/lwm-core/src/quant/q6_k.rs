@@ -34,6 +34,7 @@
 //! rows, where `vpmaddwd` (one per 32 products, one more per block for the `bsums`)
 //! bounds the speed.
 
+use super::k_tiles::SuperBlock;
 use super::q8::{self, BlockQ8K, QK_K};
 use super::row_kernels::RowFormat;
 use super::{f16_bits_to_f32, hsum8};
@@ -143,6 +144,31 @@ impl RowFormat for Q6K {
             avx2::rows_x_acts_vnni(w, stride, n_rows, ys, out);
         }
         true
+    }
+}
+
+impl SuperBlock for Q6K {
+    const SUB: usize = 16;
+    const HAS_MIN: bool = false;
+    const BIAS: i32 = 32;
+
+    #[inline(always)]
+    fn unpack(b: &[u8], codes: &mut [u8], scales: &mut [i32], _mins: &mut [i32]) -> (f32, f32) {
+        for (s, sc) in scales[..16].iter_mut().enumerate() {
+            *sc = b[SCALES + s] as i8 as i32;
+        }
+        for h in 0..2 {
+            let (ql, qh) = (&b[64 * h..64 * h + 64], &b[QH + 32 * h..QH + 32 * h + 32]);
+            let o = &mut codes[128 * h..128 * h + 128];
+            for l in 0..32 {
+                let hb = qh[l];
+                o[l] = (ql[l] & 0xF) | ((hb & 3) << 4);
+                o[32 + l] = (ql[32 + l] & 0xF) | (((hb >> 2) & 3) << 4);
+                o[64 + l] = (ql[l] >> 4) | (((hb >> 4) & 3) << 4);
+                o[96 + l] = (ql[32 + l] >> 4) | (((hb >> 6) & 3) << 4);
+            }
+        }
+        (block_d(b), 0.0)
     }
 }
 
